@@ -1,0 +1,175 @@
+"""Tensors on the wire: the numpy ↔ Open Inference Protocol datatype table and the msgpack codec.
+
+A tensor travels as a msgpack map ``{"datatype": "FP32", "shape": [2, 64], "data": <bin>}`` where
+``data`` is the raw little-endian row-major bytes: no base64, no per-element encoding, and decoding
+is a zero-copy ``np.frombuffer`` over the received buffer. ``BYTES`` tensors carry ``data`` as a
+msgpack array of bin elements (row-major, flattened).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .errors import TensorCodecError
+
+# Open Inference Protocol datatype -> numpy dtype (little-endian). BYTES is numpy object of bytes.
+DATATYPE_TO_DTYPE: dict[str, np.dtype] = {
+    "BOOL": np.dtype("bool"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype("O"),
+}
+_KIND_SIZE_TO_DATATYPE: dict[tuple[str, int], str] = {
+    (dt.kind, dt.itemsize): name for name, dt in DATATYPE_TO_DTYPE.items() if name != "BYTES"
+}
+
+# ONNX tensor element type names (as onnxruntime reports them, e.g. "tensor(float)") -> datatype.
+ONNX_TYPE_TO_DATATYPE: dict[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+#: The largest tensor the codec will accept by default (elements), a guard against shapes that lie.
+MAX_ELEMENTS = 1 << 31
+
+
+def datatype_of(dtype: np.dtype | type) -> str:
+    """The Open Inference Protocol datatype for a numpy dtype; raises TensorCodecError if none."""
+    dt = np.dtype(dtype)
+    if dt.kind in ("O", "S", "U"):
+        return "BYTES"
+    name = _KIND_SIZE_TO_DATATYPE.get((dt.kind, dt.itemsize))
+    if name is None:
+        raise TensorCodecError(f"numpy dtype {dt} has no Open Inference Protocol datatype")
+    return name
+
+
+def dtype_of(datatype: str) -> np.dtype:
+    """The numpy dtype for an Open Inference Protocol datatype; raises TensorCodecError if unknown."""
+    try:
+        return DATATYPE_TO_DTYPE[datatype]
+    except (KeyError, TypeError):
+        raise TensorCodecError(
+            f"unknown datatype {datatype!r}; expected one of {', '.join(DATATYPE_TO_DTYPE)}"
+        ) from None
+
+
+def check_shape(shape: Any, what: str = "tensor") -> tuple[int, ...]:
+    """Validate a wire shape (list of non-negative ints) and return it as a tuple."""
+    if not isinstance(shape, (list, tuple)):
+        raise TensorCodecError(f"{what}: shape must be a list of integers, got {type(shape).__name__}")
+    out = []
+    for d in shape:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            raise TensorCodecError(f"{what}: shape {list(shape)!r} must hold non-negative integers")
+        out.append(d)
+    if out and int(np.prod(out, dtype=np.float64)) > MAX_ELEMENTS:
+        raise TensorCodecError(f"{what}: shape {out} has more than {MAX_ELEMENTS} elements")
+    return tuple(out)
+
+
+def to_bytes_array(values: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A numpy object array of ``bytes`` (str elements are UTF-8 encoded)."""
+    flat = [v.encode() if isinstance(v, str) else v for v in values]
+    if any(not isinstance(v, (bytes, bytearray, memoryview)) for v in flat):
+        raise TensorCodecError("BYTES tensor elements must be bytes or str")
+    arr = np.empty(len(flat), dtype=object)
+    arr[:] = [bytes(v) for v in flat]
+    return arr.reshape(shape)
+
+
+def encode_tensor(array: np.ndarray) -> dict[str, Any]:
+    """numpy array -> wire map. Numeric data is passed as a buffer, not copied into a list."""
+    arr = np.asarray(array)
+    datatype = datatype_of(arr.dtype)
+    if datatype == "BYTES":
+        data: Any = [v.encode() if isinstance(v, str) else bytes(v) for v in arr.reshape(-1)]
+    else:
+        want = DATATYPE_TO_DTYPE[datatype]
+        if arr.dtype != want or not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr, dtype=want)
+        data = memoryview(arr).cast("B") if arr.size else b""
+    return {"datatype": datatype, "shape": list(arr.shape), "data": data}
+
+
+def decode_tensor(obj: Any, what: str = "tensor") -> np.ndarray:
+    """Wire map -> numpy array (read-only view over the payload for numeric types)."""
+    if not isinstance(obj, Mapping):
+        raise TensorCodecError(f"{what}: expected a map with datatype, shape, data; got {type(obj).__name__}")
+    missing = [k for k in ("datatype", "shape", "data") if k not in obj]
+    if missing:
+        raise TensorCodecError(f"{what}: missing field(s) {', '.join(missing)}")
+    dtype = dtype_of(obj["datatype"])
+    shape = check_shape(obj["shape"], what)
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    data = obj["data"]
+    if dtype.kind == "O":
+        if not isinstance(data, (list, tuple)):
+            raise TensorCodecError(f"{what}: BYTES data must be an array of bin elements")
+        if len(data) != count:
+            raise TensorCodecError(f"{what}: shape {list(shape)} needs {count} elements, got {len(data)}")
+        return to_bytes_array(data, shape)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TensorCodecError(f"{what}: data must be raw bytes, got {type(data).__name__}")
+    expected = count * dtype.itemsize
+    if len(data) != expected:
+        raise TensorCodecError(
+            f"{what}: shape {list(shape)} of {obj['datatype']} needs {expected} bytes, got {len(data)}"
+        )
+    return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    return {name: encode_tensor(arr) for name, arr in tensors.items()}
+
+
+def decode_tensors(obj: Any, what: str = "inputs") -> dict[str, np.ndarray]:
+    if not isinstance(obj, Mapping):
+        raise TensorCodecError(f"{what}: expected a map of name -> tensor, got {type(obj).__name__}")
+    out = {}
+    for name, t in obj.items():
+        if not isinstance(name, str):
+            raise TensorCodecError(f"{what}: tensor names must be strings, got {name!r}")
+        out[name] = decode_tensor(t, f"{what}[{name!r}]")
+    return out
+
+
+def packb(obj: Any) -> bytes:
+    """msgpack-encode (memoryviews go out as bin without a copy into a Python bytes first)."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpackb(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -> Any:
+    """msgpack-decode untrusted bytes; any malformation becomes a TensorCodecError."""
+    if max_bytes is not None and len(data) > max_bytes:
+        raise TensorCodecError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as e:
+        raise TensorCodecError(f"malformed msgpack payload: {e}") from None
+    except Exception as e:  # msgpack raises a few others on garbage (e.g. UnicodeDecodeError)
+        raise TensorCodecError(f"malformed msgpack payload: {type(e).__name__}: {e}") from None

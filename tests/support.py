@@ -1,0 +1,143 @@
+"""Test support: real ONNX models and signed bundles built without torch (fast, deterministic).
+
+``make_bundle`` writes a classification bundle whose cloud variant is a wider MLP than its edge
+variant, both real ONNX graphs that onnxruntime runs. Labels are the cloud variant's argmax on
+generated data, so calibration numbers are real (edge vs cloud), just not meaningful as accuracy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from tandem.shared import signing
+from tandem.shared.bundle import (
+    SAMPLES_NAME,
+    Calibration,
+    CalibrationPoint,
+    Manifest,
+    Provenance,
+    Samples,
+    Task,
+    TensorSpec,
+    Variant,
+    seal_bundle,
+    write_samples,
+)
+
+IN_DIM = 64
+N_CLASSES = 10
+
+
+def make_mlp_onnx(
+    path: Path,
+    hidden: tuple[int, ...] = (32,),
+    in_dim: int = IN_DIM,
+    n_classes: int = N_CLASSES,
+    seed: int = 0,
+    input_name: str = "input",
+    output_name: str = "logits",
+) -> Path:
+    """An MLP (Gemm/Relu) with a dynamic batch dimension, FP32 in and out."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    prev, prev_dim = input_name, in_dim
+    dims = list(hidden) + [n_classes]
+    for i, d in enumerate(dims):
+        w = (rng.standard_normal((prev_dim, d)) / np.sqrt(prev_dim)).astype(np.float32)
+        b = (rng.standard_normal(d) * 0.1).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        out = output_name if i == len(dims) - 1 else f"h{i}"
+        gemm_out = out if i == len(dims) - 1 else f"g{i}"
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [gemm_out]))
+        if i < len(dims) - 1:
+            nodes.append(helper.make_node("Relu", [gemm_out], [out]))
+        prev, prev_dim = out, d
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", in_dim])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", n_classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
+def make_keys(directory: Path) -> tuple[Path, Path]:
+    """(private key path, public key path), made fresh for the test."""
+    return signing.generate_keypair(directory)
+
+
+def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def make_bundle(
+    directory: Path,
+    private_key: Path,
+    name: str = "toy",
+    version: str = "1",
+    cloud_hidden: tuple[int, ...] = (128, 128),
+    edge_hidden: tuple[int, ...] = (16,),
+    seed: int = 0,
+) -> Path:
+    """Build and sign a two-variant classification bundle in ``directory``; returns it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cloud = make_mlp_onnx(directory / "cloud-fp32.onnx", cloud_hidden, seed=seed)
+    edge = make_mlp_onnx(directory / "edge-fp32.onnx", edge_hidden, seed=seed + 1)
+
+    rng = np.random.default_rng(seed + 2)
+    x = rng.standard_normal((512, IN_DIM)).astype(np.float32)
+    cloud_logits, edge_logits = run_onnx(cloud, x), run_onnx(edge, x)
+    labels = cloud_logits.argmax(1)
+    conf = softmax(edge_logits).max(1)
+    edge_right = edge_logits.argmax(1) == labels
+    points = []
+    for t in np.linspace(0.0, 1.0, 21):
+        kept = conf >= t
+        points.append(
+            CalibrationPoint(
+                threshold=float(t),
+                keep_share=float(kept.mean()),
+                edge_accuracy_kept=float(edge_right[kept].mean()) if kept.any() else None,
+                cascade_accuracy=float(np.where(kept, edge_right, True).mean()),
+            )
+        )
+
+    sx = x[:4]
+    write_samples(
+        directory / SAMPLES_NAME,
+        {"input": sx},
+        {"cloud-fp32": {"logits": run_onnx(cloud, sx)}, "edge-fp32": {"logits": run_onnx(edge, sx)}},
+    )
+    manifest = Manifest(
+        name=name,
+        version=version,
+        task=Task(kind="classification", labels=[str(i) for i in range(N_CLASSES)], output="logits"),
+        inputs=[TensorSpec(name="input", datatype="FP32", shape=["batch", IN_DIM])],
+        outputs=[TensorSpec(name="logits", datatype="FP32", shape=["batch", N_CLASSES])],
+        variants=[
+            Variant(name="cloud-fp32", role="cloud", file=cloud.name, sha256="", size_bytes=0, precision="fp32"),
+            Variant(name="edge-fp32", role="edge", file=edge.name, sha256="", size_bytes=0, precision="fp32"),
+        ],
+        calibration=Calibration(variant="edge-fp32", reference="cloud-fp32", n=len(x), points=points),
+        samples=Samples(file=SAMPLES_NAME, sha256="", size_bytes=0, count=len(sx)),
+        provenance=Provenance(source="tests/support.py", build_config={"seed": seed}),
+    )
+    seal_bundle(directory, manifest, signing.load_private_key(private_key))
+    return directory
