@@ -205,9 +205,11 @@ class Manifest(_Model):
                 return v
         raise KeyError(f"bundle {self.name}:{self.version} has no variant or role {role_or_name!r}")
 
-    def file_entries(self) -> Iterator[tuple[str, str, int]]:
-        """(relative path, sha256, size) of every file the manifest covers."""
-        for v in self.variants:
+    def file_entries(self, variants: Sequence[str] | None = None) -> Iterator[tuple[str, str, int]]:
+        """(relative path, sha256, size) of every file the manifest covers (or of only the named
+        variants, by name or role, plus the samples)."""
+        chosen = self.variants if variants is None else [self.variant(v) for v in variants]
+        for v in chosen:
             yield v.file, v.sha256, v.size_bytes
         if self.samples is not None:
             yield self.samples.file, self.samples.sha256, self.samples.size_bytes
@@ -363,12 +365,14 @@ def load_bundle(
     *,
     verify_signature: bool = True,
     check_hashes: bool = True,
+    variants: Sequence[str] | None = None,
 ) -> Bundle:
     """Load and verify a bundle directory.
 
     Signature verification against ``trusted_keys`` is the default; pass ``verify_signature=False``
     to skip it knowingly (tests, local development). File hashes are always checked unless
-    ``check_hashes=False``.
+    ``check_hashes=False``. ``variants`` (names or roles) limits the file checks to those variants
+    and the samples: a device that holds only the edge variant loads with ``variants=["edge"]``.
     """
     root = Path(directory)
     if root.is_file() and root.name.endswith(ARCHIVE_SUFFIX):
@@ -382,7 +386,7 @@ def load_bundle(
         sig_path = root / SIGNATURE_NAME
         sig = sig_path.read_bytes() if sig_path.is_file() else None
         signer = signing.verify(raw, sig, keys)
-    for rel, digest, size in manifest.file_entries():
+    for rel, digest, size in manifest.file_entries(variants):
         p = safe_join(root, rel)
         if not p.is_file():
             raise MissingFile(f"bundle file {rel} is missing from {root}")

@@ -178,3 +178,14 @@ def test_cli_keygen_inspect_verify(tmp_path: Path) -> None:
     r = tandem("bundle", "verify", str(b), "--key", str(tmp_path / "k" / "tandem.pub"))
     assert r.returncode == 1 and "edge-fp32.onnx is 4 bytes" in r.stderr
     assert read_manifest(b)[1].name == "toy"
+
+
+def test_device_loads_only_the_edge_variant(toy_bundle: Path, keys: tuple[Path, Path]) -> None:
+    (toy_bundle / "cloud-fp32.onnx").unlink()
+    with pytest.raises(MissingFile, match="cloud-fp32.onnx"):
+        load_bundle(toy_bundle, keys[1])
+    b = load_bundle(toy_bundle, keys[1], variants=["edge"])
+    assert b.variant_path("edge").is_file()
+    (toy_bundle / "samples.msgpack").write_bytes(b"x")
+    with pytest.raises(HashMismatch, match="samples.msgpack"):
+        load_bundle(toy_bundle, keys[1], variants=["edge"])
