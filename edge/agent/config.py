@@ -1,0 +1,166 @@
+"""The agent's settings: a config file (YAML, TOML or JSON) overridden by ``TANDEM_AGENT_*`` env vars.
+
+Relative paths in a config file (``data_dir``, ``trusted_keys``) are relative to the file, so a device
+directory with its config, key and data can be moved as a unit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from tandem.shared.errors import InvalidInput
+
+ENV_PREFIX = "TANDEM_AGENT_"
+DEFAULT_PORT = 8765
+SOCKET_NAME = "agent.sock"
+
+
+class TrackedModel(BaseModel):
+    """A model the agent keeps installed: ``version`` is ``"latest"`` or a pinned version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    version: str = "latest"
+
+
+class AgentConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
+
+    #: The cloud tier (registry, feedback, inference). None: offline device, serve what is installed.
+    cloud_url: str | None = None
+    api_key: str | None = None
+    models: list[TrackedModel] = Field(default_factory=list)
+    #: Public keys whose signatures are trusted; at least one is needed to install anything.
+    trusted_keys: list[Path] = Field(default_factory=list)
+    data_dir: Path = Path(".tandem/agent")
+    poll_interval_s: float = Field(30.0, gt=0)
+    #: Installed versions kept on disk (the active one included) for rollback.
+    keep_versions: int = Field(3, ge=1)
+
+    # Local API.
+    host: str = "127.0.0.1"
+    #: TCP port of the local API; 0 picks a free one (written to DATA/agent.json).
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535)
+    #: Also listen on DATA/agent.sock.
+    unix_socket: bool = True
+    #: Binding to anything but loopback must be asked for explicitly.
+    allow_remote: bool = False
+    max_request_bytes: int = Field(64 << 20, gt=0)
+
+    # Router.
+    policy: Literal["edge-only", "cloud-only", "constrained", "cascade", "hedged"] = "cascade"
+    #: onnxruntime intra-op threads per local session (2-core devices: 1 leaves a core for I/O).
+    intra_op_threads: int = Field(1, ge=1)
+    #: Extra keyword arguments for the router (HybridClient ``config``), passed through unchanged.
+    router: dict[str, Any] = Field(default_factory=dict)
+
+    # Outbox (store-and-forward).
+    outbox_max_rows: int = Field(100_000, ge=1)
+    outbox_max_age_s: float = Field(7 * 86400.0, gt=0)
+    upload_batch: int = Field(200, ge=1)
+    upload_interval_s: float = Field(5.0, gt=0)
+    telemetry_interval_s: float = Field(60.0, gt=0)
+    #: Record every routed call in the outbox (kind "route").
+    record_routes: bool = True
+
+    @field_validator("cloud_url")
+    @classmethod
+    def _strip_slash(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"cloud_url {v!r} must start with http:// or https://")
+        return v.rstrip("/") if v else v
+
+    @model_validator(mode="after")
+    def _loopback_unless_allowed(self) -> "AgentConfig":
+        if not self.allow_remote and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address; the local API is for apps on this device. "
+                "Set allow_remote: true to expose it on the network knowingly."
+            )
+        return self
+
+    @property
+    def socket_path(self) -> Path:
+        return self.data_dir / SOCKET_NAME
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping in a YAML/TOML/JSON file, with relative paths resolved against the file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise InvalidInput(f"agent config file {p} does not exist") from None
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(text)
+        elif suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise InvalidInput(f"{p} is YAML but PyYAML is not installed: pip install PyYAML, or use TOML/JSON") from None
+            data = yaml.safe_load(text) or {}
+        else:
+            raise InvalidInput(f"{p}: config files must end in .yaml, .yml, .toml or .json")
+    except InvalidInput:
+        raise
+    except Exception as e:  # each parser has its own error type; all mean the same here
+        raise InvalidInput(f"{p} cannot be parsed: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{p} must hold a mapping of settings")
+    base = p.resolve().parent
+    if "data_dir" in data and isinstance(data["data_dir"], str):
+        data["data_dir"] = str(base / data["data_dir"])
+    if isinstance(data.get("trusted_keys"), str):
+        data["trusted_keys"] = [data["trusted_keys"]]
+    if isinstance(data.get("trusted_keys"), list):
+        data["trusted_keys"] = [str(base / k) if isinstance(k, str) else k for k in data["trusted_keys"]]
+    return data
+
+
+def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> AgentConfig:
+    """Settings from ``overrides`` > ``TANDEM_AGENT_*`` env vars > the config file > defaults."""
+    file_data = read_config_file(path) if path else {}
+
+    class _WithFile(AgentConfig):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[Any, ...]:
+            return (init_settings, env_settings, lambda: file_data)
+
+    try:
+        cfg = _WithFile(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"]) or "config"
+        where = f" in {path}" if path else ""
+        raise InvalidInput(f"agent config{where}: {loc}: {first['msg']}") from None
+    return AgentConfig.model_construct(**cfg.__dict__)

@@ -1,0 +1,171 @@
+"""The agent process: recovers the store, serves the local API, runs the update, upload and
+telemetry loops, and stops cleanly on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from tandem.shared import signing
+from tandem.shared.errors import InvalidInput, TandemError
+
+from .config import AgentConfig
+from .local_api import _plain, create_app
+from .outbox import Outbox
+from .routing import Router, RouterSlot
+from .store import Activation, ModelStore, write_json_atomic
+from .sync import Updater, Uploader
+
+log = logging.getLogger(__name__)
+
+RUNTIME_NAME = "agent.json"
+OUTBOX_NAME = "outbox.sqlite"
+
+
+class Agent:
+    """Build with a config, ``await start()``, ``await stop()``; :func:`run_agent` does both."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        if not config.trusted_keys:
+            raise InvalidInput("the agent needs at least one trusted_keys entry to verify what it installs")
+        self.config = config
+        self.tracked = [m.name for m in config.models]
+        self.keys = [signing.load_public_key(k) for k in config.trusted_keys]
+        self.store = ModelStore(config.data_dir, self.keys, config.keep_versions, config.intra_op_threads)
+        self.outbox = Outbox(config.data_dir / OUTBOX_NAME, config.outbox_max_rows, config.outbox_max_age_s)
+        self.routers: dict[str, RouterSlot] = {}
+        self.url: str | None = None
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.updater: Updater | None = None
+        self.uploader: Uploader | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        active = await asyncio.to_thread(self.store.recover)
+        for name in self.tracked:
+            if active.get(name):
+                await self._load_router(name, active[name])  # type: ignore[arg-type]
+        await self._serve()
+        if cfg.cloud_url:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30))
+            self.updater = Updater(cfg, self.store, self._session, self._on_activate)
+            self.uploader = Uploader(cfg, self.outbox, self._session)
+            self._tasks += [asyncio.create_task(self.updater.run(self._stop), name="agent-update"),
+                            asyncio.create_task(self.uploader.run(self._stop), name="agent-upload")]
+        self._tasks.append(asyncio.create_task(self._telemetry(), name="agent-telemetry"))
+        write_json_atomic(cfg.data_dir / RUNTIME_NAME, {
+            "pid": os.getpid(), "url": self.url,
+            "socket": str(cfg.socket_path) if cfg.unix_socket else None, "started_at": time.time(),
+        })
+        log.info("agent serving on %s%s", self.url, f" and {cfg.socket_path}" if cfg.unix_socket else "")
+
+    async def _serve(self) -> None:
+        cfg = self.config
+        self._runner = web.AppRunner(create_app(self), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.host, cfg.port)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://{cfg.host}:{port}"
+        if cfg.unix_socket:
+            # A stale socket from a killed agent would make the bind fail.
+            cfg.socket_path.unlink(missing_ok=True)
+            await web.UnixSite(self._runner, str(cfg.socket_path)).start()
+            os.chmod(cfg.socket_path, 0o660)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for slot in self.routers.values():
+            await slot.aclose()
+        if self._session is not None:
+            await self._session.close()
+        self.outbox.close()
+        (self.config.data_dir / RUNTIME_NAME).unlink(missing_ok=True)
+        if self.config.unix_socket:
+            self.config.socket_path.unlink(missing_ok=True)
+
+    async def _load_router(self, name: str, version: str) -> None:
+        bundle = await asyncio.to_thread(self.store.load, name, version)
+        router = await asyncio.to_thread(Router, bundle, self.config)
+        slot = self.routers.get(name)
+        if slot is None:
+            self.routers[name] = RouterSlot(router)
+        else:
+            await slot.swap(router)
+
+    async def _on_activate(self, activation: Activation) -> None:
+        if activation.name not in self.tracked:
+            return
+        try:
+            await self._load_router(activation.name, activation.version)
+        except Exception as e:  # the new version verified but will not serve: go back, keep serving
+            log.exception("serving %s:%s failed; rolling back", activation.name, activation.version)
+            back = self.store.rollback(activation.name, f"router failed to start: {e}")
+            self.store.record_attempt(activation.name, activation.version, "rolled-back", str(e), "router_failed")
+            if back is not None and (slot := self.routers.get(activation.name)) and slot.router.version != back.version:
+                await self._load_router(activation.name, back.version)
+        else:
+            await self.enqueue([{"kind": "telemetry", "model": activation.name, "version": activation.version,
+                                 "payload": {"event": "activated", "previous": activation.previous}}])
+
+    async def enqueue(self, records: Iterable[Mapping[str, Any]]) -> list[str]:
+        return await asyncio.to_thread(self.outbox.append, list(records))
+
+    async def record_route(self, model: str, version: str, request_id: str | None, route: Mapping[str, Any]) -> None:
+        if not self.config.record_routes:
+            return
+        rec: dict[str, Any] = {"kind": "route", "model": model, "version": version, "payload": _plain(dict(route))}
+        if request_id:
+            rec["request_id"] = request_id
+        try:
+            await self.enqueue([rec])
+        except TandemError:
+            log.exception("route record refused")
+
+    async def _telemetry(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.config.telemetry_interval_s)
+                return
+            except asyncio.TimeoutError:
+                pass
+            stats = await asyncio.to_thread(self.outbox.stats)
+            records = []
+            for name in self.tracked:
+                records.append({"kind": "telemetry", "model": name, "version": self.store.active_version(name),
+                                "payload": {"event": "heartbeat", "outbox": stats,
+                                            "last_attempt": self.store.state(name).get("last_attempt")}})
+            await self.enqueue(records)
+
+
+async def run_agent(config: AgentConfig) -> None:
+    """Run until SIGTERM/SIGINT."""
+    agent = Agent(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.start()
+    print(json.dumps({"event": "ready", "url": agent.url,
+                      "socket": str(config.socket_path) if config.unix_socket else None}), flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await agent.stop()

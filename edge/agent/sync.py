@@ -1,0 +1,238 @@
+"""Talking to the cloud tier: polling the registry for new versions (with resumable downloads) and
+forwarding the outbox to the feedback endpoint.
+
+Every network failure is an expected state on a device ("offline"): the updater records it and the
+agent keeps serving what it has; the uploader keeps records in the outbox and retries with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tandem.shared import signing
+from tandem.shared.bundle import MANIFEST_NAME, SIGNATURE_NAME, parse_manifest, safe_join, sha256_file
+from tandem.shared.errors import HashMismatch, NotFound, TandemError, Unavailable, error_from_body
+
+from .config import AgentConfig
+from .outbox import Outbox
+from .store import EDGE_ROLE, Activation, ModelStore, crash_point
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 64 << 10
+
+
+class RegistryClient:
+    """The cloud's read-only registry (``/v1/registry/...``) over one aiohttp session."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str | None = None) -> None:
+        self._session = session
+        self._base = base_url.rstrip("/") + "/v1/registry/models"
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def model(self, name: str) -> dict[str, Any]:
+        async with self._session.get(f"{self._base}/{name}", headers=self._headers) as r:
+            await _raise_for(r)
+            doc = await r.json()
+        if not isinstance(doc, dict) or not isinstance(doc.get("versions"), list):
+            raise Unavailable(f"registry answered {name} with an unexpected document")
+        return doc
+
+    async def fetch(self, name: str, version: str, what: str) -> bytes:
+        async with self._session.get(f"{self._base}/{name}/versions/{version}/{what}", headers=self._headers) as r:
+            await _raise_for(r)
+            return await r.read()
+
+    async def download(self, name: str, version: str, file: str, dest: Path, sha256: str, size: int) -> None:
+        """Download ``file`` to ``dest`` through ``dest.part``, resuming a partial one with HTTP Range,
+        and check its sha256 before it gets its final name."""
+        if dest.is_file() and dest.stat().st_size == size and sha256_file(dest) == sha256:
+            return
+        part = dest.with_name(dest.name + ".part")
+        have = part.stat().st_size if part.exists() else 0
+        if have > size:
+            part.unlink()
+            have = 0
+        headers = dict(self._headers)
+        if 0 < have < size:
+            headers["Range"] = f"bytes={have}-"
+        if have < size:
+            url = f"{self._base}/{name}/versions/{version}/files/{file}"
+            async with self._session.get(url, headers=headers) as r:
+                if r.status == 416:  # our range is stale (file changed): start over next time
+                    part.unlink(missing_ok=True)
+                    raise Unavailable(f"{file}: the server refused the resume range; restarting the download")
+                await _raise_for(r)
+                mode = "ab" if r.status == 206 else "wb"
+                if mode == "ab":
+                    log.info("resuming %s:%s %s at byte %d", name, version, file, have)
+                with open(part, mode) as f:
+                    async for chunk in r.content.iter_chunked(_CHUNK):
+                        f.write(chunk)
+                        f.flush()
+                        crash_point("download")
+                    os.fsync(f.fileno())
+        actual = sha256_file(part)
+        if actual != sha256:
+            part.unlink(missing_ok=True)
+            raise HashMismatch(f"downloaded {file} has sha256 {actual[:16]}…; the manifest says {sha256[:16]}…")
+        os.replace(part, dest)
+
+
+async def _raise_for(r: aiohttp.ClientResponse) -> None:
+    if r.status < 400:
+        return
+    try:
+        body: Any = await r.json(content_type=None)
+    except Exception:
+        body = None
+    raise error_from_body(r.status, body)
+
+
+class Updater:
+    """One poll of the registry per tracked model: download, verify, install, activate (or refuse)."""
+
+    def __init__(self, config: AgentConfig, store: ModelStore, session: aiohttp.ClientSession,
+                 on_activate: Callable[[Activation], Awaitable[None]]) -> None:
+        self.config = config
+        self.store = store
+        self.on_activate = on_activate
+        self.registry = RegistryClient(session, config.cloud_url or "", config.api_key)
+        self._keys = [signing.load_public_key(k) for k in config.trusted_keys]
+
+    async def poll_once(self) -> dict[str, str]:
+        """{model: outcome} after checking every tracked model once."""
+        outcomes = {}
+        for tracked in self.config.models:
+            outcomes[tracked.name] = await self._update(tracked.name, tracked.version)
+        return outcomes
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.poll_once()
+            except Exception:  # never let the update loop die: the agent must keep polling
+                log.exception("update poll failed")
+            try:
+                await asyncio.wait_for(stop.wait(), self.config.poll_interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _update(self, name: str, wanted: str) -> str:
+        store = self.store
+        version: str | None = None
+        try:
+            info = await self.registry.model(name)
+            version = str(info.get("latest")) if wanted == "latest" else wanted
+            if version is None or version == "None":
+                raise NotFound(f"the registry has no versions of {name}")
+            if version not in [str(v) for v in info["versions"]]:
+                raise NotFound(f"{name}:{version} is not in the registry (it has {info['versions']})")
+            if version == store.active_version(name):
+                store.record_attempt(name, version, "up-to-date")
+                return "up-to-date"
+            raw = await self.registry.fetch(name, version, "manifest")
+            sig = await self.registry.fetch(name, version, "signature")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            store.record_attempt(name, version, "offline", f"cloud unreachable: {e}")
+            return "offline"
+        except TandemError as e:
+            outcome = "offline" if e.status >= 500 else "error"
+            store.record_attempt(name, version, outcome, e.message, e.code)
+            return outcome
+
+        manifest_sha = hashlib.sha256(raw).hexdigest()
+        if store.is_refused(name, version, manifest_sha):
+            return "refused-before"
+        staging = store.staging_dir(name, version)
+        try:
+            # Nothing from the manifest is trusted (no path opened) before the signature verifies.
+            signing.verify(raw, sig, self._keys)
+            manifest = parse_manifest(raw, f"{name}:{version} manifest")
+            if (manifest.name, manifest.version) != (name, version):
+                raise TandemError(f"the registry served {manifest.name}:{manifest.version} for {name}:{version}")
+            if version in store.installed(name) and version in store.history(name):
+                activation = store.activate(name, version)  # an older kept version (pinned back)
+            else:
+                staging.mkdir(parents=True, exist_ok=True)
+                for rel, digest, size in manifest.file_entries([EDGE_ROLE]):
+                    dest = safe_join(staging, rel)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    await self.registry.download(name, version, rel, dest, digest, size)
+                # Manifest and signature last: their presence marks a complete download.
+                (staging / SIGNATURE_NAME).write_bytes(sig)
+                (staging / MANIFEST_NAME).write_bytes(raw)
+                activation = await asyncio.to_thread(store.install, staging, name, version)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            store.record_attempt(name, version, "offline", f"download interrupted: {e}")
+            return "offline"
+        except TandemError as e:
+            if e.status >= 500 and not isinstance(e, HashMismatch):
+                store.record_attempt(name, version, "offline", e.message, e.code)
+                return "offline"
+            log.error("refused %s:%s: %s", name, version, e.message)
+            _rmtree(staging)
+            store.record_attempt(name, version, "refused", e.message, e.code, manifest_sha)
+            return "refused"
+        store.record_attempt(name, version, "activated", f"from {activation.previous or 'nothing'}")
+        await self.on_activate(activation)
+        return "activated"
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Uploader:
+    """Forwards the outbox to ``POST {cloud}/v1/feedback`` in order, in batches, with backoff."""
+
+    def __init__(self, config: AgentConfig, outbox: Outbox, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.outbox = outbox
+        self._session = session
+        self._url = (config.cloud_url or "") + "/v1/feedback"
+        self._headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self.last_error: str | None = None
+
+    async def flush(self) -> int:
+        """Upload until the outbox is empty or the cloud fails; returns records acknowledged."""
+        sent = 0
+        while True:
+            batch = await asyncio.to_thread(self.outbox.peek, self.config.upload_batch)
+            if not batch:
+                return sent
+            async with self._session.post(self._url, json={"records": [r for _, r in batch]},
+                                          headers=self._headers) as r:
+                await _raise_for(r)
+                await r.read()
+            # The cloud stored them (duplicates included: ids are idempotency keys), so drop them.
+            await asyncio.to_thread(self.outbox.ack, batch[-1][0])
+            sent += len(batch)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delay = self.config.upload_interval_s
+        while not stop.is_set():
+            try:
+                await self.flush()
+                self.last_error = None
+                delay = self.config.upload_interval_s
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, TandemError) as e:
+                self.last_error = str(e) or type(e).__name__
+                delay = min(max(delay * 2, self.config.upload_interval_s), 60.0)
+                log.info("feedback upload failed (%s); retrying in %.1fs", self.last_error, delay)
+            except Exception:
+                log.exception("feedback upload crashed; retrying")
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
