@@ -1,0 +1,137 @@
+"""The build report beside the bundle: Markdown (every variant, shipped or rejected and why; the
+training runs; the edge-vs-cloud checks; calibration) and a PNG of accuracy vs latency vs size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from tandem.shared.bundle import Calibration, Manifest, describe
+
+from .distill import TrainResult
+from .quantize import Candidate
+
+
+def write(
+    md_path: Path,
+    png_path: Path,
+    *,
+    manifest: Manifest,
+    rows: list[Candidate],
+    histories: dict[str, TrainResult],
+    test_accuracy: dict[str, float],
+    choice: str,
+    edge_checks: list[tuple[str, float, float, bool]],
+    steps: dict[str, float],
+    total_seconds: float,
+    calibration: Calibration,
+) -> None:
+    plot(png_path, rows, f"{manifest.name}:{manifest.version}")
+    md_path.write_text(_markdown(manifest, rows, histories, test_accuracy, choice, edge_checks, steps,
+                                 total_seconds, calibration, png_path.name))
+
+
+def plot(path: Path, rows: list[Candidate], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    measured = [c for c in rows if c.metrics is not None]
+    sizes = [c.size_bytes for c in measured]
+    biggest = max(sizes, default=1)
+    for c, size in zip(measured, sizes):
+        m = c.metrics
+        assert m is not None
+        color = "tab:green" if c.role else ("tab:blue" if c.accepted else "tab:red")
+        marker = "o" if c.role or c.accepted else "x"
+        ax.scatter(m.latency_p50_ms, (m.accuracy or 0.0) * 100, s=30 + 600 * size / biggest, c=color, marker=marker,
+                   alpha=0.6, edgecolors="black" if marker == "o" else None)
+        label = f"{c.name} ({size / 1e6:.2f} MB)" + (f" [{c.role}]" if c.role else "")
+        ax.annotate(label, (m.latency_p50_ms, (m.accuracy or 0.0) * 100), fontsize=7, xytext=(5, 4),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency p50 at batch 1 (ms, log scale, CPU)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{title}: accuracy vs latency; marker area ~ file size\n"
+                 "green = shipped, blue = accepted not shipped, red x = rejected")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _markdown(
+    manifest: Manifest, rows: list[Candidate], histories: dict[str, TrainResult], test_accuracy: dict[str, float],
+    choice: str, edge_checks: list[tuple[str, float, float, bool]], steps: dict[str, float], total_seconds: float,
+    cal: Calibration, png_name: str,
+) -> str:
+    ref = next((c for c in rows if c.name == "cloud-fp32"), None)
+    ref_m = ref.metrics if ref else None
+    hw = ref_m.hardware if ref_m else None
+    out: list[str] = [f"# Build report: {manifest.name}:{manifest.version}", ""]
+    if manifest.description:
+        out += [manifest.description, ""]
+    out += [f"Built {manifest.provenance.created_at} from `{manifest.provenance.source}` in {total_seconds:.1f} s "
+            f"({'quick' if manifest.provenance.build_config.get('quick') else 'full'} build, seed "
+            f"{manifest.provenance.build_config.get('seed')}).", ""]
+    if hw and ref_m:
+        out += [f"Measured on **{hw.cpu}** ({hw.cores} cores, {hw.machine}, {hw.system}); provider really used: "
+                f"`{ref_m.provider}`; {ref_m.intra_op_threads} intra-op thread(s) per session; latency at batch "
+                f"{ref_m.latency_batch_size}, throughput at batch {ref_m.throughput_batch_size}; all variants measured "
+                f"in one interleaved run. CPU flags: {' '.join(hw.flags) or '-'}.", ""]
+        out += ["Tool versions: " + ", ".join(f"{k} {v}" for k, v in ref_m.tool_versions.items()), ""]
+    out += [f"![accuracy vs latency vs size]({png_name})", "", "## Variants", "",
+            "| variant | shipped as | precision | size MB | accuracy | agreement w/ fp32 teacher | p50 ms | p99 ms | "
+            "throughput/s | speedup vs fp32 teacher | smaller than fp32 teacher | verdict |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    ref_size = ref.size_bytes if ref else 0
+    for c in rows:
+        m = c.metrics
+        size = c.size_bytes
+        verdict = c.reason if not c.accepted or c.config is None else c.reason
+        if c.config is not None and not c.accepted:
+            verdict = f"**rejected**: {c.reason}"
+        if m is None:
+            out.append(f"| {c.name} | - | {c.precision} | - | - | - | - | - | - | - | - | **rejected**: {c.reason} |")
+            continue
+        speed = f"{ref_m.latency_p50_ms / m.latency_p50_ms:.2f}x" if ref_m else "-"
+        ratio = f"{ref_size / size:.1f}x" if size and ref_size else "-"
+        out.append(
+            f"| {c.name} | {c.role or '-'} | {c.precision} | {size / 1e6:.3f} | {m.accuracy:.4f} | "
+            f"{m.agreement:.4f} | {m.latency_p50_ms:.3f} | {m.latency_p99_ms:.3f} | {m.throughput_per_s:.0f} | "
+            f"{speed} | {ratio} | {verdict} |"
+        )
+    out += ["", "The quantized candidates are judged against their own fp32 parent (accuracy drop within "
+            f"{manifest.provenance.build_config.get('budgets', {}).get('max_accuracy_drop')} and p50 speedup of at "
+            f"least {manifest.provenance.build_config.get('budgets', {}).get('min_speedup')}x with no loss of "
+            "throughput); rejected candidates are not shipped. The fp16 variant is for GPUs: its latency above was "
+            "measured on the CPU provider because this machine has no GPU, and says nothing about GPU speed.", ""]
+    out += ["## Edge vs cloud", "", "| check | measured | required | |", "|---|---:|---:|---|"]
+    for what, value, need, ok in edge_checks:
+        out.append(f"| {what} | {value:.3f} | {need:.3f} | {'pass' if ok else 'FAIL'} |")
+    out += ["", "## Training and distillation", "", choice + ".", "",
+            "| model | test accuracy (torch) |", "|---|---:|"]
+    out += [f"| {k} | {v:.4f} |" for k, v in test_accuracy.items()]
+    gain = test_accuracy.get("student distilled (torch)", 0.0) - test_accuracy.get("student baseline (torch)", 0.0)
+    out += ["", f"Distillation gain on the test split: {gain * 100:+.2f} points "
+            f"({'a gain' if gain > 0 else 'no gain'} on this run; one seed, {manifest.variants[0].metrics.n_eval if manifest.variants[0].metrics else '?'} test inputs, "
+            "so differences of one or two inputs are noise).", ""]
+    out += ["| run | epochs | best epoch | best val accuracy | final loss | seconds |", "|---|---:|---:|---:|---:|---:|"]
+    for k, h in histories.items():
+        last = h.history[-1] if h.history else None
+        out.append(f"| {k} | {len(h.history)} | {h.best_epoch} | {h.best_val_accuracy:.4f} | "
+                   f"{last.loss if last else float('nan'):.4f} | {h.seconds:.1f} |")
+    out += ["", "<details><summary>per-epoch metrics</summary>", ""]
+    for k, h in histories.items():
+        out += [f"**{k}**", "", "| epoch | loss | train acc | val acc |", "|---:|---:|---:|---:|"]
+        out += [f"| {e.epoch} | {e.loss:.4f} | {e.train_accuracy:.4f} | {e.val_accuracy:.4f} |" for e in h.history]
+        out.append("")
+    out += ["</details>", "", f"## Calibration ({cal.variant} vs {cal.reference}, {cal.n} {cal.split} inputs)", "",
+            "| threshold | keep on edge | edge accuracy on kept | cascade accuracy |", "|---:|---:|---:|---:|"]
+    for p in cal.points:
+        kept = f"{p.edge_accuracy_kept:.4f}" if p.edge_accuracy_kept is not None else "-"
+        out.append(f"| {p.threshold:.3f} | {p.keep_share:.3f} | {kept} | {p.cascade_accuracy:.4f} |")
+    out += ["", "## Steps", "", "| step | seconds |", "|---|---:|"]
+    out += [f"| {k} | {v:.1f} |" for k, v in steps.items()]
+    out += ["", "## Manifest summary", "", "```", describe(manifest).rstrip(), "```", ""]
+    return "\n".join(out)
