@@ -1,0 +1,352 @@
+"""``HybridClient``: what an app embeds. One call in, outputs plus a :class:`Route` record out.
+
+The client owns the edge runtime (always present, so it works with no cloud at all), the cloud
+client (optional) and the router. Each call gets one deadline (``Budget.latency_ms`` or the config's
+default) covering every attempt; the cloud is given the remaining time minus a reserve for the edge,
+so a failing, slow or partitioned cloud is answered by the edge within the same deadline.
+
+Sync and async: ``infer`` runs edge-only work (and the edge half of a cascade) inline on the calling
+thread — no event loop, no thread hop, which keeps an edge call within a few µs of a raw
+``session.run`` — and hands anything touching the network to a private event loop running in a
+background daemon thread. ``ainfer`` runs on the caller's loop, with edge inference in a small
+thread pool so the loop never blocks. Use one client from either side; each loop gets its own
+connection pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tandem.shared.bundle import Bundle, load_bundle
+from tandem.shared.errors import InvalidInput, TandemError
+
+from .budget import Budget
+from .cloud_client import CloudClient, CloudReply
+from .estimates import Estimates
+from .policies import Decision, Policy
+from .router import Router, RouterConfig, is_retryable
+from .runtime import EdgeRuntime
+
+_log = logging.getLogger("tandem.edge.route")
+_perf = time.perf_counter
+
+
+@dataclass(slots=True)
+class Route:
+    """Where a call ran and why."""
+
+    tier: str  # "edge" | "cloud"
+    reason: str
+    policy: str
+    latency_ms: float
+    cost: float = 0.0
+    confidence: float | None = None
+    fallbacks: list[str] = field(default_factory=list)
+    estimates: dict[str, Any] = field(default_factory=dict)
+    hedged: bool = False
+    model_version: str | None = None
+    request_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class Result:
+    outputs: dict[str, np.ndarray]
+    route: Route
+
+
+class HybridClient:
+    """Run a bundle on the device and, when it pays, in the cloud — decided per call.
+
+    ``bundle``: a loaded :class:`Bundle` or a bundle directory (only the edge variant's file needs to
+    be present; it is verified against ``trusted_keys`` unless ``verify_signature=False``).
+    ``cloud_url``: the ``tandem serve`` endpoint, or None for edge only. ``model``: the cloud's name
+    for it (default: the bundle's). ``policy``: a policy name or object. ``config``: a
+    :class:`RouterConfig` or a dict of its fields.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike[str],
+        cloud_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        trusted_keys: Any = None,
+        verify_signature: bool = True,
+        model: str | None = None,
+        policy: str | Policy = "cascade",
+        config: RouterConfig | dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(bundle, Bundle):
+            bundle = load_bundle(Path(bundle), trusted_keys, verify_signature=verify_signature, variants=["edge"])
+        if config is None:
+            config = RouterConfig()
+        elif isinstance(config, dict):
+            try:
+                config = RouterConfig(**config)
+            except Exception as e:
+                raise InvalidInput(f"bad router config: {e}") from None
+        self.bundle = bundle
+        self.config = config
+        self.model = model or bundle.name
+        self.estimates = Estimates(bundle, window=config.latency_window, cost_per_call=config.cloud_cost_per_call)
+        self.runtime = EdgeRuntime(
+            bundle,
+            providers=config.providers,
+            intra_op_threads=config.intra_op_threads,
+            warmup_runs=config.warmup_runs,
+            estimates=self.estimates,
+        )
+        self.router = Router(config, self.estimates, policy, has_cloud=cloud_url is not None)
+        self.cloud_url = cloud_url
+        self._api_key = api_key
+        if cloud_url is not None:
+            CloudClient(cloud_url, self.model)  # validate the URL now, not on the first call
+        self._out_names = self.runtime.output_names
+        self._default_budget = Budget()
+        self._edge_pool = ThreadPoolExecutor(config.edge_workers, thread_name_prefix="tandem-edge")
+        self._clouds: dict[int, CloudClient] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # --- public API ---------------------------------------------------------------------------
+
+    @property
+    def providers(self) -> list[str]:
+        """Execution providers the edge session really uses."""
+        return self.runtime.providers
+
+    def infer(self, inputs: Any, budget: Budget | None = None) -> Result:
+        """Run one call; blocks until it is answered or fails (never past its deadline + edge time)."""
+        t0 = _perf()
+        if self._closed:
+            raise InvalidInput("client is closed")
+        feeds = self.runtime.feeds(inputs)
+        b = budget if budget is not None else self._default_budget
+        d = self.router.decide(b)
+        if d.plan == "edge":
+            return self._edge_result(self.runtime.run(feeds), d, t0)
+        if d.plan == "cascade":
+            outs = self.runtime.run(feeds)
+            conf = self.runtime.confidence(outs)
+            if conf >= d.threshold:  # type: ignore[operator]
+                return self._kept(outs, conf, d, t0)
+            coro = self._escalate(feeds, outs, conf, b, d, t0)
+        else:
+            coro = self._remote(feeds, b, d, t0)
+        return asyncio.run_coroutine_threadsafe(coro, self._background_loop()).result()
+
+    async def ainfer(self, inputs: Any, budget: Budget | None = None) -> Result:
+        """The async twin of :meth:`infer`; edge inference runs in the client's thread pool."""
+        t0 = _perf()
+        if self._closed:
+            raise InvalidInput("client is closed")
+        feeds = self.runtime.feeds(inputs)
+        b = budget if budget is not None else self._default_budget
+        d = self.router.decide(b)
+        if d.plan == "edge":
+            return self._edge_result(await self._edge_async(feeds), d, t0)
+        if d.plan == "cascade":
+            outs = await self._edge_async(feeds)
+            conf = self.runtime.confidence(outs)
+            if conf >= d.threshold:  # type: ignore[operator]
+                return self._kept(outs, conf, d, t0)
+            return await self._escalate(feeds, outs, conf, b, d, t0)
+        return await self._remote(feeds, b, d, t0)
+
+    def close(self) -> None:
+        """Release the connection pools, the background loop and the edge thread pool."""
+        if self._closed:
+            return
+        self._closed = True
+        loop, thread = self._loop, self._thread
+        if loop is not None and thread is not None:
+            cloud = self._clouds.pop(id(loop), None)
+            if cloud is not None:
+                asyncio.run_coroutine_threadsafe(cloud.close(), loop).result(timeout=5)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=5)
+            loop.close()
+        self._edge_pool.shutdown(wait=False)
+
+    async def aclose(self) -> None:
+        cloud = self._clouds.pop(id(asyncio.get_running_loop()), None)
+        if cloud is not None:
+            await cloud.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    def __enter__(self) -> "HybridClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "HybridClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    # --- edge ---------------------------------------------------------------------------------
+
+    def _edge_result(self, outs: list[np.ndarray], d: Decision, t0: float, conf: float | None = None) -> Result:
+        route = Route("edge", d.reason, d.policy, (_perf() - t0) * 1000.0, 0.0, conf, [], d.estimates)
+        return Result(dict(zip(self._out_names, outs)), route)
+
+    def _kept(self, outs: list[np.ndarray], conf: float, d: Decision, t0: float) -> Result:
+        reason = f"cascade: edge confidence {conf:.2f} ≥ {d.threshold:.2f} → edge"
+        route = Route("edge", reason, d.policy, (_perf() - t0) * 1000.0, 0.0, conf, estimates=d.estimates)
+        self.router.stats["cascade: kept on edge"] += 1
+        return Result(dict(zip(self._out_names, outs)), route)
+
+    async def _edge_async(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return await asyncio.get_running_loop().run_in_executor(self._edge_pool, self.runtime.run, feeds)
+
+    # --- cloud --------------------------------------------------------------------------------
+
+    def _cloud(self) -> CloudClient:
+        key = id(asyncio.get_running_loop())
+        c = self._clouds.get(key)
+        if c is None:
+            assert self.cloud_url is not None
+            version = self.bundle.version if self.config.pin_version else None
+            c = self._clouds[key] = CloudClient(
+                self.cloud_url, self.model, version=version, api_key=self._api_key, pool_size=self.config.pool_size
+            )
+        return c
+
+    def _deadline(self, budget: Budget, t0: float) -> float:
+        ms = budget.latency_ms if budget.latency_ms is not None else self.config.default_deadline_ms
+        return t0 + ms / 1000.0
+
+    async def _try_cloud(
+        self, feeds: dict[str, np.ndarray], budget: Budget, deadline: float, need_ms: float, fallbacks: list[str]
+    ) -> tuple[CloudReply, float] | None:
+        """Cloud attempts within the deadline minus the edge reserve: (reply, cost), or None with
+        the reasons appended to ``fallbacks``. Cancelling it cancels the HTTP request."""
+        router = self.router
+        reserve_ms = router.edge_reserve_ms(next(iter(feeds.values())).shape[0] if feeds else 1)
+        request_id = uuid.uuid4().hex
+        attempt = 0
+        router.retries.enter()
+        try:
+            while True:
+                left_ms = (deadline - _perf()) * 1000.0 - reserve_ms
+                why = router.cloud_gate(budget, left_ms, need_ms if attempt == 0 else 0.0, retry=attempt > 0)
+                if why is not None:
+                    fallbacks.append(why)
+                    return None
+                try:
+                    reply = await self._cloud().infer(feeds, left_ms / 1000.0, request_id=request_id)
+                except asyncio.CancelledError:
+                    router.cloud_cancelled()
+                    raise
+                except TandemError as e:
+                    router.cloud_failed(e)
+                    fallbacks.append(f"cloud {e.code}: {e.message}")
+                    if isinstance(e, InvalidInput) or not is_retryable(e) or attempt >= self.config.max_retries:
+                        return None
+                else:
+                    t = reply.timing
+                    cost = router.cloud_ok(reply.rtt_ms, t.queue_us, t.queue_depth, t.cost)
+                    return reply, cost
+                finally:
+                    if attempt > 0:
+                        router.retries.retry_done()
+                attempt += 1
+        finally:
+            router.retries.leave()
+
+    def _cloud_result(self, got: tuple[CloudReply, float], reason: str, d: Decision, t0: float, fallbacks: list[str], conf: float | None = None, hedged: bool = False) -> Result:
+        reply, cost = got
+        route = Route(
+            "cloud", reason, d.policy, (_perf() - t0) * 1000.0, cost, conf, fallbacks, d.estimates, hedged, reply.model_version
+        )
+        self.router.stats[reason.split(":")[0] + " → cloud"] += 1
+        _log.debug("route %s", route)
+        return Result(reply.outputs, route)
+
+    def _fallback_result(self, outs: list[np.ndarray], reason: str, d: Decision, t0: float, fallbacks: list[str], conf: float | None = None, hedged: bool = False) -> Result:
+        route = Route("edge", reason, d.policy, (_perf() - t0) * 1000.0, 0.0, conf, fallbacks, d.estimates, hedged)
+        self.router.stats[(fallbacks[-1] if fallbacks else reason).split(":")[0] + " → edge"] += 1
+        _log.debug("route %s", route)
+        return Result(dict(zip(self._out_names, outs)), route)
+
+    async def _escalate(
+        self, feeds: dict[str, np.ndarray], outs: list[np.ndarray], conf: float, budget: Budget, d: Decision, t0: float
+    ) -> Result:
+        """Cascade, edge unsure: the cloud if the remaining deadline allows, else the edge answer."""
+        head = f"cascade: edge confidence {conf:.2f} < {d.threshold:.2f}"
+        fallbacks: list[str] = []
+        need = self.estimates.cloud_ms(0.95) or 0.0
+        got = await self._try_cloud(feeds, budget, self._deadline(budget, t0), need, fallbacks)
+        if got is not None:
+            return self._cloud_result(got, f"{head} → cloud", d, t0, fallbacks, conf)
+        return self._fallback_result(outs, f"{head}, {fallbacks[-1]} → edge", d, t0, fallbacks, conf)
+
+    async def _remote(self, feeds: dict[str, np.ndarray], budget: Budget, d: Decision, t0: float) -> Result:
+        if d.plan == "hedged":
+            return await self._hedged(feeds, budget, d, t0)
+        fallbacks: list[str] = []
+        got = await self._try_cloud(feeds, budget, self._deadline(budget, t0), 0.0, fallbacks)
+        if got is not None:
+            return self._cloud_result(got, d.reason, d, t0, fallbacks)
+        outs = await self._edge_async(feeds)
+        return self._fallback_result(outs, f"{fallbacks[-1]} → edge", d, t0, fallbacks)
+
+    async def _hedged(self, feeds: dict[str, np.ndarray], budget: Budget, d: Decision, t0: float) -> Result:
+        deadline = self._deadline(budget, t0)
+        fallbacks: list[str] = []
+        cloud = asyncio.ensure_future(self._try_cloud(feeds, budget, deadline, 0.0, fallbacks))
+        self.router.hedges.earn()
+        try:
+            reserve_s = self.router.edge_reserve_ms() / 1000.0
+            wait_s = max(0.0, min((d.hedge_after_ms or 0.0) / 1000.0, deadline - reserve_s - _perf()))
+            done, _ = await asyncio.wait({cloud}, timeout=wait_s)
+            if not done and self.router.hedges.try_take():
+                edge = asyncio.ensure_future(self._edge_async(feeds))
+                done, _ = await asyncio.wait({cloud, edge}, return_when=asyncio.FIRST_COMPLETED)
+                if edge in done and not (cloud in done and cloud.result() is not None):
+                    cloud.cancel()
+                    fallbacks.append(f"cloud late (> {d.hedge_after_ms:.1f} ms), edge answered first")
+                    return self._fallback_result(edge.result(), "hedged: cloud late → edge", d, t0, fallbacks, hedged=True)
+                got = cloud.result()
+                if got is not None:
+                    return self._cloud_result(got, "hedged: cloud answered first → cloud", d, t0, fallbacks, hedged=True)
+                return self._fallback_result(await edge, f"hedged: {fallbacks[-1]} → edge", d, t0, fallbacks, hedged=True)
+            got = await cloud
+            if got is not None:
+                return self._cloud_result(got, "hedged: cloud → cloud", d, t0, fallbacks)
+            outs = await self._edge_async(feeds)
+            return self._fallback_result(outs, f"hedged: {fallbacks[-1]} → edge", d, t0, fallbacks)
+        finally:
+            if not cloud.done():
+                cloud.cancel()
+
+    # --- the private loop behind the sync API ---------------------------------------------------
+
+    def _background_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            with self._lock:
+                if self._loop is None:
+                    loop = asyncio.new_event_loop()
+                    t = threading.Thread(target=loop.run_forever, name="tandem-client-loop", daemon=True)
+                    t.start()
+                    self._thread = t
+                    self._loop = loop
+        return self._loop

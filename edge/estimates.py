@@ -1,0 +1,159 @@
+"""What the router knows, kept online: latency distributions, cloud state, cost and quality.
+
+Percentiles come from a ring buffer of recent samples whose sorted copy is refreshed lazily (after
+1/16 of the window has changed), so reading an estimate on the decision path is a list index, not a
+sort. The edge profile is per batch size and seeded from the manifest's measurements until real
+calls have replaced them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tandem.shared.bundle import Bundle
+
+#: Below this many real samples, a seeded window answers from its seed.
+MIN_SAMPLES = 8
+
+
+class LatencyWindow:
+    """Moving percentiles (ms) over the last ``size`` samples."""
+
+    __slots__ = ("_buf", "_size", "_i", "_n", "_sorted", "_since_sort", "_seed")
+
+    def __init__(self, size: int = 512, seed: tuple[float, float] | None = None) -> None:
+        self._buf: list[float] = [0.0] * size
+        self._size = size
+        self._i = 0
+        self._n = 0
+        self._sorted: list[float] = []
+        self._since_sort = 0
+        #: (p50, p99) from elsewhere (the manifest), used until MIN_SAMPLES real samples exist.
+        self._seed = seed
+
+    def add(self, ms: float) -> None:
+        self._buf[self._i] = ms
+        self._i = (self._i + 1) % self._size
+        if self._n < self._size:
+            self._n += 1
+        self._since_sort += 1
+
+    @property
+    def count(self) -> int:
+        return self._n
+
+    def percentile(self, q: float) -> float | None:
+        """The q-quantile (0..1) of recent samples, the seed's estimate, or None if nothing is known."""
+        n = self._n
+        if n < MIN_SAMPLES:
+            if self._seed is not None:
+                p50, p99 = self._seed
+                return p50 if q <= 0.5 else p50 + (p99 - p50) * min(1.0, (q - 0.5) / 0.49)
+            if n == 0:
+                return None
+        if self._since_sort and (self._since_sort >= (n >> 4) or len(self._sorted) < MIN_SAMPLES):
+            self._sorted = sorted(self._buf[:n])
+            self._since_sort = 0
+        s = self._sorted
+        return s[min(len(s) - 1, int(q * len(s)))]
+
+
+class Estimates:
+    """The router's view of both tiers. Policies read it; the client feeds it."""
+
+    def __init__(self, bundle: Bundle, *, window: int = 512, cost_per_call: float = 0.0) -> None:
+        m = bundle.manifest
+        self._window = window
+        edge = _variant(bundle, "edge")
+        cloud = _variant(bundle, "cloud")
+        em = edge.metrics if edge is not None else None
+        #: batch size -> LatencyWindow of edge run times.
+        self.edge: dict[int, LatencyWindow] = {}
+        self._edge_seed = (em.latency_p50_ms, em.latency_p99_ms, em.latency_batch_size) if em else None
+        self.cloud_rtt = LatencyWindow(window)
+        self.cloud_queue = LatencyWindow(window)
+        self.cloud_queue_depth: int | None = None
+        self.cost_per_call = float(cost_per_call)
+        self.cost_source = "config"
+        self.edge_accuracy: float | None = em.accuracy if em else None
+        self.cloud_accuracy: float | None = cloud.metrics.accuracy if cloud is not None and cloud.metrics else None
+        self.calibration = m.calibration
+        self.confidence_kind = m.calibration.confidence if m.calibration else "max_softmax"
+        self._thresholds: dict[float | None, float] = {}
+
+    # --- edge ---------------------------------------------------------------------------------
+
+    def edge_window(self, batch: int) -> LatencyWindow:
+        w = self.edge.get(batch)
+        if w is None:
+            seed = None
+            if self._edge_seed is not None:
+                p50, p99, b = self._edge_seed
+                scale = max(1.0, batch / max(1, b))  # a rough prior; real calls replace it
+                seed = (p50 * scale, p99 * scale)
+            w = self.edge[batch] = LatencyWindow(self._window, seed)
+        return w
+
+    def edge_ms(self, q: float, batch: int = 1) -> float | None:
+        return self.edge_window(batch).percentile(q)
+
+    # --- cloud --------------------------------------------------------------------------------
+
+    def cloud_ms(self, q: float) -> float | None:
+        return self.cloud_rtt.percentile(q)
+
+    def observe_cloud(self, rtt_ms: float, queue_us: float | None, queue_depth: int | None, cost: float | None) -> None:
+        self.cloud_rtt.add(rtt_ms)
+        if queue_us is not None:
+            self.cloud_queue.add(queue_us / 1000.0)
+        if queue_depth is not None:
+            self.cloud_queue_depth = queue_depth
+        if cost is not None and cost >= 0:
+            self.cost_per_call = cost
+            self.cost_source = "server"
+
+    # --- quality ------------------------------------------------------------------------------
+
+    def default_target(self) -> float | None:
+        """The cascade's default target: the best calibrated cascade accuracy − 0.3 pt."""
+        if self.calibration is None or not self.calibration.points:
+            return None
+        return max(p.cascade_accuracy for p in self.calibration.points) - 0.003
+
+    def cascade_threshold(self, target_accuracy: float | None, fallback: float) -> float:
+        """The confidence threshold meeting ``target_accuracy`` on the bundle's calibration (cached).
+
+        A target no calibration point reaches escalates everything (threshold above any confidence).
+        """
+        t = self._thresholds.get(target_accuracy)
+        if t is None:
+            cal = self.calibration
+            target = target_accuracy if target_accuracy is not None else self.default_target()
+            if cal is None or target is None:
+                t = fallback
+            else:
+                point = cal.threshold_for(target)
+                t = point.threshold if point is not None else float("inf")
+            self._thresholds[target_accuracy] = t
+        return t
+
+    def snapshot(self, batch: int = 1) -> dict[str, Any]:
+        """Every estimate as plain numbers (for logs, Route records of costlier decisions, debugging)."""
+        return {
+            "edge_p50_ms": self.edge_ms(0.5, batch),
+            "edge_p99_ms": self.edge_ms(0.99, batch),
+            "cloud_p50_ms": self.cloud_ms(0.5),
+            "cloud_p95_ms": self.cloud_ms(0.95),
+            "cloud_queue_p50_ms": self.cloud_queue.percentile(0.5),
+            "cloud_queue_depth": self.cloud_queue_depth,
+            "cost_per_call": self.cost_per_call,
+            "edge_accuracy": self.edge_accuracy,
+            "cloud_accuracy": self.cloud_accuracy,
+        }
+
+
+def _variant(bundle: Bundle, role: str) -> Any:
+    try:
+        return bundle.variant(role)
+    except KeyError:
+        return None

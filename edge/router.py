@@ -1,0 +1,187 @@
+"""The router: a configurable policy plus the shared limits every cloud call must pass.
+
+``Router.decide(budget)`` returns a :class:`~tandem.edge.policies.Decision` in microseconds (no I/O).
+``Router.cloud_gate(...)`` is asked at the moment a cloud call would be sent and says why not, if
+not: local-only, no endpoint, cost over the call's max, server back-off (Retry-After), spend budget
+exhausted, open circuit, not enough time left. It reserves the spend and the breaker's probe when it
+says yes; the client reports the outcome with ``cloud_ok``/``cloud_failed``/``cloud_cancelled``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tandem.shared.errors import DeadlineExceeded, InvalidInput, Overloaded, TandemError, Unavailable
+
+from .breaker import CircuitBreaker
+from .budget import Budget, RetryBudget, ShareBucket, TokenBucket
+from .estimates import Estimates
+from .policies import Decision, Policy, make_policy
+
+_log = logging.getLogger(__name__)
+
+
+class RouterConfig(BaseModel):
+    """Every knob of the router (defaults follow Hystrix, Envoy and Dean & Barroso)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Deadline of a call whose Budget has no latency_ms: nothing waits longer than this.
+    default_deadline_ms: float = Field(3000.0, gt=0)
+    #: Price of one cloud call (the server's X-Tandem-Cost replaces it when sent).
+    cloud_cost_per_call: float = Field(0.0, ge=0)
+    #: Spend allowed per spend_period_s (token bucket); None = unlimited.
+    spend_limit: float | None = Field(None, ge=0)
+    spend_period_s: float = Field(3600.0, gt=0)
+    #: Cascade: a fixed threshold, or the target accuracy to calibrate it for.
+    cascade_threshold: float | None = None
+    target_accuracy: float | None = Field(None, ge=0, le=1)
+    #: Threshold used when the bundle has no calibration and none is given.
+    fallback_threshold: float = 0.8
+    #: Hedged: at most this share of calls may start a second (edge) attempt.
+    hedge_max_share: float = Field(0.15, ge=0, le=1)
+    hedge_quantile: float = Field(0.95, gt=0, lt=1)
+    #: Time kept back from the deadline for an edge fallback: edge p99 × factor + margin.
+    edge_reserve_factor: float = Field(2.0, ge=1)
+    edge_reserve_margin_ms: float = Field(2.0, ge=0)
+    #: Circuit breaker.
+    breaker_window_s: float = Field(10.0, gt=0)
+    breaker_min_requests: int = Field(20, ge=1)
+    breaker_error_rate: float = Field(0.5, gt=0, le=1)
+    breaker_open_s: float = Field(5.0, gt=0)
+    #: Retry budget: retries in flight ≤ max(retry_min, retry_ratio × calls in flight); tries per call.
+    retry_ratio: float = Field(0.2, ge=0)
+    retry_min: int = Field(3, ge=0)
+    max_retries: int = Field(1, ge=0)
+    #: Edge runtime.
+    providers: list[str] | None = None
+    intra_op_threads: int = Field(1, ge=1)
+    edge_workers: int = Field(2, ge=1)
+    warmup_runs: int = Field(3, ge=0)
+    #: Cloud client.
+    pool_size: int = Field(32, ge=1)
+    pin_version: bool = False
+    latency_window: int = Field(512, ge=16)
+
+
+class Router:
+    def __init__(self, config: RouterConfig, estimates: Estimates, policy: str | Policy, *, has_cloud: bool) -> None:
+        self.config = config
+        self.estimates = estimates
+        self.policy = self._make(policy)
+        self.has_cloud = has_cloud
+        self.breaker = CircuitBreaker(
+            config.breaker_window_s, config.breaker_min_requests, config.breaker_error_rate, config.breaker_open_s
+        )
+        self.spend = TokenBucket(config.spend_limit, config.spend_period_s) if config.spend_limit is not None else None
+        self.hedges = ShareBucket(config.hedge_max_share)
+        self.retries = RetryBudget(config.retry_ratio, config.retry_min)
+        self._backoff_until = 0.0
+        self._named: dict[str, Policy] = {}
+        #: How many calls each (tier, reason head) took — cheap decision log for metrics and tests.
+        self.stats: Counter[str] = Counter()
+        self._local = Decision("edge", "local_only", "local")
+        self._no_cloud = Decision("edge", "no cloud endpoint → edge", "")
+
+    def _make(self, policy: str | Policy) -> Policy:
+        c = self.config
+        if policy == "cascade":
+            return make_policy("cascade", threshold=c.cascade_threshold, target_accuracy=c.target_accuracy, fallback=c.fallback_threshold)
+        if policy == "hedged":
+            return make_policy("hedged", quantile=c.hedge_quantile)
+        return make_policy(policy)
+
+    def decide(self, budget: Budget) -> Decision:
+        """The plan for one call. Pure and cheap: reads estimates, never blocks."""
+        if budget.local_only:
+            return self._local
+        p = budget.policy
+        policy = self.policy if p is None else (self._policy_named(p) if isinstance(p, str) else make_policy(p))
+        if not self.has_cloud and policy.name != "edge-only":
+            return self._no_cloud
+        return policy.decide(budget, self.estimates)
+
+    def _policy_named(self, name: str) -> Policy:
+        pol = self._named.get(name)
+        if pol is None:
+            pol = self._named[name] = self.policy if name == self.policy.name else self._make(name)
+        return pol
+
+    # --- the gate every cloud call passes -------------------------------------------------------
+
+    def edge_reserve_ms(self, batch: int = 1) -> float:
+        p99 = self.estimates.edge_ms(0.99, batch)
+        return (p99 or 5.0) * self.config.edge_reserve_factor + self.config.edge_reserve_margin_ms
+
+    def cloud_gate(self, budget: Budget, time_left_ms: float, need_ms: float = 0.0, *, retry: bool = False) -> str | None:
+        """None when a cloud call may go now (spend and breaker probe reserved), else why not."""
+        if budget.local_only:
+            return "local_only"
+        if not self.has_cloud:
+            return "no cloud endpoint"
+        cost = self.estimates.cost_per_call
+        if budget.max_cost is not None and cost > budget.max_cost:
+            return f"cloud cost {cost:g} > max_cost {budget.max_cost:g}"
+        if time_left_ms <= max(need_ms, 1.0):
+            return f"{max(time_left_ms, 0.0):.1f} ms left < {max(need_ms, 1.0):.1f} ms needed by the cloud"
+        now = time.monotonic()
+        if now < self._backoff_until:
+            return f"cloud asked to retry after {self._backoff_until - now:.1f} s"
+        if self.spend is not None and self.spend.available() < cost:
+            return "spend budget exhausted"
+        if retry and not self.retries.try_retry():
+            return "retry budget spent"
+        if not self.breaker.allow():
+            if retry:
+                self.retries.retry_done()
+            return "circuit open"
+        if self.spend is not None and cost and not self.spend.try_take(cost):
+            self.breaker.release()
+            if retry:
+                self.retries.retry_done()
+            return "spend budget exhausted"
+        return None
+
+    def cloud_ok(self, rtt_ms: float, queue_us: float | None, queue_depth: int | None, server_cost: float | None) -> float:
+        """Record a good answer; returns the cost charged for it."""
+        reserved = self.estimates.cost_per_call
+        self.estimates.observe_cloud(rtt_ms, queue_us, queue_depth, server_cost)
+        self.breaker.record(True)
+        cost = server_cost if server_cost is not None else reserved
+        if self.spend is not None and cost != reserved:
+            self.spend.force_take(cost - reserved)
+        return cost
+
+    def cloud_failed(self, error: TandemError) -> None:
+        """Record a failed call: refund its spend (no answer, no charge) and tell the breaker."""
+        self._refund()
+        if isinstance(error, InvalidInput):
+            self.breaker.release()  # the caller's fault, not the cloud's health
+            return
+        self.breaker.record(False)
+        retry_after = getattr(error, "retry_after", None)
+        if isinstance(error, (Overloaded, Unavailable)) and retry_after:
+            self._backoff_until = max(self._backoff_until, time.monotonic() + float(retry_after))
+
+    def cloud_cancelled(self) -> None:
+        """The call was abandoned by us (hedge lost, caller gone): no health signal, no charge."""
+        self._refund()
+        self.breaker.release()
+
+    def _refund(self) -> None:
+        if self.spend is not None and self.estimates.cost_per_call:
+            self.spend.give_back(self.estimates.cost_per_call)
+
+
+def is_retryable(error: TandemError) -> bool:
+    """Transient cloud failures worth another attempt (the gate still decides whether there is one)."""
+    return isinstance(error, (Unavailable, Overloaded)) and not isinstance(error, DeadlineExceeded)
+
+
+def describe_decision(d: Decision) -> dict[str, Any]:
+    return {"plan": d.plan, "reason": d.reason, "policy": d.policy, "threshold": d.threshold, "hedge_after_ms": d.hedge_after_ms}

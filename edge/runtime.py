@@ -1,0 +1,174 @@
+"""The edge runtime: one ONNX Runtime session over a bundle's edge variant.
+
+It picks the best execution provider the device really has (CPU always last), keeps intra-op
+threads low so that it never oversubscribes a small device, warms the session up, and records every
+run's latency into the router's per-batch-size profile. ``providers`` reports what onnxruntime
+actually uses (``session.get_providers()``), never what was asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from tandem.shared.bundle import Bundle
+from tandem.shared.errors import InferenceFailed, InvalidInput
+from tandem.shared.tensors import DATATYPE_TO_DTYPE
+
+from .estimates import Estimates
+
+_log = logging.getLogger(__name__)
+
+#: Accelerators first, in the order they are usually worth it; CPU is always appended.
+PREFERRED_PROVIDERS = (
+    "CUDAExecutionProvider",
+    "ROCMExecutionProvider",
+    "CoreMLExecutionProvider",
+    "NNAPIExecutionProvider",
+    "QNNExecutionProvider",
+    "DmlExecutionProvider",
+    "XnnpackExecutionProvider",
+    "CPUExecutionProvider",
+)
+
+
+def select_providers(available: Sequence[str], requested: Sequence[str] | None = None) -> list[str]:
+    """The providers to ask for: ``requested`` (or the preferred order) ∩ ``available``, CPU last."""
+    wanted = list(requested) if requested else list(PREFERRED_PROVIDERS)
+    missing = [p for p in wanted if p not in available and p != "CPUExecutionProvider"]
+    if requested and missing:
+        _log.warning("execution provider(s) %s not available here (have %s)", missing, list(available))
+    chosen = [p for p in wanted if p in available and p != "CPUExecutionProvider"]
+    return chosen + ["CPUExecutionProvider"]
+
+
+class EdgeRuntime:
+    """An inference session over ``bundle``'s ``variant`` (default: the ``edge`` role)."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        variant: str = "edge",
+        *,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int = 1,
+        warmup_runs: int = 3,
+        estimates: Estimates | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.bundle = bundle
+        self.variant = bundle.variant(variant)
+        path = bundle.variant_path(variant)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = max(1, int(intra_op_threads))
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        chosen = select_providers(ort.get_available_providers(), providers)
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=chosen)
+        except Exception as e:  # an accelerator that is listed but cannot initialise: CPU still works
+            if chosen == ["CPUExecutionProvider"]:
+                raise InferenceFailed(f"cannot load edge variant {path.name}: {e}") from None
+            _log.warning("providers %s failed (%s); falling back to CPU", chosen, e)
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        #: The providers onnxruntime really uses, best first.
+        self.providers: list[str] = self.session.get_providers()
+        ins, outs = self.session.get_inputs(), self.session.get_outputs()
+        self.input_names: list[str] = [i.name for i in ins]
+        self.output_names: list[str] = [o.name for o in outs]
+        self._input_dtypes = {i.name: _numpy_dtype(i.type) for i in ins}
+        self._input_shapes = {i.name: i.shape for i in ins}
+        self.estimates = estimates if estimates is not None else Estimates(bundle)
+        self._run = self.session.run
+        self._windows = self.estimates.edge
+        task = bundle.manifest.task
+        self._score_index = self.output_names.index(task.output) if task.output in self.output_names else 0
+        self._scores_are_logits = task.output_is_logits
+        self._warmup(warmup_runs)
+
+    # --- calls --------------------------------------------------------------------------------
+
+    def feeds(self, inputs: Any) -> dict[str, np.ndarray]:
+        """Check the caller's inputs (dict name → array, or one array) against the model."""
+        if isinstance(inputs, np.ndarray):
+            if len(self.input_names) != 1:
+                raise InvalidInput(f"the model takes {len(self.input_names)} inputs {self.input_names}: pass a dict")
+            feeds = {self.input_names[0]: inputs}
+        elif isinstance(inputs, Mapping):
+            feeds = inputs if isinstance(inputs, dict) else dict(inputs)
+            if len(feeds) != len(self.input_names) or any(n not in feeds for n in self.input_names):
+                missing = [n for n in self.input_names if n not in feeds]
+                unknown = [n for n in feeds if n not in self._input_dtypes]
+                raise InvalidInput(f"inputs do not match the model: missing {missing}, unknown {unknown}")
+        else:
+            raise InvalidInput(f"inputs must be a numpy array or a dict name -> array, got {type(inputs).__name__}")
+        for name, arr in feeds.items():
+            want = self._input_dtypes[name]
+            if not isinstance(arr, np.ndarray):
+                raise InvalidInput(f"input {name!r} must be a numpy array, got {type(arr).__name__}")
+            if arr.dtype != want:
+                raise InvalidInput(f"input {name!r} has dtype {arr.dtype}; the model expects {want}")
+        return feeds
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the session on checked feeds; returns outputs in ``output_names`` order."""
+        t0 = time.perf_counter()
+        try:
+            outs = self._run(self.output_names, feeds)
+        except Exception as e:
+            if type(e).__name__ in ("InvalidArgument", "Fail") or "Invalid" in str(e)[:200]:
+                raise InvalidInput(f"edge model rejected the inputs: {_first_line(e)}") from None
+            raise InferenceFailed(f"edge inference failed: {_first_line(e)}") from None
+        ms = (time.perf_counter() - t0) * 1000.0
+        first = next(iter(feeds.values()))
+        batch = len(first) if first.ndim else 1
+        w = self._windows.get(batch)
+        if w is None:
+            w = self.estimates.edge_window(batch)
+        w.add(ms)
+        return outs
+
+    def confidence(self, outputs: list[np.ndarray]) -> float:
+        """The edge's confidence on this call: the lowest per-row score (max softmax or margin)."""
+        z = outputs[self._score_index]
+        z = z.reshape(z.shape[0], -1) if z.ndim > 1 else z.reshape(1, -1)
+        if self._scores_are_logits:
+            e = np.exp(z - z.max(axis=1, keepdims=True))
+            p = e / e.sum(axis=1, keepdims=True)
+        else:
+            p = z
+        if self.estimates.confidence_kind == "margin" and p.shape[1] > 1:
+            top2 = np.partition(p, -2, axis=1)[:, -2:]
+            c = top2[:, 1] - top2[:, 0]
+        else:
+            c = p.max(axis=1)
+        return float(c.min())
+
+    def _warmup(self, runs: int) -> None:
+        if runs <= 0:
+            return
+        feeds = {}
+        for name in self.input_names:
+            shape = [d if isinstance(d, int) and d > 0 else 1 for d in self._input_shapes[name]]
+            feeds[name] = np.zeros(shape, dtype=self._input_dtypes[name])
+        for _ in range(runs):
+            self._run(self.output_names, feeds)
+
+
+def _numpy_dtype(onnx_type: str) -> np.dtype:
+    from tandem.shared.tensors import ONNX_TYPE_TO_DATATYPE
+
+    dt = ONNX_TYPE_TO_DATATYPE.get(onnx_type)
+    if dt is None:
+        raise InferenceFailed(f"edge model input type {onnx_type} is not supported")
+    return DATATYPE_TO_DTYPE[dt]
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
