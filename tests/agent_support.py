@@ -155,6 +155,18 @@ class AgentProcess:
             await asyncio.sleep(0.05)
         raise AssertionError(f"agent not ready after {timeout}s:\n{self.log()}")
 
+    async def wait_serving(self, timeout: float = 30.0) -> str:
+        """Ready and every tracked model has an active version (``/v2/health/ready`` is 200)."""
+        url = await self.wait_ready(timeout)
+
+        async def ready() -> bool:
+            async with aiohttp.ClientSession() as s:
+                async with s.get(url + "/v2/health/ready") as r:
+                    return r.status == 200
+
+        await wait_for(ready, timeout, "the agent to have an active version")
+        return url
+
     async def wait_exit(self, timeout: float = 30.0) -> int:
         deadline = time.monotonic() + timeout
         while self.proc.poll() is None:

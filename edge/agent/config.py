@@ -67,6 +67,8 @@ class AgentConfig(BaseSettings):
     outbox_max_age_s: float = Field(7 * 86400.0, gt=0)
     upload_batch: int = Field(200, ge=1)
     upload_interval_s: float = Field(5.0, gt=0)
+    #: Longest wait between upload retries while the cloud is down (doubling from upload_interval_s).
+    upload_max_backoff_s: float = Field(60.0, gt=0)
     telemetry_interval_s: float = Field(60.0, gt=0)
     #: Record every routed call in the outbox (kind "route").
     record_routes: bool = True

@@ -228,7 +228,7 @@ class Uploader:
                 delay = self.config.upload_interval_s
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, TandemError) as e:
                 self.last_error = str(e) or type(e).__name__
-                delay = min(max(delay * 2, self.config.upload_interval_s), 60.0)
+                delay = min(max(delay * 2, self.config.upload_interval_s), self.config.upload_max_backoff_s)
                 log.info("feedback upload failed (%s); retrying in %.1fs", self.last_error, delay)
             except Exception:
                 log.exception("feedback upload crashed; retrying")
