@@ -42,7 +42,7 @@ from .distill import TrainResult, predict_logits, train
 from .errors import BudgetError, BuildError, SpecError
 from .evaluate import evaluate_variants, hardware_info, make_session, run_batched, tool_versions
 from .export import export_onnx, verify_export
-from .quantize import Candidate, best, convert_fp16, judge, make_candidates
+from .quantize import Candidate, best, convert_fp16, judge, make_candidates, summary
 from .spec import BuildSpec, Dataset, load_dataset
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,8 @@ def build(
         )
         shutil.rmtree(cand_dir, ignore_errors=True)
         manifest = _manifest(spec, version, data, n_classes, teacher_path, shipped, cal, ev.n_samples,
-                             quick=quick, seed=seed, training=training.model_dump(), choice=choice)
+                             quick=quick, seed=seed, training=training.model_dump(), choice=choice,
+                             candidates=[summary(c) for c in cloud_cands + edge_cands])
         try:
             manifest = seal_bundle(work, manifest, private_key)
         except ManifestError as e:
@@ -296,6 +297,7 @@ def _io_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 def _manifest(
     spec: BuildSpec, version: str, data: Dataset, n_classes: int, teacher_path: Path, shipped: list[Candidate],
     cal: Any, n_samples: int, *, quick: bool, seed: int, training: dict[str, Any], choice: str,
+    candidates: list[dict[str, Any]],
 ) -> Manifest:
     inputs, outputs = _io_specs(teacher_path)
     variants = []
@@ -322,7 +324,7 @@ def _manifest(
         provenance=Provenance(
             source=spec.source,
             build_config={**spec.config_dict(), "quick": quick, "seed": seed, "effective_training": training,
-                          "student_choice": choice},
+                          "student_choice": choice, "candidates": candidates},
             tool_versions=tool_versions(),
             hardware=hardware_info(),
         ),

@@ -5,6 +5,7 @@ AND is faster than that parent on this machine."""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import tempfile
 import warnings
@@ -47,7 +48,8 @@ def _quiet() -> Iterator[None]:
     level = root.level
     root.setLevel(max(level, logging.WARNING))
     try:
-        with warnings.catch_warnings():
+        # The percentile calibrator print()s its histogram settings.
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -173,6 +175,22 @@ def judge(c: Candidate, parent: VariantMetrics, budgets: Budgets) -> None:
         )
     c.accepted = not problems
     c.reason = "; ".join(problems) if problems else f"accepted: {speedup:.2f}x faster than fp32"
+
+
+def summary(c: Candidate) -> dict[str, object]:
+    """What the manifest's provenance records of every candidate, shipped or not."""
+    m = c.metrics
+    return {
+        "name": c.name,
+        "config": c.config.model_dump() if c.config else None,
+        "accepted": c.accepted,
+        "shipped_as": c.role,
+        "reason": c.reason,
+        "size_bytes": c.size_bytes,
+        "accuracy": m.accuracy if m else None,
+        "latency_p50_ms": m.latency_p50_ms if m else None,
+        "throughput_per_s": m.throughput_per_s if m else None,
+    }
 
 
 def best(candidates: list[Candidate]) -> Candidate | None:
