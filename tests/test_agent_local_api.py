@@ -141,3 +141,24 @@ def test_config_file_env_and_relative_paths(tmp_path: Path, monkeypatch: pytest.
         load_config(tmp_path / "bad.json")
     with pytest.raises(InvalidInput, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+async def test_v2_json_infer_and_its_errors(agent: Agent) -> None:
+    x = np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)
+    req = {"id": "r1", "inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 64], "data": x.ravel().tolist()}],
+           "parameters": {"policy": "edge-only", "latency_ms": 200}}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(agent.url + "/v2/models/toy/infer", json=req) as r:
+            assert r.status == 200, await r.text()
+            doc = await r.json()
+            assert r.headers["X-Tandem-Tier"] == "edge"
+        out = doc["outputs"][0]
+        assert out["name"] == "logits" and out["shape"] == [2, 10] and doc["model_version"] == "1"
+        want = run_onnx(agent.bundle_dir / "edge-fp32.onnx", x)
+        np.testing.assert_allclose(np.array(out["data"], np.float32).reshape(2, 10), want, atol=1e-5)
+        assert json.loads(doc["parameters"]["tandem_route"])["tier"] == "edge"
+        bad = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 64], "data": [1.0]}]}
+        async with s.post(agent.url + "/v2/models/toy/infer", json=bad) as r:
+            assert r.status == 400 and "error" in await r.json()
+        async with s.post(agent.url + "/v2/models/toy/infer", data=b"{", headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 400 and "error" in await r.json()

@@ -93,6 +93,12 @@ async def test_updates_reach_the_agent_and_bad_versions_are_refused_without_a_fa
         await wait_for(lambda: len(seen) > n_before + 20, 10, "calls after the refusals")
         stop.set()
         await task
+
+        async def reported() -> bool:  # the refusals also reach the cloud as telemetry
+            events = await cloud.records(kind="telemetry", model="toy")
+            return {e["version"] for e in events if e["payload"].get("event") == "update_refused"} >= {"3", "4", "5"}
+
+        await wait_for(reported, 10, "the refusals to be reported to the cloud", interval=0.2)
     finally:
         agent.stop()
     refused = state(data)["refused"]

@@ -60,7 +60,7 @@ class Agent:
         await self._serve()
         if cfg.cloud_url:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30))
-            self.updater = Updater(cfg, self.store, self._session, self._on_activate)
+            self.updater = Updater(cfg, self.store, self._session, self._on_activate, self._on_refuse)
             self.uploader = Uploader(cfg, self.outbox, self._session)
             self._tasks += [asyncio.create_task(self.updater.run(self._stop), name="agent-update"),
                             asyncio.create_task(self.uploader.run(self._stop), name="agent-upload")]
@@ -124,6 +124,11 @@ class Agent:
         else:
             await self.enqueue([{"kind": "telemetry", "model": activation.name, "version": activation.version,
                                  "payload": {"event": "activated", "previous": activation.previous}}])
+
+    async def _on_refuse(self, name: str, version: str, code: str, message: str) -> None:
+        await self.enqueue([{"kind": "telemetry", "model": name, "version": version,
+                             "payload": {"event": "update_refused", "code": code, "message": message,
+                                         "active": self.store.active_version(name)}}])
 
     async def enqueue(self, records: Iterable[Mapping[str, Any]]) -> list[str]:
         return await asyncio.to_thread(self.outbox.append, list(records))

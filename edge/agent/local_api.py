@@ -38,7 +38,7 @@ from tandem.shared.protocol import (
 )
 from tandem.shared.tensors import encode_tensors, packb, unpackb
 
-from .routing import budget_from
+from .routing import BUDGET_FIELDS, budget_from
 
 if TYPE_CHECKING:
     from .daemon import Agent
@@ -196,14 +196,21 @@ async def _v2_infer(request: web.Request) -> web.Response:
 
 async def v2_infer(request: web.Request, v2: Any) -> web.Response:
     body = await request.read()
-    req = v2.parse_infer_request(body, request.headers)
-    params = dict(req.parameters or {})
-    budget = budget_from(params, request.headers, _deadline(request, None))
+    raw_len = request.headers.get(v2.HEADER_LENGTH)
+    try:
+        header_length = int(raw_len) if raw_len is not None else None
+    except ValueError:
+        raise InvalidInput(f"header {v2.HEADER_LENGTH} must be an integer, got {raw_len!r}") from None
+    req = v2.parse_infer_request(body, header_length)
+    # Standard v2 parameters (priority, timeout, binary_data_output) ride along with the budget.
+    params = {k: v for k, v in req.parameters.items() if k in BUDGET_FIELDS}
+    timeout_us = req.timeout_us()
+    budget = budget_from(params, request.headers, _deadline(request, timeout_us / 1e3 if timeout_us else None))
     model = request.match_info["model"]
     outputs, route, version = await _route_call(request, model, request.match_info.get("version"),
                                                 req.inputs, budget, req.id)
-    resp_body, headers = v2.encode_infer_response(model, version, outputs, req, id=req.id,
-                                                  parameters={"route": json.dumps(_plain(route))})
+    resp_body, headers = v2.encode_infer_response(model, version, outputs, request=req, id=req.id,
+                                                  parameters={"tandem_route": json.dumps(_plain(route))})
     headers = dict(headers)
     headers.update(_route_headers(route, version, req.id))
     return web.Response(body=resp_body, headers=headers)

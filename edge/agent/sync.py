@@ -101,10 +101,13 @@ class Updater:
     """One poll of the registry per tracked model: download, verify, install, activate (or refuse)."""
 
     def __init__(self, config: AgentConfig, store: ModelStore, session: aiohttp.ClientSession,
-                 on_activate: Callable[[Activation], Awaitable[None]]) -> None:
+                 on_activate: Callable[[Activation], Awaitable[None]],
+                 on_refuse: Callable[[str, str, str, str], Awaitable[None]] | None = None) -> None:
         self.config = config
         self.store = store
         self.on_activate = on_activate
+        #: Told (model, version, code, message) when a version is refused, to report it upstream.
+        self.on_refuse = on_refuse
         self.registry = RegistryClient(session, config.cloud_url or "", config.api_key)
         self._keys = [signing.load_public_key(k) for k in config.trusted_keys]
 
@@ -181,6 +184,8 @@ class Updater:
             log.error("refused %s:%s: %s", name, version, e.message)
             _rmtree(staging)
             store.record_attempt(name, version, "refused", e.message, e.code, manifest_sha)
+            if self.on_refuse is not None:
+                await self.on_refuse(name, version, e.code, e.message)
             return "refused"
         store.record_attempt(name, version, "activated", f"from {activation.previous or 'nothing'}")
         await self.on_activate(activation)
