@@ -1,0 +1,397 @@
+"""deploy/: the Dockerfile and the Kubernetes / KServe manifests parse, hang together, and name only
+ports, paths, flags, settings and metrics that the real server has.
+
+No Docker engine or cluster runs here, so the live half starts the real ``tandem serve`` (as the
+image's ENTRYPOINT would, with the image's ENV) on 127.0.0.1 and checks every probe path and metric
+name the manifests mention against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import yaml
+
+from support import make_bundle
+from tandem.shared.protocol import CONTENT_TYPE, InferRequest, infer_path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+DOCKERFILE = DEPLOY / "Dockerfile"
+YAML_FILES = sorted(DEPLOY.rglob("*.yaml"))
+PORT = 8000  # the port every manifest must agree on
+METRIC_RE = re.compile(r"\btandem_[a-z0-9_]+\b")
+
+server_missing = importlib.util.find_spec("tandem.cloud.app") is None or importlib.util.find_spec("tandem.cloud.cli") is None
+needs_server = pytest.mark.skipif(server_missing, reason="tandem.cloud.app / tandem.cloud.cli (core's server) has not landed yet")
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+
+def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if pending and stripped.startswith("#"):
+            continue  # comments may sit inside a continued instruction
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        full = (pending + stripped).strip()
+        pending = ""
+        keyword, _, rest = full.partition(" ")
+        out.append((keyword.upper(), rest.strip()))
+    assert not pending, "the Dockerfile ends inside a continued line"
+    return out
+
+
+def one(instructions: list[tuple[str, str]], keyword: str) -> str:
+    found = [rest for k, rest in instructions if k == keyword]
+    assert len(found) == 1, f"expected exactly one {keyword}, found {len(found)}"
+    return found[0]
+
+
+def dockerfile_env(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    env = {}
+    for k, rest in instructions:
+        if k == "ENV":
+            for pair in shlex.split(rest):
+                name, _, value = pair.partition("=")
+                env[name] = value
+    return env
+
+
+def yaml_docs() -> list[tuple[Path, dict[str, Any]]]:
+    docs = []
+    for path in YAML_FILES:
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert isinstance(doc, dict), f"{path}: every YAML document must be a mapping"
+            docs.append((path, doc))
+    return docs
+
+
+def k8s_objects() -> list[tuple[Path, dict[str, Any]]]:
+    return [(p, d) for p, d in yaml_docs() if "kind" in d]
+
+
+def walk(node: Any, key: str | None = None) -> Iterator[tuple[str | None, Any]]:
+    """(key, value) of every value in a nested YAML document."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield k, v
+            yield from walk(v, k)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk(v, key)
+
+
+def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    if doc["kind"] == "Deployment":
+        return doc["spec"]["template"]["spec"]["containers"]
+    if doc["kind"] == "InferenceService":
+        return doc["spec"]["predictor"]["containers"]
+    return []
+
+
+def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"]["template"]["spec"] if doc["kind"] == "Deployment" else doc["spec"]["predictor"]
+
+
+def probe_paths() -> set[str]:
+    """Every HTTP path a manifest or the Dockerfile's HEALTHCHECK will request from the server."""
+    paths = set()
+    for _, doc in k8s_objects():
+        for k, v in walk(doc):
+            if k == "httpGet":
+                paths.add(v["path"])
+            if k == "prometheus.io/path":
+                paths.add(v)
+    health = one(dockerfile_instructions(), "HEALTHCHECK")
+    paths.update(re.findall(r"http://127\.0\.0\.1:\d+(/[\w/.-]*)", health))
+    return paths
+
+
+def mentioned_metrics() -> set[str]:
+    names = set()
+    for path in [*YAML_FILES, DEPLOY / "README.md"]:
+        names.update(METRIC_RE.findall(path.read_text()))
+    return names
+
+
+# --- static checks ------------------------------------------------------------------------------
+
+
+def test_every_yaml_parses_and_names_its_objects() -> None:
+    assert len(YAML_FILES) >= 8
+    objects = k8s_objects()
+    kinds = {d["kind"] for _, d in objects}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "ScaledObject", "InferenceService", "ConfigMap"} <= kinds
+    for path, doc in objects:
+        assert doc.get("apiVersion"), f"{path}: no apiVersion"
+        if doc["kind"] != "Kustomization":
+            assert doc.get("metadata", {}).get("name"), f"{path}: {doc['kind']} has no metadata.name"
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    for resource in kustomization["resources"]:
+        assert (DEPLOY / "k8s" / resource).is_file(), f"kustomization names missing {resource}"
+    assert "keda-scaledobject.yaml" not in kustomization["resources"], "HPA and KEDA must not both scale the Deployment"
+
+
+def test_manifests_hang_together() -> None:
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for _, doc in k8s_objects():
+        by_kind.setdefault(doc["kind"], []).append(doc)
+    (deployment,) = by_kind["Deployment"]
+    (service,) = by_kind["Service"]
+    name = deployment["metadata"]["name"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+
+    ports = {p["name"]: p["containerPort"] for c in containers(deployment) for p in c["ports"]}
+    for sp in service["spec"]["ports"]:
+        target = sp["targetPort"]
+        assert target in ports or target in ports.values(), f"Service targets {target}, the pod has {ports}"
+
+    for scaler in by_kind["HorizontalPodAutoscaler"] + by_kind["ScaledObject"]:
+        assert scaler["spec"]["scaleTargetRef"]["name"] == name
+        assert scaler["spec"]["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+    (hpa,) = by_kind["HorizontalPodAutoscaler"]
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "tandem_inference_pending_request_count"
+    (keda,) = by_kind["ScaledObject"]
+    assert "tandem_inference_pending_request_count" in keda["spec"]["triggers"][0]["metadata"]["query"]
+    adapter = yaml.safe_load((DEPLOY / "k8s" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = adapter["rules"]["custom"]
+    assert rule["name"]["as"] == "tandem_inference_pending_request_count"
+
+    configmaps = {d["metadata"]["name"] for d in by_kind["ConfigMap"]}
+    for doc in by_kind["Deployment"] + by_kind["InferenceService"]:
+        spec = pod_spec(doc)
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for c in containers(doc):
+            for mount in c.get("volumeMounts", []):
+                assert mount["name"] in volumes, f"{doc['kind']} mounts undeclared volume {mount['name']}"
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert probe in c, f"{doc['kind']} container has no {probe}"
+            assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+            assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+        for v in volumes.values():
+            if "configMap" in v:
+                assert v["configMap"]["name"] in configmaps, f"no ConfigMap {v['configMap']['name']}"
+    sec = deployment["spec"]["template"]["spec"]["securityContext"]
+    assert sec["runAsNonRoot"] is True and sec["runAsUser"] != 0
+
+
+def test_every_port_is_the_one_the_server_listens_on() -> None:
+    seen = []
+    for path, doc in k8s_objects():
+        for k, v in walk(doc):
+            if k in ("containerPort", "prometheus.io/port") or (k == "port" and isinstance(v, (int, str)) and str(v).isdigit()):
+                seen.append((path.name, k, int(v)))
+    instructions = dockerfile_instructions()
+    seen.append(("Dockerfile", "EXPOSE", int(one(instructions, "EXPOSE"))))
+    seen += [("Dockerfile", "HEALTHCHECK", int(p)) for p in re.findall(r"127\.0\.0\.1:(\d+)", one(instructions, "HEALTHCHECK"))]
+    entry = json.loads(one(instructions, "ENTRYPOINT"))
+    seen.append(("Dockerfile", "ENTRYPOINT", int(entry[entry.index("--port") + 1])))
+    assert len(seen) >= 8
+    assert {p for *_, p in seen} == {PORT}, seen
+
+
+def test_dockerfile_builds_the_gpu_image_as_specified() -> None:
+    ins = dockerfile_instructions()
+    assert ins[0] == ("FROM", "python:3.11-slim")
+    runs = "\n".join(rest for k, rest in ins if k == "RUN")
+    assert "pip install --no-deps ." in runs
+    assert "onnxruntime-gpu" in runs
+    assert "grep -c '^onnxruntime'" in runs and "-eq 1" in runs, "the image must assert exactly one onnxruntime"
+    assert re.search(r"pip install -r /tmp/requirements.txt", runs)
+
+    user = one(ins, "USER").split(":")[0]
+    assert user not in ("root", "0"), "the image must run as a non-root user"
+    assert re.search(rf"useradd .*--uid {user}\b", runs), "USER must name the user the image creates"
+
+    health = one(ins, "HEALTHCHECK")
+    assert "/v2/health/ready" in health
+    entry = json.loads(one(ins, "ENTRYPOINT"))
+    assert entry[:2] == ["tandem", "serve"]
+    assert entry[entry.index("--host") + 1] == "0.0.0.0"
+    assert entry[entry.index("--repository") + 1] == "/models"
+
+    # Everything COPY'd exists and is let through by the build's ignore file.
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
+    for k, rest in ins:
+        if k == "COPY":
+            *sources, _dest = rest.split()
+            for src in sources:
+                assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
+                assert src.rstrip("/") in allowed, f"COPY {src}: excluded by Dockerfile.dockerignore"
+    # pyproject's packages must all be in the image, or `pip install .` fails inside the build.
+    copied = {rest.split()[0] for k, rest in ins if k == "COPY"}
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    for folder in set(re.findall(r'^"tandem\.[\w.]+" = "(\w+)', pyproject, re.M)):
+        assert folder in copied, f"package folder {folder}/ is not copied into the image"
+
+
+def test_runtime_requirements_are_pyproject_minus_onnxruntime() -> None:
+    out = subprocess.run(
+        [sys.executable, str(DEPLOY / "runtime_requirements.py"), str(ROOT / "pyproject.toml")],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.split()
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    ort = [d for d in deps if d.startswith("onnxruntime")]
+    assert ort and not any(o.startswith("onnxruntime") for o in out)
+    assert sorted(out + ort) == sorted(deps)
+
+
+def test_readme_explains_build_run_and_scale() -> None:
+    text = (DEPLOY / "README.md").read_text()
+    for words in ("docker build -f deploy/Dockerfile", "kubectl apply -k deploy/k8s", "prometheus-adapter", "KEDA", "KServe", "nvidia.com/gpu"):
+        assert words in text, f"deploy/README.md should cover {words!r}"
+
+
+# --- against the real server --------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`tandem serve` as the image runs it: ENTRYPOINT flags (with loopback host/port and a temp
+    repository), the Deployment's args, the image's ENV."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    from support import make_keys
+
+    private, public = make_keys(tmp / "keys")
+    make_bundle(tmp / "repo" / "toy" / "1", private, name="toy", version="1")
+    port = _free_port()
+    entry = json.loads(one(dockerfile_instructions(), "ENTRYPOINT"))
+    args = list(entry[2:])
+    args[args.index("--host") + 1] = "127.0.0.1"
+    args[args.index("--port") + 1] = str(port)
+    args[args.index("--repository") + 1] = str(tmp / "repo")
+    deployment = next(d for _, d in k8s_objects() if d["kind"] == "Deployment")
+    extra = list(containers(deployment)[0]["args"])
+    extra[extra.index("--trusted-key") + 1] = str(public)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
+    env.update(dockerfile_env(dockerfile_instructions()))
+    env["TANDEM_FEEDBACK_DB"] = str(tmp / "state" / "feedback.sqlite3")
+    env["TANDEM_INTRA_OP_THREADS"] = "1"
+    log = open(tmp / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tandem.shared.cli", "serve", *args, *extra],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"tandem serve exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-3000:]}")
+            try:
+                if _get(f"{base}/v2/health/ready")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"tandem serve not ready in 90 s:\n{(tmp / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+@needs_server
+def test_image_and_manifest_flags_are_real_serve_flags() -> None:
+    """The ENTRYPOINT plus each manifest's args parse with the real `tandem serve` parser."""
+    from tandem.cloud.cli import serve
+
+    parser = argparse.ArgumentParser()
+    serve(parser)
+    entry = json.loads(one(dockerfile_instructions(), "ENTRYPOINT"))[2:]
+    defaults = parser.parse_args(["--repository", "x"])
+    assert int(defaults.port) == PORT, "the server's default port differs from the manifests'"
+    for _, doc in k8s_objects():
+        for c in containers(doc):
+            args = parser.parse_args(entry + list(c.get("args", [])))
+            assert args.host == "0.0.0.0" and int(args.port) == PORT
+    env = dockerfile_env(dockerfile_instructions())
+    from tandem.cloud.config import ServerConfig
+
+    names = set(ServerConfig.model_fields)
+    for key in env:
+        if key.startswith("TANDEM_"):
+            assert key.removeprefix("TANDEM_").lower() in names, f"Dockerfile sets {key}, which the server does not read"
+    for _, doc in k8s_objects():
+        for c in containers(doc):
+            for e in c.get("env", []):
+                if e["name"].startswith("TANDEM_"):
+                    assert e["name"].removeprefix("TANDEM_").lower() in names, f"{doc['kind']} sets unknown {e['name']}"
+
+
+@needs_server
+def test_every_probe_path_answers_200(served: str) -> None:
+    paths = probe_paths()
+    assert {"/v2/health/ready", "/v2/health/live", "/metrics"} <= paths
+    for path in sorted(paths):
+        status, body = _get(served + path)
+        assert status == 200, f"GET {path} -> {status}: {body[:200]!r}"
+
+
+@needs_server
+def test_every_metric_the_manifests_name_is_exported(served: str) -> None:
+    names = mentioned_metrics()
+    assert "tandem_inference_pending_request_count" in names
+    # One real inference, so that per-model series have samples.
+    body = InferRequest({"input": np.zeros((1, 64), np.float32)}).to_wire()
+    req = urllib.request.Request(served + infer_path("toy"), data=body, headers={"Content-Type": CONTENT_TYPE}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 200
+    status, metrics = _get(served + "/metrics")
+    assert status == 200
+    exported = {line.split("{")[0].split(" ")[0] for line in metrics.decode().splitlines() if line and not line.startswith("#")}
+    # Histograms export name_bucket/_sum/_count; counters name_total.
+    for name in sorted(names):
+        assert name in exported or f"{name}_count" in exported or f"{name}_bucket" in exported, (
+            f"{name} is named in deploy/ but /metrics does not export it"
+        )
