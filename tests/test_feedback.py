@@ -139,11 +139,11 @@ def _bad_cases() -> list[tuple[Any, str]]:
         ([dict(ok, kind="label")], "records[0].kind: must be one of feedback, route, telemetry"),
         ([dict(ok, model="")], "records[0].model: must be a non-empty string"),
         ([dict(ok, model=7)], "records[0].model: must be a non-empty string, not int"),
-        ([dict(ok, version=1)], "records[0].version: must be a non-empty string"),
-        ([dict(ok, request_id="x" * 300)], "records[0].request_id: is 300 characters long"),
+        ([dict(ok, version=1)], "records[0].version: must be a string, not int"),
+        ([dict(ok, request_id=["r"])], "records[0].request_id: must be a string, not list"),
         ([dict(ok, created_at="yesterday")], "records[0].created_at: must be unix seconds"),
         ([dict(ok, created_at=True)], "records[0].created_at: must be unix seconds"),
-        ([dict(ok, created_at=-5)], "records[0].created_at: must be unix seconds"),
+        ([dict(ok, created_at=float("inf"))], "records[0].created_at: must be unix seconds"),
         ([dict(ok, payload=[1, 2])], "records[0].payload: must be a map, not list"),
         ([dict(ok, colour="red")], "records[0].colour: unknown field"),
         ([ok, _record(1), "oops"], "records[2] must be a map, not str"),
@@ -220,3 +220,25 @@ def test_unusable_database_path_fails_at_start(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(Exception):
         FeedbackStore(tmp_path / "file" / "feedback.sqlite")
+
+
+async def test_everything_an_edge_outbox_accepts_the_cloud_stores(served) -> None:
+    """A record the device queued but the cloud refuses would block the device's upload queue for
+    good, so the cloud accepts at least what the agent's outbox accepts."""
+    from tandem.edge.agent.outbox import validate_record
+
+    client, _ = served
+    edge_cases = [
+        {"kind": "feedback", "model": "toy", "label": 3},
+        {"kind": "route", "model": "toy", "version": "", "request_id": "", "created_at": -1.5},
+        {"kind": "telemetry", "model": "m" * 1000, "request_id": "r" * 5000, "payload": {"nan": float("nan"), "inf": float("inf")}},
+        {"kind": "feedback", "model": "toy", "id": str(uuid.uuid4()).upper(), "label": {"nested": [1, None, True, "x"]}},
+        {"kind": "feedback", "model": "toy", "created_at": 0, "payload": {}},
+    ]
+    queued = [validate_record(r) for r in edge_cases]
+    # The agent uploads with aiohttp's json= (json.dumps defaults), as here.
+    assert await _post(client, queued) == {"accepted": len(queued), "duplicates": 0}
+    assert await _post(client, queued) == {"accepted": 0, "duplicates": len(queued)}
+    stored = await _list_all(client, limit=100)
+    assert [r["request_id"] for r in stored][:2] == [None, ""]
+    assert stored[2]["payload"]["inf"] == float("inf")
