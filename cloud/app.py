@@ -1,0 +1,227 @@
+"""The cloud server as an aiohttp application: ``create_app(ServerConfig) -> web.Application``.
+
+Routes: the native msgpack protocol (:mod:`.native`), Open Inference Protocol v2 (:mod:`.v2`),
+``/metrics`` (Prometheus), the device registry and the feedback store. One middleware does, per
+request and in this order: request id, API-key auth (everything but ``/v2/health/live``), error
+mapping (any :class:`TandemError` -> its status with ``{"error", "code"}``, msgpack on native
+routes, JSON elsewhere; 503/429 with ``Retry-After``) and a JSON access-log line. Body size is
+limited by ``max_body_bytes`` (after gzip/deflate decoding, which aiohttp does for us).
+
+Start-up loads and warms every model before ``/v2/health/ready`` answers 200; shutdown stops
+accepting, answers everything already accepted, then releases the sessions.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from tandem.shared import protocol as p
+from tandem.shared.errors import (
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    TandemError,
+    Unauthorized,
+)
+from tandem.shared.tensors import packb
+
+from .config import ServerConfig
+from .inference import Inference
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .native import NativeAPI
+from .repository import ModelRepository
+from .v2 import V2API
+
+__all__ = ["create_app", "ServerState", "STATE"]
+
+_log = logging.getLogger("tandem.cloud")
+_access = logging.getLogger("tandem.cloud.access")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class ServerState:
+    """Everything one server instance holds; ``app[STATE]``."""
+
+    config: ServerConfig
+    metrics: Metrics
+    repository: ModelRepository
+    inference: Inference
+    ready: bool = False
+    extras: list[Any] = field(default_factory=list)  # registry, feedback store
+
+
+STATE = web.AppKey("tandem_state", ServerState)
+
+
+def _is_native(path: str) -> bool:
+    return path.startswith("/v1/models/")
+
+
+def _error_response(request: web.Request, error: TandemError, state: ServerState) -> web.Response:
+    headers = state.inference.error_headers(request.get("tandem_model"))
+    if isinstance(error, Overloaded) or error.status in (429, 503):
+        retry = getattr(error, "retry_after", 1.0)
+        headers[p.HEADER_RETRY_AFTER] = str(max(1, math.ceil(retry)))
+    body = error.to_dict()
+    if _is_native(request.path):
+        return web.Response(status=error.status, body=packb(body), headers={**headers, "Content-Type": p.CONTENT_TYPE})
+    return web.Response(
+        status=error.status, body=json.dumps(body).encode(), headers={**headers, "Content-Type": "application/json"}
+    )
+
+
+def _from_http_exception(e: web.HTTPException) -> TandemError:
+    if isinstance(e, web.HTTPRequestEntityTooLarge):
+        return PayloadTooLarge(f"request body too large: {e.text or e.reason}")
+    if isinstance(e, web.HTTPNotFound):
+        return NotFound("no such route")
+    if isinstance(e, web.HTTPMethodNotAllowed):
+        err = InvalidInput(f"method {e.method} not allowed here; allowed: {', '.join(sorted(e.allowed_methods))}")
+        err.status = 405
+        return err
+    err = TandemError(e.reason or "HTTP error")
+    err.status = e.status
+    err.code = "http_error"
+    return err
+
+
+def _middleware(state: ServerState) -> Any:
+    keys = [k.encode() for k in state.config.api_keys]
+    log_access = state.config.access_log
+
+    def authorized(request: web.Request) -> bool:
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer "):
+            return False
+        given = auth[7:].strip().encode()
+        return any(hmac.compare_digest(given, k) for k in keys)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        rid = request.headers.get(p.HEADER_REQUEST_ID) or uuid.uuid4().hex
+        request["request_id"] = rid
+        try:
+            if keys and request.path != "/v2/health/live" and not authorized(request):
+                raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+            response = await handler(request)
+        except TandemError as e:
+            response = _error_response(request, e, state)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            response = _error_response(request, _from_http_exception(e), state)
+        except (ValueError, TypeError, KeyError) as e:
+            # aiohttp raises these for malformed framing it detects late (e.g. a bad content-length).
+            response = _error_response(request, InvalidInput(f"malformed request: {e}"), state)
+        except Exception as e:  # noqa: BLE001 - one broken request must not take the server down
+            _log.exception("unhandled error on %s %s", request.method, request.path)
+            response = _error_response(request, TandemError(f"internal error: {type(e).__name__}"), state)
+        response.headers[p.HEADER_REQUEST_ID] = rid
+        if log_access and _access.isEnabledFor(logging.INFO):
+            served = request.get("tandem_model")
+            _access.info(
+                json.dumps(
+                    {
+                        "request_id": rid,
+                        "method": request.method,
+                        "path": request.path,
+                        "status": response.status,
+                        "ms": round((time.perf_counter() - start) * 1e3, 3),
+                        "model": served.name if served else None,
+                        "version": served.version if served else None,
+                        "remote": request.remote,
+                    },
+                    separators=(",", ":"),
+                )
+            )
+        return response
+
+    return middleware
+
+
+def _attach_extras(app: web.Application, state: ServerState) -> None:
+    config = state.config
+    try:
+        from .registry import Registry
+    except ImportError:  # the registry lands separately; serving works without it
+        _log.warning("device registry not available in this build")
+    else:
+        registry = Registry(config.repository)
+        registry.add_routes(app)
+        state.extras.append(registry)
+    try:
+        from .feedback import FeedbackStore
+    except ImportError:
+        _log.warning("feedback store not available in this build")
+    else:
+        store = FeedbackStore(config.feedback_path())
+        store.add_routes(app)
+        state.extras.append(store)
+
+
+def create_app(config: ServerConfig) -> web.Application:
+    """The server application. Models load (and warm up) when the app starts, not here."""
+    metrics = Metrics()
+    repository = ModelRepository(config, metrics)
+    inference = Inference(repository, config)
+    state = ServerState(config, metrics, repository, inference)
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_middleware(state)])
+    app[STATE] = state
+
+    NativeAPI(inference).add_routes(app)
+    V2API(inference, repository, lambda: state.ready).add_routes(app)
+
+    async def metrics_handler(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/metrics", metrics_handler)
+    _attach_extras(app, state)
+
+    async def on_startup(app: web.Application) -> None:
+        await repository.start()
+        state.ready = True
+        for m in repository.loaded():
+            _log.info("serving %s:%s on %s (x%d)", m.name, m.version, ",".join(m.engine.providers), m.engine.instances)
+
+    async def on_shutdown(app: web.Application) -> None:
+        state.ready = False
+
+    async def on_cleanup(app: web.Application) -> None:
+        state.ready = False
+        await repository.close(config.shutdown_timeout_s)
+        for extra in state.extras:
+            close = getattr(extra, "close", None)
+            if close is not None:
+                result = close()
+                if hasattr(result, "__await__"):
+                    await result
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+def describe_models(app: web.Application) -> list[str]:
+    """One line per loaded model version: name, version, providers really in use, instances."""
+    state = app[STATE]
+    return [
+        f"{m.name}:{m.version}  providers={','.join(m.engine.providers)}  instances={m.engine.instances}"
+        f"  intra_op_threads={m.engine.intra_op_threads}  warm-up={m.warmup_s:.2f}s"
+        for m in state.repository.loaded()
+    ]
+

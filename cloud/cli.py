@@ -1,0 +1,79 @@
+"""``tandem serve``: run the cloud server until SIGTERM/SIGINT, then drain and exit 0.
+
+Cheap to import: aiohttp, onnxruntime and the server modules are imported inside ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["serve"]
+
+
+def serve(parser: argparse.ArgumentParser) -> None:
+    """Serve a repository of bundles over HTTP (native msgpack + Open Inference Protocol v2)."""
+    parser.add_argument("--repository", required=False, help="model repository: REPO/<model>/<version>/ bundles")
+    parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    parser.add_argument("--trusted-key", action="append", dest="trusted_keys", metavar="PUB.pem", help="public key that may sign bundles (repeatable)")
+    parser.add_argument("--insecure-skip-signature", action="store_true", default=None, help="load bundles without checking signatures (hashes are still checked)")
+    parser.add_argument("--config", default=None, help="config file (.toml, .yaml, .json); flags and TANDEM_* env override it")
+    parser.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="accepted bearer token (repeatable); none = no auth")
+    parser.add_argument("--instances", type=int, default=None, help="onnxruntime sessions per model version")
+    parser.add_argument("--providers", default=None, help="ordered execution providers, comma separated")
+    parser.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .config import load_config
+
+    config = load_config(
+        args.config,
+        repository=args.repository,
+        host=args.host,
+        port=args.port,
+        trusted_keys=args.trusted_keys,
+        insecure_skip_signature=args.insecure_skip_signature,
+        api_keys=args.api_keys,
+        instances=args.instances,
+        providers=[s.strip() for s in args.providers.split(",") if s.strip()] if args.providers else None,
+    )
+    if not config.insecure_skip_signature and not config.trusted_keys:
+        from tandem.shared.errors import InvalidInput
+
+        raise InvalidInput("give --trusted-key PUB.pem (or --insecure-skip-signature to load unsigned bundles knowingly)")
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config) -> int:  # type: ignore[no-untyped-def]
+    import asyncio
+    import signal
+
+    from aiohttp import web
+
+    from .app import create_app, describe_models
+
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_timeout_s, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, backlog=1024)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    port = runner.addresses[0][1] if runner.addresses else config.port
+    for line in describe_models(app):
+        print(f"  {line}", flush=True)
+    print(f"ready http://{host}:{port}", flush=True)
+    await stop.wait()
+    print("draining: no new connections; answering accepted requests", file=sys.stderr, flush=True)
+    # cleanup(): stop listening, wait for in-flight handlers (shutdown_timeout), then on_cleanup
+    # drains every batcher and releases the sessions.
+    await runner.cleanup()
+    print("stopped", file=sys.stderr, flush=True)
+    return 0

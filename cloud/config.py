@@ -1,0 +1,165 @@
+"""Server configuration: one pydantic-settings model, from code, a file (TOML/YAML/JSON) or ``TANDEM_*``.
+
+Precedence (highest first): keyword arguments / CLI flags, environment (``TANDEM_PORT=9000``,
+nested with ``__``: ``TANDEM_BATCHING__MAX_BATCH_SIZE=16``), the config file, defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
+
+from tandem.shared.errors import InvalidInput
+
+__all__ = ["BatchingConfig", "ServerConfig", "load_config"]
+
+
+class BatchingConfig(BaseModel):
+    """The dynamic batcher of one model (Triton's ``dynamic_batching`` in spirit)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Largest batch (rows) run at once; 1 disables batching.
+    max_batch_size: int = Field(32, ge=1)
+    #: How long the oldest request may wait for a batch to fill. 0: run whatever is queued at once.
+    max_queue_delay_us: int = Field(0, ge=0)
+    #: Batch sizes worth waiting for (within max_queue_delay_us) when one is nearly reached.
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    #: Requests waiting beyond this are refused at once with 503 + Retry-After.
+    max_queue_size: int = Field(1024, ge=1)
+    #: Deadline applied to requests that give none (a request may lower it, never raise it).
+    default_timeout_ms: float | None = Field(None, gt=0)
+    #: Priority levels 1..N, 1 served first; requests without a priority get default_priority_level.
+    priority_levels: int = Field(1, ge=1)
+    default_priority_level: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "BatchingConfig":
+        if self.default_priority_level is None:
+            self.default_priority_level = self.priority_levels
+        if not 1 <= self.default_priority_level <= self.priority_levels:
+            raise ValueError("default_priority_level must be within 1..priority_levels")
+        if any(s < 1 or s > self.max_batch_size for s in self.preferred_batch_sizes):
+            raise ValueError("preferred_batch_sizes must lie within 1..max_batch_size")
+        return self
+
+
+class ServerConfig(BaseSettings):
+    """Everything ``tandem serve`` can be told. See the module docstring for sources."""
+
+    model_config = SettingsConfigDict(env_prefix="TANDEM_", env_nested_delimiter="__", extra="forbid")
+
+    repository: Path
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    trusted_keys: list[Path] = Field(default_factory=list)
+    #: Load bundles without checking their signature (hashes are still checked). Development only.
+    insecure_skip_signature: bool = False
+    #: Bearer tokens accepted; empty = no auth.
+    api_keys: list[str] = Field(default_factory=list)
+    #: Ordered execution providers; those this onnxruntime build lacks are skipped (and logged).
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    #: Sessions per model version, each pulling batches from the model's queue.
+    instances: int = Field(1, ge=1)
+    #: onnxruntime intra-op threads per session; default: cores // instances (at least 1).
+    intra_op_threads: int | None = Field(None, ge=1)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    #: Per-model overrides of ``batching`` (keys: model names).
+    model_batching: dict[str, BatchingConfig] = Field(default_factory=dict)
+    #: Batch sizes each model runs once before the server reports ready (clipped to max_batch_size).
+    warmup_batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    #: Largest request body accepted (after decompression), bytes.
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    #: Entries in the response cache (0 = off), keyed by model, version, outputs and input bytes.
+    response_cache_size: int = Field(0, ge=0)
+    #: Weighted split between versions of a model for requests naming no version:
+    #: ``{"toy": {"1": 95, "2": 5}}``.
+    canary: dict[str, dict[str, float]] = Field(default_factory=dict)
+    #: Price of one call advertised in X-Tandem-Cost (None: header not sent).
+    cost_per_call: float | None = Field(None, ge=0)
+    #: SQLite file of the feedback store; default <repository>/.feedback.sqlite3.
+    feedback_db: Path | None = None
+    #: Seconds a graceful shutdown waits for accepted requests.
+    shutdown_timeout_s: float = Field(30.0, gt=0)
+    access_log: bool = True
+
+    @field_validator("canary")
+    @classmethod
+    def _weights(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        for model, split in v.items():
+            if not split or any(w < 0 for w in split.values()) or sum(split.values()) <= 0:
+                raise ValueError(f"canary split for {model!r} needs non-negative weights with a positive sum")
+        return v
+
+    def batching_for(self, model: str) -> BatchingConfig:
+        return self.model_batching.get(model, self.batching)
+
+    def threads_per_session(self) -> int:
+        if self.intra_op_threads is not None:
+            return self.intra_op_threads
+        return max(1, (os.cpu_count() or 1) // self.instances)
+
+    def feedback_path(self) -> Path:
+        return self.feedback_db if self.feedback_db is not None else Path(self.repository) / ".feedback.sqlite3"
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise InvalidInput(f"cannot read config file {path}: {e}") from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            doc = tomllib.loads(text.decode())
+        elif suffix in (".yaml", ".yml"):
+            import yaml  # only needed for YAML files
+
+            doc = yaml.safe_load(text)
+        elif suffix == ".json":
+            doc = json.loads(text)
+        else:
+            raise InvalidInput(f"config file {path} must end in .toml, .yaml, .yml or .json")
+    except InvalidInput:
+        raise
+    except Exception as e:  # each parser has its own error types
+        raise InvalidInput(f"config file {path} does not parse: {e}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise InvalidInput(f"config file {path} must hold a mapping at the top level")
+    return doc
+
+
+def load_config(file: str | os.PathLike[str] | None = None, **overrides: Any) -> ServerConfig:
+    """A ServerConfig from an optional file, the environment and explicit overrides (highest).
+
+    ``overrides`` whose value is None are ignored, so CLI flags left unset fall through.
+    """
+    doc = _read_file(Path(file)) if file is not None else {}
+    init = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return (_file_settings(doc) if doc else ServerConfig)(**init)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise InvalidInput(f"invalid server configuration at {loc or '(root)'}: {first['msg']}") from None
+
+
+def _file_settings(doc: dict[str, Any]) -> type[ServerConfig]:
+    """A ServerConfig whose sources are: init kwargs, then the environment, then the file."""
+
+    class FileServerConfig(ServerConfig):
+        @classmethod
+        def settings_customise_sources(  # type: ignore[override]
+            cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+        ):
+            return (init_settings, env_settings, InitSettingsSource(settings_cls, doc))
+
+    return FileServerConfig

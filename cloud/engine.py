@@ -1,0 +1,177 @@
+"""ONNX Runtime sessions for one model version: providers, thread counts, instances, warm-up.
+
+A :class:`ModelEngine` holds N sessions (instances) of the same ONNX file. Each session is used by
+one batcher worker at a time, so sessions never contend. Thread counts are set explicitly:
+``intra_op_num_threads`` per session (the config chooses cores // instances) and
+``inter_op_num_threads=1``, so N instances together use about the machine's cores and leave the
+event loop room. Everything here is blocking; callers run it in an executor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tandem.shared.errors import InferenceFailed, InvalidInput, TensorCodecError
+from tandem.shared.tensors import ONNX_TYPE_TO_DATATYPE, dtype_of
+
+__all__ = ["TensorInfo", "ModelEngine", "resolve_providers"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    name: str
+    datatype: str
+    #: ints for fixed dims, None for symbolic/unknown ones (reported as -1)
+    shape: tuple[int | None, ...]
+
+    @property
+    def wire_shape(self) -> list[int]:
+        return [-1 if d is None else d for d in self.shape]
+
+
+def resolve_providers(requested: Sequence[str]) -> list[str]:
+    """The requested providers this onnxruntime build has, in order; CPU is always last resort."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    chosen = [p for p in requested if p in available]
+    missing = [p for p in requested if p not in available]
+    if missing:
+        _log.warning("execution providers not available in this onnxruntime build, skipped: %s", ", ".join(missing))
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def _info(arg) -> TensorInfo:  # type: ignore[no-untyped-def]
+    datatype = ONNX_TYPE_TO_DATATYPE.get(arg.type)
+    if datatype is None:
+        raise InvalidInput(f"tensor {arg.name!r} has type {arg.type}, which Tandem cannot serve")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (arg.shape or []))
+    return TensorInfo(arg.name, datatype, shape)
+
+
+class ModelEngine:
+    """N onnxruntime sessions of one ONNX file plus its input/output signature."""
+
+    def __init__(
+        self,
+        onnx_path: Path,
+        *,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        instances: int = 1,
+        intra_op_threads: int = 1,
+    ) -> None:
+        import onnxruntime as ort
+
+        wanted = resolve_providers(providers)
+        self.sessions = []
+        for _ in range(instances):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = intra_op_threads
+            so.inter_op_num_threads = 1
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # Spinning worker threads burn the cores the event loop and other instances need.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            try:
+                sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=wanted)
+            except Exception as e:  # onnxruntime raises its own exception types
+                raise InferenceFailed(f"onnxruntime cannot load {onnx_path.name}: {e}") from None
+            self.sessions.append(sess)
+        first = self.sessions[0]
+        #: What onnxruntime really uses (never what was merely asked for).
+        self.providers: list[str] = list(first.get_providers())
+        self.intra_op_threads = intra_op_threads
+        self.inputs = [_info(a) for a in first.get_inputs()]
+        self.outputs = [_info(a) for a in first.get_outputs()]
+        self.input_by_name = {t.name: t for t in self.inputs}
+        self.output_names = [t.name for t in self.outputs]
+        self._dtypes = {t.name: dtype_of(t.datatype) for t in self.inputs}
+        #: Batchable when every input and output has a variable leading dimension.
+        self.batchable = all(t.shape and t.shape[0] is None for t in self.inputs + self.outputs)
+
+    @property
+    def instances(self) -> int:
+        return len(self.sessions)
+
+    def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> int:
+        """Validate names, datatypes and shapes against the model; returns the batch rows (1 if unbatched)."""
+        if len(inputs) != len(self.inputs) or any(name not in self.input_by_name for name in inputs):
+            want = ", ".join(t.name for t in self.inputs)
+            got = ", ".join(inputs) or "none"
+            raise InvalidInput(f"model inputs are [{want}]; the request has [{got}]")
+        rows = None
+        for name, arr in inputs.items():
+            spec = self.input_by_name[name]
+            if arr.dtype != self._dtypes[name]:
+                raise TensorCodecError(f"input {name!r} must be {spec.datatype}, got {_datatype_name(arr)}")
+            if arr.ndim != len(spec.shape) or any(
+                want is not None and want != got for want, got in zip(spec.shape, arr.shape)
+            ):
+                raise InvalidInput(f"input {name!r} must have shape {spec.wire_shape}, got {list(arr.shape)}")
+            if self.batchable:
+                if rows is None:
+                    rows = arr.shape[0]
+                elif arr.shape[0] != rows:
+                    raise InvalidInput("all inputs must have the same batch (first) dimension")
+        if self.batchable and rows == 0:
+            raise InvalidInput("the batch dimension must be at least 1")
+        return rows if self.batchable and rows is not None else 1
+
+    def run(self, instance: int, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run one (batched) call on session ``instance``. Blocking."""
+        names = list(outputs) if outputs is not None else self.output_names
+        try:
+            result = self.sessions[instance].run(names, dict(feeds))
+        except Exception as e:  # onnxruntime's errors are not a public hierarchy
+            raise InferenceFailed(f"inference failed: {e}") from None
+        return dict(zip(names, result))
+
+    def example_inputs(self, rows: int, samples: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Inputs of ``rows`` rows for warm-up: the bundle's samples when they fit, else zeros."""
+        feeds = {}
+        for t in self.inputs:
+            dtype = self._dtypes[t.name]
+            sample = samples.get(t.name) if samples else None
+            if sample is not None and sample.dtype == dtype and sample.ndim == len(t.shape) and len(sample):
+                base = sample
+            else:
+                base = np.zeros([1 if d is None else d for d in t.shape], dtype=dtype)
+                if dtype.kind == "O":
+                    base[...] = b""
+            if self.batchable:
+                reps = -(-rows // len(base))
+                base = np.concatenate([base] * reps)[:rows]
+            feeds[t.name] = np.ascontiguousarray(base)
+        return feeds
+
+    def warm_up(self, batch_sizes: Sequence[int], samples: Mapping[str, np.ndarray] | None = None) -> float:
+        """Run every instance once per batch size so no request pays for first-run allocations.
+
+        Returns the seconds spent. A model that fails here is not served.
+        """
+        start = time.perf_counter()
+        sizes = sorted(set(batch_sizes)) if self.batchable else [1]
+        for size in sizes:
+            feeds = self.example_inputs(size, samples)
+            for i in range(self.instances):
+                self.run(i, feeds)
+        return time.perf_counter() - start
+
+
+def _datatype_name(arr: np.ndarray) -> str:
+    from tandem.shared.tensors import datatype_of
+
+    try:
+        return datatype_of(arr.dtype)
+    except TensorCodecError:
+        return str(arr.dtype)

@@ -1,0 +1,119 @@
+"""The inference path both protocols share: resolve the version, check inputs, cache, batch, time.
+
+Protocol handlers decode their wire format into ``{name: ndarray}``, call :meth:`Inference.infer`
+and encode the :class:`Outcome`; everything else (validation against the model, priorities,
+deadlines, the response cache, metrics, the X-Tandem-* timing headers) lives here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tandem.shared import protocol as p
+from tandem.shared.errors import InvalidInput, TandemError
+
+from .cache import ResponseCache
+from .config import ServerConfig
+from .repository import ModelRepository, ServedModel
+
+__all__ = ["Outcome", "Inference"]
+
+
+@dataclass(slots=True)
+class Outcome:
+    model: ServedModel
+    outputs: dict[str, np.ndarray]
+    queue_us: float
+    compute_us: float
+    batch_size: int
+    cached: bool = False
+
+
+class Inference:
+    def __init__(self, repository: ModelRepository, config: ServerConfig) -> None:
+        self.repository = repository
+        self._cost = repr(config.cost_per_call) if config.cost_per_call is not None else None
+        self._cache = ResponseCache(config.response_cache_size) if config.response_cache_size else None
+
+    def resolve(self, name: str, version: str | None) -> ServedModel:
+        return self.repository.get(name, version)
+
+    async def infer(
+        self,
+        served: ServedModel,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Sequence[str] | None = None,
+        priority: int = 0,
+        timeout_s: float | None = None,
+    ) -> Outcome:
+        """Run one request through the model's batcher (or the cache). Counts success/failure."""
+        try:
+            rows = served.engine.check_inputs(inputs)
+            if outputs is not None:
+                unknown = [o for o in outputs if o not in served.engine.output_names]
+                if unknown:
+                    raise InvalidInput(
+                        f"unknown output(s) {', '.join(map(repr, unknown))}; the model has {', '.join(served.engine.output_names)}"
+                    )
+            key = None
+            if self._cache is not None:
+                key = self._cache.key(served.name, served.version, inputs, outputs)
+                hit = self._cache.get(key)
+                if hit is not None:
+                    served.metrics.cache_hit()
+                    return Outcome(served, hit, 0.0, 0.0, 0, cached=True)
+            result = await served.batcher.submit(inputs, rows, priority=priority, timeout_s=timeout_s)
+        except TandemError as e:
+            served.metrics.failure(e.code)
+            raise
+        out = result.outputs
+        if outputs is not None:
+            out = {name: out[name] for name in outputs}
+        if key is not None and self._cache is not None:
+            self._cache.put(key, out)
+        served.metrics.success()
+        return Outcome(served, out, result.queue_us, result.compute_us, result.batch_size)
+
+    def headers(self, outcome: Outcome) -> dict[str, str]:
+        """The X-Tandem-* server-timing headers of a successful response."""
+        served = outcome.model
+        h = {
+            p.HEADER_QUEUE_US: f"{outcome.queue_us:.0f}",
+            p.HEADER_COMPUTE_US: f"{outcome.compute_us:.0f}",
+            p.HEADER_BATCH_SIZE: str(outcome.batch_size),
+            p.HEADER_QUEUE_DEPTH: str(served.batcher.depth),
+            p.HEADER_MODEL_VERSION: served.version,
+        }
+        if outcome.cached:
+            h["X-Tandem-Cache"] = "hit"
+        if self._cost is not None:
+            h[p.HEADER_COST] = self._cost
+        return h
+
+    def error_headers(self, served: ServedModel | None) -> dict[str, str]:
+        """What is known about the model's state when a request failed."""
+        if served is None:
+            return {}
+        return {p.HEADER_QUEUE_DEPTH: str(served.batcher.depth), p.HEADER_MODEL_VERSION: served.version}
+
+
+def deadline_seconds(header_ms: str | None, body_ms: float | None) -> float | None:
+    """The tighter of the X-Tandem-Deadline-Ms header and the body's deadline_ms, in seconds."""
+    values = []
+    if header_ms is not None:
+        try:
+            values.append(float(header_ms))
+        except ValueError:
+            raise InvalidInput(f"{p.HEADER_DEADLINE_MS} must be a number of milliseconds, got {header_ms!r}") from None
+    if body_ms is not None:
+        values.append(float(body_ms))
+    if not values:
+        return None
+    ms = min(values)
+    if ms != ms:  # NaN
+        raise InvalidInput("deadline must be a number of milliseconds")
+    return ms / 1000

@@ -1,0 +1,109 @@
+"""Prometheus metrics with Triton-like meaning (names fixed by the contract, labels model/version).
+
+``tandem_inference_count_total / tandem_inference_exec_count_total`` is the mean batch size, as
+``nv_inference_count / nv_inference_exec_count`` is in Triton. Each app has its own registry so that
+several servers can live in one process (tests) without clashing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .batcher import BatchObserver
+
+__all__ = ["Metrics", "ModelMetrics", "CONTENT_TYPE_LATEST"]
+
+_LABELS = ("model", "version")
+_US_BUCKETS = (50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1e6, 2.5e6, 5e6)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    """All of one server's metrics, in its own registry."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.success = Counter("tandem_inference_request_success", "Inference requests answered with outputs", _LABELS, registry=r)
+        self.failure = Counter(
+            "tandem_inference_request_failure", "Inference requests that failed, by reason", (*_LABELS, "reason"), registry=r
+        )
+        self.count = Counter("tandem_inference_count", "Inferences performed (rows; a batch of 8 counts 8)", _LABELS, registry=r)
+        self.exec_count = Counter("tandem_inference_exec_count", "Model executions (batches)", _LABELS, registry=r)
+        self.queue_us = Histogram(
+            "tandem_inference_queue_duration_us", "Time a request waited in the queue (us)", _LABELS, buckets=_US_BUCKETS, registry=r
+        )
+        self.compute_us = Histogram(
+            "tandem_inference_compute_infer_duration_us", "Time one batch spent in the model (us)", _LABELS, buckets=_US_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "tandem_inference_batch_size", "Rows per executed batch", _LABELS, buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.pending = Gauge(
+            "tandem_inference_pending_request_count", "Requests accepted and not yet answered", _LABELS, registry=r
+        )
+        self.instances = Gauge(
+            "tandem_model_instances", "Sessions serving the model, by execution provider in use", (*_LABELS, "provider"), registry=r
+        )
+        self.cache_hits = Counter("tandem_response_cache_hits", "Requests answered from the response cache", _LABELS, registry=r)
+
+    def for_model(self, model: str, version: str) -> "ModelMetrics":
+        return ModelMetrics(self, model, version)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class ModelMetrics(BatchObserver):
+    """The metric children of one model version, looked up once (the hot path only increments)."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self._m = metrics
+        self.labels = (model, version)
+        self._success = metrics.success.labels(model, version)
+        self._count = metrics.count.labels(model, version)
+        self._exec = metrics.exec_count.labels(model, version)
+        self._queue = metrics.queue_us.labels(model, version)
+        self._compute = metrics.compute_us.labels(model, version)
+        self._batch = metrics.batch_size.labels(model, version)
+        self._cache = metrics.cache_hits.labels(model, version)
+        self._providers: list[str] = []
+
+    def attach(self, pending: Callable[[], float], providers: Sequence[str], instances: int) -> None:
+        """Publish the live pending count and the instances per provider really in use."""
+        self._m.pending.labels(*self.labels).set_function(pending)
+        self._providers = list(providers)
+        # A session lists its providers in preference order; the first is the one doing the work.
+        self._m.instances.labels(*self.labels, providers[0] if providers else "unknown").set(instances)
+
+    def detach(self) -> None:
+        """Remove the gauges of an unloaded version (counters keep their history)."""
+        for provider in self._providers[:1]:
+            try:
+                self._m.instances.remove(*self.labels, provider)
+            except KeyError:
+                pass
+        try:
+            self._m.pending.remove(*self.labels)
+        except KeyError:
+            pass
+
+    def success(self) -> None:
+        self._success.inc()
+
+    def failure(self, reason: str) -> None:
+        self._m.failure.labels(*self.labels, reason).inc()
+
+    def cache_hit(self) -> None:
+        self._cache.inc()
+        self._success.inc()
+
+    def on_batch(self, rows: int, requests: int, compute_us: float, queue_us: Sequence[float]) -> None:
+        self._count.inc(rows)
+        self._exec.inc()
+        self._compute.observe(compute_us)
+        self._batch.observe(rows)
+        for q in queue_us:
+            self._queue.observe(q)

@@ -1,0 +1,135 @@
+"""Open Inference Protocol v2 (REST) handlers, complete enough for an unmodified ``tritonclient.http``.
+
+Health, server and model metadata, model config, infer (JSON tensors and the binary tensor
+extension, via :mod:`tandem.shared.v2`) and the model repository extension (index, load, unload).
+Errors are JSON ``{"error": ..., "code": ...}`` with the right status (the app's middleware).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from tandem.shared import __version__
+from tandem.shared import protocol as p
+from tandem.shared import v2
+from tandem.shared.errors import InvalidInput, TandemError, Unavailable
+
+from .inference import Inference, deadline_seconds
+from .repository import ModelRepository
+
+__all__ = ["V2API"]
+
+_EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "schedule_policy"]
+_COMPRESS_MIN_BYTES = 4096  # below this, compressing costs more time than it saves
+
+
+def _json(doc: Any, status: int = 200) -> web.Response:
+    return web.Response(body=json.dumps(doc).encode(), status=status, content_type="application/json")
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"request body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return doc
+
+
+class V2API:
+    def __init__(self, inference: Inference, repository: ModelRepository, is_ready: Any) -> None:
+        self._inference = inference
+        self._repo = repository
+        self._is_ready = is_ready
+
+    def add_routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get("/v2/health/live", self.live)
+        r.add_get("/v2/health/ready", self.ready)
+        r.add_get("/v2", self.server_metadata)
+        for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            r.add_get(base, self.model_metadata)
+            r.add_get(base + "/ready", self.model_ready)
+            r.add_get(base + "/config", self.model_config)
+            r.add_post(base + "/infer", self.infer)
+        r.add_post("/v2/repository/index", self.repository_index)
+        r.add_post("/v2/repository/models/{model}/load", self.load)
+        r.add_post("/v2/repository/models/{model}/unload", self.unload)
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if not self._is_ready():
+            raise Unavailable("server is not ready")
+        return web.Response(status=200)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return _json({"name": "tandem", "version": __version__, "extensions": _EXTENSIONS})
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        name, version = request.match_info["model"], request.match_info.get("version")
+        served = self._repo.get(name, version)
+        versions = [version] if version else self._repo.versions(name)
+        return _json(served.metadata(versions))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        self._repo.get(request.match_info["model"], request.match_info.get("version"))
+        return web.Response(status=200)
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        return _json(self._repo.get(request.match_info["model"], request.match_info.get("version")).model_config())
+
+    async def infer(self, request: web.Request) -> web.Response:
+        inference = self._inference
+        served = inference.resolve(request.match_info["model"], request.match_info.get("version"))
+        request["tandem_model"] = served
+        try:
+            req = v2.parse_infer_request(await request.read(), request.headers.get(v2.HEADER_LENGTH))
+            outputs = [o.name for o in req.outputs] if req.outputs is not None else None
+            timeout_us = req.timeout_us()
+            timeout_s = deadline_seconds(
+                request.headers.get(p.HEADER_DEADLINE_MS), timeout_us / 1000 if timeout_us is not None else None
+            )
+            priority = req.priority()
+        except TandemError as e:
+            served.metrics.failure(e.code)
+            raise
+        outcome = await inference.infer(served, req.inputs, outputs=outputs, priority=priority, timeout_s=timeout_s)
+        body, headers = v2.encode_infer_response(
+            served.name, served.version, outcome.outputs, request=req, id=req.id
+        )
+        headers.update(inference.headers(outcome))
+        response = web.Response(body=body, headers=headers)
+        if len(body) >= _COMPRESS_MIN_BYTES and request.headers.get("Accept-Encoding"):
+            response.enable_compression()
+        return response
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        doc = await _json_body(request)
+        rows = self._repo.index()
+        if doc.get("ready") is True:
+            rows = [r for r in rows if r["state"] == "READY"]
+        return _json(rows)
+
+    async def load(self, request: web.Request) -> web.Response:
+        doc = await _json_body(request)
+        params = doc.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidInput("'parameters' must be an object")
+        if any(k == "config" or k.startswith("file:") for k in params):
+            raise InvalidInput("load overrides (config, file:) are not supported: put the bundle in the repository")
+        await self._repo.load(request.match_info["model"])
+        return web.Response(status=200)
+
+    async def unload(self, request: web.Request) -> web.Response:
+        await _json_body(request)
+        await self._repo.unload(request.match_info["model"])
+        return web.Response(status=200)
