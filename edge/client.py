@@ -206,6 +206,8 @@ class HybridClient:
 
     def _edge_result(self, outs: list[np.ndarray], d: Decision, t0: float, conf: float | None = None) -> Result:
         route = Route("edge", d.reason, d.policy, (_perf() - t0) * 1000.0, 0.0, conf, [], d.estimates)
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("route %s", route)
         return Result(dict(zip(self._out_names, outs)), route)
 
     def _kept(self, outs: list[np.ndarray], conf: float, d: Decision, t0: float) -> Result:
@@ -275,17 +277,27 @@ class HybridClient:
     def _cloud_result(self, got: tuple[CloudReply, float], reason: str, d: Decision, t0: float, fallbacks: list[str], conf: float | None = None, hedged: bool = False) -> Result:
         reply, cost = got
         route = Route(
-            "cloud", reason, d.policy, (_perf() - t0) * 1000.0, cost, conf, fallbacks, d.estimates, hedged, reply.model_version
+            "cloud", reason, d.policy, (_perf() - t0) * 1000.0, cost, conf, fallbacks, self._used(d), hedged, reply.model_version
         )
         self.router.stats[reason.split(":")[0] + " → cloud"] += 1
         _log.debug("route %s", route)
         return Result(reply.outputs, route)
 
     def _fallback_result(self, outs: list[np.ndarray], reason: str, d: Decision, t0: float, fallbacks: list[str], conf: float | None = None, hedged: bool = False) -> Result:
-        route = Route("edge", reason, d.policy, (_perf() - t0) * 1000.0, 0.0, conf, fallbacks, d.estimates, hedged)
+        route = Route("edge", reason, d.policy, (_perf() - t0) * 1000.0, 0.0, conf, fallbacks, self._used(d), hedged)
         self.router.stats[(fallbacks[-1] if fallbacks else reason).split(":")[0] + " → edge"] += 1
         _log.debug("route %s", route)
         return Result(dict(zip(self._out_names, outs)), route)
+
+    def _used(self, d: Decision) -> dict[str, Any]:
+        """What a call that considered the cloud went by: the policy's numbers plus the router's."""
+        used = self.estimates.snapshot()
+        used["edge_reserve_ms"] = self.router.edge_reserve_ms()
+        used["breaker"] = self.router.breaker.state
+        if self.router.spend is not None:
+            used["spend_available"] = self.router.spend.available()
+        used.update(d.estimates)
+        return used
 
     async def _escalate(
         self, feeds: dict[str, np.ndarray], outs: list[np.ndarray], conf: float, budget: Budget, d: Decision, t0: float

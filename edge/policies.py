@@ -25,8 +25,10 @@ if TYPE_CHECKING:
 Plan = Literal["edge", "cloud", "cascade", "hedged"]
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Decision:
+    """A plan for one call (treat as immutable; not frozen only because frozen init is slower)."""
+
     plan: Plan
     reason: str
     policy: str

@@ -109,3 +109,17 @@ def test_cascade_confidence_on_a_batch_is_the_least_confident_row(toy_bundle: Pa
     p = softmax(run_onnx(toy_bundle / "edge-fp32.onnx", xs)).max(1)
     assert r.route.confidence == pytest.approx(float(p.min()), rel=1e-5)
     assert r.route.tier == "edge" and "≥ 0.00" in r.route.reason
+
+
+def test_confidence_small_and_large_paths_agree_for_softmax_and_margin(toy_bundle: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    rt = EdgeRuntime(load_bundle(toy_bundle, [keys[1]]))
+    z = np.random.default_rng(5).standard_normal((12, 10)).astype(np.float32)
+    p = softmax(z)
+    assert rt.confidence([z[:1]]) == pytest.approx(float(p[0].max()), rel=1e-5)
+    assert rt.confidence([z]) == pytest.approx(float(p.max(1).min()), rel=1e-5)  # 120 values: numpy path
+    assert rt.confidence([z[:6]]) == pytest.approx(float(p[:6].max(1).min()), rel=1e-5)  # several small rows
+    rt.estimates.confidence_kind = "margin"
+    top = np.sort(p, axis=1)
+    margin = top[:, -1] - top[:, -2]
+    assert rt.confidence([z[:1]]) == pytest.approx(float(margin[0]), rel=1e-4)
+    assert rt.confidence([z]) == pytest.approx(float(margin.min()), rel=1e-4)

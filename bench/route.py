@@ -1,0 +1,262 @@
+"""Routing benchmark: every policy over the digits test split, cloud behind a FaultProxy.
+
+    python bench/route.py --repository /tmp/repo                # digits bundle built by `tandem build`
+    python bench/route.py --toy                                  # toy bundle from tests/support (no torch)
+
+Starts the cloud (`tandem serve` if installed, else the tests' stand-in server) on 127.0.0.1, puts a
+FaultProxy in front of it (default 40 ms ± 10 ms round trip), then for each policy sends the whole
+test split one call at a time through the sync ``HybridClient.infer`` and prints accuracy, share sent
+to the cloud, cost, p50/p99 latency, share within the latency budget and decision overhead. Also
+measures a HybridClient edge call against a raw ``session.run`` (interleaved, medians) and writes a
+PNG of the cascade's accuracy-vs-cloud-share curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from edge_support import CloudProcess  # noqa: E402
+
+from tandem.edge import Budget, HybridClient  # noqa: E402
+from tandem.edge.faultproxy import FaultProxy  # noqa: E402
+from tandem.shared.bundle import load_bundle, version_key  # noqa: E402
+
+
+def _latest(repo: Path, model: str) -> Path:
+    versions = [p for p in (repo / model).iterdir() if (p / "manifest.json").is_file()]
+    if not versions:
+        raise SystemExit(f"no bundle of {model} in {repo}: run `tandem build examples/digits --repository {repo}`")
+    return max(versions, key=lambda p: version_key(p.name))
+
+
+def _toy(workdir: Path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+    from support import make_bundle, make_keys, run_onnx
+
+    priv, pub = make_keys(workdir / "keys")
+    b = make_bundle(workdir / "repo" / "toy" / "1", priv)
+    x = np.random.default_rng(123).standard_normal((360, 64)).astype(np.float32)
+    y = run_onnx(b / "cloud-fp32.onnx", x).argmax(1)
+    return workdir / "repo", pub, x, y
+
+
+class ProxyThread:
+    """The proxy on its own event loop thread, so it never shares a loop with the client."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.proxy = FaultProxy(upstream=("127.0.0.1", upstream_port), seed=0)
+        self._call(self.proxy.start())
+
+    def _call(self, coro):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def set(self, **kw: object) -> None:
+        self.loop.call_soon_threadsafe(lambda: self.proxy.set(**kw))
+
+    def stop(self) -> None:
+        self._call(self.proxy.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def run_policy(client: HybridClient, x: np.ndarray, y: np.ndarray, budget: Budget) -> dict[str, float]:
+    lat, tiers, correct, cost = [], [], [], 0.0
+    for i in range(len(x)):
+        xi = x[i : i + 1]
+        t0 = time.perf_counter()
+        r = client.infer(xi, budget)
+        lat.append((time.perf_counter() - t0) * 1000)
+        tiers.append(r.route.tier == "cloud")
+        correct.append(int(r.outputs["logits"].argmax()) == int(y[i]))
+        cost += r.route.cost
+    lat_a = np.array(lat)
+    return {
+        "acc": float(np.mean(correct)),
+        "cloud": float(np.mean(tiers)),
+        "cost": cost,
+        "p50": float(np.percentile(lat_a, 50)),
+        "p99": float(np.percentile(lat_a, 99)),
+        "within": float(np.mean(lat_a <= budget.latency_ms)) if budget.latency_ms else 1.0,
+    }
+
+
+def decision_us(client: HybridClient, budget: Budget, n: int = 20000) -> float:
+    d = client.router.decide
+    runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            d(budget)
+        runs.append((time.perf_counter() - t0) / n * 1e6)
+    return statistics.median(runs)
+
+
+def edge_overhead(client: HybridClient, x: np.ndarray, n: int = 5000) -> tuple[float, float, float]:
+    """Median µs of raw session.run vs HybridClient.infer (edge-only), interleaved rounds."""
+    sess, names = client.runtime.session, client.runtime.output_names
+    name = client.runtime.input_names[0]
+    xi = x[:1]
+    budget = Budget(policy="edge-only")
+    raw, hyb = [], []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            sess.run(names, {name: xi})
+        raw.append((time.perf_counter() - t0) / n * 1e6)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            client.infer(xi, budget)
+        hyb.append((time.perf_counter() - t0) / n * 1e6)
+    r, h = statistics.median(raw), statistics.median(hyb)
+    return r, h, h / r
+
+
+def cascade_curve(client: HybridClient, x: np.ndarray, y: np.ndarray, cloud_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Accuracy and cloud share of the cascade at every threshold, from the edge's outputs and the
+    cloud's predictions measured on the same split."""
+    rt = client.runtime
+    confs, edge_pred = [], []
+    for i in range(len(x)):
+        outs = rt.run({rt.input_names[0]: x[i : i + 1]})
+        confs.append(rt.confidence(outs))
+        edge_pred.append(int(outs[0].argmax()))
+    confs_a, edge_a = np.array(confs), np.array(edge_pred)
+    ts = np.unique(np.concatenate([[0.0], np.quantile(confs_a, np.linspace(0, 1, 101)), [1.01]]))
+    acc, share = [], []
+    for t in ts:
+        keep = confs_a >= t
+        pred = np.where(keep, edge_a, cloud_pred)
+        acc.append(float((pred == y).mean()))
+        share.append(float((~keep).mean()))
+    return ts, np.array(acc), np.array(share), confs_a
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repository", type=Path, help="model repository holding the digits bundle")
+    ap.add_argument("--trusted-key", type=Path, help="public key (default: REPO/../keys/tandem.pub)")
+    ap.add_argument("--model", default="digits")
+    ap.add_argument("--toy", action="store_true", help="use the toy test bundle instead of digits")
+    ap.add_argument("--latency", type=float, default=40.0, help="cloud round trip added by the proxy, ms")
+    ap.add_argument("--jitter", type=float, default=10.0)
+    ap.add_argument("--budget-ms", type=float, default=100.0, help="latency budget per call")
+    ap.add_argument("--cost", type=float, default=0.0001, help="price of one cloud call")
+    ap.add_argument("--thresholds", default="0.6,0.8,0.9,0.95,0.99")
+    ap.add_argument("--png", type=Path, default=Path("bench/route_cascade.png"))
+    ap.add_argument("--limit", type=int, default=None, help="use only the first N test samples")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="tandem-route-"))
+    if args.toy:
+        repo, pub, x, y = _toy(work)
+        model = "toy"
+    else:
+        if args.repository is None:
+            raise SystemExit("--repository is required (or --toy)")
+        sys.path.insert(0, str(ROOT / "examples" / "digits"))
+        from spec import load_data  # type: ignore[import-not-found]
+
+        repo, model = args.repository, args.model
+        pub = args.trusted_key or (repo.parent / "keys" / "tandem.pub")
+        x, y = load_data()["test"]
+    if args.limit:
+        x, y = x[: args.limit], y[: args.limit]
+    bundle_dir = _latest(repo, model)
+    bundle = load_bundle(bundle_dir, [pub])
+    cloud = CloudProcess(repo, pub).start()
+    proxy = ProxyThread(cloud.port)
+    proxy.set(latency_ms=args.latency, jitter_ms=args.jitter)
+    print(f"bundle {bundle.name}:{bundle.version}; cloud: {'tandem serve' if cloud.real else 'stand-in server'} "
+          f"behind FaultProxy +{args.latency:g}±{args.jitter:g} ms; {len(x)} test samples; budget {args.budget_ms:g} ms; "
+          f"cost {args.cost:g}/cloud call")
+    em = bundle.variant("edge").metrics
+    cm = bundle.variant("cloud").metrics
+    print(f"manifest accuracy: edge {em.accuracy if em else None}, cloud {cm.accuracy if cm else None}")
+    base = {"cloud_cost_per_call": args.cost}
+    budget = Budget(latency_ms=args.budget_ms)
+    rows: list[tuple[str, dict[str, float], float]] = []
+    cloud_pred = None
+    try:
+        configs: list[tuple[str, str, dict[str, object]]] = [
+            ("always-edge", "edge-only", {}),
+            ("always-cloud", "cloud-only", {}),
+            ("constrained", "constrained", {}),
+            ("cascade (calibrated)", "cascade", {}),
+        ]
+        configs += [(f"cascade t={t}", "cascade", {"cascade_threshold": float(t)}) for t in args.thresholds.split(",")]
+        configs += [("hedged", "hedged", {})]
+        for label, policy, extra in configs:
+            with HybridClient(bundle, proxy.proxy.url, policy=policy, config={**base, **extra}) as c:
+                for i in range(20):  # learn the cloud's latency before measuring
+                    c.infer(x[i % len(x) : i % len(x) + 1], Budget(latency_ms=2000, policy="cloud-only"))
+                stats = run_policy(c, x, y, budget)
+                if policy == "cloud-only":
+                    cloud_pred = np.array([int(c.infer(x[i : i + 1], budget).outputs["logits"].argmax()) for i in range(len(x))])
+                rows.append((label, stats, decision_us(c, budget)))
+        with HybridClient(bundle, policy="edge-only") as c:
+            raw_us, hyb_us, ratio = edge_overhead(c, x)
+            outs = c.runtime.run({c.runtime.input_names[0]: x[:1]})
+            t0 = time.perf_counter()
+            for _ in range(20000):
+                c.runtime.confidence(outs)
+            conf_us = (time.perf_counter() - t0) / 20000 * 1e6
+            assert cloud_pred is not None
+            ts, accs, shares, confs = cascade_curve(c, x, y, cloud_pred)
+            threshold = c.estimates.cascade_threshold(None, 0.8)
+    finally:
+        proxy.stop()
+        cloud.stop()
+
+    print()
+    print(f"{'policy':<22}{'accuracy':>9}{'cloud%':>8}{'cost':>10}{'p50 ms':>8}{'p99 ms':>8}{'in budget':>10}{'decide µs':>10}")
+    for label, s, dus in rows:
+        print(f"{label:<22}{s['acc']*100:>8.2f}%{s['cloud']*100:>7.1f}%{s['cost']:>10.4f}{s['p50']:>8.2f}{s['p99']:>8.2f}"
+              f"{s['within']*100:>9.2f}%{dus:>10.2f}")
+    cloud_acc = next(s["acc"] for lbl, s, _ in rows if lbl == "always-cloud")
+    ok = [(sh, a) for sh, a in zip(shares, accs) if a >= cloud_acc - 0.003]
+    best = min(ok) if ok else None
+    print()
+    print(f"calibrated cascade threshold: {threshold:.3f}")
+    if best:
+        print(f"cascade curve: cloud-only accuracy − 0.3 pt reached with {best[0]*100:.1f}% of calls to the cloud (accuracy {best[1]*100:.2f}%)")
+    print(f"edge call: raw session.run {raw_us:.2f} µs, HybridClient.infer {hyb_us:.2f} µs, ratio {ratio:.3f}")
+    print(f"confidence (max softmax on one row of logits): {conf_us:.2f} µs")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(shares * 100, accs * 100, "-", label="cascade (all thresholds)")
+    for label, s, _ in rows:
+        ax.plot(s["cloud"] * 100, s["acc"] * 100, "o")
+        ax.annotate(label, (s["cloud"] * 100, s["acc"] * 100), fontsize=7, xytext=(3, -8), textcoords="offset points")
+    ax.axhline(cloud_acc * 100 - 0.3, ls=":", c="grey", label="cloud-only − 0.3 pt")
+    ax.set_xlabel("calls sent to the cloud (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{bundle.name}:{bundle.version} cascade, cloud +{args.latency:g}±{args.jitter:g} ms")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.png, dpi=120)
+    print(f"wrote {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
