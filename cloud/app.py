@@ -37,9 +37,11 @@ from tandem.shared.errors import (
 from tandem.shared.tensors import packb
 
 from .config import ServerConfig
-from .inference import Inference
+from .feedback import FeedbackStore
+from .inference import MODEL_KEY, REQUEST_ID_KEY, Inference
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .native import NativeAPI
+from .registry import Registry
 from .repository import ModelRepository
 from .v2 import V2API
 
@@ -71,7 +73,7 @@ def _is_native(path: str) -> bool:
 
 
 def _error_response(request: web.Request, error: TandemError, state: ServerState) -> web.Response:
-    headers = state.inference.error_headers(request.get("tandem_model"))
+    headers = state.inference.error_headers(request.get(MODEL_KEY))
     if isinstance(error, Overloaded) or error.status in (429, 503):
         retry = getattr(error, "retry_after", 1.0)
         headers[p.HEADER_RETRY_AFTER] = str(max(1, math.ceil(retry)))
@@ -113,7 +115,7 @@ def _middleware(state: ServerState) -> Any:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         start = time.perf_counter()
         rid = request.headers.get(p.HEADER_REQUEST_ID) or uuid.uuid4().hex
-        request["request_id"] = rid
+        request[REQUEST_ID_KEY] = rid
         try:
             if keys and request.path != "/v2/health/live" and not authorized(request):
                 raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
@@ -132,7 +134,7 @@ def _middleware(state: ServerState) -> Any:
             response = _error_response(request, TandemError(f"internal error: {type(e).__name__}"), state)
         response.headers[p.HEADER_REQUEST_ID] = rid
         if log_access and _access.isEnabledFor(logging.INFO):
-            served = request.get("tandem_model")
+            served = request.get(MODEL_KEY)
             _access.info(
                 json.dumps(
                     {
@@ -154,23 +156,14 @@ def _middleware(state: ServerState) -> Any:
 
 
 def _attach_extras(app: web.Application, state: ServerState) -> None:
+    """The device registry (always on) and the feedback store, over the same repository."""
     config = state.config
-    try:
-        from .registry import Registry
-    except ImportError:  # the registry lands separately; serving works without it
-        _log.warning("device registry not available in this build")
-    else:
-        registry = Registry(config.repository)
-        registry.add_routes(app)
-        state.extras.append(registry)
-    try:
-        from .feedback import FeedbackStore
-    except ImportError:
-        _log.warning("feedback store not available in this build")
-    else:
-        store = FeedbackStore(config.feedback_path())
-        store.add_routes(app)
-        state.extras.append(store)
+    registry = Registry(config.repository)
+    registry.add_routes(app)
+    state.extras.append(registry)
+    store = FeedbackStore(config.feedback_path(), max_body_bytes=config.max_body_bytes)
+    store.add_routes(app)
+    state.extras.append(store)
 
 
 def create_app(config: ServerConfig) -> web.Application:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from aiohttp import web
 
 from tandem.shared import protocol as p
 from tandem.shared.errors import InvalidInput, TandemError
@@ -19,7 +21,15 @@ from .cache import ResponseCache
 from .config import ServerConfig
 from .repository import ModelRepository, ServedModel
 
-__all__ = ["Outcome", "Inference"]
+__all__ = ["Outcome", "Inference", "MODEL_KEY", "REQUEST_ID_KEY"]
+
+# Per-request storage: the model version a request resolved to (for error headers and the access
+# log) and its request id. RequestKey exists from aiohttp 3.12; plain strings work before that.
+if hasattr(web, "RequestKey"):
+    MODEL_KEY: Any = web.RequestKey("tandem_model", object)
+    REQUEST_ID_KEY: Any = web.RequestKey("tandem_request_id", str)
+else:  # pragma: no cover - older aiohttp
+    MODEL_KEY, REQUEST_ID_KEY = "tandem_model", "tandem_request_id"
 
 
 @dataclass(slots=True)

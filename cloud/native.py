@@ -13,7 +13,7 @@ from aiohttp import web
 from tandem.shared import protocol as p
 from tandem.shared.errors import InvalidInput, TandemError
 
-from .inference import Inference, deadline_seconds
+from .inference import MODEL_KEY, REQUEST_ID_KEY, Inference, deadline_seconds
 
 __all__ = ["NativeAPI"]
 
@@ -29,7 +29,7 @@ class NativeAPI:
     async def infer(self, request: web.Request) -> web.Response:
         inference = self._inference
         served = inference.resolve(request.match_info["model"], request.match_info.get("version"))
-        request["tandem_model"] = served
+        request[MODEL_KEY] = served
         try:
             req = p.InferRequest.from_wire(await request.read())
             priority = req.priority
@@ -44,7 +44,7 @@ class NativeAPI:
             served.metrics.failure(e.code)
             raise
         outcome = await inference.infer(served, req.inputs, outputs=req.outputs, priority=priority, timeout_s=timeout_s)
-        body = p.InferResponse(outcome.outputs, served.name, served.version, id=req.id or request.get("request_id")).to_wire()
+        body = p.InferResponse(outcome.outputs, served.name, served.version, id=req.id or request.get(REQUEST_ID_KEY)).to_wire()
         headers = inference.headers(outcome)
         headers["Content-Type"] = p.CONTENT_TYPE
         return web.Response(body=body, headers=headers)

@@ -17,7 +17,7 @@ from tandem.shared import protocol as p
 from tandem.shared import v2
 from tandem.shared.errors import InvalidInput, TandemError, Unavailable
 
-from .inference import Inference, deadline_seconds
+from .inference import MODEL_KEY, Inference, deadline_seconds
 from .repository import ModelRepository
 
 __all__ = ["V2API"]
@@ -90,7 +90,7 @@ class V2API:
     async def infer(self, request: web.Request) -> web.Response:
         inference = self._inference
         served = inference.resolve(request.match_info["model"], request.match_info.get("version"))
-        request["tandem_model"] = served
+        request[MODEL_KEY] = served
         try:
             req = v2.parse_infer_request(await request.read(), request.headers.get(v2.HEADER_LENGTH))
             outputs = [o.name for o in req.outputs] if req.outputs is not None else None

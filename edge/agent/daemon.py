@@ -59,7 +59,7 @@ class Agent:
                 await self._load_router(name, active[name])  # type: ignore[arg-type]
         await self._serve()
         if cfg.cloud_url:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30))
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=10))
             self.updater = Updater(cfg, self.store, self._session, self._on_activate, self._on_refuse)
             self.uploader = Uploader(cfg, self.outbox, self._session)
             self._tasks += [asyncio.create_task(self.updater.run(self._stop), name="agent-update"),

@@ -50,7 +50,7 @@ class Router:
             api_key=config.api_key,
             trusted_keys=[str(k) for k in config.trusted_keys],
             policy=config.policy,
-            config=config.router or None,
+            config={"intra_op_threads": config.intra_op_threads, **config.router},
         )
 
     async def infer(self, inputs: Mapping[str, np.ndarray], budget: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
