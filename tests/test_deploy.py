@@ -9,6 +9,7 @@ name the manifests mention against it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -124,11 +125,23 @@ def probe_paths() -> set[str]:
         for k, v in walk(doc):
             if k == "httpGet":
                 paths.add(v["path"])
+            if k == "exec":
+                paths.add(healthcheck_path(v["command"]))
             if k == "prometheus.io/path":
                 paths.add(v)
-    health = one(dockerfile_instructions(), "HEALTHCHECK")
-    paths.update(re.findall(r"http://127\.0\.0\.1:\d+(/[\w/.-]*)", health))
+    paths.add(healthcheck_path(healthcheck_cmd()))
     return paths
+
+
+def healthcheck_cmd() -> list[str]:
+    health = one(dockerfile_instructions(), "HEALTHCHECK")
+    return json.loads(health[health.index("CMD") + 3 :])
+
+
+def healthcheck_path(command: list[str]) -> str:
+    assert command[0] == "tandem-healthcheck", f"unexpected exec probe {command}"
+    assert len(command) == 2 and command[1].startswith("/"), command
+    return command[1]
 
 
 def mentioned_metrics() -> set[str]:
@@ -192,7 +205,9 @@ def test_manifests_hang_together() -> None:
                 assert mount["name"] in volumes, f"{doc['kind']} mounts undeclared volume {mount['name']}"
             for probe in ("readinessProbe", "livenessProbe"):
                 assert probe in c, f"{doc['kind']} container has no {probe}"
-            assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+            ready = c["readinessProbe"]
+            path = ready["httpGet"]["path"] if "httpGet" in ready else healthcheck_path(ready["exec"]["command"])
+            assert path == "/v2/health/ready"
             assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
         for v in volumes.values():
             if "configMap" in v:
@@ -209,7 +224,10 @@ def test_every_port_is_the_one_the_server_listens_on() -> None:
                 seen.append((path.name, k, int(v)))
     instructions = dockerfile_instructions()
     seen.append(("Dockerfile", "EXPOSE", int(one(instructions, "EXPOSE"))))
-    seen += [("Dockerfile", "HEALTHCHECK", int(p)) for p in re.findall(r"127\.0\.0\.1:(\d+)", one(instructions, "HEALTHCHECK"))]
+    assert healthcheck_cmd()[0] == "tandem-healthcheck"
+    default = re.search(r'os\.environ\.get\("TANDEM_PORT", "(\d+)"\)', (DEPLOY / "healthcheck.py").read_text())
+    assert default, "deploy/healthcheck.py should default to TANDEM_PORT or a literal port"
+    seen.append(("healthcheck.py", "TANDEM_PORT default", int(default.group(1))))
     entry = json.loads(one(instructions, "ENTRYPOINT"))
     seen.append(("Dockerfile", "ENTRYPOINT", int(entry[entry.index("--port") + 1])))
     assert len(seen) >= 8
@@ -229,8 +247,8 @@ def test_dockerfile_builds_the_gpu_image_as_specified() -> None:
     assert user not in ("root", "0"), "the image must run as a non-root user"
     assert re.search(rf"useradd .*--uid {user}\b", runs), "USER must name the user the image creates"
 
-    health = one(ins, "HEALTHCHECK")
-    assert "/v2/health/ready" in health
+    assert healthcheck_path(healthcheck_cmd()) == "/v2/health/ready"
+    assert any(k == "COPY" and rest.split()[-1] == "/usr/local/bin/tandem-healthcheck" for k, rest in ins)
     entry = json.loads(one(ins, "ENTRYPOINT"))
     assert entry[:2] == ["tandem", "serve"]
     assert entry[entry.index("--host") + 1] == "0.0.0.0"
@@ -241,12 +259,12 @@ def test_dockerfile_builds_the_gpu_image_as_specified() -> None:
     allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
     for k, rest in ins:
         if k == "COPY":
-            *sources, _dest = rest.split()
+            *sources, _dest = [w for w in rest.split() if not w.startswith("--")]
             for src in sources:
                 assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
                 assert src.rstrip("/") in allowed, f"COPY {src}: excluded by Dockerfile.dockerignore"
     # pyproject's packages must all be in the image, or `pip install .` fails inside the build.
-    copied = {rest.split()[0] for k, rest in ins if k == "COPY"}
+    copied = {[w for w in rest.split() if not w.startswith("--")][0] for k, rest in ins if k == "COPY"}
     pyproject = (ROOT / "pyproject.toml").read_text()
     for folder in set(re.findall(r'^"tandem\.[\w.]+" = "(\w+)', pyproject, re.M)):
         assert folder in copied, f"package folder {folder}/ is not copied into the image"
@@ -288,11 +306,10 @@ def _get(url: str) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def run_serve(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
     """`tandem serve` as the image runs it: ENTRYPOINT flags (with loopback host/port and a temp
-    repository), the Deployment's args, the image's ENV."""
-    tmp = tmp_path_factory.mktemp("deploy")
+    repository), the Deployment's args, the image's ENV. Yields (base URL, port) once ready."""
     from support import make_keys
 
     private, public = make_keys(tmp / "keys")
@@ -311,34 +328,51 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env.update(dockerfile_env(dockerfile_instructions()))
     env["TANDEM_FEEDBACK_DB"] = str(tmp / "state" / "feedback.sqlite3")
     env["TANDEM_INTRA_OP_THREADS"] = "1"
-    log = open(tmp / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tandem.shared.cli", "serve", *args, *extra],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"tandem serve exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-3000:]}")
-            try:
-                if _get(f"{base}/v2/health/ready")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"tandem serve not ready in 90 s:\n{(tmp / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
+    env["TANDEM_WARMUP_BATCH_SIZES"] = "[1]"
+    env.update(extra_env or {})
+    log_path = tmp / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tandem.shared.cli", "serve", *args, *extra],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp,
+        )
+        base = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+            deadline = time.monotonic() + 90
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"tandem serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+                try:
+                    if _get(f"{base}/v2/health/live")[0] == 200 and _healthcheck(port, env.get("TANDEM_API_KEYS")) == 0:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"tandem serve not ready in 90 s:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.2)
+            yield base, port
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def _healthcheck(port: int, api_keys: str | None, path: str = "/v2/health/ready") -> int:
+    """Run deploy/healthcheck.py as the container runs it (its own process, the container's env)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
+    env["TANDEM_PORT"] = str(port)
+    if api_keys is not None:
+        env["TANDEM_API_KEYS"] = api_keys
+    return subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py"), path], env=env, capture_output=True, timeout=30).returncode
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with run_serve(tmp_path_factory.mktemp("deploy")) as (base, _port):
+        yield base
 
 
 @needs_server
@@ -346,18 +380,18 @@ def test_image_and_manifest_flags_are_real_serve_flags() -> None:
     """The ENTRYPOINT plus each manifest's args parse with the real `tandem serve` parser."""
     from tandem.cloud.cli import serve
 
+    from tandem.cloud.config import ServerConfig
+
     parser = argparse.ArgumentParser()
     serve(parser)
     entry = json.loads(one(dockerfile_instructions(), "ENTRYPOINT"))[2:]
-    defaults = parser.parse_args(["--repository", "x"])
-    assert int(defaults.port) == PORT, "the server's default port differs from the manifests'"
+    # Flags left unset fall through to ServerConfig's defaults.
+    assert ServerConfig.model_fields["port"].default == PORT, "the server's default port differs from the manifests'"
     for _, doc in k8s_objects():
         for c in containers(doc):
             args = parser.parse_args(entry + list(c.get("args", [])))
             assert args.host == "0.0.0.0" and int(args.port) == PORT
     env = dockerfile_env(dockerfile_instructions())
-    from tandem.cloud.config import ServerConfig
-
     names = set(ServerConfig.model_fields)
     for key in env:
         if key.startswith("TANDEM_"):
@@ -387,6 +421,12 @@ def test_every_metric_the_manifests_name_is_exported(served: str) -> None:
     req = urllib.request.Request(served + infer_path("toy"), data=body, headers={"Content-Type": CONTENT_TYPE}, method="POST")
     with urllib.request.urlopen(req, timeout=10) as r:
         assert r.status == 200
+    # And one failure (wrong input name), so that the failure counter has a series too.
+    bad = InferRequest({"nope": np.zeros((1, 64), np.float32)}).to_wire()
+    req = urllib.request.Request(served + infer_path("toy"), data=bad, headers={"Content-Type": CONTENT_TYPE}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=10)
+    assert refused.value.code == 400
     status, metrics = _get(served + "/metrics")
     assert status == 200
     exported = {line.split("{")[0].split(" ")[0] for line in metrics.decode().splitlines() if line and not line.startswith("#")}
@@ -395,3 +435,19 @@ def test_every_metric_the_manifests_name_is_exported(served: str) -> None:
         assert name in exported or f"{name}_count" in exported or f"{name}_bucket" in exported, (
             f"{name} is named in deploy/ but /metrics does not export it"
         )
+
+
+@needs_server
+def test_readiness_check_works_with_api_keys_on(tmp_path: Path) -> None:
+    """With auth on, /v2/health/ready needs the key: a plain httpGet probe would never pass, the
+    image's tandem-healthcheck (exec probe, HEALTHCHECK) does."""
+    keys = json.dumps(["s3cret", "other"])
+    with run_serve(tmp_path, {"TANDEM_API_KEYS": keys}) as (base, port):
+        assert _get(base + "/v2/health/live")[0] == 200
+        assert _get(base + "/v2/health/ready")[0] == 401
+        assert _healthcheck(port, keys) == 0
+        assert _healthcheck(port, "s3cret") == 0  # one bare key works too
+        assert _healthcheck(port, None) == 1
+        assert _healthcheck(port, json.dumps(["wrong"])) == 1
+        assert _healthcheck(port, keys, "/v2/health/live") == 0
+    assert _healthcheck(port, keys) == 1  # server gone: unhealthy, not a hang
