@@ -8,6 +8,7 @@ weights of its best validation epoch, and returns per-epoch metrics for the repo
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,38 @@ def train(
 ) -> TrainResult:
     """Train ``model`` with Adam; with ``teacher_logits`` (one row per training input) the loss mixes
     the distillation term by ``alpha``. Returns the model with its best-validation weights."""
+    import torch
+
+    # Tiny models lose more to thread hand-offs than they gain, above all on a busy machine.
+    previous_threads = torch.get_num_threads()
+    small = sum(p.numel() for p in model.parameters()) < 100_000
+    torch.set_num_threads(1 if small else (os.cpu_count() or 1))
+    try:
+        return _train(model, x_train, y_train, x_val, y_val, epochs=epochs, lr=lr, batch_size=batch_size,
+                      weight_decay=weight_decay, seed=seed, teacher_logits=teacher_logits, temperature=temperature,
+                      alpha=alpha, desc=desc, progress=progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(
+    model: Any,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    seed: int,
+    teacher_logits: np.ndarray | None,
+    temperature: float,
+    alpha: float,
+    desc: str,
+    progress: bool,
+) -> TrainResult:
     import time
 
     import torch
@@ -96,7 +129,7 @@ def train(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == yt[idx]).sum())
             seen += len(idx)
         sched.step()

@@ -115,7 +115,7 @@ def build(
     data = load_dataset(spec, seed)
     n_classes = len(data.labels)
 
-    model_dir = Path(repository) / spec.name
+    model_dir = Path(repository).resolve() / spec.name
     version = version or next_version(model_dir)
     final = model_dir / version
     if (final / MANIFEST_NAME).exists() or (final.exists() and any(final.iterdir())):

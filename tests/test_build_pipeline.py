@@ -1,0 +1,69 @@
+"""The pipeline on a tiny spec (seconds): refusals leave nothing behind, versions never collide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from build_support import write_tiny_spec  # noqa: E402
+from tandem.quantize.errors import BudgetError, BuildError, SpecError  # noqa: E402
+from tandem.quantize.pipeline import build, next_version  # noqa: E402
+from tandem.quantize.spec import load_spec  # noqa: E402
+from tandem.shared import signing  # noqa: E402
+from tandem.shared.bundle import load_bundle  # noqa: E402
+
+
+def _build(tmp_path: Path, keys: tuple[Path, Path], **kw: object):  # type: ignore[no-untyped-def]
+    spec = load_spec(write_tiny_spec(tmp_path / "spec", **kw.pop("overrides", {})))  # type: ignore[arg-type]
+    return build(spec, tmp_path / "repo", signing.load_private_key(keys[0]), progress=False, echo=lambda _: None,
+                 **kw)  # type: ignore[arg-type]
+
+
+def _leftovers(repo: Path) -> list[str]:
+    return sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) if repo.exists() else []
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("broken", r"the teacher factory in .* failed: RuntimeError: no weights here"),
+        ("not_a_module", r"the teacher factory in .* returned str, not a torch.nn.Module"),
+    ],
+)
+def test_failing_factory_is_a_spec_error(tmp_path: Path, keys: tuple[Path, Path], factory: str, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        _build(tmp_path, keys, overrides={"teacher": f'"tiny_models.py:{factory}"'})
+    assert _leftovers(tmp_path / "repo") == ["tiny"]
+
+
+def test_impossible_edge_budget_refuses_the_build_and_says_why(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    spec_path = write_tiny_spec(tmp_path / "spec")
+    spec_path.write_text(spec_path.read_text() + "\n[budgets]\nedge_min_size_ratio = 100000.0\n")
+    spec = load_spec(spec_path)
+    with pytest.raises(BudgetError, match=r"no edge variant meets the budgets .* edge size ratio [0-9.]+ < required 100000"):
+        build(spec, tmp_path / "repo", signing.load_private_key(keys[0]), progress=False, echo=lambda _: None)
+    assert _leftovers(tmp_path / "repo") == ["tiny"]  # no bundle, no half-built directory
+
+
+def test_tiny_build_then_versions(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    result = _build(tmp_path, keys)
+    assert result.bundle_path == tmp_path / "repo" / "tiny" / "1"
+    bundle = load_bundle(result.bundle_path, keys[1])
+    assert {v.role for v in bundle.manifest.variants} >= {"cloud", "edge", "cloud-gpu"}
+    assert result.report_md.is_file() and result.report_png.stat().st_size > 1000
+    assert next_version(tmp_path / "repo" / "tiny") == "2"
+    spec = load_spec(tmp_path / "spec" / "spec.toml")
+    with pytest.raises(BuildError, match=r"tiny/1 already exists"):
+        build(spec, tmp_path / "repo", signing.load_private_key(keys[0]), version="1", progress=False,
+              echo=lambda _: None)
+
+
+def test_next_version_ignores_non_integers(tmp_path: Path) -> None:
+    assert next_version(tmp_path / "none") == "1"
+    for name in ("1", "9", "10", "1.5", "beta"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "12").write_text("a file, not a bundle")
+    assert next_version(tmp_path) == "11"
