@@ -1,0 +1,166 @@
+"""The dynamic batcher through the real server: batches form, mixed shapes, bounded queue, deadlines, priorities."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+
+from cloud_support import ServerThread, make_repository
+from tandem.cloud.config import BatchingConfig, ServerConfig
+from tandem.shared import protocol as p
+from tandem.shared.tensors import unpackb
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]) -> Path:
+    return make_repository(tmp_path_factory.mktemp("repo"), keys[0], toy_versions=())
+
+
+async def _server(repo: Path, keys: tuple[Path, Path], **kw: Any) -> ServerThread:
+    config = ServerConfig(repository=repo, trusted_keys=[keys[1]], port=0, warmup_batch_sizes=[1], **kw)
+    return await asyncio.to_thread(ServerThread(config).start)
+
+
+async def _infer(session: aiohttp.ClientSession, s: ServerThread, model: str, x: np.ndarray, headers: dict[str, str] | None = None,
+                 **req: Any) -> tuple[int, Any, dict[str, str], float]:
+    name = "x"
+    async with session.post(s.url + p.infer_path(model), data=p.InferRequest({name: x}, **req).to_wire(), headers=headers) as r:
+        raw = await r.read()
+        done = time.perf_counter()
+        doc = p.InferResponse.from_wire(raw) if r.status == 200 else unpackb(raw)
+        return r.status, doc, dict(r.headers), done
+
+
+def _metric(s: ServerThread, name: str, model: str) -> float:
+    text = s.state.metrics.render().decode()
+    m = re.search(rf'^{name}{{model="{model}",version="1"}} ([0-9.e+]+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+async def test_concurrent_requests_form_batches_and_get_their_own_rows(repo: Path, keys: tuple[Path, Path]) -> None:
+    s = await _server(repo, keys)
+    try:
+        xs = [np.full((1, 8), i, np.float32) for i in range(24)]
+        async with aiohttp.ClientSession() as session:
+            results = await asyncio.gather(*(_infer(session, s, "slow", x) for x in xs))
+        sizes = [int(h[p.HEADER_BATCH_SIZE]) for _, _, h, _ in results]
+        for x, (status, resp, _, _) in zip(xs, results):
+            assert status == 200
+            np.testing.assert_array_equal(resp.outputs["y"], x * 2)  # each request gets its own slice
+        assert max(sizes) > 1, sizes
+        count, execs = _metric(s, "tandem_inference_count_total", "slow"), _metric(s, "tandem_inference_exec_count_total", "slow")
+        assert count == 24 and execs < 24  # mean batch size = count / exec > 1
+    finally:
+        await asyncio.to_thread(s.stop)
+
+
+async def test_mixed_non_batch_shapes_are_all_answered(repo: Path, keys: tuple[Path, Path]) -> None:
+    s = await _server(repo, keys)
+    try:
+        rng = np.random.default_rng(0)
+        xs = [rng.standard_normal((int(rng.integers(1, 4)), int(n))).astype(np.float32) for n in rng.integers(1, 6, 40)]
+        async with aiohttp.ClientSession() as session:
+            results = await asyncio.gather(*(_infer(session, s, "varlen", x) for x in xs))
+        for x, (status, resp, _, _) in zip(xs, results):
+            assert status == 200, resp
+            np.testing.assert_allclose(resp.outputs["mean"], x.mean(axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+    finally:
+        await asyncio.to_thread(s.stop)
+
+
+async def test_full_queue_refuses_at_once_with_retry_after(repo: Path, keys: tuple[Path, Path]) -> None:
+    batching = BatchingConfig(max_batch_size=1, max_queue_size=2)
+    s = await _server(repo, keys, model_batching={"slow": batching})
+    try:
+        x = np.ones((1, 8), np.float32)
+        async with aiohttp.ClientSession() as session:
+            results = await asyncio.gather(*(_infer(session, s, "slow", x) for _ in range(12)))
+            statuses = [r[0] for r in results]
+            assert statuses.count(503) >= 1 and statuses.count(200) >= 2 and set(statuses) == {200, 503}, statuses
+            last_ok = max(done for status, _, _, done in results if status == 200)
+            for status, doc, headers, done in results:
+                if status == 503:
+                    assert doc["code"] == "overloaded" and "queue is full" in doc["error"]
+                    assert int(headers[p.HEADER_RETRY_AFTER]) >= 1
+                    assert done < last_ok  # refused while the accepted ones were still computing
+            # v2 speaks the same refusal in JSON
+            body = json.dumps({"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [1] * 8}]})
+            tasks = [session.post(s.url + "/v2/models/slow/infer", data=body) for _ in range(12)]
+            responses = await asyncio.gather(*tasks)
+            refused = [r for r in responses if r.status == 503]
+            assert refused and all("Retry-After" in r.headers for r in refused)
+            assert "error" in json.loads(await refused[0].read())
+            for r in responses:
+                await r.read()
+                r.release()
+        text = s.state.metrics.render().decode()
+        assert 'tandem_inference_request_failure_total{model="slow",reason="overloaded",version="1"}' in text
+    finally:
+        await asyncio.to_thread(s.stop)
+
+
+async def test_expired_requests_are_dropped_before_compute(repo: Path, keys: tuple[Path, Path]) -> None:
+    s = await _server(repo, keys, model_batching={"slow": BatchingConfig(max_batch_size=1)})
+    try:
+        x = np.ones((1, 8), np.float32)
+        async with aiohttp.ClientSession() as session:
+            first = asyncio.ensure_future(_infer(session, s, "slow", x))
+            await asyncio.sleep(0.01)  # the first request is computing now (~50 ms)
+            late = [_infer(session, s, "slow", x, headers={p.HEADER_DEADLINE_MS: "5"}) for _ in range(3)]
+            late.append(_infer(session, s, "slow", x, deadline_ms=5.0))
+            v2_body = json.dumps({"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [1] * 8}],
+                                  "parameters": {"timeout": 5000}})
+            v2_late = asyncio.ensure_future(session.post(s.url + "/v2/models/slow/infer", data=v2_body))
+            results = await asyncio.gather(*late)
+            v2_resp = await v2_late
+            assert v2_resp.status == 504 and "deadline" in json.loads(await v2_resp.read())["error"]
+            assert (await first)[0] == 200
+        for status, doc, headers, _ in results:
+            assert status == 504 and doc["code"] == "deadline_exceeded", doc
+            assert p.HEADER_COMPUTE_US not in headers
+        assert _metric(s, "tandem_inference_exec_count_total", "slow") == 1  # only the first one ran
+    finally:
+        await asyncio.to_thread(s.stop)
+
+
+async def test_higher_priority_is_served_first(repo: Path, keys: tuple[Path, Path]) -> None:
+    batching = BatchingConfig(max_batch_size=1, priority_levels=2)
+    s = await _server(repo, keys, model_batching={"slow": batching})
+    try:
+        x = np.ones((1, 8), np.float32)
+        async with aiohttp.ClientSession() as session:
+            first = asyncio.ensure_future(_infer(session, s, "slow", x))
+            await asyncio.sleep(0.01)
+            low = asyncio.ensure_future(_infer(session, s, "slow", x, priority=2))
+            await asyncio.sleep(0.005)
+            high = asyncio.ensure_future(_infer(session, s, "slow", x, priority=1))
+            (_, _, _, t_low), (_, _, _, t_high), _ = await asyncio.gather(low, high, first)
+            assert t_high < t_low
+            status, doc, _, _ = await _infer(session, s, "slow", x, priority=3)
+            assert status == 400 and "priority" in doc["error"]
+    finally:
+        await asyncio.to_thread(s.stop)
+
+
+async def test_queue_delay_lets_a_batch_fill(repo: Path, keys: tuple[Path, Path]) -> None:
+    batching = BatchingConfig(max_batch_size=4, max_queue_delay_us=200_000)
+    s = await _server(repo, keys, model_batching={"varlen": batching})
+    try:
+        x = np.ones((1, 3), np.float32)
+        async with aiohttp.ClientSession() as session:
+            async def later(i: int) -> Any:
+                await asyncio.sleep(0.02 * i)
+                return await _infer(session, s, "varlen", x)
+
+            results = await asyncio.gather(*(later(i) for i in range(4)))
+        assert [int(h[p.HEADER_BATCH_SIZE]) for _, _, h, _ in results] == [4, 4, 4, 4]
+    finally:
+        await asyncio.to_thread(s.stop)
