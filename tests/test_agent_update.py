@@ -137,9 +137,14 @@ async def test_killed_mid_download_and_mid_activation_restarts_consistent(
     async with aiohttp.ClientSession() as s:
         status, _, body = await infer(s, url, x)  # serves at once, from a consistent version
         assert status == 200 and body["model_version"] in ("1", "2")
-        await wait_for(lambda: active(data) == "2", 30, "the download to finish after restart")
-        status, _, body = await infer(s, url, x)
-        assert status == 200 and body["model_version"] == "2"
+
+        async def serving_2() -> bool:
+            status, _, body = await infer(s, url, x)
+            assert status == 200, body  # never a failed call while the update finishes
+            return body["model_version"] == "2"
+
+        await wait_for(serving_2, 30, "the download to finish after restart and v2 to serve")
+        assert active(data) == "2"
     assert cloud.range_requests >= 1, "the download restarted from zero instead of resuming"
     assert not (data / "tmp/toy/2").exists()
     assert a.stop() == 0

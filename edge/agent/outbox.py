@@ -26,7 +26,7 @@ from tandem.shared.errors import InvalidInput
 
 KINDS = ("feedback", "route", "telemetry")
 _FIELDS = {"id", "kind", "model", "version", "request_id", "label", "payload", "created_at"}
-_COUNTERS = ("appended", "uploaded", "dropped_full", "dropped_age", "route_edge", "route_cloud", "route_failed")
+_COUNTERS = ("appended", "uploaded", "dropped_full", "dropped_age", "dropped_refused", "route_edge", "route_cloud", "route_failed")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -139,6 +139,14 @@ class Outbox:
             self._bump("uploaded", n)
             self._db.execute("COMMIT")
         return n
+
+    def reject(self, seq: int) -> None:
+        """Delete one record the cloud refused as malformed (it would block the queue forever); counted."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            if self._db.execute("DELETE FROM records WHERE seq = ?", (seq,)).rowcount:
+                self._bump("dropped_refused", 1)
+            self._db.execute("COMMIT")
 
     def depth(self) -> int:
         with self._lock:

@@ -52,7 +52,7 @@ def format_status(s: dict[str, Any]) -> str:
     o = s["outbox"]
     if o:
         lines.append(f"outbox: {o['depth']} waiting, {o['uploaded']} uploaded, dropped {o['dropped_full']} "
-                     f"(full) + {o['dropped_age']} (too old)")
+                     f"(full) + {o['dropped_age']} (too old) + {o['dropped_refused']} (refused by the cloud)")
     mix = s["route_mix"]
     if mix:
         share = f"{mix['cloud_share']:.1%}" if mix["cloud_share"] is not None else "-"

@@ -19,7 +19,7 @@ import aiohttp
 
 from tandem.shared import signing
 from tandem.shared.bundle import MANIFEST_NAME, SIGNATURE_NAME, parse_manifest, safe_join, sha256_file
-from tandem.shared.errors import HashMismatch, NotFound, TandemError, Unavailable, error_from_body
+from tandem.shared.errors import HashMismatch, InvalidInput, NotFound, TandemError, Unavailable, error_from_body
 
 from .config import AgentConfig
 from .outbox import Outbox
@@ -28,6 +28,8 @@ from .store import EDGE_ROLE, Activation, ModelStore, crash_point
 log = logging.getLogger(__name__)
 
 _CHUNK = 64 << 10
+#: A partitioned link is silence, not an error: give up on one upload after this long.
+_UPLOAD_TIMEOUT_S = 10.0
 
 
 class RegistryClient:
@@ -216,13 +218,29 @@ class Uploader:
             batch = await asyncio.to_thread(self.outbox.peek, self.config.upload_batch)
             if not batch:
                 return sent
-            async with self._session.post(self._url, json={"records": [r for _, r in batch]},
-                                          headers=self._headers) as r:
-                await _raise_for(r)
-                await r.read()
+            try:
+                await self._post([r for _, r in batch])
+            except InvalidInput:
+                # The cloud refuses something in this batch: find it one by one so the rest still goes.
+                for seq, rec in batch:
+                    try:
+                        await self._post([rec])
+                    except InvalidInput as e:
+                        log.error("the cloud refused outbox record %s (%s); dropping it", rec.get("id"), e.message)
+                        await asyncio.to_thread(self.outbox.reject, seq)
+                    else:
+                        await asyncio.to_thread(self.outbox.ack, seq)
+                    sent += 1
+                continue
             # The cloud stored them (duplicates included: ids are idempotency keys), so drop them.
             await asyncio.to_thread(self.outbox.ack, batch[-1][0])
             sent += len(batch)
+
+    async def _post(self, records: list[dict[str, Any]]) -> None:
+        async with self._session.post(self._url, json={"records": records}, headers=self._headers,
+                                      timeout=aiohttp.ClientTimeout(total=_UPLOAD_TIMEOUT_S)) as r:
+            await _raise_for(r)
+            await r.read()
 
     async def run(self, stop: asyncio.Event) -> None:
         delay = self.config.upload_interval_s
