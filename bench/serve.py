@@ -1,0 +1,425 @@
+"""How close does ``tandem serve`` get to the hardware, and how does it compare with the alternatives?
+
+In one run, per model, on the same cores:
+
+* **limit**: raw ``session.run`` throughput at the best batch size (in this process, nothing else running);
+* ``tandem serve`` with the native msgpack protocol, and with Open Inference Protocol v2 binary tensors;
+* **naive**: one aiohttp handler with one ``session.run`` per request (``bench/naive_server.py``);
+* **litserve**: LitServe with its batching on (``bench/litserve_server.py``; ``--with-litserve``).
+
+Load comes from ``wrk`` (one thread, a Lua script posting a fixed body: a Python client would steal
+the server's cores) at each concurrency for a bounded time; every server's answer is checked against
+``session.run`` before it is loaded. Prints req/s, p50, p99 and the ratios to the limit, to naive and
+to LitServe, plus the mean batch size the server really ran (from its metrics).
+
+Models: ``digits`` (the cloud variant of ``tandem build examples/digits``, from ``--repository``),
+``mlp`` (tests/support's MLP bundle) and ``wide`` (a 64-2048-2048-10 MLP where compute dominates).
+
+    apt-get install -y wrk                      # Debian/Ubuntu
+    python bench/serve.py [--repository artifacts/repository] [--models digits,mlp,wide]
+                          [--concurrency 1,16,64] [--duration 10] [--with-litserve]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # support.py: real ONNX models and signed bundles
+
+from tandem.shared.bundle import load_bundle  # noqa: E402
+from tandem.shared.protocol import CONTENT_TYPE, InferRequest, InferResponse, infer_path  # noqa: E402
+
+WRK_LUA = r"""
+local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE")
+local hl = os.getenv("BENCH_HEADER_LENGTH")
+if hl ~= nil and hl ~= "" then wrk.headers["Inference-Header-Content-Length"] = hl end
+
+local non2xx = 0
+response = function(status, headers, body)
+  if status >= 300 then non2xx = non2xx + 1 end
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("BENCH_RESULT %d %d %d %d %d %d\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), e.status, e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+@dataclass
+class Load:
+    """What wrk posts: URL path, body bytes and headers."""
+
+    path: str
+    body: bytes
+    content_type: str
+    header_length: int | None = None
+
+
+@dataclass
+class Run:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    mean_batch: float | None = None
+
+
+@dataclass
+class ModelCase:
+    name: str  # as served
+    repository: Path
+    onnx_path: Path
+    inputs: dict[str, np.ndarray]  # one sample, batch dim 1
+    expected: dict[str, np.ndarray]
+    describe: str
+    limit: float = 0.0
+    limit_batch: int = 0
+    batch1_p50_ms: float = 0.0
+    results: dict[str, dict[int, Run]] = field(default_factory=dict)
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def _case(repository: Path, name: str, describe: str) -> ModelCase:
+    versions = sorted((repository / name).iterdir(), key=lambda p: p.stat().st_mtime)
+    bundle = load_bundle(versions[-1], verify_signature=False)
+    variant = bundle.variant("cloud")
+    inputs, _ = bundle.load_samples()
+    one = {k: v[:1] for k, v in inputs.items()}
+    expected = _session(bundle.variant_path("cloud"), 1).run(None, one)
+    outputs = [o.name for o in bundle.manifest.outputs]
+    return ModelCase(
+        name, repository, bundle.variant_path("cloud"), one, dict(zip(outputs, expected)),
+        f"{name}:{bundle.version} cloud variant {variant.name} ({variant.precision}, {variant.size_bytes / 1e6:.2f} MB)",
+    )
+
+
+def build_cases(args: argparse.Namespace, tmp: Path, public_key_out: list[Path]) -> list[ModelCase]:
+    from support import make_bundle, make_keys
+
+    private, public = make_keys(tmp / "keys")
+    public_key_out.append(public)
+    cases = []
+    for model in args.models:
+        if model == "digits":
+            repo = Path(args.repository)
+            if not (repo / "digits").is_dir():
+                print(f"skip digits: no {repo}/digits (run `tandem build examples/digits --repository {repo}`)")
+                continue
+            cases.append(_case(repo, "digits", "digits"))
+        elif model in ("mlp", "wide"):
+            hidden = (128, 128) if model == "mlp" else (2048, 2048)
+            repo = tmp / f"repo-{model}"
+            make_bundle(repo / model / "1", private, name=model, version="1", cloud_hidden=hidden)
+            cases.append(_case(repo, model, model))
+        else:
+            raise SystemExit(f"unknown model {model!r}: choose from digits, mlp, wide")
+    return cases
+
+
+def _session(path: Path, threads: int):  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def measure_limit(case: ModelCase, threads: int, seconds: float = 1.5) -> None:
+    """Best samples/s of plain session.run over batch sizes, and batch-1 latency, on ``threads``."""
+    sess = _session(case.onnx_path, threads)
+    best = (0.0, 0)
+    for batch in (1, 2, 4, 8, 16, 32, 64, 128):
+        feeds = {k: np.repeat(v, batch, axis=0) for k, v in case.inputs.items()}
+        for _ in range(5):
+            sess.run(None, feeds)
+        times = []
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            t = time.perf_counter()
+            sess.run(None, feeds)
+            times.append(time.perf_counter() - t)
+        rate = batch * len(times) / sum(times)
+        if batch == 1:
+            case.batch1_p50_ms = statistics.median(times) * 1e3
+        best = max(best, (rate, batch))
+    case.limit, case.limit_batch = best
+
+
+# --- servers ------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+class Server:
+    def __init__(self, label: str, cmd: list[str], port: int, ready_path: str, log: Path, env: dict[str, str] | None = None):
+        self.label, self.port, self.base = label, port, f"http://127.0.0.1:{port}"
+        self._log = open(log, "wb")
+        self.log_path = log
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 180
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{label} exited with {self.proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                if _http(self.base + ready_path)[0] == 200:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{label} not ready in 180 s: {log.read_text()[-2000:]}")
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+def native_load(case: ModelCase) -> Load:
+    return Load(infer_path(case.name), InferRequest(case.inputs).to_wire(), CONTENT_TYPE)
+
+
+def v2_load(case: ModelCase) -> Load:
+    header, raw = {"inputs": [], "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in case.expected]}, b""
+    for name, arr in case.inputs.items():
+        data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        header["inputs"].append({"name": name, "shape": list(arr.shape), "datatype": "FP32", "parameters": {"binary_data_size": len(data)}})
+        raw += data
+    head = json.dumps(header).encode()
+    return Load(f"/v2/models/{case.name}/infer", head + raw, "application/octet-stream", len(head))
+
+
+def litserve_load(case: ModelCase) -> Load:
+    (x,) = case.inputs.values()
+    return Load("/predict", json.dumps({"input": x.reshape(-1).tolist()}).encode(), "application/json")
+
+
+def check_answer(kind: str, server: Server, load: Load, case: ModelCase) -> None:
+    """The server must compute the right thing before its speed means anything."""
+    headers = {"Content-Type": load.content_type}
+    if load.header_length is not None:
+        headers["Inference-Header-Content-Length"] = str(load.header_length)
+    status, rh, body = _http(server.base + load.path, load.body, headers)
+    if status != 200:
+        raise RuntimeError(f"{server.label} answered {status}: {body[:300]!r}")
+    (want,) = list(case.expected.values())[:1]
+    if kind == "native":
+        got = next(iter(InferResponse.from_wire(body).outputs.values()))
+    elif kind == "v2":
+        hl = int(next(v for k, v in rh.items() if k.lower() == "inference-header-content-length"))
+        head = json.loads(body[:hl])
+        out = head["outputs"][0]
+        got = np.frombuffer(body[hl : hl + out["parameters"]["binary_data_size"]], "<f4").reshape(out["shape"])
+    else:
+        got = np.asarray(json.loads(body)["output"], np.float32).reshape(want.shape)
+    # int8/fp16 variants legitimately differ a little between batch sizes; argmax must not.
+    if not (np.allclose(got, want, atol=1e-2, rtol=1e-2) and (got.argmax(-1) == want.argmax(-1)).all()):
+        raise RuntimeError(f"{server.label} returned wrong outputs: {got.ravel()[:5]} vs {want.ravel()[:5]}")
+
+
+def wrk(url: str, load: Load, connections: int, seconds: float, tmp: Path) -> Run:
+    body_file = tmp / "body.bin"
+    body_file.write_bytes(load.body)
+    script = tmp / "post.lua"
+    script.write_text(WRK_LUA)
+    env = {**os.environ, "BENCH_BODY": str(body_file), "BENCH_CONTENT_TYPE": load.content_type,
+           "BENCH_HEADER_LENGTH": str(load.header_length or "")}
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s", "-s", str(script), url + load.path]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_RESULT")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no result: {out.stdout[-500:]} {out.stderr[-500:]}")
+    requests, duration_us, p50, p99, status_errors, socket_errors = map(int, line.split()[1:])
+    return Run(requests / (duration_us / 1e6), p50 / 1e3, p99 / 1e3, status_errors + socket_errors)
+
+
+def batch_counters(server: Server, model: str) -> tuple[float, float] | None:
+    """(rows inferred, batches run) from the server's /metrics, or None if it has none."""
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        status, _, body = _http(server.base + "/metrics")
+    except OSError:
+        return None
+    if status != 200:
+        return None
+    rows = execs = 0.0
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            if s.labels.get("model") != model:
+                continue
+            if s.name == "tandem_inference_count_total":
+                rows += s.value
+            elif s.name == "tandem_inference_exec_count_total":
+                execs += s.value
+    return rows, execs
+
+
+def load_server(label: str, kind: str, server: Server, load: Load, case: ModelCase, args: argparse.Namespace, tmp: Path) -> None:
+    check_answer(kind, server, load, case)
+    wrk(server.base, load, 16, min(2.0, args.duration), tmp)  # warm-up, discarded
+    case.results[label] = {}
+    for c in args.concurrency:
+        before = batch_counters(server, case.name)
+        run = wrk(server.base, load, c, args.duration, tmp)
+        after = batch_counters(server, case.name)
+        if before and after and after[1] > before[1]:
+            run.mean_batch = (after[0] - before[0]) / (after[1] - before[1])
+        case.results[label][c] = run
+        print(f"  {label:<14} c={c:<3} {run.rps:>9.0f} req/s  p50 {run.p50_ms:7.2f} ms  p99 {run.p99_ms:7.2f} ms"
+              + (f"  mean batch {run.mean_batch:.1f}" if run.mean_batch else "") + (f"  ERRORS {run.errors}" if run.errors else ""),
+              flush=True)
+
+
+def bench_case(case: ModelCase, args: argparse.Namespace, public_key: Path, tmp: Path) -> None:
+    print(f"\n== {case.describe}", flush=True)
+    measure_limit(case, args.threads)
+    print(f"  limit: {case.limit:,.0f} samples/s (session.run, batch {case.limit_batch}, {args.threads} intra-op threads); "
+          f"batch-1 p50 {case.batch1_p50_ms:.3f} ms", flush=True)
+
+    port = _free_port()
+    # The bench signs its own models; the digits bundle was signed by `tandem build`'s key.
+    trust = ["--insecure-skip-signature"] if case.name == "digits" else ["--trusted-key", str(public_key)]
+    tandem = Server("tandem", ["tandem", "serve", "--repository", str(case.repository), "--port", str(port), *trust,
+                               *args.serve_args], port, "/v2/health/ready", tmp / f"tandem-{case.name}.log",
+                    {"TANDEM_ACCESS_LOG": "false"})
+    try:
+        load_server("tandem native", "native", tandem, native_load(case), case, args, tmp)
+        load_server("tandem v2", "v2", tandem, v2_load(case), case, args, tmp)
+    finally:
+        tandem.stop()
+
+    port = _free_port()
+    naive = Server("naive", [sys.executable, str(ROOT / "bench" / "naive_server.py"), str(case.onnx_path), "--name", case.name,
+                             "--port", str(port), "--threads", str(args.threads)], port, "/v2/health/ready", tmp / f"naive-{case.name}.log")
+    try:
+        load_server("naive aiohttp", "native", naive, native_load(case), case, args, tmp)
+    finally:
+        naive.stop()
+
+    if args.with_litserve:
+        port = _free_port()
+        lit = Server("litserve", [args.litserve_python, str(ROOT / "bench" / "litserve_server.py"), str(case.onnx_path),
+                                  "--port", str(port), "--threads", str(args.threads)], port, "/health", tmp / f"litserve-{case.name}.log")
+        try:
+            load_server("litserve", "litserve", lit, litserve_load(case), case, args, tmp)
+        finally:
+            lit.stop()
+
+
+def report(cases: list[ModelCase], args: argparse.Namespace) -> None:
+    print("\n" + "=" * 110)
+    print(f"{'model':<8}{'server':<15}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'% limit':>9}{'x naive':>9}{'x litserve':>11}{'p99 vs naive':>14}")
+    for case in cases:
+        naive = case.results.get("naive aiohttp", {})
+        lit = case.results.get("litserve", {})
+        for label, runs in case.results.items():
+            for c, r in runs.items():
+                xn = f"{r.rps / naive[c].rps:.2f}" if c in naive else "-"
+                xl = f"{r.rps / lit[c].rps:.2f}" if c in lit else "-"
+                pn = f"{r.p99_ms / naive[c].p99_ms:.2f}" if c in naive else "-"
+                mb = f"{r.mean_batch:.1f}" if r.mean_batch else "-"
+                print(f"{case.name:<8}{label:<15}{c:>5}{r.rps:>9.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{mb:>7}"
+                      f"{100 * r.rps / case.limit:>8.0f}%{xn:>9}{xl:>11}{pn:>14}" + (f"  errors={r.errors}" if r.errors else ""))
+        t1 = case.results.get("tandem native", {}).get(1)
+        if t1:
+            print(f"{case.name:<8}limit {case.limit:,.0f} samples/s at batch {case.limit_batch}; "
+                  f"overhead at concurrency 1: p50 {t1.p50_ms:.3f} ms - raw batch-1 {case.batch1_p50_ms:.3f} ms "
+                  f"= {t1.p50_ms - case.batch1_p50_ms:.3f} ms (includes wrk and the loopback)")
+    print(f"targets: tandem >= 70% of limit at 64 (small model), >= 90% where compute dominates (wide); "
+          f">= 2x naive and >= 5x LitServe with lower p99; overhead at c=1 <= 0.3 ms p50")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repository", default=str(ROOT / "artifacts" / "repository"), help="where `tandem build examples/digits` wrote the digits bundle")
+    p.add_argument("--models", default="digits,mlp,wide", type=lambda s: s.split(","))
+    p.add_argument("--concurrency", default="1,16,64", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of load per server and concurrency")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores every server may use")
+    p.add_argument("--with-litserve", action="store_true", help="pip-install litserve if missing and include it")
+    p.add_argument("--serve-arg", dest="serve_args", action="append", default=[], help="extra flag for tandem serve (repeat)")
+    args = p.parse_args()
+
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: `sudo apt-get install -y wrk` (Debian/Ubuntu) or build it from "
+              "https://github.com/wg/wrk, then re-run.", file=sys.stderr)
+        return 2
+    args.litserve_python = _litserve_python() if args.with_litserve else None
+    if args.with_litserve and args.litserve_python is None:
+        print("note: litserve could not be installed; running without it", file=sys.stderr)
+        args.with_litserve = False
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} (other work on the machine skews every number)")
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-") as t:
+        tmp = Path(t)
+        keys: list[Path] = []
+        cases = build_cases(args, tmp, keys)
+        for case in cases:
+            bench_case(case, args, keys[0], tmp)
+        report(cases, args)
+    return 0
+
+
+def _litserve_python() -> str | None:
+    """A Python that can import litserve: this one, else a venv beside the system packages
+    (``~/.cache/tandem-bench/litserve``) so installing LitServe's own dependencies (FastAPI,
+    uvicorn, ...) never changes the environment Tandem runs in."""
+    if subprocess.run([sys.executable, "-c", "import litserve"], capture_output=True).returncode == 0:
+        return sys.executable
+    venv = Path.home() / ".cache" / "tandem-bench" / "litserve"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    if subprocess.run([str(python), "-c", "import litserve"], capture_output=True).returncode != 0:
+        r = subprocess.run([str(python), "-m", "pip", "install", "-q", "litserve"], timeout=900)
+        if r.returncode != 0:
+            return None
+    return str(python)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
