@@ -237,12 +237,23 @@ class HybridClient:
         return t0 + ms / 1000.0
 
     async def _try_cloud(
-        self, feeds: dict[str, np.ndarray], budget: Budget, deadline: float, need_ms: float, fallbacks: list[str]
+        self,
+        feeds: dict[str, np.ndarray],
+        budget: Budget,
+        deadline: float,
+        need_ms: float,
+        fallbacks: list[str],
+        *,
+        have_edge_answer: bool = False,
     ) -> tuple[CloudReply, float] | None:
-        """Cloud attempts within the deadline minus the edge reserve: (reply, cost), or None with
-        the reasons appended to ``fallbacks``. Cancelling it cancels the HTTP request."""
+        """Cloud attempts within the deadline minus the time an edge fallback needs (none when the
+        edge answer is already in hand): (reply, cost), or None with the reasons appended to
+        ``fallbacks``. Cancelling it cancels the HTTP request."""
         router = self.router
-        reserve_ms = router.edge_reserve_ms(next(iter(feeds.values())).shape[0] if feeds else 1)
+        if have_edge_answer:
+            reserve_ms = self.config.edge_reserve_margin_ms
+        else:
+            reserve_ms = router.edge_reserve_ms(len(next(iter(feeds.values()))) if feeds else 1)
         request_id = uuid.uuid4().hex
         attempt = 0
         router.retries.enter()
@@ -306,7 +317,7 @@ class HybridClient:
         head = f"cascade: edge confidence {conf:.2f} < {d.threshold:.2f}"
         fallbacks: list[str] = []
         need = self.estimates.cloud_ms(0.95) or 0.0
-        got = await self._try_cloud(feeds, budget, self._deadline(budget, t0), need, fallbacks)
+        got = await self._try_cloud(feeds, budget, self._deadline(budget, t0), need, fallbacks, have_edge_answer=True)
         if got is not None:
             return self._cloud_result(got, f"{head} → cloud", d, t0, fallbacks, conf)
         return self._fallback_result(outs, f"{head}, {fallbacks[-1]} → edge", d, t0, fallbacks, conf)

@@ -11,7 +11,8 @@ switched at run time with :meth:`FaultProxy.set`:
   flight are discarded (the peer sees silence, as with a cut cable);
 - ``stall``: bytes are held (not lost) until the stall is lifted.
 
-``accepted`` counts connections ever accepted (a test can prove a call never opened one).
+``accepted`` counts connections ever accepted (a test can prove a call never opened one);
+``client_closed`` counts connections the client closed (a test can prove a cancel really cancels).
 
     proxy = FaultProxy(upstream=("127.0.0.1", 8000)); await proxy.start(); proxy.set(latency_ms=40)
     python -m tandem.edge.faultproxy --upstream 127.0.0.1:8000 --listen 127.0.0.1:9000 --latency 40
@@ -50,6 +51,7 @@ class FaultProxy:
         self.active = 0
         self.bytes_up = 0
         self.bytes_down = 0
+        self.client_closed = 0
         self._rng = random.Random(seed)
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[asyncio.Task[None]] = set()
@@ -151,6 +153,7 @@ class FaultProxy:
     async def _blackhole(self, reader: asyncio.StreamReader) -> None:
         while await reader.read(_CHUNK):
             pass
+        self.client_closed += 1
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: bool) -> None:
         """Copy one direction with the current faults, keeping chunk order."""
@@ -193,6 +196,8 @@ class FaultProxy:
                 at = max(last_at, base + max(0.0, f.latency_ms + jitter) / 2000.0)
                 last_at = at
                 queue.put_nowait((at, data))
+            if up:
+                self.client_closed += 1
             queue.put_nowait(None)
             await sender
         finally:

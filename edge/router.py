@@ -47,7 +47,7 @@ class RouterConfig(BaseModel):
     hedge_max_share: float = Field(0.15, ge=0, le=1)
     hedge_quantile: float = Field(0.95, gt=0, lt=1)
     #: Time kept back from the deadline for an edge fallback: edge p99 × factor + margin.
-    edge_reserve_factor: float = Field(2.0, ge=1)
+    edge_reserve_factor: float = Field(1.5, ge=1)
     edge_reserve_margin_ms: float = Field(2.0, ge=0)
     #: Circuit breaker.
     breaker_window_s: float = Field(10.0, gt=0)

@@ -182,6 +182,9 @@ async def test_hedged_starts_the_edge_when_the_cloud_is_late_and_caps_hedges(bun
             await c.ainfer(X, Budget(latency_ms=2000))
         proxy.set(latency_ms=200)
         routes = [(await c.ainfer(X, Budget(latency_ms=1000))).route for _ in range(30)]
+        await asyncio.sleep(0.1)
+        lost = sum(1 for r in routes if r.hedged and r.tier == "edge")
+        assert proxy.client_closed >= lost, "each cloud request that lost its hedge must be cancelled"
     hedged = [r for r in routes if r.hedged]
     assert hedged, "the cloud was far later than its p95: some calls must have been hedged"
     # The first late call is hedged at the fast p95 and the edge wins by ~200 ms.
@@ -202,3 +205,16 @@ async def test_retry_after_is_respected(bundle, cloud, proxy) -> None:  # type: 
         r = await c.ainfer(X, Budget(latency_ms=500))
     assert r.route.tier == "edge" and "retry after" in r.route.reason
     assert proxy.accepted == 0
+
+
+async def test_cancelling_a_call_closes_its_cloud_connection(bundle, proxy) -> None:  # type: ignore[no-untyped-def]
+    async with HybridClient(bundle, proxy.url, policy="cloud-only") as c:
+        await c.ainfer(X)
+        assert proxy.client_closed == 0  # the pooled connection stays open between calls
+        proxy.set(partition=True)  # bytes vanish: the call can only end by cancellation
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(c.ainfer(X, Budget(latency_ms=10_000)), 0.2)
+        t_end = time.monotonic() + 2
+        while proxy.client_closed < 1 and time.monotonic() < t_end:
+            await asyncio.sleep(0.02)
+        assert proxy.client_closed >= 1, "the cancelled request's connection must be closed, not left waiting"
