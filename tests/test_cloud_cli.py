@@ -1,0 +1,109 @@
+"""``tandem serve`` as a real process: ready line, SIGTERM drains accepted requests, exit 0; config sources."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud_support import free_port, make_repository, request
+from tandem.cloud.config import load_config
+from tandem.shared import protocol as p
+from tandem.shared.errors import InvalidInput
+
+
+def _serve(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tandem.shared.cli", "serve", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+    )
+
+
+def _wait_ready(proc: subprocess.Popen[str], timeout: float = 60) -> list[str]:
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"server exited early: {proc.wait(5)} {proc.stderr.read() if proc.stderr else ''}")
+        lines.append(line)
+        if line.startswith("ready "):
+            return lines
+    raise AssertionError("server did not print ready in time")
+
+
+def test_sigterm_drains_accepted_requests_then_exits_0(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    repo = make_repository(tmp_path / "repo", keys[0], toy_versions=(), varlen=False)
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text('warmup_batch_sizes = [1]\n[model_batching.slow]\nmax_batch_size = 1\n')
+    port = free_port()
+    proc = _serve(["--repository", str(repo), "--trusted-key", str(keys[1]), "--port", str(port), "--config", str(cfg)])
+    try:
+        lines = _wait_ready(proc)
+        assert lines[-1].strip() == f"ready http://127.0.0.1:{port}"
+        assert any("slow:1" in line and "providers=CPUExecutionProvider" in line for line in lines)
+        url = f"http://127.0.0.1:{port}"
+        body = p.InferRequest({"x": np.ones((1, 8), np.float32)}).to_wire()
+        n = 6
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            futures = [pool.submit(request, url, "POST", p.infer_path("slow"), body) for _ in range(n)]
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # wait until all n are accepted (queued or computing)
+                metrics = request(url, "GET", "/metrics")[2].decode()
+                if f'tandem_inference_pending_request_count{{model="slow",version="1"}} {n}.0' in metrics:
+                    break
+                time.sleep(0.005)
+            else:
+                raise AssertionError("requests were not all accepted")
+            proc.send_signal(signal.SIGTERM)
+            results = [f.result(timeout=60) for f in futures]
+        assert [status for status, _, _ in results] == [200] * n
+        for _, _, raw in results:
+            np.testing.assert_array_equal(p.InferResponse.from_wire(raw).outputs["y"], np.full((1, 8), 2, np.float32))
+        assert proc.wait(30) == 0
+        assert "draining" in (proc.stderr.read() if proc.stderr else "")
+        with pytest.raises(OSError):
+            request(url, "GET", "/v2/health/live", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_cli_errors_are_clear(tmp_path: Path) -> None:
+    proc = _serve(["--repository", str(tmp_path)])
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "--trusted-key" in err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("port = 'x'\n")
+    proc = _serve(["--repository", str(tmp_path), "--insecure-skip-signature", "--config", str(bad)])
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "port" in err
+
+
+def test_config_sources_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    yml = tmp_path / "c.yaml"
+    yml.write_text("repository: /r\nport: 9001\ninstances: 2\nbatching:\n  max_batch_size: 8\ncanary:\n  toy: {'1': 95, '2': 5}\n")
+    c = load_config(yml)
+    assert (c.port, c.instances, c.batching.max_batch_size, c.canary["toy"]["2"]) == (9001, 2, 8, 5)
+    monkeypatch.setenv("TANDEM_PORT", "9002")
+    monkeypatch.setenv("TANDEM_BATCHING__MAX_QUEUE_SIZE", "7")
+    c = load_config(yml)
+    assert c.port == 9002 and c.batching.max_queue_size == 7  # env beats the file
+    assert load_config(yml, port=9003).port == 9003  # flags beat env
+    assert c.threads_per_session() == max(1, (os.cpu_count() or 1) // 2)
+    with pytest.raises(InvalidInput, match="canary"):
+        load_config(None, repository="/r", canary={"toy": {"1": 0}})
+    (tmp_path / "c.ini").write_text("[x]\n")
+    with pytest.raises(InvalidInput, match="must end in"):
+        load_config(tmp_path / "c.ini")
+    with pytest.raises(InvalidInput, match="preferred_batch_sizes"):
+        load_config(None, repository="/r", batching={"max_batch_size": 4, "preferred_batch_sizes": [8]})
