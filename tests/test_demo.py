@@ -1,0 +1,49 @@
+"""`tandem demo --quick` end to end, twice: the second run reuses the bundle, and no process survives."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(400)
+
+
+def _closed(url: str) -> bool:
+    host, port = url.removeprefix("http://").split(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
+def _demo(work: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tandem.shared.cli", "demo", "--quick", "--work", str(work)],
+                          capture_output=True, text=True, timeout=380)
+
+
+def test_demo_runs_end_to_end_twice_without_rebuilding(tmp_path: Path) -> None:
+    work = tmp_path / "demo"
+    first = _demo(work)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    out = first.stdout
+    assert "building digits" in out and "demo OK: 0 failed calls" in out
+    for phase in ("edge-only", "cloud-only", "cascade", "constrained", "cascade+outage"):
+        assert re.search(rf"^{re.escape(phase)}\s+\d+\s+0\.\d+", out, re.M), f"no report row for {phase}"
+    assert re.search(r"outage: the cloud was partitioned .* 0 failed", out)
+    assert (work / "demo-report.png").stat().st_size > 10_000
+    assert list((work / "repository" / "digits").glob("*/manifest.json"))
+    # Every process it started is gone: the cloud and agent ports are closed, the agent cleaned up.
+    urls = re.findall(r"on (http://127\.0\.0\.1:\d+)", out)
+    assert len(urls) == 2 and all(_closed(u) for u in urls)
+    assert not (work / "agent" / "agent.json").exists()
+
+    second = _demo(work)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    assert "built before" in second.stdout and "building digits" not in second.stdout
+    assert len(list((work / "repository" / "digits").glob("*/manifest.json"))) == 1
