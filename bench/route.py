@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -73,8 +76,9 @@ class ProxyThread:
         self.thread.join(5)
 
 
-def run_policy(client: HybridClient, x: np.ndarray, y: np.ndarray, budget: Budget) -> dict[str, float]:
+def run_policy(client: HybridClient, x: np.ndarray, y: np.ndarray, budget: Budget) -> dict[str, Any]:
     lat, tiers, correct, cost = [], [], [], 0.0
+    why: Counter[str] = Counter()
     for i in range(len(x)):
         xi = x[i : i + 1]
         t0 = time.perf_counter()
@@ -83,6 +87,7 @@ def run_policy(client: HybridClient, x: np.ndarray, y: np.ndarray, budget: Budge
         tiers.append(r.route.tier == "cloud")
         correct.append(int(r.outputs["logits"].argmax()) == int(y[i]))
         cost += r.route.cost
+        why[re.sub(r"\d+(\.\d+)?", "#", r.route.reason)] += 1
     lat_a = np.array(lat)
     return {
         "acc": float(np.mean(correct)),
@@ -91,6 +96,7 @@ def run_policy(client: HybridClient, x: np.ndarray, y: np.ndarray, budget: Budge
         "p50": float(np.percentile(lat_a, 50)),
         "p99": float(np.percentile(lat_a, 99)),
         "within": float(np.mean(lat_a <= budget.latency_ms)) if budget.latency_ms else 1.0,
+        "why": why.most_common(3),
     }
 
 
@@ -155,7 +161,7 @@ def main() -> int:
     ap.add_argument("--jitter", type=float, default=10.0)
     ap.add_argument("--budget-ms", type=float, default=100.0, help="latency budget per call")
     ap.add_argument("--cost", type=float, default=0.0001, help="price of one cloud call")
-    ap.add_argument("--thresholds", default="0.6,0.8,0.9,0.95,0.99")
+    ap.add_argument("--thresholds", default="0.5,0.7,0.8,0.9,0.95,0.99")
     ap.add_argument("--png", type=Path, default=Path("bench/route_cascade.png"))
     ap.add_argument("--limit", type=int, default=None, help="use only the first N test samples")
     args = ap.parse_args()
@@ -177,6 +183,13 @@ def main() -> int:
         x, y = x[: args.limit], y[: args.limit]
     bundle_dir = _latest(repo, model)
     bundle = load_bundle(bundle_dir, [pub])
+    with HybridClient(bundle, policy="edge-only") as c:
+        raw_us, hyb_us, ratio = edge_overhead(c, x)
+        outs = c.runtime.run({c.runtime.input_names[0]: x[:1]})
+        t0 = time.perf_counter()
+        for _ in range(20000):
+            c.runtime.confidence(outs)
+        conf_us = (time.perf_counter() - t0) / 20000 * 1e6
     cloud = CloudProcess(repo, pub).start()
     proxy = ProxyThread(cloud.port)
     proxy.set(latency_ms=args.latency, jitter_ms=args.jitter)
@@ -208,12 +221,6 @@ def main() -> int:
                     cloud_pred = np.array([int(c.infer(x[i : i + 1], budget).outputs["logits"].argmax()) for i in range(len(x))])
                 rows.append((label, stats, decision_us(c, budget)))
         with HybridClient(bundle, policy="edge-only") as c:
-            raw_us, hyb_us, ratio = edge_overhead(c, x)
-            outs = c.runtime.run({c.runtime.input_names[0]: x[:1]})
-            t0 = time.perf_counter()
-            for _ in range(20000):
-                c.runtime.confidence(outs)
-            conf_us = (time.perf_counter() - t0) / 20000 * 1e6
             assert cloud_pred is not None
             ts, accs, shares, confs = cascade_curve(c, x, y, cloud_pred)
             threshold = c.estimates.cascade_threshold(None, 0.8)
@@ -221,6 +228,10 @@ def main() -> int:
         proxy.stop()
         cloud.stop()
 
+    print()
+    print("why (most common Route reasons, numbers as #):")
+    for label, s, _ in rows:
+        print(f"  {label:<20} " + "; ".join(f"{n}× {w}" for w, n in s["why"]))
     print()
     print(f"{'policy':<22}{'accuracy':>9}{'cloud%':>8}{'cost':>10}{'p50 ms':>8}{'p99 ms':>8}{'in budget':>10}{'decide µs':>10}")
     for label, s, dus in rows:

@@ -102,7 +102,12 @@ class HybridClient:
         self.bundle = bundle
         self.config = config
         self.model = model or bundle.name
-        self.estimates = Estimates(bundle, window=config.latency_window, cost_per_call=config.cloud_cost_per_call)
+        self.estimates = Estimates(
+            bundle,
+            window=config.latency_window,
+            cost_per_call=config.cloud_cost_per_call,
+            cloud_max_age_s=config.cloud_estimate_max_age_s,
+        )
         self.runtime = EdgeRuntime(
             bundle,
             providers=config.providers,

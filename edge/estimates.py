@@ -8,6 +8,7 @@ calls have replaced them.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from tandem.shared.bundle import Bundle
@@ -17,23 +18,32 @@ MIN_SAMPLES = 8
 
 
 class LatencyWindow:
-    """Moving percentiles (ms) over the last ``size`` samples."""
+    """Moving percentiles (ms) over the last ``size`` samples, optionally only those younger than
+    ``max_age_s`` — so that the estimate of a tier the router stopped using (because it looked slow)
+    expires and the next call measures it again, instead of the router trusting a stale number forever.
+    """
 
-    __slots__ = ("_buf", "_size", "_i", "_n", "_sorted", "_since_sort", "_seed")
+    __slots__ = ("_buf", "_times", "_size", "_i", "_n", "_sorted", "_since_sort", "_sorted_at", "_seed", "_max_age")
 
-    def __init__(self, size: int = 512, seed: tuple[float, float] | None = None) -> None:
+    def __init__(self, size: int = 512, seed: tuple[float, float] | None = None, max_age_s: float | None = None) -> None:
         self._buf: list[float] = [0.0] * size
+        self._times: list[float] = [0.0] * size if max_age_s is not None else []
         self._size = size
         self._i = 0
         self._n = 0
         self._sorted: list[float] = []
         self._since_sort = 0
+        self._sorted_at = 0.0
         #: (p50, p99) from elsewhere (the manifest), used until MIN_SAMPLES real samples exist.
         self._seed = seed
+        self._max_age = max_age_s
 
     def add(self, ms: float) -> None:
-        self._buf[self._i] = ms
-        self._i = (self._i + 1) % self._size
+        i = self._i
+        self._buf[i] = ms
+        if self._max_age is not None:
+            self._times[i] = time.monotonic()
+        self._i = (i + 1) % self._size
         if self._n < self._size:
             self._n += 1
         self._since_sort += 1
@@ -45,15 +55,23 @@ class LatencyWindow:
     def percentile(self, q: float) -> float | None:
         """The q-quantile (0..1) of recent samples, the seed's estimate, or None if nothing is known."""
         n = self._n
+        if self._max_age is not None:
+            now = time.monotonic()
+            if now - self._sorted_at > 1.0 or self._since_sort >= max(1, n >> 4):
+                horizon = now - self._max_age
+                self._sorted = sorted(v for v, t in zip(self._buf[:n], self._times[:n]) if t >= horizon)
+                self._since_sort = 0
+                self._sorted_at = now
+            n = len(self._sorted)
+        elif self._since_sort and (self._since_sort >= (n >> 4) or len(self._sorted) < MIN_SAMPLES):
+            self._sorted = sorted(self._buf[:n])
+            self._since_sort = 0
         if n < MIN_SAMPLES:
             if self._seed is not None:
                 p50, p99 = self._seed
                 return p50 if q <= 0.5 else p50 + (p99 - p50) * min(1.0, (q - 0.5) / 0.49)
             if n == 0:
                 return None
-        if self._since_sort and (self._since_sort >= (n >> 4) or len(self._sorted) < MIN_SAMPLES):
-            self._sorted = sorted(self._buf[:n])
-            self._since_sort = 0
         s = self._sorted
         return s[min(len(s) - 1, int(q * len(s)))]
 
@@ -61,7 +79,7 @@ class LatencyWindow:
 class Estimates:
     """The router's view of both tiers. Policies read it; the client feeds it."""
 
-    def __init__(self, bundle: Bundle, *, window: int = 512, cost_per_call: float = 0.0) -> None:
+    def __init__(self, bundle: Bundle, *, window: int = 512, cost_per_call: float = 0.0, cloud_max_age_s: float | None = 30.0) -> None:
         m = bundle.manifest
         self._window = window
         edge = _variant(bundle, "edge")
@@ -70,8 +88,8 @@ class Estimates:
         #: batch size -> LatencyWindow of edge run times.
         self.edge: dict[int, LatencyWindow] = {}
         self._edge_seed = (em.latency_p50_ms, em.latency_p99_ms, em.latency_batch_size) if em else None
-        self.cloud_rtt = LatencyWindow(window)
-        self.cloud_queue = LatencyWindow(window)
+        self.cloud_rtt = LatencyWindow(window, max_age_s=cloud_max_age_s)
+        self.cloud_queue = LatencyWindow(window, max_age_s=cloud_max_age_s)
         self.cloud_queue_depth: int | None = None
         self.cost_per_call = float(cost_per_call)
         self.cost_source = "config"
@@ -79,7 +97,7 @@ class Estimates:
         self.cloud_accuracy: float | None = cloud.metrics.accuracy if cloud is not None and cloud.metrics else None
         self.calibration = m.calibration
         self.confidence_kind = m.calibration.confidence if m.calibration else "max_softmax"
-        self._thresholds: dict[float | None, float] = {}
+        self._thresholds: dict[tuple[float | None, float], float] = {}
 
     # --- edge ---------------------------------------------------------------------------------
 
@@ -114,27 +132,32 @@ class Estimates:
 
     # --- quality ------------------------------------------------------------------------------
 
-    def default_target(self) -> float | None:
-        """The cascade's default target: the best calibrated cascade accuracy − 0.3 pt."""
+    def default_target(self, drop: float = 0.0) -> float | None:
+        """The cascade's default target: the best calibrated cascade accuracy (what sending every
+        unsure input to the cloud achieves) minus ``drop``.
+
+        The default drop is 0: on a few hundred calibration samples one error is ~0.3 pt, so a
+        looser target mostly measures noise and loses more than that on unseen data.
+        """
         if self.calibration is None or not self.calibration.points:
             return None
-        return max(p.cascade_accuracy for p in self.calibration.points) - 0.003
+        return max(p.cascade_accuracy for p in self.calibration.points) - drop
 
-    def cascade_threshold(self, target_accuracy: float | None, fallback: float) -> float:
-        """The confidence threshold meeting ``target_accuracy`` on the bundle's calibration (cached).
-
-        A target no calibration point reaches escalates everything (threshold above any confidence).
+    def cascade_threshold(self, target_accuracy: float | None, fallback: float, drop: float = 0.0) -> float:
+        """The confidence threshold meeting ``target_accuracy`` (default: :meth:`default_target`) on
+        the bundle's calibration (cached). A target no point reaches escalates everything.
         """
-        t = self._thresholds.get(target_accuracy)
+        key = (target_accuracy, drop)
+        t = self._thresholds.get(key)
         if t is None:
             cal = self.calibration
-            target = target_accuracy if target_accuracy is not None else self.default_target()
+            target = target_accuracy if target_accuracy is not None else self.default_target(drop)
             if cal is None or target is None:
                 t = fallback
             else:
-                point = cal.threshold_for(target)
+                point = cal.threshold_for(target - 1e-12)
                 t = point.threshold if point is not None else float("inf")
-            self._thresholds[target_accuracy] = t
+            self._thresholds[key] = t
         return t
 
     def snapshot(self, batch: int = 1) -> dict[str, Any]:

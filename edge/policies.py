@@ -94,21 +94,24 @@ class Cascade:
     """Edge first; keep its answer when confident enough, else escalate (if the deadline allows).
 
     The threshold is ``threshold`` when given, else the one the bundle's calibration gives for the
-    call's ``target_accuracy`` (default: the best calibrated cascade accuracy − 0.3 pt).
+    call's ``target_accuracy`` (default: the best calibrated cascade accuracy − ``target_drop``).
     """
 
     name = "cascade"
 
-    def __init__(self, threshold: float | None = None, target_accuracy: float | None = None, fallback: float = 0.8) -> None:
+    def __init__(
+        self, threshold: float | None = None, target_accuracy: float | None = None, fallback: float = 0.8, target_drop: float = 0.0
+    ) -> None:
         self.threshold = threshold
         self.target_accuracy = target_accuracy
         self.fallback = fallback
+        self.target_drop = target_drop
 
     def decide(self, budget: "Budget", est: "Estimates") -> Decision:
         t = self.threshold
         if t is None or budget.target_accuracy is not None:
             target = budget.target_accuracy if budget.target_accuracy is not None else self.target_accuracy
-            t = est.cascade_threshold(target, self.fallback)
+            t = est.cascade_threshold(target, self.fallback, self.target_drop)
         return Decision("cascade", "cascade", self.name, threshold=t, estimates={"threshold": t})
 
 

@@ -41,6 +41,8 @@ class RouterConfig(BaseModel):
     #: Cascade: a fixed threshold, or the target accuracy to calibrate it for.
     cascade_threshold: float | None = None
     target_accuracy: float | None = Field(None, ge=0, le=1)
+    #: Without a target: accept this much less than the best calibrated cascade accuracy.
+    target_drop: float = Field(0.0, ge=0, le=1)
     #: Threshold used when the bundle has no calibration and none is given.
     fallback_threshold: float = 0.8
     #: Hedged: at most this share of calls may start a second (edge) attempt.
@@ -67,6 +69,9 @@ class RouterConfig(BaseModel):
     pool_size: int = Field(32, ge=1)
     pin_version: bool = False
     latency_window: int = Field(512, ge=16)
+    #: Cloud latency samples older than this are forgotten (None: never), so a cloud the router
+    #: stopped using because it looked slow gets measured again.
+    cloud_estimate_max_age_s: float | None = Field(30.0, gt=0)
 
 
 class Router:
@@ -91,7 +96,13 @@ class Router:
     def _make(self, policy: str | Policy) -> Policy:
         c = self.config
         if policy == "cascade":
-            return make_policy("cascade", threshold=c.cascade_threshold, target_accuracy=c.target_accuracy, fallback=c.fallback_threshold)
+            return make_policy(
+                "cascade",
+                threshold=c.cascade_threshold,
+                target_accuracy=c.target_accuracy,
+                fallback=c.fallback_threshold,
+                target_drop=c.target_drop,
+            )
         if policy == "hedged":
             return make_policy("hedged", quantile=c.hedge_quantile)
         return make_policy(policy)

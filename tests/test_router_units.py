@@ -141,8 +141,11 @@ def test_cascade_threshold_comes_from_the_calibration(est: Estimates) -> None:
     assert Cascade(threshold=0.3).decide(Budget(), est).threshold == 0.3
     # A target nothing reaches escalates everything.
     assert Cascade().decide(Budget(target_accuracy=1.0 + 0), est).threshold in (float("inf"), *[p.threshold for p in cal.points])
+    best = max(p.cascade_accuracy for p in cal.points)
     default = Cascade().decide(Budget(), est).threshold
-    assert default == cal.threshold_for(max(p.cascade_accuracy for p in cal.points) - 0.003).threshold
+    assert default == cal.threshold_for(best - 1e-12).threshold
+    looser = Cascade(target_drop=0.05).decide(Budget(), est).threshold
+    assert looser == cal.threshold_for(best - 0.05).threshold and looser <= default
 
 
 def test_constrained_picks_what_fits(est: Estimates) -> None:
@@ -202,3 +205,15 @@ def test_decisions_are_cheap(est: Estimates) -> None:
     for _ in range(2000):
         r.decide(b)
     assert (time.perf_counter() - t0) / 2000 < 500e-6
+
+
+def test_cloud_estimates_expire_so_a_slow_looking_cloud_is_measured_again() -> None:
+    w = LatencyWindow(64, max_age_s=0.2)
+    for _ in range(20):
+        w.add(500.0)
+    assert w.percentile(0.95) == 500.0
+    time.sleep(1.1)  # past max_age and past the 1 s refresh
+    assert w.percentile(0.95) is None  # unknown again: the next policy decision tries the cloud
+    for _ in range(MIN_SAMPLES):
+        w.add(40.0)
+    assert w.percentile(0.95) == 40.0
