@@ -51,7 +51,9 @@ class Agent:
         self.updater: Updater | None = None
         self.uploader: Uploader | None = None
 
-    async def start(self) -> None:
+    async def start(self, run_loops: bool = True) -> None:
+        """Recover, serve, and (``run_loops``) start polling/uploading; without loops the caller
+        drives ``updater.poll_once()`` / ``uploader.flush()`` itself (tests, one-shot tools)."""
         cfg = self.config
         active = await asyncio.to_thread(self.store.recover)
         for name in self.tracked:
@@ -62,9 +64,11 @@ class Agent:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=10))
             self.updater = Updater(cfg, self.store, self._session, self._on_activate, self._on_refuse)
             self.uploader = Uploader(cfg, self.outbox, self._session)
-            self._tasks += [asyncio.create_task(self.updater.run(self._stop), name="agent-update"),
-                            asyncio.create_task(self.uploader.run(self._stop), name="agent-upload")]
-        self._tasks.append(asyncio.create_task(self._telemetry(), name="agent-telemetry"))
+            if run_loops:
+                self._tasks += [asyncio.create_task(self.updater.run(self._stop), name="agent-update"),
+                                asyncio.create_task(self.uploader.run(self._stop), name="agent-upload")]
+        if run_loops:
+            self._tasks.append(asyncio.create_task(self._telemetry(), name="agent-telemetry"))
         write_json_atomic(cfg.data_dir / RUNTIME_NAME, {
             "pid": os.getpid(), "url": self.url,
             "socket": str(cfg.socket_path) if cfg.unix_socket else None, "started_at": time.time(),

@@ -112,13 +112,16 @@ class Updater:
         self.on_refuse = on_refuse
         self.registry = RegistryClient(session, config.cloud_url or "", config.api_key)
         self._keys = [signing.load_public_key(k) for k in config.trusted_keys]
+        # One poll at a time: two would download into the same staging directory.
+        self._lock = asyncio.Lock()
 
     async def poll_once(self) -> dict[str, str]:
         """{model: outcome} after checking every tracked model once."""
-        outcomes = {}
-        for tracked in self.config.models:
-            outcomes[tracked.name] = await self._update(tracked.name, tracked.version)
-        return outcomes
+        async with self._lock:
+            outcomes = {}
+            for tracked in self.config.models:
+                outcomes[tracked.name] = await self._update(tracked.name, tracked.version)
+            return outcomes
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
