@@ -79,7 +79,10 @@ def _bad_requests() -> list[tuple[str, bytes, dict, int, str]]:
     ]
 
 
-@pytest.mark.parametrize("path, body, headers, status, match", _bad_requests())
+@pytest.mark.parametrize("path, body, headers, status, match", _bad_requests(),
+                         ids=["empty", "garbage", "json", "no-inputs", "short-tensor", "wrong-input", "bad-latency",
+                              "bad-policy", "unknown-param", "bad-local-only-header", "bad-deadline-header",
+                              "unknown-model", "inactive-version", "too-large"])
 async def test_malformed_requests_get_clear_msgpack_errors(agent: Agent, path, body, headers, status, match) -> None:
     async with aiohttp.ClientSession() as s:
         async with s.post(agent.url + path, data=body, headers={"Content-Type": CONTENT_TYPE, **headers}) as r:

@@ -19,7 +19,7 @@ from tandem.shared import signing
 from tandem.shared.errors import InvalidInput, TandemError
 
 from .config import AgentConfig
-from .local_api import _plain, create_app
+from .local_api import to_plain, create_app
 from .outbox import Outbox
 from .routing import Router, RouterSlot
 from .store import Activation, ModelStore, write_json_atomic
@@ -140,7 +140,7 @@ class Agent:
     async def record_route(self, model: str, version: str, request_id: str | None, route: Mapping[str, Any]) -> None:
         if not self.config.record_routes:
             return
-        rec: dict[str, Any] = {"kind": "route", "model": model, "version": version, "payload": _plain(dict(route))}
+        rec: dict[str, Any] = {"kind": "route", "model": model, "version": version, "payload": to_plain(dict(route))}
         if request_id:
             rec["request_id"] = request_id
         try:

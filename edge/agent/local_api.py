@@ -155,7 +155,7 @@ async def _native_infer(request: web.Request) -> web.Response:
             raise InvalidInput(f"unknown output(s) {missing}; the model has {sorted(outputs)}")
         outputs = {k: outputs[k] for k in req.outputs}
     msg: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": encode_tensors(outputs),
-                           "route": _plain(route)}
+                           "route": to_plain(route)}
     if request_id is not None:
         msg["id"] = request_id
     return web.Response(body=packb(msg), content_type=CONTENT_TYPE, headers=_route_headers(route, version, request_id))
@@ -173,12 +173,12 @@ def _header_safe(s: str) -> str:
     return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in s)[:200]
 
 
-def _plain(obj: Any) -> Any:
+def to_plain(obj: Any) -> Any:
     """Route dicts may hold numpy scalars; msgpack and JSON want plain Python."""
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [to_plain(v) for v in obj]
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -210,7 +210,7 @@ async def v2_infer(request: web.Request, v2: Any) -> web.Response:
     outputs, route, version = await _route_call(request, model, request.match_info.get("version"),
                                                 req.inputs, budget, req.id)
     resp_body, headers = v2.encode_infer_response(model, version, outputs, request=req, id=req.id,
-                                                  parameters={"tandem_route": json.dumps(_plain(route))})
+                                                  parameters={"tandem_route": json.dumps(to_plain(route))})
     headers = dict(headers)
     headers.update(_route_headers(route, version, req.id))
     return web.Response(body=resp_body, headers=headers)
@@ -243,7 +243,7 @@ async def _models(request: web.Request) -> web.Response:
 async def _status(request: web.Request) -> web.Response:
     from .status import collect
 
-    return web.json_response(_plain(collect(_agent(request).config.data_dir)))
+    return web.json_response(to_plain(collect(_agent(request).config.data_dir)))
 
 
 async def _live(request: web.Request) -> web.Response:

@@ -154,11 +154,8 @@ class Outbox:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            depth, oldest = self._db.execute("SELECT COUNT(*), MIN(created_at) FROM records").fetchone()
-            counters = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
-        out: dict[str, Any] = {"depth": int(depth), "oldest_created_at": oldest,
-                               "max_rows": self.max_rows, "max_age_s": self.max_age_s}
-        out.update({c: int(counters.get(c, 0)) for c in _COUNTERS})
+            out = _stats(self._db)
+        out.update(max_rows=self.max_rows, max_age_s=self.max_age_s)
         return out
 
     def enforce_caps(self, now: float | None = None) -> None:
@@ -194,14 +191,16 @@ def read_stats(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     p = Path(path)
     if not p.exists():
         return None
-    box = Outbox.__new__(Outbox)
-    box.path, box.max_rows, box.max_age_s = p, None, None  # type: ignore[assignment]
-    box._lock = threading.Lock()
-    box._db = sqlite3.connect(f"file:{p}?mode=ro", uri=True, check_same_thread=False, timeout=10)
+    db = sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=10)
     try:
-        s = box.stats()
+        return _stats(db)
     finally:
-        box._db.close()
-    for k in ("max_rows", "max_age_s"):
-        s.pop(k)
-    return s
+        db.close()
+
+
+def _stats(db: sqlite3.Connection) -> dict[str, Any]:
+    depth, oldest = db.execute("SELECT COUNT(*), MIN(created_at) FROM records").fetchone()
+    counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
+    out: dict[str, Any] = {"depth": int(depth), "oldest_created_at": oldest}
+    out.update({c: int(counters.get(c, 0)) for c in _COUNTERS})
+    return out

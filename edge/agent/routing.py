@@ -8,21 +8,17 @@ closed once the last of them returns (so an update never fails a call).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from tandem.shared.bundle import Bundle
-from tandem.shared.errors import InferenceFailed, InvalidInput, Unavailable
+from tandem.shared.errors import InvalidInput
 
 from .config import AgentConfig
-from .store import EDGE_ROLE, make_session
 
 log = logging.getLogger(__name__)
 
@@ -33,69 +29,26 @@ class Router:
     """One model version behind the router: ``await infer(inputs, budget) -> (outputs, route dict)``."""
 
     def __init__(self, bundle: Bundle, config: AgentConfig) -> None:
-        self.bundle = bundle
+        from tandem.edge.client import HybridClient
+
         self.name = bundle.name
         self.version = bundle.version
-        self._client: Any = None
-        self._fallback: _EdgeOnly | None = None
-        try:
-            from tandem.edge.client import HybridClient
-        except ImportError as e:  # the router is another module of this package; keep serving without it
-            log.warning("HybridClient unavailable (%s): serving %s edge-only", e, self.name)
-            self._fallback = _EdgeOnly(bundle, config.intra_op_threads)
-            return
         self._client = HybridClient(
-            bundle,
+            bundle,  # already verified by the store
             config.cloud_url,
             api_key=config.api_key,
-            trusted_keys=[str(k) for k in config.trusted_keys],
             policy=config.policy,
             config={"intra_op_threads": config.intra_op_threads, **config.router},
         )
 
     async def infer(self, inputs: Mapping[str, np.ndarray], budget: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        if self._client is None:
-            assert self._fallback is not None
-            return await self._fallback.infer(inputs, budget)
         from tandem.edge.budget import Budget
 
         result = await self._client.ainfer(dict(inputs), Budget(**budget))
         return dict(result.outputs), result.route.to_dict()
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-        if self._fallback is not None:
-            self._fallback.close()
-
-
-class _EdgeOnly:
-    """Used only when the router module is missing: the edge variant, nothing else."""
-
-    def __init__(self, bundle: Bundle, threads: int) -> None:
-        self._session = make_session(bundle.path / bundle.variant(EDGE_ROLE).file, threads)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-edge")
-        self._names = {i.name for i in self._session.get_inputs()}
-
-    async def infer(self, inputs: Mapping[str, np.ndarray], budget: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        if budget.get("policy") == "cloud-only":
-            raise Unavailable("this agent runs without the router: only the edge is available")
-        if set(inputs) != self._names:
-            raise InvalidInput(f"inputs {sorted(inputs)} do not match the model's {sorted(self._names)}")
-        t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        try:
-            values = await loop.run_in_executor(self._pool, self._session.run, None, dict(inputs))
-        except Exception as e:
-            raise InferenceFailed(f"edge inference failed: {e}") from None
-        outputs = {o.name: v for o, v in zip(self._session.get_outputs(), values)}
-        route = {"tier": "edge", "reason": "router unavailable: edge only", "policy": "edge-only",
-                 "latency_ms": (time.perf_counter() - t0) * 1e3, "cost": 0.0, "confidence": None,
-                 "fallbacks": [], "estimates": {}}
-        return outputs, route
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False)
+        await self._client.aclose()
 
 
 class RouterSlot:

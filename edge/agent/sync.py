@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -187,7 +188,7 @@ class Updater:
                 store.record_attempt(name, version, "offline", e.message, e.code)
                 return "offline"
             log.error("refused %s:%s: %s", name, version, e.message)
-            _rmtree(staging)
+            shutil.rmtree(staging, ignore_errors=True)
             store.record_attempt(name, version, "refused", e.message, e.code, manifest_sha)
             if self.on_refuse is not None:
                 await self.on_refuse(name, version, e.code, e.message)
@@ -195,12 +196,6 @@ class Updater:
         store.record_attempt(name, version, "activated", f"from {activation.previous or 'nothing'}")
         await self.on_activate(activation)
         return "activated"
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class Uploader:
