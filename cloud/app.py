@@ -5,7 +5,7 @@ Routes: the native msgpack protocol (:mod:`.native`), Open Inference Protocol v2
 request and in this order: request id, API-key auth (everything but ``/v2/health/live``), error
 mapping (any :class:`TandemError` -> its status with ``{"error", "code"}``, msgpack on native
 routes, JSON elsewhere; 503/429 with ``Retry-After``) and a JSON access-log line. Body size is
-limited by ``max_body_bytes`` (after gzip/deflate decoding, which aiohttp does for us).
+limited by ``max_body_bytes`` (also after gzip/deflate decoding, see :mod:`.body`).
 
 Start-up loads and warms every model before ``/v2/health/ready`` answers 200; shutdown stops
 accepting, answers everything already accepted, then releases the sessions.
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from tandem.shared import protocol as p
 from tandem.shared.errors import (
@@ -126,6 +127,9 @@ def _middleware(state: ServerState) -> Any:
             if e.status < 400:
                 raise
             response = _error_response(request, _from_http_exception(e), state)
+        except RequestPayloadError as e:
+            # A body that cannot be inflated (bad gzip/deflate) or was cut short by the client.
+            response = _error_response(request, InvalidInput(f"request body cannot be read: {str(e).strip()}"), state)
         except (ValueError, TypeError, KeyError) as e:
             # aiohttp raises these for malformed framing it detects late (e.g. a bad content-length).
             response = _error_response(request, InvalidInput(f"malformed request: {e}"), state)
@@ -172,11 +176,16 @@ def create_app(config: ServerConfig) -> web.Application:
     repository = ModelRepository(config, metrics)
     inference = Inference(repository, config)
     state = ServerState(config, metrics, repository, inference)
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_middleware(state)])
+    # auto_decompress off: cloud/body.py inflates bodies itself (see there why).
+    app = web.Application(
+        client_max_size=config.max_body_bytes,
+        middlewares=[_middleware(state)],
+        handler_args={"auto_decompress": False},
+    )
     app[STATE] = state
 
-    NativeAPI(inference).add_routes(app)
-    V2API(inference, repository, lambda: state.ready).add_routes(app)
+    NativeAPI(inference, config.max_body_bytes).add_routes(app)
+    V2API(inference, repository, lambda: state.ready, config.max_body_bytes).add_routes(app)
 
     async def metrics_handler(request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -13,14 +13,16 @@ from aiohttp import web
 from tandem.shared import protocol as p
 from tandem.shared.errors import InvalidInput, TandemError
 
+from .body import read_body
 from .inference import MODEL_KEY, REQUEST_ID_KEY, Inference, deadline_seconds
 
 __all__ = ["NativeAPI"]
 
 
 class NativeAPI:
-    def __init__(self, inference: Inference) -> None:
+    def __init__(self, inference: Inference, max_body_bytes: int) -> None:
         self._inference = inference
+        self._max_body = max_body_bytes
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/models/{model}/infer", self.infer)
@@ -31,7 +33,7 @@ class NativeAPI:
         served = inference.resolve(request.match_info["model"], request.match_info.get("version"))
         request[MODEL_KEY] = served
         try:
-            req = p.InferRequest.from_wire(await request.read())
+            req = p.InferRequest.from_wire(await read_body(request, self._max_body))
             priority = req.priority
             header_priority = request.headers.get(p.HEADER_PRIORITY)
             if header_priority is not None:

@@ -17,6 +17,7 @@ from tandem.shared import protocol as p
 from tandem.shared import v2
 from tandem.shared.errors import InvalidInput, TandemError, Unavailable
 
+from .body import read_body
 from .inference import MODEL_KEY, Inference, deadline_seconds
 from .repository import ModelRepository
 
@@ -31,7 +32,7 @@ def _json(doc: Any, status: int = 200) -> web.Response:
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    raw = await read_body(request, 1 << 20)
     if not raw.strip():
         return {}
     try:
@@ -44,8 +45,9 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 
 class V2API:
-    def __init__(self, inference: Inference, repository: ModelRepository, is_ready: Any) -> None:
+    def __init__(self, inference: Inference, repository: ModelRepository, is_ready: Any, max_body_bytes: int) -> None:
         self._inference = inference
+        self._max_body = max_body_bytes
         self._repo = repository
         self._is_ready = is_ready
 
@@ -92,7 +94,7 @@ class V2API:
         served = inference.resolve(request.match_info["model"], request.match_info.get("version"))
         request[MODEL_KEY] = served
         try:
-            req = v2.parse_infer_request(await request.read(), request.headers.get(v2.HEADER_LENGTH))
+            req = v2.parse_infer_request(await read_body(request, self._max_body), request.headers.get(v2.HEADER_LENGTH))
             outputs = [o.name for o in req.outputs] if req.outputs is not None else None
             timeout_us = req.timeout_us()
             timeout_s = deadline_seconds(
