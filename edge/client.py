@@ -122,7 +122,7 @@ class HybridClient:
             CloudClient(cloud_url, self.model)  # validate the URL now, not on the first call
         self._out_names = self.runtime.output_names
         self._default_budget = Budget()
-        self._edge_pool = ThreadPoolExecutor(config.edge_workers, thread_name_prefix="tandem-edge")
+        self._edge_pool = _started_pool(config.edge_workers)
         self._clouds: dict[int, CloudClient] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -378,3 +378,14 @@ class HybridClient:
                     self._thread = t
                     self._loop = loop
         return self._loop
+
+
+def _started_pool(workers: int) -> ThreadPoolExecutor:
+    """A thread pool whose threads already run: ThreadPoolExecutor starts them lazily inside
+    submit(), which waits for the new thread to be scheduled — on a loaded machine that stalled the
+    event loop for 100+ ms in the middle of a deadline-bound fallback."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="tandem-edge")
+    barrier = threading.Barrier(workers)
+    for f in [pool.submit(barrier.wait, 10) for _ in range(workers)]:
+        f.result()
+    return pool

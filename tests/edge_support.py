@@ -85,6 +85,37 @@ class CloudProcess:
                 self.kill()
 
 
+class SchedulerLag:
+    """Measures how late a sleeping thread wakes up (OS starvation + GIL), in ms.
+
+    Deadline assertions allow for this: on a shared 2-core CI box another job can starve the test
+    process for hundreds of ms, which no client code can prevent. A client that blocked by itself
+    would still fail, since the lag of an idle thread does not grow because of it.
+    """
+
+    def __init__(self, period_s: float = 0.005) -> None:
+        import threading
+
+        self.max_ms = 0.0
+        self._period = period_s
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            time.sleep(self._period)
+            self.max_ms = max(self.max_ms, (time.perf_counter() - t0 - self._period) * 1000)
+
+    def __enter__(self) -> "SchedulerLag":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join(1)
+
+
 # --- the stand-in server ---------------------------------------------------------------------------
 
 
