@@ -36,7 +36,7 @@ class TestCloud:
     """The cloud tier's registry and feedback endpoints (tandem.cloud's own classes) on 127.0.0.1.
 
     ``stop()`` closes the listening socket (an outage); ``start()`` opens it again on the same port.
-    ``range_requests`` counts file downloads that asked to resume.
+    ``range_requests`` counts file downloads that asked to resume, ``resumed`` those answered 206.
     """
 
     __test__ = False
@@ -49,6 +49,7 @@ class TestCloud:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.range_requests = 0
+        self.resumed = 0
         self.feedback = FeedbackStore(db)
         app = web.Application(middlewares=[self._count])
         Registry(repository).add_routes(app)
@@ -60,7 +61,10 @@ class TestCloud:
     async def _count(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if "Range" in request.headers:
             self.range_requests += 1
-        return await handler(request)
+        resp = await handler(request)
+        if resp.status == 206:
+            self.resumed += 1
+        return resp
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self._app, access_log=None)

@@ -67,6 +67,8 @@ class RegistryClient:
         headers = dict(self._headers)
         if 0 < have < size:
             headers["Range"] = f"bytes={have}-"
+            # Resume only if the server's file is still the one the manifest describes; else 200, whole.
+            headers["If-Range"] = f'"{sha256}"'
         if have < size:
             url = f"{self._base}/{name}/versions/{version}/files/{file}"
             async with self._session.get(url, headers=headers) as r:
@@ -212,6 +214,7 @@ class Uploader:
     async def flush(self) -> int:
         """Upload until the outbox is empty or the cloud fails; returns records acknowledged."""
         sent = 0
+        await asyncio.to_thread(self.outbox.enforce_caps)  # the age cap applies even when nothing is appended
         while True:
             batch = await asyncio.to_thread(self.outbox.peek, self.config.upload_batch)
             if not batch:
