@@ -97,3 +97,23 @@ def test_recover_removes_an_orphan_that_fails_verification(store: ModelStore, tm
     assert store.recover() == {"toy": "1"}
     assert not orphan.exists()
     assert store.state("toy")["last_attempt"]["outcome"] == "refused"
+
+
+def test_status_reads_the_data_dir_and_notices_a_dead_agent(store: ModelStore, tmp_path: Path, keys) -> None:
+    from tandem.edge.agent.outbox import Outbox
+    from tandem.edge.agent.status import collect, format_status
+
+    publish(tmp_path / "repo", keys[0], "1")
+    store.install(stage(store, tmp_path / "repo/toy/1", "1"), "toy", "1")
+    store.record_attempt("toy", "2", "refused", "output differs", "probation_failed", "ab" * 32)
+    box = Outbox(store.data_dir / "outbox.sqlite", max_rows=2)
+    box.append([{"kind": "route", "model": "toy", "payload": {"tier": t}} for t in ("edge", "cloud", "edge")])
+    (store.data_dir / "agent.json").write_text(json.dumps({"pid": 2**22 + 12345, "url": "http://127.0.0.1:1"}))
+    s = collect(store.data_dir)
+    assert s["running"] is False  # that pid does not exist
+    assert s["models"]["toy"]["active"] == "1" and s["models"]["toy"]["last_attempt"]["outcome"] == "refused"
+    assert s["outbox"]["depth"] == 2 and s["outbox"]["dropped_full"] == 1
+    assert s["route_mix"]["cloud_share"] == pytest.approx(1 / 3)
+    text = format_status(s)
+    assert "active 1" in text and "refused 2: probation_failed" in text and "dropped 1 (full)" in text
+    assert "not running" in text

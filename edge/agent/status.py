@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,21 @@ def collect(data_dir: str | Path) -> dict[str, Any]:
         total = outbox["route_edge"] + outbox["route_cloud"] + outbox["route_failed"]
         mix = {"edge": outbox["route_edge"], "cloud": outbox["route_cloud"], "failed": outbox["route_failed"],
                "cloud_share": (outbox["route_cloud"] / total) if total else None}
-    return {"data_dir": str(d), "running": runtime is not None, "agent": runtime, "models": models,
+    return {"data_dir": str(d), "running": _alive(runtime), "agent": runtime, "models": models,
             "outbox": outbox, "route_mix": mix}
+
+
+def _alive(runtime: Any) -> bool:
+    """agent.json outlives a killed agent: trust it only if its process is still there."""
+    if not isinstance(runtime, dict) or not isinstance(runtime.get("pid"), int):
+        return False
+    try:
+        os.kill(runtime["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def format_status(s: dict[str, Any]) -> str:
