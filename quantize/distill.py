@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,14 +56,16 @@ def train(
     batch_size: int = 64,
     weight_decay: float = 0.0,
     seed: int = 0,
-    teacher_logits: np.ndarray | None = None,
+    teacher: Any = None,
     temperature: float = 4.0,
     alpha: float = 0.5,
+    augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> TrainResult:
-    """Train ``model`` with Adam; with ``teacher_logits`` (one row per training input) the loss mixes
-    the distillation term by ``alpha``. Returns the model with its best-validation weights."""
+    """Train ``model`` with Adam and a cosine schedule; with a ``teacher`` the loss mixes the
+    distillation term by ``alpha``, the teacher read on the same (possibly augmented) batch the
+    student sees. Returns the model with its best-validation weights."""
     import torch
 
     # Tiny models lose more to thread hand-offs than they gain, above all on a busy machine.
@@ -71,8 +74,8 @@ def train(
     torch.set_num_threads(1 if small else (os.cpu_count() or 1))
     try:
         return _train(model, x_train, y_train, x_val, y_val, epochs=epochs, lr=lr, batch_size=batch_size,
-                      weight_decay=weight_decay, seed=seed, teacher_logits=teacher_logits, temperature=temperature,
-                      alpha=alpha, desc=desc, progress=progress)
+                      weight_decay=weight_decay, seed=seed, teacher=teacher, temperature=temperature,
+                      alpha=alpha, augment=augment, desc=desc, progress=progress)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -89,9 +92,10 @@ def _train(
     batch_size: int,
     weight_decay: float,
     seed: int,
-    teacher_logits: np.ndarray | None,
+    teacher: Any,
     temperature: float,
     alpha: float,
+    augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None,
     desc: str,
     progress: bool,
 ) -> TrainResult:
@@ -102,8 +106,10 @@ def _train(
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    soft = torch.from_numpy(teacher_logits) if teacher_logits is not None else None
+    if teacher is not None:
+        teacher.eval()
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     result = TrainResult(model=model)
@@ -116,12 +122,15 @@ def _train(
         total, correct, seen = 0.0, 0, 0
         for i in range(0, len(xt), batch_size):
             idx = perm[i : i + batch_size]
-            logits = model(xt[idx])
+            xb = xt[idx] if augment is None else torch.from_numpy(augment(x_train[idx.numpy()], rng))
+            logits = model(xb)
             loss = F.cross_entropy(logits, yt[idx])
-            if soft is not None and alpha > 0:
+            if teacher is not None and alpha > 0:
+                with torch.no_grad():
+                    soft = teacher(xb)
                 kl = F.kl_div(
                     F.log_softmax(logits / temperature, dim=1),
-                    F.log_softmax(soft[idx] / temperature, dim=1),
+                    F.log_softmax(soft / temperature, dim=1),
                     reduction="batchmean",
                     log_target=True,
                 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -43,7 +44,7 @@ from .errors import BudgetError, BuildError, SpecError
 from .evaluate import evaluate_variants, hardware_info, make_session, run_batched, tool_versions
 from .export import export_onnx, verify_export
 from .quantize import Candidate, best, convert_fp16, judge, make_candidates, summary
-from .spec import BuildSpec, Dataset, load_dataset
+from .spec import NAME_PATTERN, BuildSpec, Dataset, load_dataset
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,8 @@ def build(
 
     model_dir = Path(repository).resolve() / spec.name
     version = version or next_version(model_dir)
+    if not re.match(NAME_PATTERN, version):
+        raise BuildError(f"version {version!r} must match {NAME_PATTERN} (it becomes a directory name)")
     final = model_dir / version
     if (final / MANIFEST_NAME).exists() or (final.exists() and any(final.iterdir())):
         raise BuildError(f"{final} already exists; pick another --version or remove it")
@@ -138,21 +141,20 @@ def build(
             histories["teacher"] = train(
                 teacher, data.x_train, data.y_train, data.x_val, data.y_val, epochs=training.teacher_epochs,
                 lr=training.teacher_lr, batch_size=training.batch_size, weight_decay=training.weight_decay,
-                seed=seed, desc="teacher", progress=progress,
+                seed=seed, augment=spec.augment, desc="teacher", progress=progress,
             )
         step("train teacher")
 
         # 2. student: distilled, and the same student without distillation as the honest baseline
-        soft = predict_logits(teacher, data.x_train)
         common = dict(epochs=training.student_epochs, lr=training.student_lr, batch_size=training.batch_size,
-                      weight_decay=training.weight_decay, seed=seed, progress=progress)
+                      weight_decay=training.weight_decay, seed=seed, augment=spec.augment, progress=progress)
         histories["student (baseline, no distillation)"] = base = train(
             _call_factory(spec.student, "student", spec.source), data.x_train, data.y_train, data.x_val, data.y_val,
             desc="student baseline", **common,  # type: ignore[arg-type]
         )
         histories["student (distilled)"] = dist = train(
             _call_factory(spec.student, "student", spec.source), data.x_train, data.y_train, data.x_val, data.y_val,
-            teacher_logits=soft, temperature=training.temperature, alpha=training.alpha,
+            teacher=teacher, temperature=training.temperature, alpha=training.alpha,
             desc="student distilled", **common,  # type: ignore[arg-type]
         )
         # Chosen on validation, never on test, so the test numbers in the report stay honest.
@@ -251,7 +253,10 @@ def build(
             manifest = seal_bundle(work, manifest, private_key)
         except ManifestError as e:
             raise BuildError(f"the bundle manifest is invalid: {e.message}") from None
-        os.replace(work, final)
+        try:
+            os.replace(work, final)
+        except OSError as e:
+            raise BuildError(f"cannot move the finished bundle to {final} (another build of this version?): {e}") from None
         step("calibrate + seal")
 
         md, png = model_dir / f"{version}.report.md", model_dir / f"{version}.report.png"

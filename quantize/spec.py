@@ -30,6 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from .errors import SpecError
 
 SPEC_FILE = "spec.py"
+#: Bundle names and versions become directory names: the same rule as the manifest's (shared/bundle.py).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
 class _Model(BaseModel):
@@ -107,11 +109,14 @@ class Evaluation(_Model):
 class BuildSpec(_Model):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    name: str
+    name: str = Field(pattern=NAME_PATTERN)
     description: str | None = None
     teacher: Callable[[], Any]
     student: Callable[[], Any]
     load_data: Callable[..., Any]
+    #: Optional training-time augmentation ``augment(x_batch, rng) -> x_batch`` (numpy, float32), used
+    #: for the teacher and both students; distillation then reads the teacher on the augmented batch.
+    augment: Callable[..., Any] | None = None
     input_name: str = "input"
     output_name: str = "logits"
     #: Train the teacher from scratch (False when the factory returns a trained model).
@@ -125,9 +130,11 @@ class BuildSpec(_Model):
     #: Where the spec came from (filled in by :func:`load_spec`).
     source: str = "<python>"
 
-    @field_validator("teacher", "student", "load_data", mode="before")
+    @field_validator("teacher", "student", "load_data", "augment", mode="before")
     @classmethod
     def _resolve(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None and info.field_name == "augment":
+            return v
         if isinstance(v, str):
             base = (info.context or {}).get("base_dir")
             return resolve_factory(v, Path(base) if base else None)
@@ -158,7 +165,7 @@ class BuildSpec(_Model):
 
     def config_dict(self) -> dict[str, Any]:
         """The JSON-able part (everything but the factories), recorded in the bundle's provenance."""
-        return self.model_dump(mode="json", exclude={"teacher", "student", "load_data"})
+        return self.model_dump(mode="json", exclude={"teacher", "student", "load_data", "augment"})
 
 
 @dataclass

@@ -61,6 +61,12 @@ def test_tiny_build_then_versions(tmp_path: Path, keys: tuple[Path, Path]) -> No
               echo=lambda _: None)
 
 
+def test_bad_version_is_refused_before_any_work(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    with pytest.raises(BuildError, match=r"version '../escape' must match"):
+        _build(tmp_path, keys, version="../escape")
+    assert _leftovers(tmp_path / "repo") == []
+
+
 def test_next_version_ignores_non_integers(tmp_path: Path) -> None:
     assert next_version(tmp_path / "none") == "1"
     for name in ("1", "9", "10", "1.5", "beta"):

@@ -97,6 +97,7 @@ def test_unloadable_specs(tmp_path: Path, setup, message: str) -> None:  # type:
         ({"teacher": "3"}, r"teacher: must be a callable"),
         ({"colour": '"red"'}, r"colour: Extra inputs are not permitted"),
         ({"name": "[1]"}, r"name: Input should be a valid string"),
+        ({"name": '"../up"'}, r"name: String should match pattern"),
     ],
 )
 def test_bad_fields_are_named(tmp_path: Path, override: dict[str, str], message: str) -> None:
