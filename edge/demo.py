@@ -415,9 +415,19 @@ def run_demo(work: Path, *, quick: bool = False, rebuild: bool = False, cloud_la
     (work / "logs").mkdir(parents=True, exist_ok=True)
     procs = _Processes(work / "logs")
     t0 = time.monotonic()
+
+    def _interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM (a supervisor, `timeout`) must clean up like Ctrl-C does: no orphaned servers.
+    previous = signal.signal(signal.SIGTERM, _interrupted)
     try:
         return asyncio.run(_demo(work, quick, rebuild, cloud_latency_ms, procs))
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
         with contextlib.suppress(KeyboardInterrupt):
             procs.stop_all()
         _say(f"stopped every process; demo took {time.monotonic() - t0:.0f} s (work dir {work})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -47,3 +48,19 @@ def test_demo_runs_end_to_end_twice_without_rebuilding(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     assert "built before" in second.stdout and "building digits" not in second.stdout
     assert len(list((work / "repository" / "digits").glob("*/manifest.json"))) == 1
+
+    # Interrupted mid-workload (SIGTERM as a supervisor sends; Ctrl-C takes the same path): no orphans.
+    proc = subprocess.Popen([sys.executable, "-m", "tandem.shared.cli", "demo", "--quick", "--work", str(work)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:  # bounded: the demo prints ~15 lines before its workload
+        lines.append(line)
+        if "[4/5]" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = "".join(lines) + proc.stdout.read()
+    assert proc.wait(60) == 130, out
+    assert "interrupted" in out and "stopped every process" in out
+    urls = re.findall(r"on (http://127\.0\.0\.1:\d+)", out)
+    assert len(urls) == 2 and all(_closed(u) for u in urls), out
