@@ -53,14 +53,20 @@ class Inference:
 
     async def infer(
         self,
-        served: ServedModel,
+        name: str,
+        version: str | None,
         inputs: Mapping[str, np.ndarray],
         *,
         outputs: Sequence[str] | None = None,
         priority: int = 0,
         timeout_s: float | None = None,
     ) -> Outcome:
-        """Run one request through the model's batcher (or the cache). Counts success/failure."""
+        """Run one request through the model's batcher (or the cache). Counts success/failure.
+
+        The version is resolved here, with no await before the request is queued, so a reload
+        that swaps versions in between can never hand a request to a batcher already draining.
+        """
+        served = self.repository.get(name, version)
         try:
             rows = served.engine.check_inputs(inputs)
             if outputs is not None:

@@ -45,7 +45,10 @@ class NativeAPI:
         except TandemError as e:
             served.metrics.failure(e.code)
             raise
-        outcome = await inference.infer(served, req.inputs, outputs=req.outputs, priority=priority, timeout_s=timeout_s)
+        outcome = await inference.infer(
+            served.name, request.match_info.get("version"), req.inputs, outputs=req.outputs, priority=priority, timeout_s=timeout_s
+        )
+        served = request[MODEL_KEY] = outcome.model
         body = p.InferResponse(outcome.outputs, served.name, served.version, id=req.id or request.get(REQUEST_ID_KEY)).to_wire()
         headers = inference.headers(outcome)
         headers["Content-Type"] = p.CONTENT_TYPE

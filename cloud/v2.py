@@ -104,7 +104,10 @@ class V2API:
         except TandemError as e:
             served.metrics.failure(e.code)
             raise
-        outcome = await inference.infer(served, req.inputs, outputs=outputs, priority=priority, timeout_s=timeout_s)
+        outcome = await inference.infer(
+            served.name, request.match_info.get("version"), req.inputs, outputs=outputs, priority=priority, timeout_s=timeout_s
+        )
+        served = request[MODEL_KEY] = outcome.model
         body, headers = v2.encode_infer_response(
             served.name, served.version, outcome.outputs, request=req, id=req.id
         )
