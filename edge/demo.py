@@ -18,6 +18,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -289,6 +290,7 @@ def _report(phases: list[Phase], outage: dict[str, Any], delivered: tuple[int, i
         why: dict[str, int] = {}
         for c in fell_back:
             for f in c.fallbacks:
+                f = re.sub(r"\d+(\.\d+)?", "N", f)  # "77.8 ms left < 89.0 ms needed" and the like, grouped
                 why[f] = why.get(f, 0) + 1
         top = "; ".join(f"{k} ×{v}" for k, v in sorted(why.items(), key=lambda kv: -kv[1])[:3]) or "-"
         lines.append(f"outage: the cloud was partitioned for {outage['end'] - outage['start']:.1f} s while {len(during)} calls "
