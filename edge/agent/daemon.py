@@ -84,6 +84,9 @@ class Agent:
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://{cfg.host}:{port}"
         if cfg.unix_socket:
+            if len(os.fsencode(cfg.socket_path)) > 100:  # sun_path holds 104-108 bytes depending on the OS
+                raise InvalidInput(f"{cfg.socket_path} is too long for a Unix socket path; use a shorter "
+                                   "data_dir or set unix_socket: false")
             # A stale socket from a killed agent would make the bind fail.
             cfg.socket_path.unlink(missing_ok=True)
             await web.UnixSite(self._runner, str(cfg.socket_path)).start()
