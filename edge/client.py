@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from tandem.shared.bundle import Bundle, load_bundle
-from tandem.shared.errors import InvalidInput, TandemError
+from tandem.shared.errors import DeadlineExceeded, InvalidInput, TandemError
 
 from .budget import Budget
 from .cloud_client import CloudClient, CloudReply
@@ -143,6 +144,8 @@ class HybridClient:
             raise InvalidInput("client is closed")
         feeds = self.runtime.feeds(inputs)
         b = budget if budget is not None else self._default_budget
+        if b.__class__ is not Budget and not isinstance(b, Budget):
+            raise InvalidInput(f"budget must be a tandem.edge.Budget, got {type(budget).__name__}")
         d = self.router.decide(b)
         if d.plan == "edge":
             return self._edge_result(self.runtime.run(feeds), d, t0)
@@ -154,7 +157,13 @@ class HybridClient:
             coro = self._escalate(feeds, outs, conf, b, d, t0)
         else:
             coro = self._remote(feeds, b, d, t0)
-        return asyncio.run_coroutine_threadsafe(coro, self._background_loop()).result()
+        future = asyncio.run_coroutine_threadsafe(coro, self._background_loop())
+        # The coroutine ends by its deadline on its own; the wait is bounded too, as a second guard.
+        try:
+            return future.result(timeout=self._deadline(b, t0) - _perf() + 5.0)
+        except FutureTimeout:
+            future.cancel()
+            raise DeadlineExceeded("the call overran its deadline by more than 5 s (client loop stalled)") from None
 
     async def ainfer(self, inputs: Any, budget: Budget | None = None) -> Result:
         """The async twin of :meth:`infer`; edge inference runs in the client's thread pool."""
@@ -163,6 +172,8 @@ class HybridClient:
             raise InvalidInput("client is closed")
         feeds = self.runtime.feeds(inputs)
         b = budget if budget is not None else self._default_budget
+        if b.__class__ is not Budget and not isinstance(b, Budget):
+            raise InvalidInput(f"budget must be a tandem.edge.Budget, got {type(budget).__name__}")
         d = self.router.decide(b)
         if d.plan == "edge":
             return self._edge_result(await self._edge_async(feeds), d, t0)
@@ -293,7 +304,8 @@ class HybridClient:
     def _cloud_result(self, got: tuple[CloudReply, float], reason: str, d: Decision, t0: float, fallbacks: list[str], conf: float | None = None, hedged: bool = False) -> Result:
         reply, cost = got
         route = Route(
-            "cloud", reason, d.policy, (_perf() - t0) * 1000.0, cost, conf, fallbacks, self._used(d), hedged, reply.model_version
+            "cloud", reason, d.policy, (_perf() - t0) * 1000.0, cost, conf, fallbacks, self._used(d), hedged,
+            reply.model_version, reply.request_id,
         )
         self.router.stats[reason.split(":")[0] + " → cloud"] += 1
         _log.debug("route %s", route)

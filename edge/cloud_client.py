@@ -38,6 +38,7 @@ class CloudReply:
     timing: ServerTiming
     rtt_ms: float
     model_version: str | None
+    request_id: str | None = None
 
 
 class CloudClient:
@@ -105,6 +106,7 @@ class CloudClient:
             timing=ServerTiming.from_headers(rh),
             rtt_ms=rtt_ms,
             model_version=rh.get(HEADER_MODEL_VERSION) or resp_msg.model_version or None,
+            request_id=request_id,
         )
 
     async def close(self) -> None:

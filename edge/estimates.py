@@ -91,6 +91,7 @@ class Estimates:
         self.cloud_rtt = LatencyWindow(window, max_age_s=cloud_max_age_s)
         self.cloud_queue = LatencyWindow(window, max_age_s=cloud_max_age_s)
         self.cloud_queue_depth: int | None = None
+        self.last_cloud_at = 0.0
         self.cost_per_call = float(cost_per_call)
         self.cost_source = "config"
         self.edge_accuracy: float | None = em.accuracy if em else None
@@ -120,7 +121,18 @@ class Estimates:
     def cloud_ms(self, q: float) -> float | None:
         return self.cloud_rtt.percentile(q)
 
+    def cloud_probe_due(self, interval_s: float) -> bool:
+        """True (and claims the probe) when the cloud has not been measured for ``interval_s``: a
+        call the latency estimate would keep off the cloud goes anyway, so that an estimate made
+        during a bad moment is refreshed rather than trusted until it ages out."""
+        now = time.monotonic()
+        if now - self.last_cloud_at < interval_s:
+            return False
+        self.last_cloud_at = now
+        return True
+
     def observe_cloud(self, rtt_ms: float, queue_us: float | None, queue_depth: int | None, cost: float | None) -> None:
+        self.last_cloud_at = time.monotonic()
         self.cloud_rtt.add(rtt_ms)
         if queue_us is not None:
             self.cloud_queue.add(queue_us / 1000.0)

@@ -68,8 +68,9 @@ class Constrained:
 
     name = "constrained"
 
-    def __init__(self, quantile: float = 0.95) -> None:
+    def __init__(self, quantile: float = 0.95, probe_interval_s: float = 1.0) -> None:
         self.quantile = quantile
+        self.probe_interval_s = probe_interval_s
 
     def decide(self, budget: "Budget", est: "Estimates") -> Decision:
         cost = est.cost_per_call
@@ -78,7 +79,12 @@ class Constrained:
         used = {"cloud_p95_ms": cloud_ms, "cost_per_call": cost, "edge_accuracy": eq, "cloud_accuracy": cq}
         if budget.max_cost is not None and cost > budget.max_cost:
             return Decision("edge", f"constrained: cloud cost {cost:g} > max_cost {budget.max_cost:g} → edge", self.name, estimates=used)
-        if budget.latency_ms is not None and cloud_ms is not None and cloud_ms > budget.latency_ms:
+        if (
+            budget.latency_ms is not None
+            and cloud_ms is not None
+            and cloud_ms > budget.latency_ms
+            and not est.cloud_probe_due(self.probe_interval_s)
+        ):
             return Decision(
                 "edge", f"constrained: cloud p95 {cloud_ms:.1f} ms > budget {budget.latency_ms:g} ms → edge", self.name, estimates=used
             )

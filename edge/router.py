@@ -72,6 +72,9 @@ class RouterConfig(BaseModel):
     #: Cloud latency samples older than this are forgotten (None: never), so a cloud the router
     #: stopped using because it looked slow gets measured again.
     cloud_estimate_max_age_s: float | None = Field(30.0, gt=0)
+    #: At most one call per interval goes to the cloud although its latency estimate says it will
+    #: not fit (it can only go when the edge can still answer in time), to refresh that estimate.
+    cloud_probe_interval_s: float = Field(1.0, gt=0)
 
 
 class Router:
@@ -105,6 +108,8 @@ class Router:
             )
         if policy == "hedged":
             return make_policy("hedged", quantile=c.hedge_quantile)
+        if policy == "constrained":
+            return make_policy("constrained", probe_interval_s=c.cloud_probe_interval_s)
         return make_policy(policy)
 
     def decide(self, budget: Budget) -> Decision:
@@ -138,7 +143,7 @@ class Router:
         cost = self.estimates.cost_per_call
         if budget.max_cost is not None and cost > budget.max_cost:
             return f"cloud cost {cost:g} > max_cost {budget.max_cost:g}"
-        if time_left_ms <= max(need_ms, 1.0):
+        if time_left_ms <= 1.0 or (time_left_ms < need_ms and not self.estimates.cloud_probe_due(self.config.cloud_probe_interval_s)):
             return f"{max(time_left_ms, 0.0):.1f} ms left < {max(need_ms, 1.0):.1f} ms needed by the cloud"
         now = time.monotonic()
         if now < self._backoff_until:

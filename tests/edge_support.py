@@ -116,6 +116,33 @@ class SchedulerLag:
         self._t.join(1)
 
 
+class LoopLag:
+    """How late the running event loop wakes a sleeping task (ms): CPU starvation of the test
+    process shows here even when an idle thread wakes on time. A client that ignored its deadline
+    (waiting on a stalled cloud) does not raise it, so deadline tests allowing for it still fail then.
+    """
+
+    def __init__(self, period_s: float = 0.005) -> None:
+        self.max_ms = 0.0
+        self._period = period_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(self._period)
+            self.max_ms = max(self.max_ms, (time.perf_counter() - t0 - self._period) * 1000)
+
+    async def __aenter__(self) -> "LoopLag":
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
 # --- the stand-in server ---------------------------------------------------------------------------
 
 

@@ -48,6 +48,7 @@ def test_runtime_runs_the_edge_variant_reports_real_providers_and_learns_latency
         ({"input": X.astype(np.float64)}, "dtype float64; the model expects float32"),
         ({"input": [[1.0] * 64]}, "must be a numpy array"),
         ("text", "inputs must be a numpy array or a dict"),
+        ({"input": X, "budget": 5}, "unknown \\['budget'\\]"),
         (np.zeros((1, 63), np.float32), "rejected the inputs"),
     ],
 )
@@ -87,6 +88,8 @@ def test_bundle_signature_is_checked_and_config_errors_are_clear(toy_bundle: Pat
     with pytest.raises(ValueError, match="http"):
         HybridClient(toy_bundle, "localhost:8000", trusted_keys=[keys[1]])
     c = HybridClient(toy_bundle, trusted_keys=[keys[1]], config=RouterConfig(intra_op_threads=1))
+    with pytest.raises(InvalidInput, match="budget must be"):
+        c.infer(X, {"latency_ms": 5})  # type: ignore[arg-type]
     c.close()
     with pytest.raises(InvalidInput, match="closed"):
         c.infer(X)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edge_support import CloudProcess, SchedulerLag
+from edge_support import CloudProcess, LoopLag, SchedulerLag
 from support import make_bundle
 from tandem.edge import Budget, HybridClient
 from tandem.edge.faultproxy import FaultProxy
@@ -52,6 +53,7 @@ async def test_cloud_only_answers_from_cloud_with_server_timing(bundle, proxy) -
         r = await c.ainfer(X, Budget(latency_ms=2000))
         assert r.route.tier == "cloud", r.route
         assert r.route.model_version == "1"
+        assert r.route.request_id and len(r.route.request_id) == 32
         ref = c.runtime.session  # edge session; cloud output must differ from it (a different model)
         assert r.outputs["logits"].shape == (1, 10)
         assert not np.allclose(r.outputs["logits"], ref.run(None, {"input": X})[0])
@@ -60,9 +62,17 @@ async def test_cloud_only_answers_from_cloud_with_server_timing(bundle, proxy) -
 
 
 def test_sync_api_reaches_the_cloud_through_its_background_loop(bundle, cloud) -> None:  # type: ignore[no-untyped-def]
-    with HybridClient(bundle, cloud.url, policy="cloud-only") as c:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with HybridClient(bundle, cloud.url, policy="cloud-only", config={"cascade_threshold": 1.01}) as c:
         routes = [c.infer(X, Budget(latency_ms=2000)).route for _ in range(5)]
-    assert [r.tier for r in routes] == ["cloud"] * 5
+        assert [r.tier for r in routes] == ["cloud"] * 5
+        r = c.infer(X, Budget(latency_ms=2000, policy="cascade")).route  # edge inline, then escalated
+        assert r.tier == "cloud" and r.reason.startswith("cascade: edge confidence") and r.confidence is not None
+        # Many app threads at once share the one background loop.
+        with ThreadPoolExecutor(4) as pool:
+            mixed = list(pool.map(lambda i: c.infer(X, Budget(latency_ms=2000, local_only=i % 2 == 0)).route, range(40)))
+        assert [m.tier for m in mixed] == ["edge", "cloud"] * 20
 
 
 async def test_cloud_killed_with_1000_calls_in_flight_edge_answers_and_circuit_recovers(bundle, cloud, proxy) -> None:  # type: ignore[no-untyped-def]
@@ -78,7 +88,9 @@ async def test_cloud_killed_with_1000_calls_in_flight_edge_answers_and_circuit_r
         assert failures == [], failures[:3]
         tiers = [r.route.tier for r in results]
         assert tiers.count("edge") > 0, "the cloud died mid-flight: some calls must have been answered by the edge"
-        assert all(r.route.latency_ms <= 5000 + 500 for r in results), max(r.route.latency_ms for r in results)
+        # Each call ends by its deadline plus, at worst, the edge pool's queue when all 1000 fall back at once.
+        slow = sorted(r.route.latency_ms for r in results)[-3:]
+        assert slow[-1] <= 5000 + 2000, (slow, Counter(r.route.fallbacks[0][:120] for r in results if r.route.fallbacks))
         assert c.router.breaker.opened >= 1
         assert any("circuit open" in r.route.reason for r in results if r.route.tier == "edge")
         # Back up: a half-open probe gets through and closes the circuit.
@@ -106,17 +118,19 @@ async def test_every_call_ends_by_its_deadline_under_partition_or_stall(bundle, 
         proxy.set(**{fault: True})
         try:
             with SchedulerLag() as lag:
-                stall_end = time.monotonic() + 5.0
-                budget = Budget(latency_ms=150)
-                worst, worst_route, n = 0.0, None, 0
-                while time.monotonic() < stall_end and n < (10 if fault == "stall" else 40):
-                    for r in await asyncio.gather(*(c.ainfer(X, budget) for _ in range(5))):
-                        assert r.route.tier == "edge", r.route
-                        if r.route.latency_ms > worst:
-                            worst, worst_route = r.route.latency_ms, r.route
-                    n += 1
-            allowed = 150 + 25 + lag.max_ms
-            assert worst <= allowed, f"worst call took {worst:.1f} ms for a 150 ms budget (scheduler lag {lag.max_ms:.0f} ms): {worst_route}"
+                async with LoopLag() as loop_lag:
+                    stall_end = time.monotonic() + 5.0
+                    budget = Budget(latency_ms=150)
+                    worst, worst_route, n = 0.0, None, 0
+                    while time.monotonic() < stall_end and n < (10 if fault == "stall" else 40):
+                        for r in await asyncio.gather(*(c.ainfer(X, budget) for _ in range(5))):
+                            assert r.route.tier == "edge", r.route
+                            if r.route.latency_ms > worst:
+                                worst, worst_route = r.route.latency_ms, r.route
+                        n += 1
+            starved = max(lag.max_ms, loop_lag.max_ms)
+            # A call can be starved more than once (before and after its timeout fires).
+            assert worst <= 150 + 50 + 2 * starved, f"worst call took {worst:.1f} ms for a 150 ms budget (starved {starved:.0f} ms): {worst_route}"
         finally:
             proxy.clear()
 
@@ -128,10 +142,12 @@ async def test_five_second_stall_single_call_is_bounded(bundle, proxy) -> None: 
         loop = asyncio.get_running_loop()
         loop.call_later(5.0, proxy.clear)
         with SchedulerLag() as lag:
-            t0 = time.perf_counter()
-            r = await c.ainfer(X, Budget(latency_ms=300))
-            took = (time.perf_counter() - t0) * 1000
-        assert r.route.tier == "edge" and took < 330 + lag.max_ms, (took, lag.max_ms, r.route)
+            async with LoopLag() as loop_lag:
+                t0 = time.perf_counter()
+                r = await c.ainfer(X, Budget(latency_ms=300))
+                took = (time.perf_counter() - t0) * 1000
+        starved = max(lag.max_ms, loop_lag.max_ms)
+        assert r.route.tier == "edge" and took < 330 + starved, (took, starved, r.route)
         assert any("deadline" in f or "did not answer" in f for f in r.route.fallbacks), r.route.fallbacks
 
 
@@ -183,8 +199,10 @@ async def test_hedged_starts_the_edge_when_the_cloud_is_late_and_caps_hedges(bun
             await c.ainfer(X, Budget(latency_ms=2000))
         proxy.set(latency_ms=200)
         routes = [(await c.ainfer(X, Budget(latency_ms=1000))).route for _ in range(30)]
-        await asyncio.sleep(0.1)
         lost = sum(1 for r in routes if r.hedged and r.tier == "edge")
+        t_end = time.monotonic() + 3
+        while proxy.client_closed < lost and time.monotonic() < t_end:
+            await asyncio.sleep(0.02)
         assert proxy.client_closed >= lost, "each cloud request that lost its hedge must be cancelled"
     hedged = [r for r in routes if r.hedged]
     assert hedged, "the cloud was far later than its p95: some calls must have been hedged"

@@ -156,6 +156,10 @@ def test_constrained_picks_what_fits(est: Estimates) -> None:
         est.observe_cloud(40.0, 100.0, 0, None)
     d = pol.decide(Budget(latency_ms=20), est)
     assert d.plan == "edge" and "p95 40.0 ms > budget 20 ms" in d.reason
+    # Once per probe interval, the cloud is measured again although it looked too slow.
+    est.last_cloud_at -= 2.0
+    assert pol.decide(Budget(latency_ms=20), est).plan == "cloud"
+    assert pol.decide(Budget(latency_ms=20), est).plan == "edge"
     assert pol.decide(Budget(latency_ms=100), est).plan == "cloud"
     est.edge_accuracy, est.cloud_accuracy = 0.97, 0.96
     assert pol.decide(Budget(latency_ms=100), est).plan == "edge"
@@ -186,7 +190,10 @@ def test_router_gate_reasons_and_custom_policy(est: Estimates) -> None:
     assert r.cloud_gate(Budget(), 100.0) == "spend budget exhausted"
     r.cloud_failed(Unavailable("x"))  # refunded
     assert r.cloud_gate(Budget(), 0.5) is not None and "ms left" in r.cloud_gate(Budget(), 0.5)
+    est.last_cloud_at = time.monotonic()
     assert r.cloud_gate(Budget(), 100.0, need_ms=200.0).endswith("needed by the cloud")
+    est.last_cloud_at -= 2.0  # not measured for a while: this call refreshes the estimate
+    assert r.cloud_gate(Budget(), 100.0, need_ms=200.0) is None
     err = Overloaded("busy")
     err.retry_after = 60
     r.cloud_failed(err)
