@@ -44,6 +44,24 @@ def predict_logits(model: Any, x: np.ndarray, batch_size: int = 512) -> np.ndarr
         )
 
 
+def make_views(
+    x: np.ndarray,
+    augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None,
+    n_views: int,
+    batch_size: int,
+    seed: int,
+) -> list[np.ndarray]:
+    """The training inputs, then ``n_views - 1`` augmented copies of them, augmented chunk by chunk
+    (each batch-sized chunk gets its own draw). Same seed, same views: the baseline and the distilled
+    student see exactly the same data, so the comparison between them is fair."""
+    rng = np.random.default_rng(seed + 1)
+    views = [x]
+    if augment is not None:
+        for _ in range(max(0, n_views - 1)):
+            views.append(np.concatenate([augment(x[i : i + batch_size], rng) for i in range(0, len(x), batch_size)]))
+    return views
+
+
 def train(
     model: Any,
     x_train: np.ndarray,
@@ -60,22 +78,28 @@ def train(
     temperature: float = 4.0,
     alpha: float = 0.5,
     augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+    n_views: int = 8,
     desc: str = "train",
     progress: bool = True,
 ) -> TrainResult:
     """Train ``model`` with Adam and a cosine schedule; with a ``teacher`` the loss mixes the
     distillation term by ``alpha``, the teacher read on the same (possibly augmented) batch the
-    student sees. Returns the model with its best-validation weights."""
+    student sees (``n_views`` augmented copies of the training set, made up front). Returns the model
+    with its best-validation weights."""
     import torch
 
+    views = make_views(x_train, augment, n_views, batch_size, seed)
+    # The teacher is read once up front on every view, with every core: reading a big teacher on
+    # each student batch would cost far more than training the student.
+    soft = [predict_logits(teacher, v) for v in views] if teacher is not None else None
     # Tiny models lose more to thread hand-offs than they gain, above all on a busy machine.
     previous_threads = torch.get_num_threads()
     small = sum(p.numel() for p in model.parameters()) < 100_000
     torch.set_num_threads(1 if small else (os.cpu_count() or 1))
     try:
         return _train(model, x_train, y_train, x_val, y_val, epochs=epochs, lr=lr, batch_size=batch_size,
-                      weight_decay=weight_decay, seed=seed, teacher=teacher, temperature=temperature,
-                      alpha=alpha, augment=augment, desc=desc, progress=progress)
+                      weight_decay=weight_decay, seed=seed, views=views, soft=soft, temperature=temperature,
+                      alpha=alpha, desc=desc, progress=progress)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -92,10 +116,10 @@ def _train(
     batch_size: int,
     weight_decay: float,
     seed: int,
-    teacher: Any,
+    views: list[np.ndarray],
+    soft: list[np.ndarray] | None,
     temperature: float,
     alpha: float,
-    augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None,
     desc: str,
     progress: bool,
 ) -> TrainResult:
@@ -107,9 +131,9 @@ def _train(
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    if teacher is not None:
-        teacher.eval()
+    yt = torch.from_numpy(y_train)
+    tviews = [torch.from_numpy(v) for v in views]
+    tsoft = [torch.from_numpy(t) for t in soft] if soft is not None else None
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     result = TrainResult(model=model)
@@ -118,19 +142,17 @@ def _train(
     bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
-        perm = torch.randperm(len(xt), generator=g)
+        perm = torch.randperm(len(yt), generator=g)
         total, correct, seen = 0.0, 0, 0
-        for i in range(0, len(xt), batch_size):
+        for i in range(0, len(yt), batch_size):
             idx = perm[i : i + batch_size]
-            xb = xt[idx] if augment is None else torch.from_numpy(augment(x_train[idx.numpy()], rng))
-            logits = model(xb)
+            v = int(rng.integers(len(tviews))) if len(tviews) > 1 else 0
+            logits = model(tviews[v][idx])
             loss = F.cross_entropy(logits, yt[idx])
-            if teacher is not None and alpha > 0:
-                with torch.no_grad():
-                    soft = teacher(xb)
+            if tsoft is not None and alpha > 0:
                 kl = F.kl_div(
                     F.log_softmax(logits / temperature, dim=1),
-                    F.log_softmax(soft / temperature, dim=1),
+                    F.log_softmax(tsoft[v][idx] / temperature, dim=1),
                     reduction="batchmean",
                     log_target=True,
                 )

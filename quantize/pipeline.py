@@ -217,6 +217,7 @@ def build(
             judge(c, metrics[CLOUD_FP32], spec.budgets)
         for c in edge_cands:
             judge(c, metrics[EDGE_FP32], spec.budgets)
+        all_rows = [base_rows[0], base_rows[1], *cloud_cands, base_rows[2], *edge_cands]
         cloud = best(cloud_cands) or base_rows[0]
         edge = best(edge_cands) or base_rows[2]
         cloud.role, edge.role = "cloud", "edge"
@@ -261,11 +262,11 @@ def build(
 
         md, png = model_dir / f"{version}.report.md", model_dir / f"{version}.report.png"
         report.write(
-            md, png, manifest=manifest, rows=base_rows + cloud_cands + edge_cands, histories=histories,
+            md, png, manifest=manifest, rows=all_rows, histories=histories,
             test_accuracy=student_test, choice=choice, edge_checks=edge_checks, steps=steps,
             total_seconds=time.perf_counter() - started, calibration=cal,
         )
-        return BuildResult(final, manifest, md, png, base_rows + cloud_cands + edge_cands,
+        return BuildResult(final, manifest, md, png, all_rows,
                            time.perf_counter() - started, steps)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -30,31 +30,38 @@ def write(
 
 
 def plot(path: Path, rows: list[Candidate], title: str) -> None:
+    """Three aligned bar panels per variant (accuracy, p50 latency, size), coloured by verdict: one
+    row per variant stays readable where a scatter of near-identical points does not."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     measured = [c for c in rows if c.metrics is not None]
-    sizes = [c.size_bytes for c in measured]
-    biggest = max(sizes, default=1)
-    for c, size in zip(measured, sizes):
-        m = c.metrics
-        assert m is not None
-        color = "tab:green" if c.role else ("tab:blue" if c.accepted else "tab:red")
-        marker = "o" if c.role or c.accepted else "x"
-        ax.scatter(m.latency_p50_ms, (m.accuracy or 0.0) * 100, s=30 + 600 * size / biggest, c=color, marker=marker,
-                   alpha=0.6, edgecolors="black" if marker == "o" else None)
-        label = f"{c.name} ({size / 1e6:.2f} MB)" + (f" [{c.role}]" if c.role else "")
-        ax.annotate(label, (m.latency_p50_ms, (m.accuracy or 0.0) * 100), fontsize=7, xytext=(5, 4),
-                    textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("latency p50 at batch 1 (ms, log scale, CPU)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{title}: accuracy vs latency; marker area ~ file size\n"
-                 "green = shipped, blue = accepted not shipped, red x = rejected")
-    ax.grid(True, which="both", alpha=0.3)
+    names = [f"{c.name} [{c.role}]" if c.role else c.name for c in measured]
+    colors = ["tab:green" if c.role else ("tab:blue" if c.accepted else "tab:red") for c in measured]
+    acc = [(c.metrics.accuracy or 0.0) * 100 for c in measured]  # type: ignore[union-attr]
+    p50 = [c.metrics.latency_p50_ms for c in measured]  # type: ignore[union-attr]
+    size = [c.size_bytes / 1e6 for c in measured]
+    y = list(range(len(measured)))[::-1]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 0.45 * len(measured) + 1.8), sharey=True, dpi=110)
+    panels = [(acc, "test accuracy (%)", False, "{:.2f}"), (p50, "latency p50, batch 1 (ms, log)", True, "{:.3f}"),
+              (size, "file size (MB, log)", True, "{:.3f}")]
+    for ax, (values, label, log, fmt) in zip(axes, panels):
+        ax.barh(y, values, color=colors, alpha=0.75)
+        for yi, v in zip(y, values):
+            ax.text(v, yi, " " + fmt.format(v), va="center", fontsize=7)
+        if log:
+            ax.set_xscale("log")
+        else:
+            lo = min(values, default=0.0)
+            ax.set_xlim(max(0.0, lo - 2.0), 100.5)
+        ax.set_xlabel(label)
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels(names, fontsize=8)
+    fig.suptitle(f"{title}: every variant measured the same way on this CPU "
+                 "(green = shipped, blue = accepted but not shipped, red = rejected)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
