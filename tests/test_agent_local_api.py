@@ -90,6 +90,7 @@ async def test_malformed_requests_get_clear_msgpack_errors(agent: Agent, path, b
             assert r.status == status, raw[:300]
     err = unpackb(raw)
     assert set(err) >= {"error", "code"} and match in err["error"]
+    assert agent.outbox.stats()["route_failed"] == 0  # the app's mistake is not a routing failure
 
 
 async def test_feedback_goes_to_the_outbox_and_status_shows_it(agent: Agent) -> None:

@@ -118,7 +118,8 @@ async def _route_call(request: web.Request, model: str, version: str | None, inp
         try:
             outputs, route = await router.infer(inputs, budget)
         except TandemError as e:
-            await agent.record_route(model, router.version, request_id, {"tier": "failed", "error": e.code})
+            if e.status >= 500:  # the router could not serve; a malformed call is the app's, not a route
+                await agent.record_route(model, router.version, request_id, {"tier": "failed", "error": e.code})
             raise
         await agent.record_route(model, router.version, request_id, route)
         return outputs, route, router.version
@@ -169,8 +170,12 @@ def _route_headers(route: dict[str, Any], version: str, request_id: str | None) 
     return h
 
 
+_ASCII = str.maketrans({"≥": ">=", "≤": "<=", "→": "->", "×": "x", "…": "...", "µ": "u"})
+
+
 def _header_safe(s: str) -> str:
-    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in s)[:200]
+    """HTTP header values are ASCII; route reasons use a few symbols."""
+    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in s.translate(_ASCII))[:200]
 
 
 def to_plain(obj: Any) -> Any:
