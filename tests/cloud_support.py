@@ -50,26 +50,40 @@ def make_varlen_onnx(path: Path) -> Path:
     return _save(graph, path)
 
 
-def make_slow_onnx(path: Path, size: int = 1024, repeats: int = 8) -> Path:
-    """x FP32 [batch, 8] -> y = x * 2: a model that takes a fixed, noticeable time per batch.
+def make_slow_onnx(path: Path, size: int = 256) -> Path:
+    """x FP32 [batch, 8], work INT64 [batch, 1] -> y = x * 2, after max(work) rounds of real work.
 
-    The time goes into a chain of [size, size] MatMuls whose operand depends on the input (so
-    onnxruntime cannot constant-fold it away); its result enters y multiplied by zero.
+    Each round is a [size, size] MatMul + Tanh inside an ONNX Loop whose trip count comes from the
+    request, so a test can make one request hold an instance for a while (work=200, ~0.3 s here)
+    and others cheap (work=1). The work depends on the input (no constant folding) and enters y
+    multiplied by zero.
     """
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["a_in", "w"], ["m"]),
+            helper.make_node("Tanh", ["m"], ["a_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "round",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("a_in", TensorProto.FLOAT, [size, size]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("a_out", TensorProto.FLOAT, [size, size]),
+        ],
+    )
     nodes = [
+        helper.make_node("ReduceMax", ["work"], ["trips"], keepdims=0),
         helper.make_node("ReduceMean", ["x"], ["s"], keepdims=0),
         helper.make_node("Tanh", ["s"], ["st"]),
         helper.make_node("Mul", ["w", "st"], ["a0"]),
-    ]
-    prev = "a0"
-    for i in range(repeats):
-        nodes.append(helper.make_node("MatMul", [prev, "w"], [f"m{i}"]))
-        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"a{i + 1}"]))
-        prev = f"a{i + 1}"
-    nodes += [
-        helper.make_node("ReduceMean", [prev], ["t"], keepdims=0),
+        helper.make_node("Loop", ["trips", "true", "a0"], ["a_final"], body=body),
+        helper.make_node("ReduceMean", ["a_final"], ["t"], keepdims=0),
         helper.make_node("Mul", ["t", "zero"], ["tz"]),
         helper.make_node("Mul", ["x", "two"], ["x2"]),
         helper.make_node("Add", ["x2", "tz"], ["y"]),
@@ -77,15 +91,24 @@ def make_slow_onnx(path: Path, size: int = 1024, repeats: int = 8) -> Path:
     graph = helper.make_graph(
         nodes,
         "slow",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8]),
+            helper.make_tensor_value_info("work", TensorProto.INT64, ["batch", 1]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
         [
             numpy_helper.from_array(w, "w"),
             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
             numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+            numpy_helper.from_array(np.array(True), "true"),
         ],
     )
     return _save(graph, path)
+
+
+def slow_inputs(work: int, rows: int = 1, value: float = 1.0) -> dict[str, np.ndarray]:
+    """Inputs for the slow model: ``work`` rounds (see make_slow_onnx)."""
+    return {"x": np.full((rows, 8), value, np.float32), "work": np.full((rows, 1), work, np.int64)}
 
 
 def make_onnx_bundle(
@@ -126,7 +149,7 @@ def make_repository(root: Path, private_key: Path, *, toy_versions: tuple[str, .
         d = root / "slow" / "1"
         make_onnx_bundle(
             d, private_key, make_slow_onnx(d / "model.onnx"), "slow", "1",
-            [TensorSpec(name="x", datatype="FP32", shape=["batch", 8])],
+            [TensorSpec(name="x", datatype="FP32", shape=["batch", 8]), TensorSpec(name="work", datatype="INT64", shape=["batch", 1])],
             [TensorSpec(name="y", datatype="FP32", shape=["batch", 8])],
         )
     if varlen:

@@ -13,10 +13,13 @@ import aiohttp
 import numpy as np
 import pytest
 
-from cloud_support import ServerThread, make_repository
+from cloud_support import ServerThread, make_repository, slow_inputs
 from tandem.cloud.config import BatchingConfig, ServerConfig
 from tandem.shared import protocol as p
 from tandem.shared.tensors import unpackb
+
+
+BLOCK = 150  # rounds of work that keep the slow model's only instance busy (~0.25 s here)
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +32,25 @@ async def _server(repo: Path, keys: tuple[Path, Path], **kw: Any) -> ServerThrea
     return await asyncio.to_thread(ServerThread(config).start)
 
 
-async def _infer(session: aiohttp.ClientSession, s: ServerThread, model: str, x: np.ndarray, headers: dict[str, str] | None = None,
-                 **req: Any) -> tuple[int, Any, dict[str, str], float]:
-    name = "x"
-    async with session.post(s.url + p.infer_path(model), data=p.InferRequest({name: x}, **req).to_wire(), headers=headers) as r:
+async def _infer(session: aiohttp.ClientSession, s: ServerThread, model: str, inputs: dict[str, np.ndarray] | np.ndarray,
+                 headers: dict[str, str] | None = None, **req: Any) -> tuple[int, Any, dict[str, str], float]:
+    if isinstance(inputs, np.ndarray):
+        inputs = {"x": inputs}
+    async with session.post(s.url + p.infer_path(model), data=p.InferRequest(inputs, **req).to_wire(), headers=headers) as r:
         raw = await r.read()
         done = time.perf_counter()
         doc = p.InferResponse.from_wire(raw) if r.status == 200 else unpackb(raw)
         return r.status, doc, dict(r.headers), done
+
+
+async def _wait_queue(s: ServerThread, model: str, pending: int, depth: int) -> None:
+    """Wait until the server holds ``pending`` requests of which ``depth`` wait in the queue."""
+    batcher = s.state.repository.get(model, "1").batcher
+    for _ in range(2000):
+        if batcher.pending == pending and batcher.depth == depth:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"queue never reached pending={pending} depth={depth}: {batcher.pending}/{batcher.depth}")
 
 
 def _metric(s: ServerThread, name: str, model: str) -> float:
@@ -48,16 +62,19 @@ def _metric(s: ServerThread, name: str, model: str) -> float:
 async def test_concurrent_requests_form_batches_and_get_their_own_rows(repo: Path, keys: tuple[Path, Path]) -> None:
     s = await _server(repo, keys)
     try:
-        xs = [np.full((1, 8), i, np.float32) for i in range(24)]
         async with aiohttp.ClientSession() as session:
+            blocker = asyncio.ensure_future(_infer(session, s, "slow", slow_inputs(BLOCK)))
+            await _wait_queue(s, "slow", 1, 0)  # the only instance is busy: what arrives now queues up
+            xs = [slow_inputs(1, value=i) for i in range(24)]
             results = await asyncio.gather(*(_infer(session, s, "slow", x) for x in xs))
+            assert (await blocker)[0] == 200
         sizes = [int(h[p.HEADER_BATCH_SIZE]) for _, _, h, _ in results]
         for x, (status, resp, _, _) in zip(xs, results):
             assert status == 200
-            np.testing.assert_array_equal(resp.outputs["y"], x * 2)  # each request gets its own slice
+            np.testing.assert_array_equal(resp.outputs["y"], x["x"] * 2)  # each request gets its own slice
         assert max(sizes) > 1, sizes
         count, execs = _metric(s, "tandem_inference_count_total", "slow"), _metric(s, "tandem_inference_exec_count_total", "slow")
-        assert count == 24 and execs < 24  # mean batch size = count / exec > 1
+        assert count == 25 and execs < 25  # mean batch size = count / exec > 1
     finally:
         await asyncio.to_thread(s.stop)
 
@@ -80,29 +97,34 @@ async def test_full_queue_refuses_at_once_with_retry_after(repo: Path, keys: tup
     batching = BatchingConfig(max_batch_size=1, max_queue_size=2)
     s = await _server(repo, keys, model_batching={"slow": batching})
     try:
-        x = np.ones((1, 8), np.float32)
         async with aiohttp.ClientSession() as session:
-            results = await asyncio.gather(*(_infer(session, s, "slow", x) for _ in range(12)))
-            statuses = [r[0] for r in results]
-            assert statuses.count(503) >= 1 and statuses.count(200) >= 2 and set(statuses) == {200, 503}, statuses
+            blocker = asyncio.ensure_future(_infer(session, s, "slow", slow_inputs(BLOCK)))
+            await _wait_queue(s, "slow", 1, 0)
+            results = await asyncio.gather(*(_infer(session, s, "slow", slow_inputs(1)) for _ in range(8)))
+            statuses = sorted(r[0] for r in results)
+            assert statuses == [200] * 2 + [503] * 6, statuses  # 2 wait in the queue, the rest are refused
             last_ok = max(done for status, _, _, done in results if status == 200)
             for status, doc, headers, done in results:
                 if status == 503:
                     assert doc["code"] == "overloaded" and "queue is full" in doc["error"]
                     assert int(headers[p.HEADER_RETRY_AFTER]) >= 1
-                    assert done < last_ok  # refused while the accepted ones were still computing
+                    assert done < last_ok  # refused at once, while the accepted ones still waited
+            assert (await blocker)[0] == 200
             # v2 speaks the same refusal in JSON
-            body = json.dumps({"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [1] * 8}]})
-            tasks = [session.post(s.url + "/v2/models/slow/infer", data=body) for _ in range(12)]
-            responses = await asyncio.gather(*tasks)
-            refused = [r for r in responses if r.status == 503]
-            assert refused and all("Retry-After" in r.headers for r in refused)
-            assert "error" in json.loads(await refused[0].read())
+            blocker = asyncio.ensure_future(_infer(session, s, "slow", slow_inputs(BLOCK)))
+            await _wait_queue(s, "slow", 1, 0)
+            body = json.dumps({"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [1] * 8},
+                                          {"name": "work", "shape": [1, 1], "datatype": "INT64", "data": [1]}]})
+            responses = await asyncio.gather(*(session.post(s.url + "/v2/models/slow/infer", data=body) for _ in range(6)))
+            assert sorted(r.status for r in responses) == [200] * 2 + [503] * 4
             for r in responses:
-                await r.read()
+                doc = json.loads(await r.read())
+                if r.status == 503:
+                    assert "Retry-After" in r.headers and "queue is full" in doc["error"]
                 r.release()
+            await blocker
         text = s.state.metrics.render().decode()
-        assert 'tandem_inference_request_failure_total{model="slow",reason="overloaded",version="1"}' in text
+        assert 'tandem_inference_request_failure_total{model="slow",reason="overloaded",version="1"} 10.0' in text
     finally:
         await asyncio.to_thread(s.stop)
 
@@ -110,16 +132,18 @@ async def test_full_queue_refuses_at_once_with_retry_after(repo: Path, keys: tup
 async def test_expired_requests_are_dropped_before_compute(repo: Path, keys: tuple[Path, Path]) -> None:
     s = await _server(repo, keys, model_batching={"slow": BatchingConfig(max_batch_size=1)})
     try:
-        x = np.ones((1, 8), np.float32)
         async with aiohttp.ClientSession() as session:
-            first = asyncio.ensure_future(_infer(session, s, "slow", x))
-            await asyncio.sleep(0.01)  # the first request is computing now (~50 ms)
-            late = [_infer(session, s, "slow", x, headers={p.HEADER_DEADLINE_MS: "5"}) for _ in range(3)]
-            late.append(_infer(session, s, "slow", x, deadline_ms=5.0))
-            v2_body = json.dumps({"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [1] * 8}],
+            first = asyncio.ensure_future(_infer(session, s, "slow", slow_inputs(BLOCK)))
+            await _wait_queue(s, "slow", 1, 0)  # the first request is computing now
+            late = [_infer(session, s, "slow", slow_inputs(1), headers={p.HEADER_DEADLINE_MS: "5"}) for _ in range(3)]
+            late.append(_infer(session, s, "slow", slow_inputs(1), deadline_ms=5.0))
+            v2_body = json.dumps({"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [1] * 8},
+                                             {"name": "work", "shape": [1, 1], "datatype": "INT64", "data": [1]}],
                                   "parameters": {"timeout": 5000}})
             v2_late = asyncio.ensure_future(session.post(s.url + "/v2/models/slow/infer", data=v2_body))
-            results = await asyncio.gather(*late)
+            late_tasks = [asyncio.ensure_future(c) for c in late]
+            await _wait_queue(s, "slow", 6, 5)  # all five wait behind the first, past their deadline
+            results = await asyncio.gather(*late_tasks)
             v2_resp = await v2_late
             assert v2_resp.status == 504 and "deadline" in json.loads(await v2_resp.read())["error"]
             assert (await first)[0] == 200
@@ -135,16 +159,15 @@ async def test_higher_priority_is_served_first(repo: Path, keys: tuple[Path, Pat
     batching = BatchingConfig(max_batch_size=1, priority_levels=2)
     s = await _server(repo, keys, model_batching={"slow": batching})
     try:
-        x = np.ones((1, 8), np.float32)
         async with aiohttp.ClientSession() as session:
-            first = asyncio.ensure_future(_infer(session, s, "slow", x))
-            await asyncio.sleep(0.01)
-            low = asyncio.ensure_future(_infer(session, s, "slow", x, priority=2))
-            await asyncio.sleep(0.005)
-            high = asyncio.ensure_future(_infer(session, s, "slow", x, priority=1))
+            first = asyncio.ensure_future(_infer(session, s, "slow", slow_inputs(BLOCK)))
+            await _wait_queue(s, "slow", 1, 0)
+            low = asyncio.ensure_future(_infer(session, s, "slow", slow_inputs(1), priority=2))
+            await _wait_queue(s, "slow", 2, 1)
+            high = asyncio.ensure_future(_infer(session, s, "slow", slow_inputs(1), priority=1))
             (_, _, _, t_low), (_, _, _, t_high), _ = await asyncio.gather(low, high, first)
             assert t_high < t_low
-            status, doc, _, _ = await _infer(session, s, "slow", x, priority=3)
+            status, doc, _, _ = await _infer(session, s, "slow", slow_inputs(1), priority=3)
             assert status == 400 and "priority" in doc["error"]
     finally:
         await asyncio.to_thread(s.stop)

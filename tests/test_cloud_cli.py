@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud_support import free_port, make_repository, request
+from cloud_support import free_port, make_repository, request, slow_inputs
 from tandem.cloud.config import load_config
 from tandem.shared import protocol as p
 from tandem.shared.errors import InvalidInput
@@ -51,7 +51,7 @@ def test_sigterm_drains_accepted_requests_then_exits_0(tmp_path: Path, keys: tup
         assert lines[-1].strip() == f"ready http://127.0.0.1:{port}"
         assert any("slow:1" in line and "providers=CPUExecutionProvider" in line for line in lines)
         url = f"http://127.0.0.1:{port}"
-        body = p.InferRequest({"x": np.ones((1, 8), np.float32)}).to_wire()
+        body = p.InferRequest(slow_inputs(30)).to_wire()
         n = 6
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
             futures = [pool.submit(request, url, "POST", p.infer_path("slow"), body) for _ in range(n)]

@@ -12,7 +12,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from cloud_support import ServerThread, make_repository
+from cloud_support import ServerThread, make_repository, slow_inputs
 from support import make_bundle
 from tandem.cloud.config import BatchingConfig, ServerConfig
 from tandem.shared import protocol as p
@@ -23,8 +23,9 @@ async def _start(repo: Path, keys: tuple[Path, Path], **kw: Any) -> ServerThread
     return await asyncio.to_thread(ServerThread(config).start)
 
 
-async def _native(session: aiohttp.ClientSession, s: ServerThread, model: str, name: str, x: np.ndarray) -> tuple[int, str]:
-    async with session.post(s.url + p.infer_path(model), data=p.InferRequest({name: x}).to_wire()) as r:
+async def _native(session: aiohttp.ClientSession, s: ServerThread, model: str, name: str, x: np.ndarray | dict[str, np.ndarray]) -> tuple[int, str]:
+    inputs = x if isinstance(x, dict) else {name: x}
+    async with session.post(s.url + p.infer_path(model), data=p.InferRequest(inputs).to_wire()) as r:
         await r.read()
         return r.status, r.headers.get(p.HEADER_MODEL_VERSION, "")
 
@@ -77,7 +78,7 @@ async def test_reload_and_unload_answer_queued_requests(tmp_path: Path, keys: tu
     repo = make_repository(tmp_path / "repo", keys[0], toy_versions=(), varlen=False)
     s = await _start(repo, keys, model_batching={"slow": BatchingConfig(max_batch_size=1)})
     try:
-        x = np.ones((1, 8), np.float32)
+        x = slow_inputs(15)
         async with aiohttp.ClientSession() as session:
             queued = [asyncio.ensure_future(_native(session, s, "slow", "x", x)) for _ in range(6)]
             await asyncio.sleep(0.03)
