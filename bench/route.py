@@ -14,12 +14,12 @@ PNG of the cascade's accuracy-vs-cloud-share curve.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import re
+import socket
+import subprocess
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,10 +30,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from edge_support import CloudProcess  # noqa: E402
+from edge_support import CloudProcess, free_port  # noqa: E402
 
 from tandem.edge import Budget, HybridClient  # noqa: E402
-from tandem.edge.faultproxy import FaultProxy  # noqa: E402
 from tandem.shared.bundle import load_bundle, version_key  # noqa: E402
 
 
@@ -54,26 +53,29 @@ def _toy(workdir: Path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
     return workdir / "repo", pub, x, y
 
 
-class ProxyThread:
-    """The proxy on its own event loop thread, so it never shares a loop with the client."""
+class ProxyProcess:
+    """The FaultProxy in its own process (its CLI), so it never competes with the client for the GIL."""
 
-    def __init__(self, upstream_port: int) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.proxy = FaultProxy(upstream=("127.0.0.1", upstream_port), seed=0)
-        self._call(self.proxy.start())
-
-    def _call(self, coro):  # type: ignore[no-untyped-def]
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def set(self, **kw: object) -> None:
-        self.loop.call_soon_threadsafe(lambda: self.proxy.set(**kw))
+    def __init__(self, upstream_port: int, latency_ms: float, jitter_ms: float) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tandem.edge.faultproxy", "--upstream", f"127.0.0.1:{upstream_port}",
+             "--listen", f"127.0.0.1:{self.port}", "--latency", str(latency_ms), "--jitter", str(jitter_ms)],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("fault proxy did not start")
 
     def stop(self) -> None:
-        self._call(self.proxy.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 def run_policy(client: HybridClient, x: np.ndarray, y: np.ndarray, budget: Budget) -> dict[str, Any]:
@@ -191,8 +193,7 @@ def main() -> int:
             c.runtime.confidence(outs)
         conf_us = (time.perf_counter() - t0) / 20000 * 1e6
     cloud = CloudProcess(repo, pub).start()
-    proxy = ProxyThread(cloud.port)
-    proxy.set(latency_ms=args.latency, jitter_ms=args.jitter)
+    proxy = ProxyProcess(cloud.port, args.latency, args.jitter)
     print(f"bundle {bundle.name}:{bundle.version}; cloud: {'tandem serve' if cloud.real else 'stand-in server'} "
           f"behind FaultProxy +{args.latency:g}±{args.jitter:g} ms; {len(x)} test samples; budget {args.budget_ms:g} ms; "
           f"cost {args.cost:g}/cloud call")
@@ -213,7 +214,7 @@ def main() -> int:
         configs += [(f"cascade t={t}", "cascade", {"cascade_threshold": float(t)}) for t in args.thresholds.split(",")]
         configs += [("hedged", "hedged", {})]
         for label, policy, extra in configs:
-            with HybridClient(bundle, proxy.proxy.url, policy=policy, config={**base, **extra}) as c:
+            with HybridClient(bundle, proxy.url, policy=policy, config={**base, **extra}) as c:
                 for i in range(20):  # learn the cloud's latency before measuring
                     c.infer(x[i % len(x) : i % len(x) + 1], Budget(latency_ms=2000, policy="cloud-only"))
                 stats = run_policy(c, x, y, budget)
