@@ -72,11 +72,11 @@ class Registry:
 
     # --- repository scanning (runs in a thread: it touches the disk) ----------------------------
 
-    def models(self) -> dict[str, dict[str, _Version]]:
+    def _models(self) -> dict[str, dict[str, _Version]]:
         """Every model with at least one servable version: {model: {version: _Version}}."""
         out: dict[str, dict[str, _Version]] = {}
         for name in self._subdirs(self.repository):
-            versions = self._versions(name)
+            versions = self._scan_model(name)
             if versions:
                 out[name] = versions
         return out
@@ -93,6 +93,9 @@ class Registry:
         # "..", "%2e%2e" or any other crafted name simply is not found.
         if model not in self._subdirs(self.repository):
             return {}
+        return self._scan_model(model)
+
+    def _scan_model(self, model: str) -> dict[str, _Version]:
         out = {}
         for version in self._subdirs(self.repository / model):
             v = self._load(self.repository / model / version, model, version)
@@ -141,7 +144,7 @@ class Registry:
     # --- handlers -------------------------------------------------------------------------------
 
     async def _list_models(self, request: web.Request) -> web.StreamResponse:
-        models = await asyncio.to_thread(self.models)
+        models = await asyncio.to_thread(self._models)
         return web.json_response({"models": [_summary(name, vs) for name, vs in sorted(models.items())]})
 
     async def _get_model(self, request: web.Request) -> web.StreamResponse:
