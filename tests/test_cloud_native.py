@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,3 +166,21 @@ async def test_canary_split_follows_weights(repo: Path, keys: tuple[Path, Path])
                 assert r.headers[p.HEADER_MODEL_VERSION] == "2"  # an explicit version bypasses the split
     finally:
         await asyncio.to_thread(s.stop)
+
+
+def test_instances_and_providers_reported_as_really_used(repo: Path, keys: tuple[Path, Path]) -> None:
+    config = ServerConfig(
+        repository=repo, trusted_keys=[keys[1]], port=0, instances=2, intra_op_threads=1,
+        providers=["CUDAExecutionProvider", "CPUExecutionProvider"], warmup_batch_sizes=[1],
+    )
+    with ServerThread(config) as s:
+        meta = json.loads(request(s.url, "GET", "/v2/models/toy")[2])
+        assert meta["parameters"] == {"providers": ["CPUExecutionProvider"], "instances": 2}  # no GPU here: none claimed
+        cfg = json.loads(request(s.url, "GET", "/v2/models/toy/versions/1/config")[2])
+        assert cfg["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}] and cfg["parameters"]["intra_op_threads"] == 1
+        text = request(s.url, "GET", "/metrics")[2].decode()
+        assert 'tandem_model_instances{model="toy",provider="CPUExecutionProvider",version="1"} 2.0' in text
+        assert "CUDA" not in text
+        bodies = [p.InferRequest({"input": _x(1, seed=i)}).to_wire() for i in range(8)]
+        for body in bodies:
+            assert _post(s.url, p.infer_path("toy"), body)[0] == 200
