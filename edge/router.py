@@ -9,11 +9,8 @@ says yes; the client reports the outcome with ``cloud_ok``/``cloud_failed``/``cl
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import Counter
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.shared.errors import DeadlineExceeded, InvalidInput, Overloaded, TandemError, Unavailable
@@ -22,8 +19,6 @@ from .breaker import CircuitBreaker
 from .budget import Budget, RetryBudget, ShareBucket, TokenBucket
 from .estimates import Estimates
 from .policies import Decision, Policy, make_policy
-
-_log = logging.getLogger(__name__)
 
 
 class RouterConfig(BaseModel):
@@ -198,6 +193,3 @@ def is_retryable(error: TandemError) -> bool:
     """Transient cloud failures worth another attempt (the gate still decides whether there is one)."""
     return isinstance(error, (Unavailable, Overloaded)) and not isinstance(error, DeadlineExceeded)
 
-
-def describe_decision(d: Decision) -> dict[str, Any]:
-    return {"plan": d.plan, "reason": d.reason, "policy": d.policy, "threshold": d.threshold, "hedge_after_ms": d.hedge_after_ms}
