@@ -13,6 +13,7 @@ the server's cores) at each concurrency for a bounded time; every server's answe
 to LitServe, plus the mean batch size the server really ran (from its metrics).
 
 Models: ``digits`` (the cloud variant of ``tandem build examples/digits``, from ``--repository``),
+``digits-fp32`` (that bundle's fp32 CNN teacher served as the cloud variant),
 ``mlp`` (tests/support's MLP bundle, all overhead), ``wide`` (64-2048-2048-10) and ``heavy``
 (64-4096-4096-4096-10, ~34 M multiply-adds per sample: compute dominates).
 
@@ -137,14 +138,40 @@ def build_cases(args: argparse.Namespace, tmp: Path, public_key_out: list[Path])
                 print(f"skip digits: no {repo}/digits (run `tandem build examples/digits --repository {repo}`)")
                 continue
             cases.append(_case(repo, "digits", "digits"))
+        elif model == "digits-fp32":
+            repo = Path(args.repository)
+            if not (repo / "digits").is_dir():
+                print(f"skip digits-fp32: no {repo}/digits")
+                continue
+            cases.append(_case(_fp32_teacher_repo(repo, tmp, private), "digits-fp32", "digits-fp32"))
         elif model in _MLPS:
             hidden = _MLPS[model]
             repo = tmp / f"repo-{model}"
             make_bundle(repo / model / "1", private, name=model, version="1", cloud_hidden=hidden)
             cases.append(_case(repo, model, model))
         else:
-            raise SystemExit(f"unknown model {model!r}: choose from digits, {', '.join(_MLPS)}")
+            raise SystemExit(f"unknown model {model!r}: choose from digits, digits-fp32, {', '.join(_MLPS)}")
     return cases
+
+
+def _fp32_teacher_repo(repository: Path, tmp: Path, private_key: Path) -> Path:
+    """A copy of the newest digits bundle whose fp32 teacher is the cloud variant (tandem serve
+    serves the cloud role; the shipped cloud variant is int8), re-signed with the bench's key."""
+    from tandem.shared import signing
+    from tandem.shared.bundle import read_manifest, seal_bundle
+
+    versions = [p for p in (repository / "digits").iterdir() if (p / "manifest.json").is_file()]
+    src = max(versions, key=lambda p: version_key(p.name))
+    dst = tmp / "repo-digits-fp32" / "digits-fp32" / "1"
+    shutil.copytree(src, dst)
+    _, manifest = read_manifest(dst)
+    manifest.name, manifest.version = "digits-fp32", "1"
+    for v in manifest.variants:
+        if v.role == "cloud":
+            v.role = "candidate"
+    next(v for v in manifest.variants if v.precision == "fp32" and v.role != "edge").role = "cloud"
+    seal_bundle(dst, manifest, signing.load_private_key(private_key))
+    return dst.parents[1]
 
 
 def _session(path: Path, threads: int):  # type: ignore[no-untyped-def]
@@ -372,7 +399,7 @@ def _print_limit(case: ModelCase, args: argparse.Namespace) -> None:
 
 def report(cases: list[ModelCase], args: argparse.Namespace) -> None:
     print("\n" + "=" * 110)
-    print(f"{'model':<8}{'server':<15}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'% limit':>9}{'% @32':>7}{'x naive':>9}{'x litserve':>11}{'p99 vs naive':>14}")
+    print(f"{'model':<13}{'server':<15}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'% limit':>9}{'% @32':>7}{'x naive':>9}{'x litserve':>11}{'p99 vs naive':>14}")
     for case in cases:
         naive = case.results.get("naive aiohttp", {})
         lit = case.results.get("litserve", {})
@@ -382,12 +409,12 @@ def report(cases: list[ModelCase], args: argparse.Namespace) -> None:
                 xl = f"{r.rps / lit[c].rps:.2f}" if c in lit else "-"
                 pn = f"{r.p99_ms / naive[c].p99_ms:.2f}" if c in naive else "-"
                 mb = f"{r.mean_batch:.1f}" if r.mean_batch else "-"
-                print(f"{case.name:<8}{label:<15}{c:>5}{r.rps:>9.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{mb:>7}"
+                print(f"{case.name:<13}{label:<15}{c:>5}{r.rps:>9.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{mb:>7}"
                       f"{100 * r.rps / case.limit:>8.0f}%{100 * r.rps / case.limit_at[32]:>6.0f}%{xn:>9}{xl:>11}{pn:>14}"
                       + (f"  errors={r.errors}" if r.errors else ""))
         t1 = case.results.get("tandem native", {}).get(1)
         if t1:
-            print(f"{case.name:<8}limit {case.limit:,.0f} samples/s at batch {case.limit_batch}; "
+            print(f"{case.name:<13}limit {case.limit:,.0f} samples/s at batch {case.limit_batch}; "
                   f"overhead at concurrency 1: p50 {t1.p50_ms:.3f} ms - raw batch-1 {case.batch1_p50_ms:.3f} ms "
                   f"= {t1.p50_ms - case.batch1_p50_ms:.3f} ms (includes wrk and the loopback)")
     print("% limit: of the best session.run throughput at any batch size; % @32: of session.run at batch 32, "
