@@ -162,7 +162,8 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
         cfg = _WithFile(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
         first = e.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"]) or "config"
+        loc = ".".join(str(x) for x in first["loc"])
         where = f" in {path}" if path else ""
-        raise InvalidInput(f"agent config{where}: {loc}: {first['msg']}") from None
+        msg = first["msg"].removeprefix("Value error, ")
+        raise InvalidInput(f"agent config{where}: {loc + ': ' if loc else ''}{msg}") from None
     return AgentConfig.model_construct(**cfg.__dict__)
