@@ -202,7 +202,7 @@ def build(
         paths = {c.name: c.path for c in rows}
         echo(f"measuring {len(paths)} variants ({ev.latency_runs} runs at batch 1, {ev.throughput_runs} at batch "
              f"{ev.throughput_batch_size}, {ev.intra_op_threads} intra-op thread(s))")
-        metrics, test_out = evaluate_variants(
+        metrics, _ = evaluate_variants(
             paths, data.x_test, data.y_test, reference=CLOUD_FP32, runs=ev.latency_runs, warmup=ev.warmup_runs,
             throughput_batch_size=ev.throughput_batch_size, throughput_runs=ev.throughput_runs,
             intra_op_threads=ev.intra_op_threads,
@@ -237,7 +237,8 @@ def build(
             run_batched(make_session(edge.path), data.x_val), run_batched(make_session(cloud.path), data.x_val),
             data.y_val, edge_variant=edge.name, cloud_variant=cloud.name,
         )
-        shipped = [c for c in [cloud, base_rows[0], base_rows[1], edge] if c.role]
+        # The fp32 teacher is either the cloud variant itself or its reference: never listed twice.
+        shipped = list({id(c): c for c in [cloud, base_rows[0], base_rows[1], edge] if c.role}.values())
         for c in shipped:
             if c.path.parent != work:
                 c.path = c.path.replace(work / c.path.name)

@@ -48,11 +48,19 @@ def test_impossible_edge_budget_refuses_the_build_and_says_why(tmp_path: Path, k
     assert _leftovers(tmp_path / "repo") == ["tiny"]  # no bundle, no half-built directory
 
 
-def test_tiny_build_then_versions(tmp_path: Path, keys: tuple[Path, Path]) -> None:
-    result = _build(tmp_path, keys)
+def test_tiny_build_with_no_fast_enough_int8_ships_fp32_then_versions(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    spec_path = write_tiny_spec(tmp_path / "spec")
+    spec_path.write_text(spec_path.read_text() + "\n[budgets]\nmin_speedup = 1000.0\n")
+    result = build(load_spec(spec_path), tmp_path / "repo", signing.load_private_key(keys[0]), progress=False,
+                   echo=lambda _: None)
     assert result.bundle_path == tmp_path / "repo" / "tiny" / "1"
     bundle = load_bundle(result.bundle_path, keys[1])
-    assert {v.role for v in bundle.manifest.variants} >= {"cloud", "edge", "cloud-gpu"}
+    m = bundle.manifest
+    assert sorted(v.role for v in m.variants) == ["cloud", "cloud-gpu", "edge"]
+    assert m.variant("cloud").name == "cloud-fp32" and m.variant("edge").name == "edge-fp32"
+    assert len({v.name for v in m.variants}) == len(m.variants) == 3
+    for c in m.provenance.build_config["candidates"]:
+        assert c["accepted"] is False and "< required 1000.00x" in c["reason"], c
     assert result.report_md.is_file() and result.report_png.stat().st_size > 1000
     assert next_version(tmp_path / "repo" / "tiny") == "2"
     spec = load_spec(tmp_path / "spec" / "spec.toml")
