@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -230,7 +231,10 @@ class Server:
         self.label, self.port, self.base = label, port, f"http://127.0.0.1:{port}"
         self._log = open(log, "wb")
         self.log_path = log
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        # Own process group: LitServe (and any server with worker processes) leaves its workers
+        # running if only the parent is stopped, and they would load every later measurement.
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                     start_new_session=True)
         deadline = time.monotonic() + 180
         while True:
             if self.proc.poll() is not None:
@@ -246,14 +250,32 @@ class Server:
             time.sleep(0.25)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
+        """Stop the server and every process it started (its process group)."""
+        pgid = self.proc.pid  # start_new_session: the group id is the server's pid
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
             try:
-                self.proc.wait(timeout=30)
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=wait)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+                continue
+            # The parent is gone; give its workers a moment, then make sure none is left.
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and _group_alive(pgid):
+                time.sleep(0.1)
+            if not _group_alive(pgid):
+                break
         self._log.close()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def native_load(case: ModelCase) -> Load:
