@@ -55,8 +55,6 @@ class BatchObserver:
 
     def on_batch(self, rows: int, requests: int, compute_us: float, queue_us: Sequence[float]) -> None: ...
 
-    def on_expired(self, count: int) -> None: ...
-
 
 class _Pending:
     __slots__ = ("inputs", "rows", "key", "future", "deadline", "enqueued")
@@ -99,6 +97,7 @@ class Batcher:
         self._depth = 0
         self._rows = 0
         self._inflight = 0
+        self._batch_s = 0.0  # moving average of one batch's compute time, for Retry-After
         self._closing = False
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
@@ -146,7 +145,6 @@ class Batcher:
         if default is not None:
             timeout_s = default / 1000 if timeout_s is None else min(timeout_s, default / 1000)
         if timeout_s is not None and timeout_s <= 0:
-            self._observer.on_expired(1)
             raise DeadlineExceeded(f"model {self.name}: the request's deadline had passed on arrival")
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         fut: asyncio.Future[BatchResult] = self._loop.create_future()
@@ -179,7 +177,9 @@ class Batcher:
     # --- internals --------------------------------------------------------------------------------
 
     def _retry_after(self) -> float:
-        return 1.0
+        """Seconds until the queue has likely drained: queued batches x recent batch time / instances."""
+        batches = self._rows / self._max_rows + 1
+        return max(1.0, batches * self._batch_s / self.engine.instances)
 
     def _fail_all(self, error: TandemError) -> None:
         for q in self._queues:
@@ -198,7 +198,6 @@ class Batcher:
             item.future.set_exception(
                 DeadlineExceeded(f"model {self.name}: deadline passed after {(time.perf_counter() - item.enqueued) * 1e3:.1f} ms in the queue")
             )
-            self._observer.on_expired(1)
             return True
         return False
 
@@ -296,6 +295,7 @@ class Batcher:
                 batch[0].future.set_exception(e)
             return
         rows = sum(item.rows for item in batch)
+        self._batch_s += 0.1 * (compute_us / 1e6 - self._batch_s)
         queue_us = [(started - item.enqueued) * 1e6 for item in batch]
         for item, outputs, q_us in zip(batch, results, queue_us):
             if not item.future.done():
