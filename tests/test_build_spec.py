@@ -144,3 +144,11 @@ def test_cli_prints_a_clear_error_for_a_missing_spec(tmp_path: Path, capsys: pyt
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_cli_arguments_and_defaults() -> None:
+    from tandem.shared.cli import build_parser
+
+    args = build_parser().parse_args(["build", "examples/digits", "--version", "7", "--quick", "--seed", "3"])
+    assert (args.bundle_version, args.quick, args.seed) == ("7", True, 3)
+    assert str(args.repository) == "artifacts/repository" and str(args.key) == "artifacts/keys/tandem.key"
