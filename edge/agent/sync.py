@@ -171,7 +171,7 @@ class Updater:
             if (manifest.name, manifest.version) != (name, version):
                 raise TandemError(f"the registry served {manifest.name}:{manifest.version} for {name}:{version}")
             if version in store.installed(name) and version in store.history(name):
-                activation = store.activate(name, version)  # an older kept version (pinned back)
+                activation = await asyncio.to_thread(store.activate, name, version)  # a kept version (pinned back)
             else:
                 staging.mkdir(parents=True, exist_ok=True)
                 for rel, digest, size in manifest.file_entries([EDGE_ROLE]):
