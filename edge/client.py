@@ -154,13 +154,23 @@ class HybridClient:
             conf = self.runtime.confidence(outs)
             if conf >= d.threshold:  # type: ignore[operator]
                 return self._kept(outs, conf, d, t0)
-            coro = self._escalate(feeds, outs, conf, b, d, t0)
-        else:
-            coro = self._remote(feeds, b, d, t0)
+            return self._on_loop(self._escalate(feeds, outs, conf, b, d, t0), b, t0)
+        if d.plan == "hedged":
+            return self._on_loop(self._hedged(feeds, b, d, t0), b, t0)
+        # Only the network part goes to the loop; a fallback runs right here on the waiting thread,
+        # saving two thread hand-offs when time is shortest.
+        fallbacks: list[str] = []
+        got = self._on_loop(self._try_cloud(feeds, b, self._deadline(b, t0), 0.0, fallbacks), b, t0)
+        if got is not None:
+            return self._cloud_result(got, d.reason, d, t0, fallbacks)
+        return self._fallback_result(self.runtime.run(feeds), f"{fallbacks[-1]} → edge", d, t0, fallbacks)
+
+    def _on_loop(self, coro: Any, budget: Budget, t0: float) -> Any:
+        """Run ``coro`` on the background loop and wait for it (sync API)."""
         future = asyncio.run_coroutine_threadsafe(coro, self._background_loop())
         # The coroutine ends by its deadline on its own; the wait is bounded too, as a second guard.
         try:
-            return future.result(timeout=self._deadline(b, t0) - _perf() + 5.0)
+            return future.result(timeout=self._deadline(budget, t0) - _perf() + 5.0)
         except FutureTimeout:
             future.cancel()
             raise DeadlineExceeded("the call overran its deadline by more than 5 s (client loop stalled)") from None

@@ -126,3 +126,16 @@ def test_confidence_small_and_large_paths_agree_for_softmax_and_margin(toy_bundl
     margin = top[:, -1] - top[:, -2]
     assert rt.confidence([z[:1]]) == pytest.approx(float(margin[0]), rel=1e-4)
     assert rt.confidence([z]) == pytest.approx(float(margin.min()), rel=1e-4)
+
+
+def test_sync_call_to_an_unreachable_cloud_is_answered_by_the_edge(toy_bundle: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    from edge_support import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    with HybridClient(toy_bundle, url, trusted_keys=[keys[1]], policy="cloud-only") as c:
+        r = c.infer(X, Budget(latency_ms=500))
+        h = c.infer(X, Budget(latency_ms=500, policy="hedged"))
+    assert r.route.tier == "edge" and r.route.reason.startswith("cloud unavailable: cloud unreachable")
+    assert r.route.fallbacks and r.route.latency_ms < 500
+    np.testing.assert_allclose(r.outputs["logits"], run_onnx(toy_bundle / "edge-fp32.onnx", X), rtol=1e-5, atol=1e-6)
+    assert h.route.tier == "edge" and h.route.policy == "hedged"
