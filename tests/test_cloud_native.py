@@ -184,3 +184,14 @@ def test_instances_and_providers_reported_as_really_used(repo: Path, keys: tuple
         bodies = [p.InferRequest({"input": _x(1, seed=i)}).to_wire() for i in range(8)]
         for body in bodies:
             assert _post(s.url, p.infer_path("toy"), body)[0] == 200
+
+
+def test_access_log_is_json_with_request_id(server: ServerThread, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="tandem.cloud.access"):
+        _post(server.url, p.infer_path("toy"), p.InferRequest({"input": _x()}).to_wire(), {p.HEADER_REQUEST_ID: "trace-42"})
+        request(server.url, "GET", "/v2/models/nope")
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tandem.cloud.access"]
+    ok = next(line for line in lines if line["request_id"] == "trace-42")
+    assert ok["status"] == 200 and ok["model"] == "toy" and ok["version"] == "2" and ok["path"] == p.infer_path("toy")
+    assert ok["ms"] > 0
+    assert any(line["status"] == 404 and line["path"] == "/v2/models/nope" and line["request_id"] for line in lines)
