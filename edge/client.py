@@ -122,6 +122,7 @@ class HybridClient:
         if cloud_url is not None:
             CloudClient(cloud_url, self.model)  # validate the URL now, not on the first call
         self._out_names = self.runtime.output_names
+        self._single_output = self._out_names[0] if len(self._out_names) == 1 else None
         self._default_budget = Budget()
         self._edge_pool = _started_pool(config.edge_workers)
         self._clouds: dict[int, CloudClient] = {}
@@ -234,6 +235,8 @@ class HybridClient:
         route = Route("edge", d.reason, d.policy, (_perf() - t0) * 1000.0, 0.0, conf, [], d.estimates)
         if _log.isEnabledFor(logging.DEBUG):
             _log.debug("route %s", route)
+        if self._single_output is not None:
+            return Result({self._single_output: outs[0]}, route)
         return Result(dict(zip(self._out_names, outs)), route)
 
     def _kept(self, outs: list[np.ndarray], conf: float, d: Decision, t0: float) -> Result:

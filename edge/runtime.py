@@ -84,6 +84,7 @@ class EdgeRuntime:
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
         self.input_names: list[str] = [i.name for i in ins]
         self.output_names: list[str] = [o.name for o in outs]
+        self._first_input = self.input_names[0]
         self._input_dtypes = {i.name: _numpy_dtype(i.type) for i in ins}
         self._input_shapes = {i.name: i.shape for i in ins}
         self.estimates = estimates if estimates is not None else Estimates(bundle)
@@ -133,8 +134,8 @@ class EdgeRuntime:
                 raise InvalidInput(f"edge model rejected the inputs: {_first_line(e)}") from None
             raise InferenceFailed(f"edge inference failed: {_first_line(e)}") from None
         ms = (time.perf_counter() - t0) * 1000.0
-        first = next(iter(feeds.values()))
-        batch = len(first) if first.ndim else 1
+        shape = feeds[self._first_input].shape
+        batch = shape[0] if shape else 1
         w = self._windows.get(batch)
         if w is None:
             w = self.estimates.edge_window(batch)
