@@ -147,9 +147,9 @@ class ModelRepository:
         """The version to serve; without a version: the canary split if configured, else the latest."""
         versions = self._models.get(name)
         if not versions:
-            state = self._states.get((name, version or ""))
-            if name in self.scan() or state is not None:
-                raise Unavailable(f"model {name!r} is not loaded")
+            # Known from an earlier load attempt (no disk scan here: this runs per request).
+            if any(n == name for n, _ in self._states):
+                raise Unavailable(f"model {name!r} is not loaded (load it with POST /v2/repository/models/{name}/load)")
             raise ModelNotFound(f"unknown model {name!r}")
         if version:
             served = versions.get(version)
