@@ -43,9 +43,10 @@ class RouterConfig(BaseModel):
     #: Hedged: at most this share of calls may start a second (edge) attempt.
     hedge_max_share: float = Field(0.15, ge=0, le=1)
     hedge_quantile: float = Field(0.95, gt=0, lt=1)
-    #: Time kept back from the deadline for an edge fallback: edge p99 × factor + margin.
+    #: Time kept back from the deadline for an edge fallback: edge p99 × factor + margin (the
+    #: margin covers timer and thread wake-up delays, several ms on a busy device).
     edge_reserve_factor: float = Field(1.5, ge=1)
-    edge_reserve_margin_ms: float = Field(2.0, ge=0)
+    edge_reserve_margin_ms: float = Field(5.0, ge=0)
     #: Circuit breaker.
     breaker_window_s: float = Field(10.0, gt=0)
     breaker_min_requests: int = Field(20, ge=1)
