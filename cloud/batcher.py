@@ -282,6 +282,12 @@ class Batcher:
         started = time.perf_counter()
         try:
             results, compute_us = await self._loop.run_in_executor(self._executor, self._execute, instance, batch)
+        except asyncio.CancelledError:
+            # Only a close() that gave up waiting cancels a worker: answer, never strand, the batch.
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(Unavailable(f"model {self.name} was unloaded while this request ran"))
+            raise
         except Exception as e:  # noqa: BLE001 - a worker must survive anything a batch throws
             if not isinstance(e, TandemError):
                 _log.exception("model %s: batch of %d failed", self.name, len(batch))

@@ -155,3 +155,21 @@ async def test_control_bad_bodies(tmp_path: Path, keys: tuple[Path, Path], body:
                 assert r.status == 400 and "error" in await r.json()
     finally:
         await asyncio.to_thread(s.stop)
+
+
+async def test_close_that_times_out_still_answers_every_request(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    repo = make_repository(tmp_path / "repo", keys[0], toy_versions=(), varlen=False)
+    s = await _start(repo, keys, model_batching={"slow": BatchingConfig(max_batch_size=1)})
+    try:
+        async with aiohttp.ClientSession() as session:
+            running = [asyncio.ensure_future(_native(session, s, "slow", "x", slow_inputs(150))) for _ in range(3)]
+            batcher = s.state.repository.get("slow").batcher
+            for _ in range(2000):
+                if batcher.pending == 3:
+                    break
+                await asyncio.sleep(0.005)
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(batcher.close(timeout=0.01), s.loop))
+            results = await asyncio.wait_for(asyncio.gather(*running), 30)
+        assert sorted(st for st, _ in results) == [503, 503, 503]  # none left hanging
+    finally:
+        await asyncio.to_thread(s.stop)
