@@ -193,9 +193,12 @@ def summary(c: Candidate) -> dict[str, object]:
     }
 
 
-def best(candidates: list[Candidate]) -> Candidate | None:
-    """The fastest accepted candidate (p50 at batch 1), ties broken by accuracy."""
+def best(candidates: list[Candidate], tie: float = 1.1) -> Candidate | None:
+    """The accepted candidate to ship: among those within ``tie`` x of the fastest p50 (closer than
+    that is measurement noise on a shared machine), the most accurate, then the fastest."""
     ok = [c for c in candidates if c.accepted and c.metrics is not None]
     if not ok:
         return None
-    return min(ok, key=lambda c: (c.metrics.latency_p50_ms, -(c.metrics.accuracy or 0.0)))  # type: ignore[union-attr]
+    fastest = min(c.metrics.latency_p50_ms for c in ok)  # type: ignore[union-attr]
+    near = [c for c in ok if c.metrics.latency_p50_ms <= fastest * tie]  # type: ignore[union-attr]
+    return max(near, key=lambda c: (c.metrics.accuracy or 0.0, -c.metrics.latency_p50_ms))  # type: ignore[union-attr]

@@ -81,3 +81,21 @@ def test_next_version_ignores_non_integers(tmp_path: Path) -> None:
         (tmp_path / name).mkdir()
     (tmp_path / "12").write_text("a file, not a bundle")
     assert next_version(tmp_path) == "11"
+
+
+def test_best_prefers_accuracy_among_candidates_equally_fast() -> None:
+    from tandem.quantize.evaluate import hardware_info
+    from tandem.quantize.quantize import Candidate, best
+    from tandem.shared.bundle import VariantMetrics
+
+    hw = hardware_info()
+
+    def cand(name: str, p50: float, acc: float, accepted: bool = True) -> Candidate:
+        m = VariantMetrics(accuracy=acc, n_eval=100, latency_p50_ms=p50, latency_p99_ms=p50 * 2, throughput_per_s=1.0,
+                           throughput_batch_size=8, intra_op_threads=1, provider="CPUExecutionProvider", hardware=hw)
+        return Candidate(name, None, Path(name), "p", "int8-qdq", metrics=m, accepted=accepted)
+
+    fast_less_accurate, nearly_as_fast_more_accurate = cand("a", 0.146, 0.9889), cand("b", 0.151, 0.9917)
+    slow_most_accurate, rejected = cand("c", 0.362, 0.9944), cand("d", 0.01, 1.0, accepted=False)
+    assert best([fast_less_accurate, nearly_as_fast_more_accurate, slow_most_accurate, rejected]).name == "b"  # type: ignore[union-attr]
+    assert best([rejected]) is None
