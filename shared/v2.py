@@ -30,6 +30,7 @@ of them.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -104,7 +105,7 @@ def _parameters(obj: Any, what: str) -> dict[str, Any]:
 
 def _json_header(raw: bytes | memoryview) -> dict[str, Any]:
     try:
-        doc = json.loads(bytes(raw))
+        doc = json.loads(bytes(raw).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidInput(f"request header is not valid JSON: {e}") from None
     except RecursionError:
@@ -154,7 +155,7 @@ def parse_infer_request(
             raise InvalidInput(f"{what}: 'shape' and 'datatype' are required")
         shape = check_shape(t["shape"], what)
         dtype = dtype_of(t["datatype"])
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)
         if count > max_elements:
             raise TensorCodecError(f"{what}: shape {list(shape)} has more than {max_elements} elements")
         tparams = _parameters(t.get("parameters"), what)
