@@ -8,7 +8,6 @@ weights of its best validation epoch, and returns per-epoch metrics for the repo
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +78,7 @@ def train(
     alpha: float = 0.5,
     augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
     n_views: int = 8,
+    threads: int = 1,
     desc: str = "train",
     progress: bool = True,
 ) -> TrainResult:
@@ -95,7 +95,7 @@ def train(
     # Tiny models lose more to thread hand-offs than they gain, above all on a busy machine.
     previous_threads = torch.get_num_threads()
     small = sum(p.numel() for p in model.parameters()) < 100_000
-    torch.set_num_threads(1 if small else (os.cpu_count() or 1))
+    torch.set_num_threads(1 if small else threads)
     try:
         return _train(model, x_train, y_train, x_val, y_val, epochs=epochs, lr=lr, batch_size=batch_size,
                       weight_decay=weight_decay, seed=seed, views=views, soft=soft, temperature=temperature,

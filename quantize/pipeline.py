@@ -130,7 +130,7 @@ def build(
     try:
         torch.manual_seed(seed)
         np.random.seed(seed)
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(training.threads)
         echo(f"building {spec.name}:{version} from {spec.source} ({'quick' if quick else 'full'}, seed {seed}); "
              f"data: {len(data.x_train)} train / {len(data.x_val)} val / {len(data.x_test)} test")
 
@@ -141,7 +141,7 @@ def build(
             histories["teacher"] = train(
                 teacher, data.x_train, data.y_train, data.x_val, data.y_val, epochs=training.teacher_epochs,
                 lr=training.teacher_lr, batch_size=training.batch_size, weight_decay=training.weight_decay,
-                seed=seed, augment=spec.augment, desc="teacher", progress=progress,
+                seed=seed, augment=spec.augment, threads=training.threads, desc="teacher", progress=progress,
             )
         step("train teacher")
 

@@ -49,6 +49,9 @@ class Training(_Model):
     temperature: float = Field(4.0, gt=0)
     #: Weight of the soft (teacher) loss; 1 - alpha goes to the hard-label cross-entropy.
     alpha: float = Field(0.5, ge=0, le=1)
+    #: torch threads for training big models (small ones always use 1). 1 by default: on a shared
+    #: 2-core machine the digits CNN trained 1.8 s/epoch with 1 thread and 4.7 s/epoch with 2.
+    threads: int = Field(1, ge=1)
 
 
 class Budgets(_Model):
