@@ -168,6 +168,9 @@ class HybridClient:
 
     def _on_loop(self, coro: Any, budget: Budget, t0: float) -> Any:
         """Run ``coro`` on the background loop and wait for it (sync API)."""
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise InvalidInput("infer() was called from the client's own loop thread (it would wait on itself): use ainfer()")
         future = asyncio.run_coroutine_threadsafe(coro, self._background_loop())
         # The coroutine ends by its deadline on its own; the wait is bounded too, as a second guard.
         try:

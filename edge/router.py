@@ -18,7 +18,7 @@ from tandem.shared.errors import DeadlineExceeded, InvalidInput, Overloaded, Tan
 from .breaker import CircuitBreaker
 from .budget import Budget, RetryBudget, ShareBucket, TokenBucket
 from .estimates import Estimates
-from .policies import Decision, Policy, make_policy
+from .policies import POLICIES, Decision, Policy, make_policy
 
 
 class RouterConfig(BaseModel):
@@ -116,7 +116,10 @@ class Router:
         policy = self.policy if p is None else (self._policy_named(p) if isinstance(p, str) else make_policy(p))
         if not self.has_cloud and policy.name != "edge-only":
             return self._no_cloud
-        return policy.decide(budget, self.estimates)
+        d = policy.decide(budget, self.estimates)
+        if policy.__class__ not in _BUILT_IN:
+            _check_decision(d, policy)
+        return d
 
     def _policy_named(self, name: str) -> Policy:
         pol = self._named.get(name)
@@ -194,3 +197,18 @@ def is_retryable(error: TandemError) -> bool:
     """Transient cloud failures worth another attempt (the gate still decides whether there is one)."""
     return isinstance(error, (Unavailable, Overloaded)) and not isinstance(error, DeadlineExceeded)
 
+
+_BUILT_IN = frozenset(POLICIES.values())
+
+
+def _check_decision(d: object, policy: Policy) -> None:
+    """An app's own policy gets a clear error for a malformed decision, not a crash mid-call."""
+    name = getattr(policy, "name", type(policy).__name__)
+    if not isinstance(d, Decision):
+        raise InvalidInput(f"policy {name!r} returned {type(d).__name__}, not a Decision")
+    if d.plan not in ("edge", "cloud", "cascade", "hedged"):
+        raise InvalidInput(f"policy {name!r} returned plan {d.plan!r}; expected edge, cloud, cascade or hedged")
+    if d.plan == "cascade" and not isinstance(d.threshold, (int, float)):
+        raise InvalidInput(f"policy {name!r} chose a cascade without a numeric threshold")
+    if d.plan == "hedged" and d.hedge_after_ms is not None and not isinstance(d.hedge_after_ms, (int, float)):
+        raise InvalidInput(f"policy {name!r} chose hedging with a non-numeric hedge_after_ms")

@@ -224,3 +224,23 @@ def test_cloud_estimates_expire_so_a_slow_looking_cloud_is_measured_again() -> N
     for _ in range(MIN_SAMPLES):
         w.add(40.0)
     assert w.percentile(0.95) == 40.0
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("edge", "not a Decision"),
+        (Decision("gpu", "x", "mine"), "plan 'gpu'"),
+        (Decision("cascade", "x", "mine"), "without a numeric threshold"),
+    ],
+)
+def test_an_apps_malformed_decision_is_a_clear_error(est: Estimates, bad: object, match: str) -> None:
+    class Mine:
+        name = "mine"
+
+        def decide(self, budget: Budget, est: Estimates) -> object:
+            return bad
+
+    r = Router(RouterConfig(), est, Mine(), has_cloud=True)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match=match):
+        r.decide(Budget())
