@@ -72,6 +72,11 @@ SPEC = {
     "augment": shift_pixels,
     "input_name": "input",
     "output_name": "logits",
+    # Distillation on digits, measured (seed 0, 360 test inputs): with the 1-pixel-shift augmentation the
+    # plain student reaches 98.3% and no T in {1, 2, 4, 8} x alpha in {0.3, 0.5, 0.9} beat it on
+    # validation (95.0-97.5% test); without augmentation distillation does help (96.9% -> up to 98.3%
+    # at T=2, alpha=0.9), i.e. the teacher's soft targets and the augmentation buy the same thing here.
+    # The build trains both students and ships the better one on validation.
     "training": {
         "teacher_epochs": 30,
         "student_epochs": 300,
