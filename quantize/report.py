@@ -95,9 +95,7 @@ def _markdown(
     for c in rows:
         m = c.metrics
         size = c.size_bytes
-        verdict = c.reason if not c.accepted or c.config is None else c.reason
-        if c.config is not None and not c.accepted:
-            verdict = f"**rejected**: {c.reason}"
+        verdict = f"**rejected**: {c.reason}" if c.config is not None and not c.accepted else c.reason
         if m is None:
             out.append(f"| {c.name} | - | {c.precision} | - | - | - | - | - | - | - | - | **rejected**: {c.reason} |")
             continue

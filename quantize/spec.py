@@ -105,6 +105,7 @@ class Evaluation(_Model):
     throughput_runs: int = Field(30, ge=3)
     #: Threads per session while measuring: 1 keeps the numbers comparable on a shared 2-core machine.
     intra_op_threads: int = Field(1, ge=1)
+    #: Training inputs fed to static quantization's calibration (not the edge-confidence calibration).
     calibration_samples: int = Field(256, ge=8)
     n_samples: int = Field(8, ge=1)
 
