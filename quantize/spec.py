@@ -27,11 +27,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from tandem.shared.bundle import NAME_PATTERN
+
 from .errors import SpecError
 
 SPEC_FILE = "spec.py"
-#: Bundle names and versions become directory names: the same rule as the manifest's (shared/bundle.py).
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
 class _Model(BaseModel):

@@ -51,7 +51,9 @@ SIGNATURE_NAME = "manifest.sig"
 SAMPLES_NAME = "samples.msgpack"
 ARCHIVE_SUFFIX = ".tandem"
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: What a model name, version or variant name may be (each becomes a path component).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_NAME_RE = re.compile(NAME_PATTERN)
 
 Precision = Literal["fp32", "fp16", "int8-qdq", "int8-dynamic"]
 Confidence = Literal["max_softmax", "margin"]

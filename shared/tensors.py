@@ -8,6 +8,7 @@ msgpack array of bin elements (row-major, flattened).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -87,7 +88,7 @@ def check_shape(shape: Any, what: str = "tensor") -> tuple[int, ...]:
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
             raise TensorCodecError(f"{what}: shape {list(shape)!r} must hold non-negative integers")
         out.append(d)
-    if out and int(np.prod(out, dtype=np.float64)) > MAX_ELEMENTS:
+    if out and math.prod(out) > MAX_ELEMENTS:
         raise TensorCodecError(f"{what}: shape {out} has more than {MAX_ELEMENTS} elements")
     return tuple(out)
 
@@ -125,7 +126,7 @@ def decode_tensor(obj: Any, what: str = "tensor") -> np.ndarray:
         raise TensorCodecError(f"{what}: missing field(s) {', '.join(missing)}")
     dtype = dtype_of(obj["datatype"])
     shape = check_shape(obj["shape"], what)
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)
     data = obj["data"]
     if dtype.kind == "O":
         if not isinstance(data, (list, tuple)):

@@ -118,3 +118,30 @@ async def test_the_agent_routes_like_the_python_client(tmp_path: Path, keys) -> 
     finally:
         await a.stop()
         await runner.cleanup()
+
+
+async def test_a_batch_too_large_for_the_cloud_is_split_and_an_oversized_record_dropped(tmp_path: Path, keys, cloud: TestCloud) -> None:
+    import time
+    import uuid
+
+    from tandem.edge.agent.outbox import Outbox
+    from tandem.edge.agent.sync import Uploader
+
+    cloud.feedback.max_body_bytes = 8_000  # a batch of all records is over it; each small one is under
+    cfg = load_config(None, cloud_url=cloud.url, data_dir=tmp_path / "data", trusted_keys=[keys[1]], upload_batch=50)
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+
+    def rec(i: int, size: int) -> dict:
+        return {"id": str(uuid.uuid4()), "kind": "feedback", "model": "toy", "label": i,
+                "payload": {"note": "x" * size}, "created_at": time.time()}
+
+    records = [rec(i, 300) for i in range(30)]
+    records.insert(10, rec(99, 20_000))  # alone it is still too large: refused, dropped, counted
+    outbox.append(records)
+    async with aiohttp.ClientSession() as session:
+        sent = await Uploader(cfg, outbox, session).flush()
+    assert sent == 31 and outbox.depth() == 0
+    got = await cloud.records(model="toy")
+    assert [r["label"] for r in got] == list(range(30))
+    assert outbox.stats()["dropped_refused"] == 1
+    outbox.close()

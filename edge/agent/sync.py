@@ -20,7 +20,19 @@ import aiohttp
 
 from tandem.shared import signing
 from tandem.shared.bundle import MANIFEST_NAME, SIGNATURE_NAME, parse_manifest, safe_join, sha256_file
-from tandem.shared.errors import HashMismatch, InvalidInput, NotFound, TandemError, Unavailable, error_from_body
+from tandem.shared.errors import (
+    HashMismatch,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    TandemError,
+    Unavailable,
+    error_from_body,
+)
+
+# What the cloud answers when it will never take a batch as sent: retrying it unchanged would block
+# the queue forever, so the batch is sent record by record and a record refused alone is dropped.
+_REFUSED = (InvalidInput, PayloadTooLarge)
 
 from .config import AgentConfig
 from .outbox import Outbox
@@ -221,12 +233,12 @@ class Uploader:
                 return sent
             try:
                 await self._post([r for _, r in batch])
-            except InvalidInput:
-                # The cloud refuses something in this batch: find it one by one so the rest still goes.
+            except _REFUSED:
+                # The cloud refuses something in this batch (or its size): find it one by one so the rest still goes.
                 for seq, rec in batch:
                     try:
                         await self._post([rec])
-                    except InvalidInput as e:
+                    except _REFUSED as e:
                         log.error("the cloud refused outbox record %s (%s); dropping it", rec.get("id"), e.message)
                         await asyncio.to_thread(self.outbox.reject, seq)
                     else:
