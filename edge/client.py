@@ -141,13 +141,7 @@ class HybridClient:
     def infer(self, inputs: Any, budget: Budget | None = None) -> Result:
         """Run one call; blocks until it is answered or fails (never past its deadline + edge time)."""
         t0 = _perf()
-        if self._closed:
-            raise InvalidInput("client is closed")
-        feeds = self.runtime.feeds(inputs)
-        b = budget if budget is not None else self._default_budget
-        if b.__class__ is not Budget and not isinstance(b, Budget):
-            raise InvalidInput(f"budget must be a tandem.edge.Budget, got {type(budget).__name__}")
-        d = self.router.decide(b)
+        feeds, b, d = self._begin(inputs, budget)
         if d.plan == "edge":
             return self._edge_result(self.runtime.run(feeds), d, t0)
         if d.plan == "cascade":
@@ -166,6 +160,16 @@ class HybridClient:
             return self._cloud_result(got, d.reason, d, t0, fallbacks)
         return self._fallback_result(self.runtime.run(feeds), f"{fallbacks[-1]} → edge", d, t0, fallbacks)
 
+    def _begin(self, inputs: Any, budget: Budget | None) -> tuple[Any, Budget, Any]:
+        """Checks shared by infer() and ainfer(): (feeds, budget, decision)."""
+        if self._closed:
+            raise InvalidInput("client is closed")
+        feeds = self.runtime.feeds(inputs)
+        b = budget if budget is not None else self._default_budget
+        if b.__class__ is not Budget and not isinstance(b, Budget):
+            raise InvalidInput(f"budget must be a tandem.edge.Budget, got {type(budget).__name__}")
+        return feeds, b, self.router.decide(b)
+
     def _on_loop(self, coro: Any, budget: Budget, t0: float) -> Any:
         """Run ``coro`` on the background loop and wait for it (sync API)."""
         if threading.current_thread() is self._thread:
@@ -182,13 +186,7 @@ class HybridClient:
     async def ainfer(self, inputs: Any, budget: Budget | None = None) -> Result:
         """The async twin of :meth:`infer`; edge inference runs in the client's thread pool."""
         t0 = _perf()
-        if self._closed:
-            raise InvalidInput("client is closed")
-        feeds = self.runtime.feeds(inputs)
-        b = budget if budget is not None else self._default_budget
-        if b.__class__ is not Budget and not isinstance(b, Budget):
-            raise InvalidInput(f"budget must be a tandem.edge.Budget, got {type(budget).__name__}")
-        d = self.router.decide(b)
+        feeds, b, d = self._begin(inputs, budget)
         if d.plan == "edge":
             return self._edge_result(await self._edge_async(feeds), d, t0)
         if d.plan == "cascade":

@@ -14,11 +14,10 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from tandem.quantize.calibration import calibrate
 from tandem.shared import signing
 from tandem.shared.bundle import (
     SAMPLES_NAME,
-    Calibration,
-    CalibrationPoint,
     Manifest,
     Provenance,
     Samples,
@@ -82,11 +81,6 @@ def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def make_bundle(
     directory: Path,
     private_key: Path,
@@ -104,20 +98,10 @@ def make_bundle(
     rng = np.random.default_rng(seed + 2)
     x = rng.standard_normal((512, IN_DIM)).astype(np.float32)
     cloud_logits, edge_logits = run_onnx(cloud, x), run_onnx(edge, x)
+    # Labels are the cloud's answers, so the cascade's accuracy is the edge's agreement with it.
     labels = cloud_logits.argmax(1)
-    conf = softmax(edge_logits).max(1)
-    edge_right = edge_logits.argmax(1) == labels
-    points = []
-    for t in np.linspace(0.0, 1.0, 21):
-        kept = conf >= t
-        points.append(
-            CalibrationPoint(
-                threshold=float(t),
-                keep_share=float(kept.mean()),
-                edge_accuracy_kept=float(edge_right[kept].mean()) if kept.any() else None,
-                cascade_accuracy=float(np.where(kept, edge_right, True).mean()),
-            )
-        )
+    calibration = calibrate(edge_logits, cloud_logits, labels, edge_variant="edge-fp32",
+                            cloud_variant="cloud-fp32", thresholds=np.linspace(0.0, 1.0, 21))
 
     sx = x[:4]
     write_samples(
@@ -135,7 +119,7 @@ def make_bundle(
             Variant(name="cloud-fp32", role="cloud", file=cloud.name, sha256="", size_bytes=0, precision="fp32"),
             Variant(name="edge-fp32", role="edge", file=edge.name, sha256="", size_bytes=0, precision="fp32"),
         ],
-        calibration=Calibration(variant="edge-fp32", reference="cloud-fp32", n=len(x), points=points),
+        calibration=calibration,
         samples=Samples(file=SAMPLES_NAME, sha256="", size_bytes=0, count=len(sx)),
         provenance=Provenance(source="tests/support.py", build_config={"seed": seed}),
     )

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support import make_bundle, run_onnx, softmax
+from support import make_bundle, run_onnx
+from tandem.quantize.calibration import softmax
 from tandem.edge import Budget, HybridClient, Route, RouterConfig
 from tandem.edge.runtime import EdgeRuntime, select_providers
 from tandem.shared.bundle import load_bundle
