@@ -69,6 +69,10 @@ class ServerConfig(BaseSettings):
     instances: int = Field(1, ge=1)
     #: onnxruntime intra-op threads per session; default: cores // instances (at least 1).
     intra_op_threads: int | None = Field(None, ge=1)
+    #: Let onnxruntime's intra-op threads spin while waiting for work. Off by default: spinning
+    #: lowers batch-1 latency (~0.07 ms on the digits CNN) but burns the cores the event loop and
+    #: the other instances need, and halved throughput at 64 connections when measured.
+    ort_allow_spinning: bool = False
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     #: Per-model overrides of ``batching`` (keys: model names).
     model_batching: dict[str, BatchingConfig] = Field(default_factory=dict)

@@ -69,6 +69,7 @@ class ModelEngine:
         providers: Sequence[str] = ("CPUExecutionProvider",),
         instances: int = 1,
         intra_op_threads: int = 1,
+        allow_spinning: bool = False,
     ) -> None:
         import onnxruntime as ort
 
@@ -81,7 +82,7 @@ class ModelEngine:
             so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             # Spinning worker threads burn the cores the event loop and other instances need.
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
             try:
                 sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=wanted)
             except Exception as e:  # onnxruntime raises its own exception types

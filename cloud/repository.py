@@ -315,7 +315,11 @@ class ModelRepository:
             raise BundleError(str(e)) from None
         t0 = time.perf_counter()
         engine = ModelEngine(
-            onnx_path, providers=cfg.providers, instances=cfg.instances, intra_op_threads=cfg.threads_per_session()
+            onnx_path,
+            providers=cfg.providers,
+            instances=cfg.instances,
+            intra_op_threads=cfg.threads_per_session(),
+            allow_spinning=cfg.ort_allow_spinning,
         )
         try:
             samples = bundle.load_samples()[0]
