@@ -6,7 +6,6 @@ Cheap to import: aiohttp, onnxruntime and the server modules are imported inside
 from __future__ import annotations
 
 import argparse
-import sys
 
 __all__ = ["serve"]
 
@@ -49,7 +48,34 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config) -> int:  # type: ignore[no-untyped-def]
+    listener = _log_off_the_loop()
+    try:
+        return await _run_server(config)
+    finally:
+        listener.stop()
+
+
+def _log_off_the_loop():  # type: ignore[no-untyped-def]
+    """Route every log record through a queue to a thread that does the writing.
+
+    One access-log line per request goes to stderr; when whoever reads stderr falls behind (a full
+    pipe), a direct write would block the event loop and with it every request.
+    """
+    import logging
+    import logging.handlers
+    import queue
+
+    root = logging.getLogger()
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, *root.handlers, respect_handler_level=True)
+    root.handlers = [logging.handlers.QueueHandler(records)]
+    listener.start()
+    return listener
+
+
+async def _run_server(config) -> int:  # type: ignore[no-untyped-def]
     import asyncio
+    import logging
     import signal
 
     from aiohttp import web
@@ -71,9 +97,10 @@ async def _serve(config) -> int:  # type: ignore[no-untyped-def]
         print(f"  {line}", flush=True)
     print(f"ready http://{host}:{port}", flush=True)
     await stop.wait()
-    print("draining: no new connections; answering accepted requests", file=sys.stderr, flush=True)
+    log = logging.getLogger("tandem.cloud")
+    log.info("draining: no new connections; answering accepted requests")
     # cleanup(): stop listening, wait for in-flight handlers (shutdown_timeout), then on_cleanup
     # drains every batcher and releases the sessions.
     await runner.cleanup()
-    print("stopped", file=sys.stderr, flush=True)
+    log.info("stopped")
     return 0

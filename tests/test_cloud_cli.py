@@ -111,3 +111,21 @@ def test_config_sources_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         load_config(tmp_path / "c.ini")
     with pytest.raises(InvalidInput, match="preferred_batch_sizes"):
         load_config(None, repository="/r", batching={"max_batch_size": 4, "preferred_batch_sizes": [8]})
+
+
+def test_a_stalled_log_reader_does_not_stall_the_server(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    repo = make_repository(tmp_path / "repo", keys[0], toy_versions=("1",), slow=False, varlen=False)
+    port = free_port()
+    proc = _serve(["--repository", str(repo), "--trusted-key", str(keys[1]), "--port", str(port)])  # stderr: a pipe nobody reads
+    try:
+        _wait_ready(proc)
+        body = p.InferRequest({"input": np.ones((1, 64), np.float32)}).to_wire()
+        for _ in range(1500):  # ~1500 access-log lines: several times a pipe's 64 KiB buffer
+            assert request(f"http://127.0.0.1:{port}", "POST", p.infer_path("toy"), body, timeout=10)[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and err.count('"status":200') == 1500
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
