@@ -174,7 +174,9 @@ async def test_higher_priority_is_served_first(repo: Path, keys: tuple[Path, Pat
 
 
 async def test_queue_delay_lets_a_batch_fill(repo: Path, keys: tuple[Path, Path]) -> None:
-    batching = BatchingConfig(max_batch_size=4, max_queue_delay_us=200_000)
+    # A long delay: the batch must go as soon as it is full, not when the delay ends, and a loaded
+    # CI box must not make the fourth request miss it.
+    batching = BatchingConfig(max_batch_size=4, max_queue_delay_us=2_000_000)
     s = await _server(repo, keys, model_batching={"varlen": batching})
     try:
         x = np.ones((1, 3), np.float32)
@@ -183,7 +185,10 @@ async def test_queue_delay_lets_a_batch_fill(repo: Path, keys: tuple[Path, Path]
                 await asyncio.sleep(0.02 * i)
                 return await _infer(session, s, "varlen", x)
 
+            t0 = time.monotonic()
             results = await asyncio.gather(*(later(i) for i in range(4)))
+            elapsed = time.monotonic() - t0
         assert [int(h[p.HEADER_BATCH_SIZE]) for _, _, h, _ in results] == [4, 4, 4, 4]
+        assert elapsed < 1.5  # sent when full, well before the 2 s delay
     finally:
         await asyncio.to_thread(s.stop)
