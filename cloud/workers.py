@@ -167,7 +167,7 @@ class _Supervisor:
                 if not self.port:
                     self.port = int(line.rsplit(":", 1)[1])
                 _log.info("worker %d/%d ready: pid %d", index + 1, self.config.workers, pid)
-                if all(w.ready for w in self.workers) and len(self.workers) == self.config.workers and not announce:
+                if not announce:
                     self.go(worker)  # a restarted worker joins the running server at once
             elif announce and index == 0:
                 print(line, flush=True)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cloud_support import free_port, make_repository, request, slow_inputs
 from tandem.shared import protocol as p
@@ -150,5 +151,30 @@ def test_sigterm_drains_every_worker_then_exits_0(tmp_path: Path, keys: tuple[Pa
         text = log.read_text()
         assert text.count("draining") == 2 and "workers exited: 0, 0" in text
         assert not _serve_dirs(tmp)  # ... removed at exit
+    finally:
+        _stop(proc)
+
+
+def test_a_worker_that_keeps_dying_makes_the_server_exit_1(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    from tandem.cloud.workers import MAX_RESTARTS
+
+    repo = make_repository(tmp_path / "repo", keys[0], toy_versions=("1",), slow=False, varlen=False)
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = _serve(repo, keys[1], port, log, tmp_path)
+    try:
+        _wait_ready(proc)
+
+        def readies() -> list[int]:
+            return [int(pid) for pid in re.findall(r"worker 1/2 ready: pid (\d+)", log.read_text())]
+
+        for restart in range(MAX_RESTARTS):  # each death within the budget is restarted
+            os.kill(readies()[-1], signal.SIGKILL)
+            _wait_for(lambda: len(readies()) == restart + 2, 30, f"restart {restart + 1}")
+            assert proc.poll() is None
+        os.kill(readies()[-1], signal.SIGKILL)  # one more within the minute: give up
+        assert proc.wait(30) == 1
+        assert "giving up" in log.read_text()
+        with pytest.raises(OSError):  # the surviving worker was stopped too
+            request(f"http://127.0.0.1:{port}", "GET", "/v2/health/live", timeout=2)
     finally:
         _stop(proc)
