@@ -13,11 +13,14 @@ accepting, answers everything already accepted, then releases the sessions.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import itertools
 import json
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -47,7 +50,12 @@ from .registry import Registry
 from .repository import ModelRepository
 from .v2 import V2API
 
-__all__ = ["create_app", "ServerState", "STATE"]
+__all__ = ["create_app", "ServerState", "STATE", "HEADER_WORKER"]
+
+#: Response header naming the worker pid that answered; sent only when ``workers`` > 1.
+HEADER_WORKER = "X-Tandem-Worker"
+#: How often a worker copies its pending counts into the shared metric files (multiprocess mode).
+_PENDING_REFRESH_S = 0.05
 
 _log = logging.getLogger("tandem.cloud")
 _access = logging.getLogger("tandem.cloud.access")
@@ -109,6 +117,8 @@ def _middleware(state: ServerState) -> Any:
     # per request costs an os.urandom syscall, measurable on the hot path.
     id_prefix = uuid.uuid4().hex[:12]
     id_counter = itertools.count(1)
+    # With several worker processes, say which one answered (clients and tests can see the spread).
+    worker_header = str(os.getpid()) if state.config.workers > 1 else None
 
     def authorized(request: web.Request) -> bool:
         auth = request.headers.get("Authorization", "")
@@ -142,6 +152,8 @@ def _middleware(state: ServerState) -> Any:
             _log.exception("unhandled error on %s %s", request.method, request.path)
             response = _error_response(request, TandemError(f"internal error: {type(e).__name__}"), state)
         response.headers[p.HEADER_REQUEST_ID] = rid
+        if worker_header is not None:
+            response.headers[HEADER_WORKER] = worker_header
         if log_access and _access.isEnabledFor(logging.INFO):
             served = request.get(MODEL_KEY)
             _access.info(
@@ -190,7 +202,7 @@ def create_app(config: ServerConfig) -> web.Application:
     app[STATE] = state
 
     NativeAPI(inference, config.max_body_bytes).add_routes(app)
-    V2API(inference, repository, lambda: state.ready, config.max_body_bytes).add_routes(app)
+    V2API(inference, repository, lambda: state.ready, config.max_body_bytes, workers=config.workers).add_routes(app)
 
     async def metrics_handler(request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -198,8 +210,18 @@ def create_app(config: ServerConfig) -> web.Application:
     app.router.add_get("/metrics", metrics_handler)
     _attach_extras(app, state)
 
+    refresher: list[asyncio.Task[None]] = []
+
+    async def refresh_pending() -> None:
+        # Another worker's /metrics reads our pending count from the shared files, not from us.
+        while True:
+            metrics.refresh()
+            await asyncio.sleep(_PENDING_REFRESH_S)
+
     async def on_startup(app: web.Application) -> None:
         await repository.start()
+        if metrics.multiprocess:
+            refresher.append(asyncio.create_task(refresh_pending()))
         state.ready = True
         for m in repository.loaded():
             _log.info("serving %s:%s on %s (x%d)", m.name, m.version, ",".join(m.engine.providers), m.engine.instances)
@@ -210,6 +232,10 @@ def create_app(config: ServerConfig) -> web.Application:
     async def on_cleanup(app: web.Application) -> None:
         state.ready = False
         await repository.close(config.shutdown_timeout_s)
+        for task in refresher:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for extra in state.extras:
             close = getattr(extra, "close", None)
             if close is not None:

@@ -21,6 +21,10 @@ def serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="accepted bearer token (repeatable); none = no auth")
     parser.add_argument("--instances", type=int, default=None, help="onnxruntime sessions per model version")
     parser.add_argument("--providers", default=None, help="ordered execution providers, comma separated")
+    parser.add_argument(
+        "--workers", type=int, default=None,
+        help="server processes sharing the port (SO_REUSEPORT), one event loop each (default 1); >1 disables model load/unload",
+    )
     parser.set_defaults(run=_run)
 
 
@@ -38,19 +42,24 @@ def _run(args: argparse.Namespace) -> int:
         insecure_skip_signature=args.insecure_skip_signature,
         api_keys=args.api_keys,
         instances=args.instances,
+        workers=args.workers,
         providers=[s.strip() for s in args.providers.split(",") if s.strip()] if args.providers else None,
     )
     if not config.insecure_skip_signature and not config.trusted_keys:
         from tandem.shared.errors import InvalidInput
 
         raise InvalidInput("give --trusted-key PUB.pem (or --insecure-skip-signature to load unsigned bundles knowingly)")
+    if config.workers > 1:
+        from .workers import supervise
+
+        return supervise(config)
     return asyncio.run(_serve(config))
 
 
-async def _serve(config) -> int:  # type: ignore[no-untyped-def]
+async def _serve(config, worker: bool = False) -> int:  # type: ignore[no-untyped-def]
     listener = _log_off_the_loop()
     try:
-        return await _run_server(config)
+        return await _run_server(config, worker)
     finally:
         listener.stop()
 
@@ -73,22 +82,30 @@ def _log_off_the_loop():  # type: ignore[no-untyped-def]
     return listener
 
 
-async def _run_server(config) -> int:  # type: ignore[no-untyped-def]
+async def _run_server(config, worker: bool = False) -> int:  # type: ignore[no-untyped-def]
+    """Serve until SIGTERM/SIGINT. A ``worker`` (one of ``--workers N`` processes, see workers.py)
+    shares the port with its siblings and talks to the supervisor over stdin/stdout."""
     import asyncio
     import logging
     import signal
 
     from aiohttp import web
 
-    from .app import create_app, describe_models
+    from .app import STATE, create_app, describe_models
 
     app = create_app(config)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_timeout_s, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, backlog=1024)
-    await site.start()
+    await runner.setup()  # loads and warms every model
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    if worker:
+        from .workers import follow_supervisor
+
+        # Not ready until the supervisor says every worker is: any worker may answer a health check.
+        app[STATE].ready = False
+        follow_supervisor(loop, on_go=lambda: setattr(app[STATE], "ready", True), on_eof=stop.set)
+    site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_port=worker or None)
+    await site.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host = f"[{config.host}]" if ":" in config.host else config.host
@@ -97,6 +114,13 @@ async def _run_server(config) -> int:  # type: ignore[no-untyped-def]
         print(f"  {line}", flush=True)
     print(f"ready http://{host}:{port}", flush=True)
     await stop.wait()
+    if worker:
+        # A worker gets the signal twice when sent to the whole process group (Ctrl-C, systemd,
+        # timeout) and forwarded by the supervisor: the second must not kill it mid-drain or
+        # mid-exit (asyncio would restore the default handlers as the loop closes).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
     log = logging.getLogger("tandem.cloud")
     log.info("draining: no new connections; answering accepted requests")
     # cleanup(): stop listening, wait for in-flight handlers (shutdown_timeout), then on_cleanup

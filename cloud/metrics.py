@@ -3,18 +3,31 @@
 ``tandem_inference_count_total / tandem_inference_exec_count_total`` is the mean batch size, as
 ``nv_inference_count / nv_inference_exec_count`` is in Triton. Each app has its own registry so that
 several servers can live in one process (tests) without clashing.
+
+With ``tandem serve --workers N`` (N > 1) the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` and each
+worker process writes its values there; ``render`` then sums every worker's files, so ``/metrics``
+from any worker shows server totals. Gauges are 'livesum' (dead workers' gauges drop out; counters
+and histograms of dead workers stay, so totals survive a restart). ``set_function`` does not work
+across processes, so in that mode the pending gauge is copied from the batchers by ``refresh``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .batcher import BatchObserver
 
-__all__ = ["Metrics", "ModelMetrics", "CONTENT_TYPE_LATEST"]
+__all__ = ["Metrics", "ModelMetrics", "CONTENT_TYPE_LATEST", "multiprocess_dir"]
+
+
+def multiprocess_dir() -> str | None:
+    """The directory shared by the worker processes of one server, or None (one process)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 _LABELS = ("model", "version")
 _US_BUCKETS = (50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1e6, 2.5e6, 5e6)
@@ -25,6 +38,10 @@ class Metrics:
     """All of one server's metrics, in its own registry."""
 
     def __init__(self) -> None:
+        self.multiprocess = multiprocess_dir() is not None
+        # Per model version: the live pending count, copied into the gauge by refresh() when the
+        # gauge cannot call it itself (multiprocess mode).
+        self._pending_sources: dict[tuple[str, str], Callable[[], float]] = {}
         r = self.registry = CollectorRegistry()
         self.success = Counter("tandem_inference_request_success", "Inference requests answered with outputs", _LABELS, registry=r)
         self.failure = Counter(
@@ -42,18 +59,33 @@ class Metrics:
             "tandem_inference_batch_size", "Rows per executed batch", _LABELS, buckets=_BATCH_BUCKETS, registry=r
         )
         self.pending = Gauge(
-            "tandem_inference_pending_request_count", "Requests accepted and not yet answered", _LABELS, registry=r
+            "tandem_inference_pending_request_count", "Requests accepted and not yet answered", _LABELS, registry=r,
+            multiprocess_mode="livesum",
         )
         self.instances = Gauge(
-            "tandem_model_instances", "Sessions serving the model, by execution provider in use", (*_LABELS, "provider"), registry=r
+            "tandem_model_instances", "Sessions serving the model, by execution provider in use", (*_LABELS, "provider"),
+            registry=r, multiprocess_mode="livesum",
         )
         self.cache_hits = Counter("tandem_response_cache_hits", "Requests answered from the response cache", _LABELS, registry=r)
 
     def for_model(self, model: str, version: str) -> "ModelMetrics":
         return ModelMetrics(self, model, version)
 
+    def refresh(self) -> None:
+        """Copy the live pending counts into the gauge (multiprocess mode only; else a no-op)."""
+        if not self.multiprocess:
+            return
+        for labels, pending in list(self._pending_sources.items()):
+            self.pending.labels(*labels).set(pending())
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        self.refresh()
+        # A fresh registry per scrape, as prometheus_client documents for multiprocess mode.
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)
+        return generate_latest(merged)
 
 
 class ModelMetrics(BatchObserver):
@@ -73,13 +105,24 @@ class ModelMetrics(BatchObserver):
 
     def attach(self, pending: Callable[[], float], providers: Sequence[str], instances: int) -> None:
         """Publish the live pending count and the instances per provider really in use."""
-        self._m.pending.labels(*self.labels).set_function(pending)
+        if self._m.multiprocess:
+            self._m._pending_sources[self.labels] = pending
+            self._m.pending.labels(*self.labels).set(pending())
+        else:
+            self._m.pending.labels(*self.labels).set_function(pending)
         self._providers = list(providers)
         # A session lists its providers in preference order; the first is the one doing the work.
         self._m.instances.labels(*self.labels, providers[0] if providers else "unknown").set(instances)
 
     def detach(self) -> None:
         """Remove the gauges of an unloaded version (counters keep their history)."""
+        if self._m.multiprocess:
+            # Removing a child leaves its value in this worker's file: zero it first.
+            self._m._pending_sources.pop(self.labels, None)
+            self._m.pending.labels(*self.labels).set(0)
+            for provider in self._providers[:1]:
+                self._m.instances.labels(*self.labels, provider).set(0)
+            return  # prometheus_client cannot remove labels in multiprocess mode (and warns)
         for provider in self._providers[:1]:
             try:
                 self._m.instances.remove(*self.labels, provider)

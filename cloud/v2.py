@@ -15,7 +15,7 @@ from aiohttp import web
 from tandem.shared import __version__
 from tandem.shared import protocol as p
 from tandem.shared import v2
-from tandem.shared.errors import InvalidInput, TandemError, Unavailable
+from tandem.shared.errors import InvalidInput, NotSupported, TandemError, Unavailable
 
 from .body import read_body
 from .inference import MODEL_KEY, Inference, deadline_seconds
@@ -45,7 +45,10 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 
 class V2API:
-    def __init__(self, inference: Inference, repository: ModelRepository, is_ready: Any, max_body_bytes: int) -> None:
+    def __init__(
+        self, inference: Inference, repository: ModelRepository, is_ready: Any, max_body_bytes: int, *, workers: int = 1
+    ) -> None:
+        self._workers = workers
         self._inference = inference
         self._max_body = max_body_bytes
         self._repo = repository
@@ -124,7 +127,17 @@ class V2API:
             rows = [r for r in rows if r["state"] == "READY"]
         return _json(rows)
 
+    def _single_worker_only(self) -> None:
+        """Refuse model control with several workers: one request reaches one worker process only,
+        so the workers would end up serving different models."""
+        if self._workers > 1:
+            raise NotSupported(
+                f"model load/unload is not supported with --workers {self._workers}: a request reaches one worker"
+                " only. Change the repository and do a rolling restart, or serve with --workers 1."
+            )
+
     async def load(self, request: web.Request) -> web.Response:
+        self._single_worker_only()
         doc = await _json_body(request)
         params = doc.get("parameters") or {}
         if not isinstance(params, dict):
@@ -135,6 +148,7 @@ class V2API:
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
+        self._single_worker_only()
         await _json_body(request)
         await self._repo.unload(request.match_info["model"])
         return web.Response(status=200)

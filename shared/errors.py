@@ -64,6 +64,13 @@ class PayloadTooLarge(TandemError):
     code = "payload_too_large"
 
 
+class NotSupported(TandemError):
+    """The server understood the request but does not do this in its configuration."""
+
+    status = 501
+    code = "not_supported"
+
+
 # --- server state errors (5xx) --------------------------------------------------------------------
 
 

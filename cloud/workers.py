@@ -1,0 +1,257 @@
+"""``tandem serve --workers N``: N server processes on one port, each with its own event loop.
+
+Why: one aiohttp event loop tops out near 9k small requests/s, far below what onnxruntime can
+compute, so the loop (parsing, routing, encoding) is the bottleneck. More processes, more loops.
+
+How: the supervisor (this module, in the ``tandem serve`` process) binds nothing. It starts N
+workers (``python -m tandem.cloud.workers CONFIG PORT``), each running the usual app on host:port
+with SO_REUSEPORT, so the kernel spreads connections among them. Supervisor and worker talk over
+the worker's stdio:
+
+* worker -> supervisor (stdout): the model lines and ``ready http://host:port`` once it listens;
+* supervisor -> worker (stdin): ``go`` once every worker listens (until then a worker's
+  ``/v2/health/ready`` says 503: any worker may answer a health check, so one ready worker must
+  not make the whole server look ready); end of file means the supervisor is gone, and the worker
+  drains and exits (no orphans serving a port after a ``kill -9`` of the supervisor).
+
+The supervisor prints the usual ``ready`` line when all workers are ready, forwards SIGTERM/SIGINT
+(each worker drains as a single server does) and exits 0 when all exited 0. A worker that dies
+otherwise is logged and restarted, at most ``MAX_RESTARTS`` times in ``RESTART_WINDOW_S``; beyond
+that the supervisor stops the others and exits 1. Metrics use prometheus_client's multiprocess mode
+in a fresh temporary directory (see metrics.py), removed at exit.
+
+Limitation: model load/unload over /v2/repository would reach one worker only, so it answers 501
+(see v2.py); change the repository and restart instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ServerConfig
+
+__all__ = ["supervise", "follow_supervisor", "MAX_RESTARTS", "RESTART_WINDOW_S"]
+
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+_GO = b"go\n"
+_POLL_S = 0.1
+_log = logging.getLogger("tandem.cloud.workers")
+
+
+# --- worker side -----------------------------------------------------------------------------------
+
+
+def follow_supervisor(loop: asyncio.AbstractEventLoop, on_go: Callable[[], None], on_eof: Callable[[], None]) -> None:
+    """Read the supervisor's commands from stdin in a daemon thread and run them on ``loop``."""
+
+    def call(fn: Callable[[], None]) -> None:
+        try:
+            loop.call_soon_threadsafe(fn)
+        except RuntimeError:  # the loop is already closed: the worker is exiting anyway
+            pass
+
+    def read() -> None:
+        # os.read on the descriptor, not sys.stdin: a daemon thread blocked inside a buffered
+        # reader holds its lock, and the interpreter aborts at exit when it cannot take it.
+        fd = sys.stdin.fileno()
+        pending = b""
+        while chunk := os.read(fd, 256):
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                if line + b"\n" == _GO:
+                    call(on_go)
+        call(on_eof)
+
+    threading.Thread(target=read, name="tandem-supervisor", daemon=True).start()
+
+
+def _worker_main(argv: list[str]) -> int:
+    from .cli import _serve
+
+    config_path, port = argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    doc = json.loads(Path(config_path).read_text())
+    doc["port"] = int(port)
+    return asyncio.run(_serve(ServerConfig(**doc), worker=True))
+
+
+# --- supervisor side -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    index: int
+    proc: subprocess.Popen[bytes]
+    ready: bool = False
+
+
+@dataclass
+class _Supervisor:
+    config: ServerConfig
+    tmp: Path
+    port: int = 0
+    workers: list[_Worker] = field(default_factory=list)
+    #: (worker index, pid, stdout line or None at end of file), from the reader threads
+    events: queue.SimpleQueue[tuple[int, int, str | None]] = field(default_factory=queue.SimpleQueue)
+    stopping: bool = False
+    failed: bool = False
+    restarts: collections.deque[float] = field(default_factory=collections.deque)
+    signalled: list[int] = field(default_factory=list)
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.tmp / "metrics"
+
+    def start(self, index: int) -> _Worker:
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tandem.cloud.workers", str(self.tmp / "config.json"), str(self.port)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,  # stderr (logs): the supervisor's
+        )
+        worker = _Worker(index, proc)
+        threading.Thread(target=self._read, args=(worker,), name=f"tandem-worker-{index}", daemon=True).start()
+        _log.info("worker %d/%d started: pid %d", index + 1, self.config.workers, proc.pid)
+        return worker
+
+    def _read(self, worker: _Worker) -> None:
+        assert worker.proc.stdout is not None
+        for raw in worker.proc.stdout:
+            self.events.put((worker.index, worker.proc.pid, raw.decode(errors="replace").rstrip("\n")))
+        self.events.put((worker.index, worker.proc.pid, None))
+
+    def go(self, worker: _Worker) -> None:
+        try:
+            assert worker.proc.stdin is not None
+            worker.proc.stdin.write(_GO)
+            worker.proc.stdin.flush()
+        except OSError:  # it died meanwhile; the main loop sees that
+            pass
+
+    def signal_all(self, sig: int) -> None:
+        for w in self.workers:
+            if w.proc.poll() is None:
+                try:
+                    w.proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    def handle_events(self, announce: bool) -> None:
+        """Mark ready workers; forward worker 1's model lines while ``announce`` (first start-up)."""
+        while True:
+            try:
+                index, pid, line = self.events.get(timeout=_POLL_S)
+            except queue.Empty:
+                return
+            worker = self.workers[index] if index < len(self.workers) else None
+            if line is None or worker is None or worker.proc.pid != pid:
+                continue  # end of file (poll() sees the exit) or a line from a replaced worker
+            if line.startswith("ready "):
+                worker.ready = True
+                if not self.port:
+                    self.port = int(line.rsplit(":", 1)[1])
+                _log.info("worker %d/%d ready: pid %d", index + 1, self.config.workers, pid)
+                if not announce:
+                    self.go(worker)  # a restarted worker joins the running server at once
+            elif announce and index == 0:
+                print(line, flush=True)
+
+    def reap(self, running: bool) -> None:
+        """Notice exited workers; restart unexpected exits while ``running`` (within the budget)."""
+        for i, w in enumerate(self.workers):
+            code = w.proc.poll()
+            if code is None or self.stopping:
+                continue
+            from prometheus_client import multiprocess
+
+            # Its gauges ('livesum') must no longer count; its counters stay in the totals.
+            multiprocess.mark_process_dead(w.proc.pid, str(self.metrics_dir))
+            if not running:
+                _log.error("worker %d/%d (pid %d) exited with %s while starting", i + 1, self.config.workers, w.proc.pid, code)
+                self.fail()
+                return
+            now = time.monotonic()
+            while self.restarts and now - self.restarts[0] > RESTART_WINDOW_S:
+                self.restarts.popleft()
+            if len(self.restarts) >= MAX_RESTARTS:
+                _log.error(
+                    "worker %d/%d (pid %d) exited with %s; %d restarts in %.0f s already: giving up",
+                    i + 1, self.config.workers, w.proc.pid, code, MAX_RESTARTS, RESTART_WINDOW_S,
+                )
+                self.fail()
+                return
+            self.restarts.append(now)
+            _log.error("worker %d/%d (pid %d) exited unexpectedly with %s: restarting it", i + 1, self.config.workers, w.proc.pid, code)
+            self.workers[i] = self.start(i)
+
+    def fail(self) -> None:
+        self.failed = self.stopping = True
+        self.signal_all(signal.SIGTERM)
+
+    def run(self) -> int:
+        def on_signal(signum: int, frame: object) -> None:
+            self.signalled.append(signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+        self.port = self.config.port
+        # Port 0: the first worker picks the port, the others then join it.
+        self.workers.append(self.start(0))
+        announced = False
+        while True:
+            if self.signalled and not self.stopping:
+                self.stopping = True
+                _log.info("stopping: forwarding the signal to %d workers", len(self.workers))
+            if self.signalled:
+                sig = self.signalled.pop()
+                self.signal_all(signal.SIGTERM if sig == signal.SIGTERM else signal.SIGINT)
+            self.handle_events(announce=not announced)
+            self.reap(running=announced)
+            if self.stopping:
+                if all(w.proc.poll() is not None for w in self.workers):
+                    break
+                continue
+            if len(self.workers) < self.config.workers and self.port:
+                self.workers.extend(self.start(i) for i in range(len(self.workers), self.config.workers))
+            if not announced and len(self.workers) == self.config.workers and all(w.ready for w in self.workers):
+                for w in self.workers:
+                    self.go(w)
+                host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+                print(f"  workers={self.config.workers}  pids={','.join(str(w.proc.pid) for w in self.workers)}", flush=True)
+                print(f"ready http://{host}:{self.port}", flush=True)
+                announced = True
+        codes = [w.proc.returncode for w in self.workers]
+        _log.info("workers exited: %s", ", ".join(str(c) for c in codes))
+        return 1 if self.failed or any(c != 0 for c in codes) else 0
+
+
+def supervise(config: ServerConfig) -> int:
+    """Run ``config.workers`` worker processes until a signal; see the module docstring."""
+    tmp = Path(tempfile.mkdtemp(prefix="tandem-serve-"))
+    try:
+        (tmp / "metrics").mkdir()
+        # The resolved configuration (flags, env, file), so every worker serves exactly the same.
+        (tmp / "config.json").write_text(config.model_dump_json())
+        return _Supervisor(config, tmp).run()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))

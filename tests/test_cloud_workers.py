@@ -1,0 +1,180 @@
+"""``tandem serve --workers 2`` as real processes: both workers answer, /metrics sums them, model
+control is refused, a SIGKILLed worker is replaced, SIGTERM drains every worker and exits 0."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud_support import free_port, make_repository, request, slow_inputs
+from tandem.shared import protocol as p
+
+WORKER = "X-Tandem-Worker"
+
+
+def _serve(repo: Path, public_key: Path, port: int, log: Path, tmp: Path) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "TANDEM_WORKERS": "2",  # the env source, as a deployment would set it
+        "TANDEM_WARMUP_BATCH_SIZES": "[1]",
+        "TANDEM_MODEL_BATCHING": json.dumps({"slow": {"max_batch_size": 1}}),
+        "TMPDIR": str(tmp),  # where the supervisor puts its metrics directory (checked: removed at exit)
+    }
+    # The log goes to a file: an undrained pipe would stall the workers (see test_cloud_cli.py).
+    return subprocess.Popen(
+        [sys.executable, "-m", "tandem.cloud", "--repository", str(repo), "--trusted-key", str(public_key), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env,  # noqa: SIM115 - closed with the process
+    )
+
+
+def _wait_ready(proc: subprocess.Popen[str], timeout: float = 60) -> list[int]:
+    """The worker pids from the supervisor's start-up lines, once it printed ``ready``."""
+    assert proc.stdout is not None
+    pids: list[int] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"server exited early with {proc.wait(5)}")
+        if m := re.match(r"\s*workers=2\s+pids=([\d,]+)", line):
+            pids = [int(x) for x in m.group(1).split(",")]
+        if line.startswith("ready "):
+            return pids
+    raise AssertionError("server did not print ready in time")
+
+
+def _toy_calls(url: str, n: int, threads: int = 16) -> list[tuple[int, dict[str, str], bytes]]:
+    # request() opens a new connection per call, so the kernel picks a worker for each one.
+    body = p.InferRequest({"input": np.ones((1, 64), np.float32)}).to_wire()
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda _: request(url, "POST", p.infer_path("toy"), body, timeout=20), range(n)))
+
+
+def _metric(url: str, name: str, model: str) -> float:
+    """The value of one metric for model (version 1), summed over the sample lines that match."""
+    text = request(url, "GET", "/metrics")[2].decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name + "{") and f'model="{model}"' in line]
+    assert values, f"{name} for {model} missing from /metrics"
+    return sum(values)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _serve_dirs(tmp: Path) -> list[str]:
+    return [d.name for d in tmp.iterdir() if d.name.startswith("tandem-serve-")]
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()  # the supervisor; its workers see their stdin close and exit
+        proc.wait(10)
+
+
+def test_two_workers_share_the_port_the_metrics_and_survive_a_kill(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    repo = make_repository(tmp_path / "repo", keys[0], toy_versions=("1",), slow=False, varlen=False)
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = _serve(repo, keys[1], port, log, tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        pids = _wait_ready(proc)
+        assert len(set(pids)) == 2 and proc.pid not in pids
+        assert request(url, "GET", "/v2/health/ready")[0] == 200
+
+        results = _toy_calls(url, 400)
+        assert [r[0] for r in results] == [200] * 400
+        assert {int(r[1][WORKER]) for r in results} == set(pids)  # both workers answered
+        # Counters sum over the workers, whichever one is asked; gauges are live sums.
+        for _ in range(4):
+            assert _metric(url, "tandem_inference_request_success_total", "toy") == 400
+        assert _metric(url, "tandem_model_instances", "toy") == 2
+
+        status, _, raw = request(url, "POST", "/v2/repository/models/toy/unload", b"{}")
+        assert status == 501 and json.loads(raw)["code"] == "not_supported" and "--workers 1" in json.loads(raw)["error"]
+
+        os.kill(pids[0], signal.SIGKILL)
+        _wait_for(lambda: "exited unexpectedly" in log.read_text(), 10, "the supervisor to notice the kill")
+        _wait_for(lambda: len(re.findall(r"worker \d/2 ready: pid", log.read_text())) == 3, 30, "the replacement to be ready")
+        results = _toy_calls(url, 200)
+        assert [r[0] for r in results] == [200] * 200
+        answered = {int(r[1][WORKER]) for r in results}
+        assert pids[0] not in answered and pids[1] in answered and len(answered) == 2  # the replacement serves
+        # The dead worker's counts stay in the totals; its instances gauge no longer counts.
+        assert _metric(url, "tandem_inference_request_success_total", "toy") == 600
+        assert _metric(url, "tandem_model_instances", "toy") == 2
+        assert proc.poll() is None
+    finally:
+        _stop(proc)
+
+
+def test_sigterm_drains_every_worker_then_exits_0(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    repo = make_repository(tmp_path / "repo", keys[0], toy_versions=(), slow=True, varlen=False)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = _serve(repo, keys[1], port, log, tmp)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        pids = _wait_ready(proc)
+        assert _serve_dirs(tmp)  # the supervisor's metrics directory
+        # ~0.5 s each on one intra-op thread here (4 per worker, one at a time): all 8 are still
+        # pending when the signal arrives.
+        body = p.InferRequest(slow_inputs(2500)).to_wire()
+        n = 8
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            futures = [pool.submit(request, url, "POST", p.infer_path("slow"), body, None, 60) for _ in range(n)]
+            # All n accepted: the pending gauge summed over both workers says so.
+            _wait_for(lambda: _metric(url, "tandem_inference_pending_request_count", "slow") == n, 10, "all requests accepted")
+            proc.send_signal(signal.SIGTERM)
+            results = [f.result(timeout=60) for f in futures]
+        assert [status for status, _, _ in results] == [200] * n
+        assert {int(h[WORKER]) for _, h, _ in results} == set(pids)  # both workers had some to drain
+        for _, _, raw in results:
+            np.testing.assert_array_equal(p.InferResponse.from_wire(raw).outputs["y"], np.full((1, 8), 2, np.float32))
+        assert proc.wait(30) == 0
+        text = log.read_text()
+        assert text.count("draining") == 2 and "workers exited: 0, 0" in text
+        assert not _serve_dirs(tmp)  # ... removed at exit
+    finally:
+        _stop(proc)
+
+
+def test_a_worker_that_keeps_dying_makes_the_server_exit_1(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    from tandem.cloud.workers import MAX_RESTARTS
+
+    repo = make_repository(tmp_path / "repo", keys[0], toy_versions=("1",), slow=False, varlen=False)
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = _serve(repo, keys[1], port, log, tmp_path)
+    try:
+        _wait_ready(proc)
+
+        def readies() -> list[int]:
+            return [int(pid) for pid in re.findall(r"worker 1/2 ready: pid (\d+)", log.read_text())]
+
+        for restart in range(MAX_RESTARTS):  # each death within the budget is restarted
+            os.kill(readies()[-1], signal.SIGKILL)
+            _wait_for(lambda: len(readies()) == restart + 2, 30, f"restart {restart + 1}")
+            assert proc.poll() is None
+        os.kill(readies()[-1], signal.SIGKILL)  # one more within the minute: give up
+        assert proc.wait(30) == 1
+        assert "giving up" in log.read_text()
+        with pytest.raises(OSError):  # the surviving worker was stopped too
+            request(f"http://127.0.0.1:{port}", "GET", "/v2/health/live", timeout=2)
+    finally:
+        _stop(proc)
