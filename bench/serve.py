@@ -39,7 +39,6 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -441,8 +440,8 @@ def report(cases: list[ModelCase], args: argparse.Namespace) -> None:
                   f"= {t1.p50_ms - case.batch1_p50_ms:.3f} ms (includes wrk and the loopback)")
     print("% limit: of the best session.run throughput at any batch size; % @32: of session.run at batch 32, "
           "the largest batch tandem serve runs by default (TANDEM_BATCHING__MAX_BATCH_SIZE)")
-    print(f"targets: tandem >= 70% of limit at 64 (small model), >= 90% where compute dominates (heavy); "
-          f">= 2x naive and >= 5x LitServe with lower p99; overhead at c=1 <= 0.3 ms p50")
+    print("targets: tandem >= 70% of limit at 64 (small model), >= 90% where compute dominates (heavy); "
+          ">= 2x naive and >= 5x LitServe with lower p99; overhead at c=1 <= 0.3 ms p50")
 
 
 def main() -> int:

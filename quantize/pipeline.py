@@ -229,7 +229,7 @@ def build(
         if failed:
             raise BudgetError(
                 f"no edge variant meets the budgets against the cloud variant {cloud.name}: " + "; ".join(failed)
-                + f" (edge candidates: " + ", ".join(f"{c.name}: {c.reason}" for c in [base_rows[2], *edge_cands]) + ")"
+                + " (edge candidates: " + ", ".join(f"{c.name}: {c.reason}" for c in [base_rows[2], *edge_cands]) + ")"
             )
 
         # 7. calibration (validation split), samples, manifest, signature

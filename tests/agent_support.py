@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,13 +22,9 @@ from tandem.shared.bundle import SAMPLES_NAME, read_manifest, read_samples, seal
 from tandem.shared.protocol import CONTENT_TYPE
 from tandem.shared.tensors import decode_tensors, encode_tensors, packb, unpackb
 
-from support import make_bundle
+from support import free_port, make_bundle
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TestCloud:

@@ -9,34 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import socket
 import threading
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from support import make_bundle
+from support import free_port, make_bundle, save_onnx
 from tandem.shared import signing
 from tandem.shared.bundle import Manifest, Provenance, Task, TensorSpec, Variant, seal_bundle
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _save(graph: onnx.GraphProto, path: Path) -> Path:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
-    return path
 
 
 def make_varlen_onnx(path: Path) -> Path:
@@ -47,7 +34,7 @@ def make_varlen_onnx(path: Path) -> Path:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
         [helper.make_tensor_value_info("mean", TensorProto.FLOAT, ["batch", 1])],
     )
-    return _save(graph, path)
+    return save_onnx(graph, path)
 
 
 def make_slow_onnx(path: Path, size: int = 256) -> Path:
@@ -103,7 +90,7 @@ def make_slow_onnx(path: Path, size: int = 256) -> Path:
             numpy_helper.from_array(np.array(True), "true"),
         ],
     )
-    return _save(graph, path)
+    return save_onnx(graph, path)
 
 
 def slow_inputs(work: int, rows: int = 1, value: float = 1.0) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ generated data, so calibration numbers are real (edge vs cloud), just not meanin
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +64,24 @@ def make_mlp_onnx(
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", n_classes])],
         inits,
     )
+    return save_onnx(graph, path)
+
+
+def save_onnx(graph: onnx.GraphProto, path: Path) -> Path:
+    """Wrap a graph in an opset-17 model, check it and save it (parents created)."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, path)
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_keys(directory: Path) -> tuple[Path, Path]:
