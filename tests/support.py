@@ -7,12 +7,15 @@ generated data, so calibration numbers are real (edge vs cloud), just not meanin
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from aiohttp import web
 from onnx import TensorProto, helper, numpy_helper
 
 from tandem.quantize.calibration import calibrate
@@ -82,6 +85,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: web.Application) -> AsyncIterator[int]:
+    """Serve an aiohttp app on a free 127.0.0.1 port for the block; yields the port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
 
 
 def make_keys(directory: Path) -> tuple[Path, Path]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
+from support import serve_app
 from tandem.edge.cloud_client import CloudClient
 from tandem.shared.errors import DeadlineExceeded, InvalidInput, Overloaded, TandemError, Unavailable
 from tandem.shared.protocol import CONTENT_TYPE, InferRequest, InferResponse, ServerTiming, error_body
@@ -46,13 +47,8 @@ async def server():  # type: ignore[no-untyped-def]
     app = web.Application()
     app.router.add_post("/v1/models/{m}/infer", infer)
     app.router.add_post("/v1/models/{m}/versions/{v}/infer", infer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}", seen, mode
-    await runner.cleanup()
+    async with serve_app(app) as port:
+        yield f"http://127.0.0.1:{port}", seen, mode
 
 
 async def test_sends_deadline_id_and_key_and_parses_timing(server) -> None:  # type: ignore[no-untyped-def]

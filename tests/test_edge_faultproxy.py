@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from support import serve_app
 from tandem.edge.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.timeout(60)
@@ -21,13 +22,8 @@ async def upstream():  # type: ignore[no-untyped-def]
 
     app = web.Application(client_max_size=4 << 20)
     app.router.add_post("/echo", echo)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield port
-    await runner.cleanup()
+    async with serve_app(app) as port:
+        yield port
 
 
 @pytest.fixture
