@@ -15,14 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import itertools
-import json
 import logging
-import math
-import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,15 +28,12 @@ from tandem.shared import protocol as p
 from tandem.shared.errors import (
     InvalidInput,
     NotFound,
-    Overloaded,
     PayloadTooLarge,
     TandemError,
-    Unauthorized,
 )
-from tandem.shared.tensors import packb
-
 from .config import ServerConfig
 from .feedback import FeedbackStore
+from .gate import HEADER_WORKER, Gate
 from .inference import MODEL_KEY, REQUEST_ID_KEY, Inference
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .native import NativeAPI
@@ -52,13 +43,10 @@ from .v2 import V2API
 
 __all__ = ["create_app", "ServerState", "STATE", "HEADER_WORKER"]
 
-#: Response header naming the worker pid that answered; sent only when ``workers`` > 1.
-HEADER_WORKER = "X-Tandem-Worker"
 #: How often a worker copies its pending counts into the shared metric files (multiprocess mode).
 _PENDING_REFRESH_S = 0.05
 
 _log = logging.getLogger("tandem.cloud")
-_access = logging.getLogger("tandem.cloud.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -72,27 +60,11 @@ class ServerState:
     repository: ModelRepository
     inference: Inference
     ready: bool = False
+    gate: Gate = field(init=False)
     extras: list[Any] = field(default_factory=list)  # registry, feedback store
 
 
 STATE = web.AppKey("tandem_state", ServerState)
-
-
-def _is_native(path: str) -> bool:
-    return path.startswith("/v1/models/")
-
-
-def _error_response(request: web.Request, error: TandemError, state: ServerState) -> web.Response:
-    headers = state.inference.error_headers(request.get(MODEL_KEY))
-    if isinstance(error, Overloaded) or error.status in (429, 503):
-        retry = getattr(error, "retry_after", 1.0)
-        headers[p.HEADER_RETRY_AFTER] = str(max(1, math.ceil(retry)))
-    body = error.to_dict()
-    if _is_native(request.path):
-        return web.Response(status=error.status, body=packb(body), headers={**headers, "Content-Type": p.CONTENT_TYPE})
-    return web.Response(
-        status=error.status, body=json.dumps(body).encode(), headers={**headers, "Content-Type": "application/json"}
-    )
 
 
 def _from_http_exception(e: web.HTTPException) -> TandemError:
@@ -110,66 +82,43 @@ def _from_http_exception(e: web.HTTPException) -> TandemError:
     return err
 
 
-def _middleware(state: ServerState) -> Any:
-    keys = [k.encode() for k in state.config.api_keys]
-    log_access = state.config.access_log
-    # Request ids for requests that bring none: a per-process random prefix and a counter. uuid4
-    # per request costs an os.urandom syscall, measurable on the hot path.
-    id_prefix = uuid.uuid4().hex[:12]
-    id_counter = itertools.count(1)
-    # With several worker processes, say which one answered (clients and tests can see the spread).
-    worker_header = str(os.getpid()) if state.config.workers > 1 else None
+def _middleware(gate: Gate) -> Any:
+    """aiohttp's side of the :class:`Gate`: the same ids, auth, error bodies and access log as the
+    front door gives the infer routes."""
 
-    def authorized(request: web.Request) -> bool:
-        auth = request.headers.get("Authorization", "")
-        if not auth.startswith("Bearer "):
-            return False
-        given = auth[7:].strip().encode()
-        return any(hmac.compare_digest(given, k) for k in keys)
+    def error_response(request: web.Request, error: TandemError) -> web.Response:
+        status, headers, body = gate.error_reply(error, request.path, request.get(MODEL_KEY))
+        return web.Response(status=status, body=body, headers=headers)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         start = time.perf_counter()
-        rid = request.headers.get(p.HEADER_REQUEST_ID) or f"{id_prefix}-{next(id_counter)}"
-        request[REQUEST_ID_KEY] = rid
+        rid = request[REQUEST_ID_KEY] = gate.request_id(request.headers.get(p.HEADER_REQUEST_ID))
         try:
-            if keys and request.path != "/v2/health/live" and not authorized(request):
-                raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+            gate.check_auth(request.path, request.headers.get("Authorization"))
             response = await handler(request)
         except TandemError as e:
-            response = _error_response(request, e, state)
+            response = error_response(request, e)
         except web.HTTPException as e:
             if e.status < 400:
                 raise
-            response = _error_response(request, _from_http_exception(e), state)
+            response = error_response(request, _from_http_exception(e))
         except RequestPayloadError as e:
             # A body that cannot be inflated (bad gzip/deflate) or was cut short by the client.
-            response = _error_response(request, InvalidInput(f"request body cannot be read: {str(e).strip()}"), state)
+            response = error_response(request, InvalidInput(f"request body cannot be read: {str(e).strip()}"))
         except (ValueError, TypeError, KeyError) as e:
             # aiohttp raises these for malformed framing it detects late (e.g. a bad content-length).
-            response = _error_response(request, InvalidInput(f"malformed request: {e}"), state)
+            response = error_response(request, InvalidInput(f"malformed request: {e}"))
         except Exception as e:  # noqa: BLE001 - one broken request must not take the server down
             _log.exception("unhandled error on %s %s", request.method, request.path)
-            response = _error_response(request, TandemError(f"internal error: {type(e).__name__}"), state)
+            response = error_response(request, TandemError(f"internal error: {type(e).__name__}"))
         response.headers[p.HEADER_REQUEST_ID] = rid
-        if worker_header is not None:
-            response.headers[HEADER_WORKER] = worker_header
-        if log_access and _access.isEnabledFor(logging.INFO):
-            served = request.get(MODEL_KEY)
-            _access.info(
-                json.dumps(
-                    {
-                        "request_id": rid,
-                        "method": request.method,
-                        "path": request.path,
-                        "status": response.status,
-                        "ms": round((time.perf_counter() - start) * 1e3, 3),
-                        "model": served.name if served else None,
-                        "version": served.version if served else None,
-                        "remote": request.remote,
-                    },
-                    separators=(",", ":"),
-                )
+        for name, value in gate.extra_headers:
+            response.headers[name] = value
+        if gate.logs_access:
+            gate.log_access(
+                rid, request.method, request.path, response.status, (time.perf_counter() - start) * 1e3,
+                request.get(MODEL_KEY), request.remote,
             )
         return response
 
@@ -194,9 +143,10 @@ def create_app(config: ServerConfig) -> web.Application:
     inference = Inference(repository, config)
     state = ServerState(config, metrics, repository, inference)
     # auto_decompress off: cloud/body.py inflates bodies itself (see there why).
+    state.gate = Gate(config, inference)
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[_middleware(state)],
+        middlewares=[_middleware(state.gate)],
         handler_args={"auto_decompress": False},
     )
     app[STATE] = state

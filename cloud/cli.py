@@ -29,7 +29,6 @@ def serve(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import asyncio
 
     from .config import load_config
 
@@ -53,7 +52,24 @@ def _run(args: argparse.Namespace) -> int:
         from .workers import supervise
 
         return supervise(config)
-    return asyncio.run(_serve(config))
+    return run_loop(config, _serve(config))
+
+
+def run_loop(config, main):  # type: ignore[no-untyped-def]
+    """Run ``main`` on the event loop the config asks for (uvloop when "auto" finds it)."""
+    import asyncio
+
+    if config.event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if config.event_loop == "uvloop":
+                from tandem.shared.errors import InvalidInput
+
+                raise InvalidInput("event_loop = uvloop, but uvloop is not installed (pip install uvloop)") from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 async def _serve(config, worker: bool = False) -> int:  # type: ignore[no-untyped-def]
@@ -92,6 +108,7 @@ async def _run_server(config, worker: bool = False) -> int:  # type: ignore[no-u
     from aiohttp import web
 
     from .app import STATE, create_app, describe_models
+    from .front import listen
 
     app = create_app(config)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_timeout_s, handle_signals=False)
@@ -104,12 +121,11 @@ async def _run_server(config, worker: bool = False) -> int:  # type: ignore[no-u
         # Not ready until the supervisor says every worker is: any worker may answer a health check.
         app[STATE].ready = False
         follow_supervisor(loop, on_go=lambda: setattr(app[STATE], "ready", True), on_eof=stop.set)
-    site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_port=worker or None)
-    await site.start()
+    door = await listen(runner, config.host, config.port, reuse_port=worker, backlog=1024)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host = f"[{config.host}]" if ":" in config.host else config.host
-    port = runner.addresses[0][1] if runner.addresses else config.port
+    port = door.port
     for line in describe_models(app):
         print(f"  {line}", flush=True)
     print(f"ready http://{host}:{port}", flush=True)
@@ -123,8 +139,10 @@ async def _run_server(config, worker: bool = False) -> int:  # type: ignore[no-u
             signal.signal(sig, signal.SIG_IGN)
     log = logging.getLogger("tandem.cloud")
     log.info("draining: no new connections; answering accepted requests")
-    # cleanup(): stop listening, wait for in-flight handlers (shutdown_timeout), then on_cleanup
-    # drains every batcher and releases the sessions.
+    # Stop listening and answer what the front door accepted; then cleanup() waits for aiohttp's
+    # in-flight handlers (shutdown_timeout), and on_cleanup drains every batcher and releases the
+    # sessions.
+    await door.close(config.shutdown_timeout_s)
     await runner.cleanup()
     log.info("stopped")
     return 0

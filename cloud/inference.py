@@ -7,6 +7,7 @@ deadlines, the response cache, metrics, the X-Tandem-* timing headers) lives her
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,11 +18,12 @@ from aiohttp import web
 from tandem.shared import protocol as p
 from tandem.shared.errors import InvalidInput, TandemError
 
+from .batcher import BatchResult
 from .cache import ResponseCache
 from .config import ServerConfig
 from .repository import ModelRepository, ServedModel
 
-__all__ = ["Outcome", "Inference", "MODEL_KEY", "REQUEST_ID_KEY"]
+__all__ = ["Call", "Outcome", "Inference", "MODEL_KEY", "REQUEST_ID_KEY"]
 
 # Per-request storage: the model version a request resolved to (for error headers and the access
 # log) and its request id. RequestKey exists from aiohttp 3.12; plain strings work before that.
@@ -42,6 +44,17 @@ class Outcome:
     cached: bool = False
 
 
+@dataclass(slots=True)
+class Call:
+    """One started request: queued on a batcher (``future``) or already answered (``outcome``)."""
+
+    served: ServedModel
+    future: "asyncio.Future[BatchResult] | None"
+    outputs: Sequence[str] | None
+    key: Any
+    outcome: Outcome | None
+
+
 class Inference:
     def __init__(self, repository: ModelRepository, config: ServerConfig) -> None:
         self.repository = repository
@@ -51,7 +64,7 @@ class Inference:
     def resolve(self, name: str, version: str | None) -> ServedModel:
         return self.repository.get(name, version)
 
-    async def infer(
+    def start(
         self,
         name: str,
         version: str | None,
@@ -60,11 +73,13 @@ class Inference:
         outputs: Sequence[str] | None = None,
         priority: int = 0,
         timeout_s: float | None = None,
-    ) -> Outcome:
-        """Run one request through the model's batcher (or the cache). Counts success/failure.
+    ) -> Call:
+        """Check one request and queue it on the model's batcher (or answer it from the cache).
 
-        The version is resolved here, with no await before the request is queued, so a reload
-        that swaps versions in between can never hand a request to a batcher already draining.
+        Synchronous, so the version is resolved and the request queued with no await in between:
+        a reload that swaps versions can never hand a request to a batcher already draining. The
+        fast front door (:mod:`.front`) needs no task per request either: it waits on the future.
+        Counts a failure and raises the :class:`TandemError` when the request is refused.
         """
         served = self.repository.get(name, version)
         try:
@@ -81,18 +96,54 @@ class Inference:
                 hit = self._cache.get(key)
                 if hit is not None:
                     served.metrics.cache_hit()
-                    return Outcome(served, hit, 0.0, 0.0, 0, cached=True)
-            result = await served.batcher.submit(inputs, rows, priority=priority, timeout_s=timeout_s)
+                    return Call(served, None, outputs, None, Outcome(served, hit, 0.0, 0.0, 0, cached=True))
+            future = served.batcher.submit(inputs, rows, priority=priority, timeout_s=timeout_s)
+        except TandemError as e:
+            served.metrics.failure(e.code)
+            raise
+        return Call(served, future, outputs, key, None)
+
+    def finish(self, call: Call) -> Outcome:
+        """The outcome of a started call whose future is done; raises (and counts) its error."""
+        if call.outcome is not None:
+            return call.outcome
+        served = call.served
+        assert call.future is not None
+        try:
+            result = call.future.result()
         except TandemError as e:
             served.metrics.failure(e.code)
             raise
         out = result.outputs
-        if outputs is not None:
-            out = {name: out[name] for name in outputs}
-        if key is not None and self._cache is not None:
-            self._cache.put(key, out)
+        if call.outputs is not None:
+            out = {name: out[name] for name in call.outputs}
+        if call.key is not None and self._cache is not None:
+            self._cache.put(call.key, out)
         served.metrics.success()
         return Outcome(served, out, result.queue_us, result.compute_us, result.batch_size)
+
+    async def wait(self, call: Call) -> Outcome:
+        """Wait for a started call and :meth:`finish` it. Cancelling the waiter cancels the
+        future, and the batcher then skips the request."""
+        if call.future is not None:
+            try:
+                await call.future
+            except TandemError:
+                pass  # finish() counts and raises it
+        return self.finish(call)
+
+    async def infer(
+        self,
+        name: str,
+        version: str | None,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Sequence[str] | None = None,
+        priority: int = 0,
+        timeout_s: float | None = None,
+    ) -> Outcome:
+        """Run one request through the model's batcher (or the cache): :meth:`start` then :meth:`wait`."""
+        return await self.wait(self.start(name, version, inputs, outputs=outputs, priority=priority, timeout_s=timeout_s))
 
     def headers(self, outcome: Outcome) -> dict[str, str]:
         """The X-Tandem-* server-timing headers of a successful response."""

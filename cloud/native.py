@@ -14,9 +14,40 @@ from tandem.shared import protocol as p
 from tandem.shared.errors import InvalidInput, TandemError
 
 from .body import read_body
-from .inference import MODEL_KEY, REQUEST_ID_KEY, Inference, deadline_seconds
+from .inference import MODEL_KEY, REQUEST_ID_KEY, Call, Inference, Outcome, deadline_seconds
 
-__all__ = ["NativeAPI"]
+__all__ = ["NativeAPI", "start", "reply"]
+
+
+def start(
+    inference: Inference, model: str, version: str | None, body: bytes | memoryview,
+    priority_header: str | None, deadline_header: str | None,
+) -> tuple[Call, p.InferRequest]:
+    """Decode a native infer request and queue it; both HTTP stacks call this (and :func:`reply`)."""
+    served = inference.resolve(model, version)
+    try:
+        req = p.InferRequest.from_wire(body)
+        priority = req.priority
+        if priority_header is not None:
+            try:
+                priority = int(priority_header)
+            except ValueError:
+                raise InvalidInput(f"{p.HEADER_PRIORITY} must be an integer, got {priority_header!r}") from None
+        timeout_s = deadline_seconds(deadline_header, req.deadline_ms)
+    except TandemError as e:
+        served.metrics.failure(e.code)
+        raise
+    call = inference.start(served.name, version, req.inputs, outputs=req.outputs, priority=priority, timeout_s=timeout_s)
+    return call, req
+
+
+def reply(inference: Inference, outcome: Outcome, req: p.InferRequest, request_id: str) -> tuple[dict[str, str], bytes]:
+    """(headers, body) of a successful native response."""
+    served = outcome.model
+    body = p.InferResponse(outcome.outputs, served.name, served.version, id=req.id or request_id).to_wire()
+    headers = inference.headers(outcome)
+    headers["Content-Type"] = p.CONTENT_TYPE
+    return headers, body
 
 
 class NativeAPI:
@@ -30,26 +61,15 @@ class NativeAPI:
 
     async def infer(self, request: web.Request) -> web.Response:
         inference = self._inference
-        served = inference.resolve(request.match_info["model"], request.match_info.get("version"))
-        request[MODEL_KEY] = served
-        try:
-            req = p.InferRequest.from_wire(await read_body(request, self._max_body))
-            priority = req.priority
-            header_priority = request.headers.get(p.HEADER_PRIORITY)
-            if header_priority is not None:
-                try:
-                    priority = int(header_priority)
-                except ValueError:
-                    raise InvalidInput(f"{p.HEADER_PRIORITY} must be an integer, got {header_priority!r}") from None
-            timeout_s = deadline_seconds(request.headers.get(p.HEADER_DEADLINE_MS), req.deadline_ms)
-        except TandemError as e:
-            served.metrics.failure(e.code)
-            raise
-        outcome = await inference.infer(
-            served.name, request.match_info.get("version"), req.inputs, outputs=req.outputs, priority=priority, timeout_s=timeout_s
+        version = request.match_info.get("version")
+        request[MODEL_KEY] = inference.resolve(request.match_info["model"], version)
+        body = await read_body(request, self._max_body)
+        call, req = start(
+            inference, request.match_info["model"], version, body,
+            request.headers.get(p.HEADER_PRIORITY), request.headers.get(p.HEADER_DEADLINE_MS),
         )
-        served = request[MODEL_KEY] = outcome.model
-        body = p.InferResponse(outcome.outputs, served.name, served.version, id=req.id or request.get(REQUEST_ID_KEY)).to_wire()
-        headers = inference.headers(outcome)
-        headers["Content-Type"] = p.CONTENT_TYPE
+        request[MODEL_KEY] = call.served
+        outcome = await inference.wait(call)
+        request[MODEL_KEY] = outcome.model
+        headers, body = reply(inference, outcome, req, request[REQUEST_ID_KEY])
         return web.Response(body=body, headers=headers)

@@ -18,10 +18,10 @@ from tandem.shared import v2
 from tandem.shared.errors import InvalidInput, NotSupported, TandemError, Unavailable
 
 from .body import read_body
-from .inference import MODEL_KEY, Inference, deadline_seconds
+from .inference import MODEL_KEY, Call, Inference, Outcome, deadline_seconds
 from .repository import ModelRepository
 
-__all__ = ["V2API"]
+__all__ = ["V2API", "start", "reply"]
 
 _EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "schedule_policy"]
 _COMPRESS_MIN_BYTES = 4096  # below this, compressing costs more time than it saves
@@ -42,6 +42,33 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise InvalidInput("request body must be a JSON object")
     return doc
+
+
+def start(
+    inference: Inference, model: str, version: str | None, body: bytes | memoryview,
+    header_length: str | None, deadline_header: str | None,
+) -> tuple[Call, v2.V2Request]:
+    """Decode a v2 infer request (JSON or binary tensors) and queue it; both HTTP stacks call this."""
+    served = inference.resolve(model, version)
+    try:
+        req = v2.parse_infer_request(body, header_length)
+        outputs = [o.name for o in req.outputs] if req.outputs is not None else None
+        timeout_us = req.timeout_us()
+        timeout_s = deadline_seconds(deadline_header, timeout_us / 1000 if timeout_us is not None else None)
+        priority = req.priority()
+    except TandemError as e:
+        served.metrics.failure(e.code)
+        raise
+    call = inference.start(served.name, version, req.inputs, outputs=outputs, priority=priority, timeout_s=timeout_s)
+    return call, req
+
+
+def reply(inference: Inference, outcome: Outcome, req: v2.V2Request) -> tuple[bytes, dict[str, str]]:
+    """(body, headers) of a successful v2 response (uncompressed)."""
+    served = outcome.model
+    body, headers = v2.encode_infer_response(served.name, served.version, outcome.outputs, request=req, id=req.id)
+    headers.update(inference.headers(outcome))
+    return body, headers
 
 
 class V2API:
@@ -94,27 +121,17 @@ class V2API:
 
     async def infer(self, request: web.Request) -> web.Response:
         inference = self._inference
-        served = inference.resolve(request.match_info["model"], request.match_info.get("version"))
-        request[MODEL_KEY] = served
-        try:
-            req = v2.parse_infer_request(await read_body(request, self._max_body), request.headers.get(v2.HEADER_LENGTH))
-            outputs = [o.name for o in req.outputs] if req.outputs is not None else None
-            timeout_us = req.timeout_us()
-            timeout_s = deadline_seconds(
-                request.headers.get(p.HEADER_DEADLINE_MS), timeout_us / 1000 if timeout_us is not None else None
-            )
-            priority = req.priority()
-        except TandemError as e:
-            served.metrics.failure(e.code)
-            raise
-        outcome = await inference.infer(
-            served.name, request.match_info.get("version"), req.inputs, outputs=outputs, priority=priority, timeout_s=timeout_s
+        version = request.match_info.get("version")
+        request[MODEL_KEY] = inference.resolve(request.match_info["model"], version)
+        body = await read_body(request, self._max_body)
+        call, req = start(
+            inference, request.match_info["model"], version, body,
+            request.headers.get(v2.HEADER_LENGTH), request.headers.get(p.HEADER_DEADLINE_MS),
         )
-        served = request[MODEL_KEY] = outcome.model
-        body, headers = v2.encode_infer_response(
-            served.name, served.version, outcome.outputs, request=req, id=req.id
-        )
-        headers.update(inference.headers(outcome))
+        request[MODEL_KEY] = call.served
+        outcome = await inference.wait(call)
+        request[MODEL_KEY] = outcome.model
+        body, headers = reply(inference, outcome, req)
         response = web.Response(body=body, headers=headers)
         if len(body) >= _COMPRESS_MIN_BYTES and request.headers.get("Accept-Encoding"):
             response.enable_compression()

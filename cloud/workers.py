@@ -83,13 +83,14 @@ def follow_supervisor(loop: asyncio.AbstractEventLoop, on_go: Callable[[], None]
 
 
 def _worker_main(argv: list[str]) -> int:
-    from .cli import _serve
+    from .cli import _serve, run_loop
 
     config_path, port = argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     doc = json.loads(Path(config_path).read_text())
     doc["port"] = int(port)
-    return asyncio.run(_serve(ServerConfig(**doc), worker=True))
+    config = ServerConfig(**doc)
+    return run_loop(config, _serve(config, worker=True))
 
 
 # --- supervisor side -------------------------------------------------------------------------------

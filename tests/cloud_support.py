@@ -150,7 +150,8 @@ def make_repository(root: Path, private_key: Path, *, toy_versions: tuple[str, .
 
 
 class ServerThread:
-    """A real server (create_app + AppRunner + TCPSite on 127.0.0.1) on its own loop and thread."""
+    """A real server (create_app + AppRunner + the front door on 127.0.0.1, exactly as ``tandem
+    serve`` listens) on its own loop and thread."""
 
     def __init__(self, config: Any) -> None:
         from tandem.cloud.app import create_app
@@ -161,6 +162,7 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self.app = create_app(config)
         self._runner: Any = None
+        self.door: Any = None  # the FrontDoor (or aiohttp-only site) listening
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     @property
@@ -172,12 +174,14 @@ class ServerThread:
     def start(self) -> "ServerThread":
         from aiohttp import web
 
+        from tandem.cloud.front import listen
+
         self._thread.start()
 
         async def start() -> None:
             self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=10)
             await self._runner.setup()
-            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+            self.door = await listen(self._runner, "127.0.0.1", self.port)
 
         self.call(start(), timeout=60)
         return self
@@ -188,6 +192,8 @@ class ServerThread:
 
     def stop(self) -> None:
         if self._runner is not None:
+            if self.door is not None:
+                self.call(self.door.close(10), timeout=30)
             self.call(self._runner.cleanup(), timeout=30)
             self._runner = None
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -1,0 +1,429 @@
+"""The front door: a lean HTTP/1.1 protocol serves the infer routes, aiohttp serves everything else.
+
+Why: aiohttp spends ~40 µs of Python on every request (request object, router, middleware,
+response object), and a full handler path cost ~100 µs here. On two cores that shared the
+event loop with onnxruntime, it held ``tandem serve`` to ~38% of the digits CNN's raw
+``session.run`` limit at 64 connections. This protocol frames and answers an infer request in
+a few microseconds of Python, with no task per request: it queues the call on the model's batcher
+and finishes on the future's callback.
+
+How: every connection starts here. A request is taken only if it is *plain*: ``POST`` to
+``/v1|v2/models/{m}[/versions/{v}]/infer``, ``HTTP/1.1``, ASCII headers within aiohttp's size
+limits, exactly one ``Content-Length`` within ``max_body_bytes``, and no ``Transfer-Encoding``,
+``Content-Encoding``, ``Expect``, ``Upgrade``, ``Connection: close``, query string or
+percent-encoding (and, on v2, no ``Accept-Encoding`` asking for compression). Anything else goes,
+as its exact bytes and with the rest of the connection, to aiohttp's own protocol for the same
+app: the connection changes hands once, at a message boundary, after the front door has written
+every response it owes on it. So every unusual request gets aiohttp's full, strict treatment,
+and both stacks share one policy (:class:`~tandem.cloud.gate.Gate`) and one inference core.
+
+Pipelined requests are answered in order. Set ``front_door = false`` to serve with aiohttp alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import http
+import logging
+import re
+import time
+from collections import deque
+from typing import Any
+
+from aiohttp import web
+
+from tandem.shared import protocol as p
+from tandem.shared import v2 as v2codec
+from tandem.shared.errors import TandemError, Unavailable
+
+from . import native, v2
+from .app import STATE
+
+__all__ = ["FrontDoor", "listen"]
+
+_log = logging.getLogger("tandem.cloud")
+
+#: Largest request head taken here; aiohttp's limits are 8190 bytes per line and per field.
+_MAX_HEAD = 8190
+#: Pipelined requests one connection may have in flight before the front door stops reading it.
+_MAX_IN_FLIGHT = 128
+#: Seconds a connection may sit idle before it is closed (aiohttp's keep-alive default).
+_KEEPALIVE_S = 75.0
+_INFER = re.compile(rb"/(v1|v2)/models/([^/]+)(?:/versions/([^/]+))?/infer")
+_HEAD_END = b"\r\n\r\n"
+_HANDOFF = object()  # _frame's answer for a message the front door does not take
+#: Request headers whose presence alone sends the message to aiohttp.
+_NOT_PLAIN = frozenset({"transfer-encoding", "expect", "upgrade", "te", "trailer"})
+_REASONS = {s.value: s.phrase for s in http.HTTPStatus}
+
+
+class _Request:
+    __slots__ = ("protocol", "model", "version", "path", "headers", "body")
+
+    def __init__(self, protocol: str, model: str, version: str | None, path: str, headers: dict[str, str], body: Any) -> None:
+        self.protocol = protocol  # "v1" (native msgpack) or "v2"
+        self.model = model
+        self.version = version
+        self.path = path
+        self.headers = headers  # lower-case names; the first value of each
+        self.body = body
+
+
+def _frame(buf: bytes | bytearray, pos: int, max_body: int) -> tuple[_Request, int] | object | None:
+    """The plain infer request starting at ``buf[pos]`` and the offset just past it; None when more
+    bytes are needed; ``_HANDOFF`` when the message is not one the front door takes."""
+    end = buf.find(_HEAD_END, pos, pos + _MAX_HEAD + 4)
+    if end < 0:
+        return _HANDOFF if len(buf) - pos > _MAX_HEAD else None
+    head = bytes(buf[pos:end])
+    if not head.isascii() or b"\0" in head:
+        return _HANDOFF
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
+        return _HANDOFF
+    match = _INFER.fullmatch(parts[1])
+    if match is None or b"%" in parts[1]:
+        return _HANDOFF
+    headers: dict[str, str] = {}
+    length = None
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or b" " in name or b"\t" in name or b"\r" in line or b"\n" in line:
+            return _HANDOFF  # obs-fold, bare CR/LF, malformed names: aiohttp answers those
+        key = name.decode().lower()
+        text = value.strip(b" \t").decode()
+        if key == "content-length":
+            if length is not None or not text.isdigit():
+                return _HANDOFF
+            length = int(text)
+        elif key in _NOT_PLAIN:
+            return _HANDOFF
+        headers.setdefault(key, text)
+    if length is None or length > max_body:
+        return _HANDOFF
+    if headers.get("content-encoding", "identity").lower() != "identity":
+        return _HANDOFF
+    if "close" in headers.get("connection", "").lower():
+        return _HANDOFF
+    protocol = match.group(1).decode()
+    if protocol == "v2" and any(c in headers.get("accept-encoding", "").lower() for c in ("gzip", "deflate")):
+        return _HANDOFF  # aiohttp compresses large v2 responses for clients that ask
+    start = end + 4
+    if len(buf) < start + length:
+        return None
+    body = memoryview(buf)[start : start + length] if isinstance(buf, bytes) else bytes(buf[start : start + length])
+    version = match.group(3)
+    request = _Request(
+        protocol, match.group(2).decode(), version.decode() if version is not None else None, parts[1].decode(), headers, body
+    )
+    return request, start + length
+
+
+class _Slot:
+    """One request's place in its connection's response order."""
+
+    __slots__ = ("rid", "path", "start", "data", "status", "served")
+
+    def __init__(self, rid: str, path: str, start: float) -> None:
+        self.rid = rid
+        self.path = path
+        self.start = start
+        self.data: bytes | None = None  # the encoded response, once ready
+        self.status = 0
+        self.served: Any = None
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, door: FrontDoor) -> None:
+        self._door = door
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()  # bytes of a message not complete yet
+        self._slots: deque[_Slot] = deque()
+        self._handoff: bytearray | None = None  # bytes waiting for aiohttp once our responses are out
+        self._paused = False
+        self._eof = False
+        self._remote: str | None = None
+        self.last_active = time.monotonic()
+
+    # --- asyncio.Protocol -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self._remote = peer[0] if isinstance(peer, tuple) else None
+        if self._door._closing:
+            transport.close()  # accepted just before the door closed: nothing was asked yet
+            return
+        self._door._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._door._connections.discard(self)
+        self._transport = None
+        self._slots.clear()  # their calls still finish (accepted work is done); nobody to tell
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        # Keep the socket open for the responses still owed (a client may half-close after sending).
+        return True if self._slots else None
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        if self._handoff is not None:
+            self._handoff += data
+            return
+        try:
+            if self._buf:
+                self._buf += data
+                buf: bytes | bytearray = self._buf
+            else:
+                buf = data
+            pos = self._consume(buf)
+            if self._handoff is not None:
+                self._handoff += buf[pos:]
+                self._buf = bytearray()
+                self._maybe_hand_off()
+            elif buf is self._buf:
+                del self._buf[:pos]
+            else:
+                self._buf = bytearray(data[pos:]) if pos < len(data) else bytearray()
+        except Exception:  # noqa: BLE001 - a bug here must not take down the loop's other connections
+            _log.exception("front door: dropping a connection after an internal error")
+            self.close()
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _consume(self, buf: bytes | bytearray) -> int:
+        """Serve every complete plain request in ``buf``; returns the offset of what is left."""
+        pos = 0
+        max_body = self._door._max_body
+        while pos < len(buf):
+            framed = _frame(buf, pos, max_body)
+            if framed is None:
+                break
+            if framed is _HANDOFF:
+                self._handoff = bytearray()
+                break
+            request, pos = framed  # type: ignore[misc]
+            self._serve(request)
+            if len(self._slots) >= _MAX_IN_FLIGHT and not self._paused and self._transport is not None:
+                self._paused = True
+                self._transport.pause_reading()
+        return pos
+
+    def _serve(self, request: _Request) -> None:
+        door = self._door
+        gate, inference = door._gate, door._inference
+        h = request.headers
+        slot = _Slot(gate.request_id(h.get("x-request-id")), request.path, time.perf_counter())
+        self._slots.append(slot)
+        door.served += 1
+        try:
+            gate.check_auth(request.path, h.get("authorization"))
+            slot.served = inference.resolve(request.model, request.version)
+            if request.protocol == "v1":
+                call, req = native.start(
+                    inference, request.model, request.version, request.body, h.get("x-tandem-priority"), h.get("x-tandem-deadline-ms")
+                )
+            else:
+                call, req = v2.start(
+                    inference, request.model, request.version, request.body, h.get(v2codec.HEADER_LENGTH.lower()),
+                    h.get("x-tandem-deadline-ms"),
+                )
+        except TandemError as e:
+            self._fail(slot, e)
+            return
+        except Exception as e:  # noqa: BLE001 - one broken request must not take the server down
+            _log.exception("unhandled error on POST %s", request.path)
+            self._fail(slot, TandemError(f"internal error: {type(e).__name__}"))
+            return
+        slot.served = call.served
+        if call.future is None or call.future.done():
+            self._finish(slot, request.protocol, call, req)
+        else:
+            call.future.add_done_callback(lambda _f: self._finish(slot, request.protocol, call, req))
+
+    def _finish(self, slot: _Slot, protocol: str, call: Any, req: Any) -> None:
+        inference = self._door._inference
+        try:
+            try:
+                outcome = inference.finish(call)
+            except asyncio.CancelledError:
+                raise Unavailable("the request was cancelled before it ran (model unloading)") from None
+            slot.served = outcome.model
+            if protocol == "v1":
+                headers, body = native.reply(inference, outcome, req, slot.rid)
+            else:
+                body, headers = v2.reply(inference, outcome, req)
+            self._ready(slot, 200, headers, body)
+        except TandemError as e:
+            self._fail(slot, e)
+        except Exception as e:  # noqa: BLE001
+            _log.exception("unhandled error on POST %s", slot.path)
+            self._fail(slot, TandemError(f"internal error: {type(e).__name__}"))
+
+    def _fail(self, slot: _Slot, error: TandemError) -> None:
+        status, headers, body = self._door._gate.error_reply(error, slot.path, slot.served)
+        self._ready(slot, status, headers, body)
+
+    def _ready(self, slot: _Slot, status: int, headers: dict[str, str], body: bytes) -> None:
+        door = self._door
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
+        lines.extend(f"{k}: {v}" for k, v in headers.items())
+        lines.append(f"{p.HEADER_REQUEST_ID}: {slot.rid}")
+        lines.extend(f"{k}: {v}" for k, v in door._gate.extra_headers)
+        lines.append(f"Content-Length: {len(body)}")
+        lines.append(f"Date: {door.date()}")
+        lines.append("Server: tandem\r\n\r\n")
+        slot.data = "\r\n".join(lines).encode() + body
+        slot.status = status
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write every ready response at the head of the order, then hand off or close if due."""
+        gate = self._door._gate
+        slots, transport = self._slots, self._transport
+        while slots and slots[0].data is not None:
+            slot = slots.popleft()
+            if transport is not None and not transport.is_closing():
+                transport.write(slot.data)  # type: ignore[arg-type]
+            if gate.logs_access:
+                ms = (time.perf_counter() - slot.start) * 1e3
+                gate.log_access(slot.rid, "POST", slot.path, slot.status, ms, slot.served, self._remote)
+        if self._paused and len(slots) < _MAX_IN_FLIGHT // 2 and self._handoff is None and transport is not None:
+            self._paused = False
+            transport.resume_reading()
+        if not slots:
+            if self._handoff is not None:
+                self._maybe_hand_off()
+            elif self._eof and transport is not None:
+                transport.close()
+
+    def _maybe_hand_off(self) -> None:
+        """Give the connection to aiohttp, with the bytes from the first request it must answer."""
+        transport = self._transport
+        if transport is None or self._slots:
+            if transport is not None and not self._paused:
+                self._paused = True
+                transport.pause_reading()  # until our responses are written
+            return
+        data, self._handoff = bytes(self._handoff or b""), None
+        door = self._door
+        door.handed_off += 1
+        door._connections.discard(self)
+        handler = door._aiohttp()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self._paused:
+            transport.resume_reading()
+        if data:
+            handler.data_received(data)
+        if self._eof:
+            handler.eof_received()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    @property
+    def idle(self) -> bool:
+        return not self._slots and not self._buf
+
+
+class FrontDoor:
+    """The listening socket and its connections. Make one with :func:`listen`."""
+
+    def __init__(self, runner: web.AppRunner) -> None:
+        state = runner.app[STATE]
+        self._gate = state.gate
+        self._inference = state.inference
+        self._max_body = state.config.max_body_bytes
+        server = runner.server
+        if server is None:
+            raise RuntimeError("call runner.setup() before listen()")
+        self._aiohttp = server  # calling it makes aiohttp's protocol for one connection
+        self._connections: set[_Connection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closing = False
+        self._date = ""
+        self._date_at = 0
+        #: Requests the front door answered itself, and connections it handed to aiohttp.
+        self.served = 0
+        self.handed_off = 0
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    def date(self) -> str:
+        now = int(time.time())
+        if now != self._date_at:
+            self._date_at, self._date = now, email.utils.formatdate(now, usegmt=True)
+        return self._date
+
+    async def _start(self, host: str, port: int, reuse_port: bool, backlog: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), host, port, backlog=backlog, reuse_port=reuse_port or None
+        )
+        self._sweeper = loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(_KEEPALIVE_S / 5)
+            cutoff = time.monotonic() - _KEEPALIVE_S
+            for conn in [c for c in self._connections if c.idle and c.last_active < cutoff]:
+                conn.close()
+
+    async def close(self, timeout: float) -> None:
+        """Stop accepting, answer what the front door accepted (up to ``timeout``), close its connections."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        deadline = time.monotonic() + timeout
+        while any(not c.idle for c in self._connections) and time.monotonic() < deadline:
+            for conn in [c for c in self._connections if c.idle]:
+                conn.close()
+            await asyncio.sleep(0.01)
+        for conn in list(self._connections):
+            conn.close()
+
+
+class _AiohttpOnly:
+    """``front_door = false``: aiohttp's own site, behind the same interface."""
+
+    def __init__(self, site: web.TCPSite) -> None:
+        self._site = site
+        self.served = self.handed_off = 0
+
+    @property
+    def port(self) -> int:
+        server = self._site._server
+        assert server is not None
+        return server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def close(self, timeout: float) -> None:
+        await self._site.stop()
+
+
+async def listen(
+    runner: web.AppRunner, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024
+) -> FrontDoor | _AiohttpOnly:
+    """Serve ``runner``'s app (set up already) on host:port: through the front door, or through
+    aiohttp alone when the app's config says ``front_door = false``. Stop with ``await x.close(t)``
+    before ``runner.cleanup()``."""
+    if not runner.app[STATE].config.front_door:
+        site = web.TCPSite(runner, host, port, backlog=backlog, reuse_port=reuse_port or None)
+        await site.start()
+        return _AiohttpOnly(site)
+    door = FrontDoor(runner)
+    await door._start(host, port, reuse_port, backlog)
+    return door

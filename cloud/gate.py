@@ -1,0 +1,105 @@
+"""What every request passes through, whichever HTTP stack carries it: ids, auth, errors, access log.
+
+Two stacks serve the same port (see :mod:`.front`): a lean HTTP/1.1 front door for the infer
+routes and aiohttp for everything else. Both apply this one policy, so a request is identified,
+authorised, answered on error and logged the same way whichever of them took it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import json
+import logging
+import math
+import os
+import uuid
+from typing import Any
+
+from tandem.shared import protocol as p
+from tandem.shared.errors import Overloaded, TandemError, Unauthorized
+from tandem.shared.tensors import packb
+
+from .config import ServerConfig
+from .inference import Inference
+from .repository import ServedModel
+
+__all__ = ["Gate", "HEADER_WORKER", "LIVENESS_PATH"]
+
+#: Response header naming the worker pid that answered; sent only when ``workers`` > 1.
+HEADER_WORKER = "X-Tandem-Worker"
+#: The one route that needs no API key: a probe must see a live process without credentials.
+LIVENESS_PATH = "/v2/health/live"
+
+_access = logging.getLogger("tandem.cloud.access")
+
+
+def is_native(path: str) -> bool:
+    """Native-protocol routes answer errors in msgpack, all others in JSON."""
+    return path.startswith("/v1/models/")
+
+
+class Gate:
+    """The per-request policy of one server process."""
+
+    def __init__(self, config: ServerConfig, inference: Inference) -> None:
+        self._keys = [k.encode() for k in config.api_keys]
+        self._inference = inference
+        self._log_access = config.access_log
+        # Request ids for requests that bring none: a per-process random prefix and a counter. uuid4
+        # per request costs an os.urandom syscall, measurable on the hot path.
+        self._id_prefix = uuid.uuid4().hex[:12]
+        self._ids = itertools.count(1)
+        #: (name, value) headers every response carries: with several worker processes, which one
+        #: answered (clients and tests can see the spread).
+        self.extra_headers: list[tuple[str, str]] = [(HEADER_WORKER, str(os.getpid()))] if config.workers > 1 else []
+
+    def request_id(self, given: str | None) -> str:
+        return given or f"{self._id_prefix}-{next(self._ids)}"
+
+    def check_auth(self, path: str, authorization: str | None) -> None:
+        """Raise :class:`Unauthorized` unless keys are off, the path is liveness, or a key matches."""
+        if not self._keys or path == LIVENESS_PATH:
+            return
+        if authorization and authorization.startswith("Bearer "):
+            given = authorization[7:].strip().encode()
+            if any(hmac.compare_digest(given, k) for k in self._keys):
+                return
+        raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+
+    def error_reply(self, error: TandemError, path: str, served: ServedModel | None) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body) answering ``error``: msgpack on native routes, JSON elsewhere,
+        the model's queue state when known, and ``Retry-After`` on 503/429."""
+        headers = self._inference.error_headers(served)
+        if isinstance(error, Overloaded) or error.status in (429, 503):
+            retry = getattr(error, "retry_after", 1.0)
+            headers[p.HEADER_RETRY_AFTER] = str(max(1, math.ceil(retry)))
+        if is_native(path):
+            headers["Content-Type"] = p.CONTENT_TYPE
+            return error.status, headers, packb(error.to_dict())
+        headers["Content-Type"] = "application/json"
+        return error.status, headers, json.dumps(error.to_dict()).encode()
+
+    @property
+    def logs_access(self) -> bool:
+        return self._log_access and _access.isEnabledFor(logging.INFO)
+
+    def log_access(
+        self, rid: str, method: str, path: str, status: int, ms: float, served: ServedModel | None, remote: Any
+    ) -> None:
+        """One JSON access-log line (callers check :attr:`logs_access` first: building it costs)."""
+        _access.info(
+            json.dumps(
+                {
+                    "request_id": rid,
+                    "method": method,
+                    "path": path,
+                    "status": status,
+                    "ms": round(ms, 3),
+                    "model": served.name if served else None,
+                    "version": served.version if served else None,
+                    "remote": remote,
+                },
+                separators=(",", ":"),
+            )
+        )

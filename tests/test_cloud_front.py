@@ -1,0 +1,297 @@
+"""The front door (cloud/front.py): plain infer requests answered by it, everything else handed to
+aiohttp with its exact bytes, on one port, over raw sockets."""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as th
+
+from cloud_support import ServerThread, make_repository, slow_inputs
+from support import run_onnx
+from tandem.cloud.config import ServerConfig
+from tandem.cloud.front import FrontDoor
+from tandem.shared import protocol as p
+from tandem.shared.errors import error_from_body
+from tandem.shared.tensors import unpackb
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]) -> Path:
+    return make_repository(tmp_path_factory.mktemp("repo"), keys[0], toy_versions=("1",), varlen=False)
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path, keys: tuple[Path, Path]) -> Iterator[ServerThread]:
+    with ServerThread(ServerConfig(repository=repo, trusted_keys=[keys[1]], port=0, max_body_bytes=1 << 20)) as s:
+        assert isinstance(s.door, FrontDoor)
+        yield s
+
+
+def _x(rows: int = 1, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, 64)).astype(np.float32)
+
+
+def _native(model: str, inputs: dict[str, np.ndarray], headers: dict[str, str] | None = None, *, version: str = "HTTP/1.1") -> bytes:
+    body = p.InferRequest(inputs).to_wire()
+    lines = [f"POST {p.infer_path(model)} {version}", "Host: t", f"Content-Type: {p.CONTENT_TYPE}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if not any(k.lower() == "transfer-encoding" for k in (headers or {})):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class _Responses:
+    """Reads HTTP/1.1 responses (Content-Length framed) off one socket, in order."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.buf = sock, b""
+
+    def next(self) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            self._more()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        n = int(headers.get("content-length", 0))
+        while len(self.buf) < n:
+            self._more()
+        body, self.buf = self.buf[:n], self.buf[n:]
+        return int(lines[0].split()[1]), headers, body
+
+    def _more(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        self.buf += chunk
+
+
+def _connect(s: ServerThread) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", s.port), timeout=20)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _counts(s: ServerThread) -> tuple[int, int]:
+    return s.door.served, s.door.handed_off
+
+
+def _logits(body: bytes) -> np.ndarray:
+    return p.InferResponse.from_wire(body).outputs["logits"]
+
+
+def test_plain_native_request_is_answered_by_the_front_door(server: ServerThread, repo: Path) -> None:
+    served, handed = _counts(server)
+    x = _x(3)
+    with _connect(server) as sock:
+        sock.sendall(_native("toy", {"input": x}, {p.HEADER_REQUEST_ID: "front-1"}))
+        status, headers, body = _Responses(sock).next()
+    assert status == 200, body
+    np.testing.assert_allclose(_logits(body), run_onnx(repo / "toy/1/cloud-fp32.onnx", x), rtol=1e-5, atol=1e-5)
+    assert headers["x-request-id"] == "front-1" and headers["content-type"] == p.CONTENT_TYPE
+    assert headers[p.HEADER_BATCH_SIZE.lower()] == "3" and "date" in headers
+    assert headers["server"] == "tandem"
+    assert _counts(server) == (served + 1, handed)
+
+
+def test_one_connection_moves_to_aiohttp_at_a_message_boundary(server: ServerThread) -> None:
+    """infer (front door), GET (aiohttp takes the connection), infer again (aiohttp answers)."""
+    served, handed = _counts(server)
+    x = _x(1, seed=1)
+    with _connect(server) as sock:
+        r = _Responses(sock)
+        sock.sendall(_native("toy", {"input": x}))
+        first = r.next()
+        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: t\r\n\r\n")
+        ready = r.next()
+        sock.sendall(_native("toy", {"input": x}))
+        third = r.next()
+    assert first[0] == ready[0] == third[0] == 200
+    assert first[1]["server"] == "tandem" and "aiohttp" in third[1]["server"]
+    np.testing.assert_array_equal(_logits(first[2]), _logits(third[2]))
+    assert _counts(server) == (served + 1, handed + 1)
+
+
+def test_pipelined_requests_are_answered_in_order(server: ServerThread) -> None:
+    """A slow request, then fast ones, in one write: their answers come back in request order,
+    although the fast model finishes first; a non-plain request at the end waits for them all."""
+    slow = p.InferRequest(slow_inputs(200)).to_wire()
+    head = f"POST {p.infer_path('slow')} HTTP/1.1\r\nHost: t\r\nX-Request-Id: r0\r\nContent-Length: {len(slow)}\r\n\r\n"
+    burst = head.encode() + slow
+    for i in range(1, 4):
+        burst += _native("toy", {"input": _x(1, seed=i)}, {p.HEADER_REQUEST_ID: f"r{i}"})
+    burst += b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\nX-Request-Id: r4\r\n\r\n"
+    with _connect(server) as sock:
+        sock.sendall(burst)
+        r = _Responses(sock)
+        answers = [r.next() for _ in range(5)]
+    assert [a[1]["x-request-id"] for a in answers] == ["r0", "r1", "r2", "r3", "r4"]
+    assert all(a[0] == 200 for a in answers), [a[2][:200] for a in answers]
+    np.testing.assert_allclose(p.InferResponse.from_wire(answers[0][2]).outputs["y"], slow_inputs(200)["x"] * 2)
+
+
+def test_a_request_sent_one_byte_at_a_time_is_answered(server: ServerThread) -> None:
+    served = server.door.served
+    data = _native("toy", {"input": _x(2, seed=5)})
+    with _connect(server) as sock:
+        for i in range(len(data)):
+            sock.send(data[i : i + 1])
+        status, _, body = _Responses(sock).next()
+    assert status == 200, body
+    assert server.door.served == served + 1
+
+
+@pytest.mark.parametrize(
+    "headers, version",
+    [
+        ({"Transfer-Encoding": "chunked"}, "HTTP/1.1"),
+        ({"Content-Encoding": "gzip"}, "HTTP/1.1"),
+        ({"Expect": "100-continue"}, "HTTP/1.1"),
+        ({"Connection": "close"}, "HTTP/1.1"),
+        ({}, "HTTP/1.0"),
+    ],
+    ids=["chunked", "gzip", "expect", "connection-close", "http1.0"],
+)
+def test_requests_that_are_not_plain_go_to_aiohttp_and_are_answered(
+    server: ServerThread, repo: Path, headers: dict[str, str], version: str
+) -> None:
+    x = _x(2, seed=7)
+    body = p.InferRequest({"input": x}).to_wire()
+    if headers.get("Content-Encoding") == "gzip":
+        body = gzip.compress(body)
+    head = [f"POST {p.infer_path('toy')} {version}", "Host: t", f"Content-Type: {p.CONTENT_TYPE}"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    if "Transfer-Encoding" in headers:
+        payload = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    else:
+        head.append(f"Content-Length: {len(body)}")
+        payload = body
+    handed = server.door.handed_off
+    with _connect(server) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        if "Expect" in headers:
+            sock.settimeout(5)
+            assert b"100 Continue" in sock.recv(1024)
+        sock.sendall(payload)
+        status, rheaders, rbody = _Responses(sock).next()
+    assert status == 200, rbody
+    assert "aiohttp" in rheaders["server"]
+    np.testing.assert_allclose(_logits(rbody), run_onnx(repo / "toy/1/cloud-fp32.onnx", x), rtol=1e-5, atol=1e-5)
+    assert server.door.handed_off == handed + 1
+
+
+@pytest.mark.parametrize(
+    "raw, status, code",
+    [
+        (b"\x93\x01\x02", 400, "bad_tensor"),
+        (p.InferRequest({"input": np.zeros((1, 63), np.float32)}).to_wire(), 400, "invalid_input"),
+    ],
+    ids=["bad-msgpack", "bad-shape"],
+)
+def test_front_door_errors_are_msgpack_with_status(server: ServerThread, raw: bytes, status: int, code: str) -> None:
+    head = f"POST {p.infer_path('toy')} HTTP/1.1\r\nHost: t\r\nContent-Length: {len(raw)}\r\n\r\n".encode()
+    with _connect(server) as sock:
+        sock.sendall(head + raw)
+        got, headers, body = _Responses(sock).next()
+    assert got == status and headers["server"] == "tandem"
+    err = error_from_body(got, unpackb(body))
+    assert err.code == code and headers["x-request-id"]
+
+
+def test_unknown_model_oversized_body_and_garbage_framing(server: ServerThread) -> None:
+    with _connect(server) as sock:
+        sock.sendall(_native("nope", {"input": _x()}))
+        status, headers, body = _Responses(sock).next()
+    assert status == 404 and error_from_body(status, unpackb(body)).code == "model_not_found"
+    big = b"x" * ((1 << 20) + 10)
+    with _connect(server) as sock:
+        sock.sendall(f"POST {p.infer_path('toy')} HTTP/1.1\r\nHost: t\r\nContent-Length: {len(big)}\r\n\r\n".encode() + big)
+        status, _, body = _Responses(sock).next()  # handed to aiohttp, which enforces the limit
+    assert status == 413
+    for garbage in (b"POST /v1/models/toy/infer HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+                    b"POST /v1/models/toy/infer HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+                    b"\x00\x01\x02 garbage\r\n\r\n"):
+        with _connect(server) as sock:
+            sock.sendall(garbage)
+            status, _, _ = _Responses(sock).next()
+        assert 400 <= status < 500, garbage
+    assert request_ok(server)
+
+
+def request_ok(s: ServerThread) -> bool:
+    with _connect(s) as sock:
+        sock.sendall(_native("toy", {"input": _x()}))
+        return _Responses(sock).next()[0] == 200
+
+
+def test_half_closed_client_still_gets_its_answer(server: ServerThread) -> None:
+    with _connect(server) as sock:
+        sock.sendall(_native("slow", slow_inputs(20)))
+        sock.shutdown(socket.SHUT_WR)
+        status, _, body = _Responses(sock).next()
+    assert status == 200, body
+
+
+def test_unmodified_tritonclient_is_served_by_the_front_door(server: ServerThread, repo: Path) -> None:
+    served = server.door.served
+    x = _x(2, seed=9)
+    client = th.InferenceServerClient(f"127.0.0.1:{server.port}")
+    try:
+        inp = th.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        for _ in range(3):
+            result = client.infer("toy", [inp], outputs=[th.InferRequestedOutput("logits")])
+    finally:
+        client.close()
+    np.testing.assert_allclose(result.as_numpy("logits"), run_onnx(repo / "toy/1/cloud-fp32.onnx", x), rtol=1e-5, atol=1e-5)
+    assert server.door.served == served + 3
+
+
+def test_api_keys_apply_on_the_front_door(repo: Path, keys: tuple[Path, Path]) -> None:
+    config = ServerConfig(repository=repo, trusted_keys=[keys[1]], port=0, api_keys=["k1"])
+    with ServerThread(config) as s:
+        with _connect(s) as sock:
+            r = _Responses(sock)
+            sock.sendall(_native("toy", {"input": _x()}))
+            denied = r.next()
+            sock.sendall(_native("toy", {"input": _x()}, {"Authorization": "Bearer k1"}))
+            allowed = r.next()
+        assert denied[0] == 401 and error_from_body(401, unpackb(denied[2])).code == "unauthorized"
+        assert allowed[0] == 200 and s.door.handed_off == 0
+
+
+def test_front_door_off_serves_everything_with_aiohttp(repo: Path, keys: tuple[Path, Path]) -> None:
+    config = ServerConfig(repository=repo, trusted_keys=[keys[1]], port=0, front_door=False)
+    with ServerThread(config) as s:
+        assert not isinstance(s.door, FrontDoor)
+        with _connect(s) as sock:
+            sock.sendall(_native("toy", {"input": _x()}))
+            status, headers, _ = _Responses(sock).next()
+        assert status == 200 and "aiohttp" in headers["server"]
+
+
+def test_close_answers_accepted_requests_then_closes(repo: Path, keys: tuple[Path, Path]) -> None:
+    s = ServerThread(ServerConfig(repository=repo, trusted_keys=[keys[1]], port=0)).start()
+    try:
+        sock = _connect(s)
+        sock.sendall(_native("slow", slow_inputs(200)))
+        time.sleep(0.05)  # accepted and computing
+        idle = _connect(s)
+        time.sleep(0.1)  # accepted: asyncio drops a connection accepted as its server closes
+        s.call(s.door.close(10), timeout=30)
+        status, _, body = _Responses(sock).next()
+        assert status == 200, body
+        idle.settimeout(5)
+        assert idle.recv(1) == b""  # idle connections are closed
+        with pytest.raises(OSError):
+            _connect(s)
+        sock.close()
+        idle.close()
+    finally:
+        s.stop()  # closes the door again (a no-op) and cleans up
