@@ -182,6 +182,7 @@ def create_app(config: ServerConfig) -> web.Application:
     async def on_cleanup(app: web.Application) -> None:
         state.ready = False
         await repository.close(config.shutdown_timeout_s)
+        state.gate.close()
         for task in refresher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

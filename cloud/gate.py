@@ -13,7 +13,10 @@ import json
 import logging
 import math
 import os
+import threading
+import time
 import uuid
+from collections import deque
 from typing import Any
 
 from tandem.shared import protocol as p
@@ -46,6 +49,7 @@ class Gate:
         self._keys = [k.encode() for k in config.api_keys]
         self._inference = inference
         self._log_access = config.access_log
+        self._access_log = _AccessLog()
         # Request ids for requests that bring none: a per-process random prefix and a counter. uuid4
         # per request costs an os.urandom syscall, measurable on the hot path.
         self._id_prefix = uuid.uuid4().hex[:12]
@@ -87,19 +91,62 @@ class Gate:
     def log_access(
         self, rid: str, method: str, path: str, status: int, ms: float, served: ServedModel | None, remote: Any
     ) -> None:
-        """One JSON access-log line (callers check :attr:`logs_access` first: building it costs)."""
-        _access.info(
-            json.dumps(
-                {
-                    "request_id": rid,
-                    "method": method,
-                    "path": path,
-                    "status": status,
-                    "ms": round(ms, 3),
-                    "model": served.name if served else None,
-                    "version": served.version if served else None,
-                    "remote": remote,
-                },
-                separators=(",", ":"),
-            )
+        """Queue one JSON access-log line (callers check :attr:`logs_access` first)."""
+        self._access_log.add(
+            (time.time(), rid, method, path, status, ms, served.name if served else None, served.version if served else None, remote)
         )
+
+    def close(self) -> None:
+        """Write every queued access-log line (at shutdown)."""
+        self._access_log.flush()
+
+
+class _AccessLog:
+    """Access-log lines leave the event loop in bulk.
+
+    A logging call per request (record, JSON, handler, stderr write) cost ~50 µs of the loop's
+    time under load, a third of the throughput on the digits CNN at 64 connections. Here a request
+    costs a tuple append; a thread turns the tuples into JSON lines on the ``tandem.cloud.access``
+    logger every ``_FLUSH_S``, so handlers and formats stay the app's choice. Each line carries
+    ``ts``, the time the response was ready.
+    """
+
+    _FLUSH_S = 0.05
+
+    def __init__(self) -> None:
+        self._pending: deque[tuple[Any, ...]] = deque()  # append/popleft are thread-safe
+        self._lock = threading.Lock()  # flush() may run from the thread and at shutdown at once
+        self._thread: threading.Thread | None = None
+
+    def add(self, entry: tuple[Any, ...]) -> None:
+        self._pending.append(entry)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tandem-access-log", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._FLUSH_S)
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            pending = self._pending
+            while pending:
+                ts, rid, method, path, status, ms, model, version, remote = pending.popleft()
+                _access.info(
+                    json.dumps(
+                        {
+                            "ts": round(ts, 3),
+                            "request_id": rid,
+                            "method": method,
+                            "path": path,
+                            "status": status,
+                            "ms": round(ms, 3),
+                            "model": model,
+                            "version": version,
+                            "remote": remote,
+                        },
+                        separators=(",", ":"),
+                    )
+                )
