@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -57,10 +58,8 @@ wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE")
 local hl = os.getenv("BENCH_HEADER_LENGTH")
 if hl ~= nil and hl ~= "" then wrk.headers["Inference-Header-Content-Length"] = hl end
 
-local non2xx = 0
-response = function(status, headers, body)
-  if status >= 300 then non2xx = non2xx + 1 end
-end
+-- No response() callback: it makes wrk hand every response to Lua, and wrk's CPU comes out of the
+-- server's two cores. summary.errors.status already counts the non-2xx/3xx answers.
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("BENCH_RESULT %d %d %d %d %d %d\n", summary.requests, summary.duration,
@@ -86,6 +85,13 @@ class Run:
     p99_ms: float
     errors: int
     mean_batch: float | None = None
+    #: CPU per request: the whole server process, its event-loop thread alone, and wrk (µs).
+    server_cpu_us: float | None = None
+    loop_cpu_us: float | None = None
+    wrk_cpu_us: float | None = None
+    #: Mean in-server compute time of one batch, and raw session.run's at that batch size (µs).
+    batch_compute_us: float | None = None
+    raw_compute_us: float | None = None
 
 
 @dataclass
@@ -101,6 +107,7 @@ class ModelCase:
     limit_at: dict[int, float] = field(default_factory=dict)  # samples/s per batch size (best of the measurements)
     batch1_p50_ms: float = 0.0
     results: dict[str, dict[int, Run]] = field(default_factory=dict)
+    floor: Run | None = None  # the no-op responder at concurrency 1
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -327,16 +334,20 @@ def wrk(url: str, load: Load, connections: int, seconds: float, tmp: Path) -> Ru
     env = {**os.environ, "BENCH_BODY": str(body_file), "BENCH_CONTENT_TYPE": load.content_type,
            "BENCH_HEADER_LENGTH": str(load.header_length or "")}
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s", "-s", str(script), url + load.path]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk is the only child reaped meanwhile
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_RESULT")), None)
     if line is None:
         raise RuntimeError(f"wrk printed no result: {out.stdout[-500:]} {out.stderr[-500:]}")
     requests, duration_us, p50, p99, status_errors, socket_errors = map(int, line.split()[1:])
-    return Run(requests / (duration_us / 1e6), p50 / 1e3, p99 / 1e3, status_errors + socket_errors)
+    wrk_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return Run(requests / (duration_us / 1e6), p50 / 1e3, p99 / 1e3, status_errors + socket_errors,
+               wrk_cpu_us=wrk_cpu / max(requests, 1) * 1e6)
 
 
-def batch_counters(server: Server, model: str) -> tuple[float, float] | None:
-    """(rows inferred, batches run) from the server's /metrics, or None if it has none."""
+def batch_counters(server: Server, model: str) -> tuple[float, float, float] | None:
+    """(rows inferred, batches run, compute µs summed) from the server's /metrics, or None."""
     try:
         from prometheus_client.parser import text_string_to_metric_families
 
@@ -345,7 +356,7 @@ def batch_counters(server: Server, model: str) -> tuple[float, float] | None:
         return None
     if status != 200:
         return None
-    rows = execs = 0.0
+    rows = execs = compute = 0.0
     for fam in text_string_to_metric_families(body.decode()):
         for s in fam.samples:
             if s.labels.get("model") != model:
@@ -354,7 +365,21 @@ def batch_counters(server: Server, model: str) -> tuple[float, float] | None:
                 rows += s.value
             elif s.name == "tandem_inference_exec_count_total":
                 execs += s.value
-    return rows, execs
+            elif s.name == "tandem_inference_compute_infer_duration_us_sum":
+                compute += s.value
+    return rows, execs, compute
+
+
+def process_cpu(pid: int) -> tuple[float, float] | None:
+    """(CPU seconds of the whole process, of its main thread) from /proc, or None off Linux."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        main = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError):
+        return None
+    # utime and stime are fields 14 and 15 of stat(5); index 11 and 12 once "pid (comm)" is cut off.
+    return (int(fields[11]) + int(fields[12])) / tick, (int(main[11]) + int(main[12])) / tick
 
 
 def load_server(label: str, kind: str, server: Server, load: Load, case: ModelCase, args: argparse.Namespace, tmp: Path) -> None:
@@ -363,14 +388,37 @@ def load_server(label: str, kind: str, server: Server, load: Load, case: ModelCa
     case.results[label] = {}
     for c in args.concurrency:
         before = batch_counters(server, case.name)
+        cpu0 = process_cpu(server.proc.pid)
         run = wrk(server.base, load, c, args.duration, tmp)
+        cpu1 = process_cpu(server.proc.pid)
         after = batch_counters(server, case.name)
+        requests = run.rps * args.duration
+        if cpu0 and cpu1 and requests:
+            run.server_cpu_us = (cpu1[0] - cpu0[0]) / requests * 1e6
+            run.loop_cpu_us = (cpu1[1] - cpu0[1]) / requests * 1e6
         if before and after and after[1] > before[1]:
             run.mean_batch = (after[0] - before[0]) / (after[1] - before[1])
+            run.batch_compute_us = (after[2] - before[2]) / (after[1] - before[1])
+            run.raw_compute_us = _raw_batch_us(case, run.mean_batch)
         case.results[label][c] = run
+        cpu = (f"  cpu/req: server {run.server_cpu_us:.0f} us (loop {run.loop_cpu_us:.0f}), wrk {run.wrk_cpu_us:.0f} us"
+               if run.server_cpu_us is not None and run.wrk_cpu_us is not None else "")
+        batch = (f"  mean batch {run.mean_batch:.1f}, {run.batch_compute_us / 1e3:.2f} ms per batch"
+                 f" (raw {run.raw_compute_us / 1e3:.2f})" if run.mean_batch and run.batch_compute_us and run.raw_compute_us else "")
         print(f"  {label:<14} c={c:<3} {run.rps:>9.0f} req/s  p50 {run.p50_ms:7.2f} ms  p99 {run.p99_ms:7.2f} ms"
-              + (f"  mean batch {run.mean_batch:.1f}" if run.mean_batch else "") + (f"  ERRORS {run.errors}" if run.errors else ""),
-              flush=True)
+              + batch + cpu + (f"  ERRORS {run.errors}" if run.errors else ""), flush=True)
+
+
+def _raw_batch_us(case: ModelCase, batch: float) -> float | None:
+    """Raw session.run time of one batch of ``batch`` rows, interpolated between measured sizes."""
+    sizes = sorted(case.limit_at)
+    if not sizes:
+        return None
+    lo = max([b for b in sizes if b <= batch], default=sizes[0])
+    hi = min([b for b in sizes if b >= batch], default=sizes[-1])
+    t_lo, t_hi = lo / case.limit_at[lo], hi / case.limit_at[hi]
+    t = t_lo if hi == lo else t_lo + (t_hi - t_lo) * (batch - lo) / (hi - lo)
+    return t * 1e6
 
 
 def bench_case(case: ModelCase, args: argparse.Namespace, public_key: Path, tmp: Path) -> None:
@@ -389,6 +437,26 @@ def bench_case(case: ModelCase, args: argparse.Namespace, public_key: Path, tmp:
         load_server("tandem v2", "v2", tandem, v2_load(case), case, args, tmp)
     finally:
         tandem.stop()
+
+    # The same server without its front door (cloud/front.py): aiohttp serves every request.
+    port = _free_port()
+    plain = Server("tandem aiohttp", ["tandem", "serve", "--repository", str(case.repository), "--port", str(port), *trust,
+                                      *args.serve_args], port, "/v2/health/ready", tmp / f"tandem-aiohttp-{case.name}.log",
+                   {"TANDEM_ACCESS_LOG": "false", **dict(kv.split("=", 1) for kv in args.serve_env), "TANDEM_FRONT_DOOR": "false"})
+    try:
+        load_server("tandem aiohttp", "native", plain, native_load(case), case, args, tmp)
+    finally:
+        plain.stop()
+
+    if case.floor is None:
+        port = _free_port()
+        floor = Server("floor", [sys.executable, str(ROOT / "bench" / "floor_server.py"), "--port", str(port)], port,
+                       "/v2/health/ready", tmp / "floor.log")
+        try:
+            case.floor = wrk(floor.base, native_load(case), 1, args.duration, tmp)
+            print(f"  floor (no-op responder) c=1  p50 {case.floor.p50_ms:.3f} ms  (wrk + loopback + a minimal Python server)")
+        finally:
+            floor.stop()
 
     port = _free_port()
     naive = Server("naive", [sys.executable, str(ROOT / "bench" / "naive_server.py"), str(case.onnx_path), "--name", case.name,
@@ -420,26 +488,42 @@ def _print_limit(case: ModelCase, args: argparse.Namespace) -> None:
 
 def report(cases: list[ModelCase], args: argparse.Namespace) -> None:
     print("\n" + "=" * 110)
-    print(f"{'model':<13}{'server':<15}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'% limit':>9}{'% @32':>7}{'x naive':>9}{'x litserve':>11}{'p99 vs naive':>14}")
+    print(f"{'model':<13}{'server':<15}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'% limit':>9}{'% lim<=c':>9}"
+          f"{'x naive':>9}{'x litserve':>11}{'p99 vs naive':>14}{'x aiohttp':>11}")
     for case in cases:
         naive = case.results.get("naive aiohttp", {})
         lit = case.results.get("litserve", {})
+        plain = case.results.get("tandem aiohttp", {})
         for label, runs in case.results.items():
             for c, r in runs.items():
                 xn = f"{r.rps / naive[c].rps:.2f}" if c in naive else "-"
                 xl = f"{r.rps / lit[c].rps:.2f}" if c in lit else "-"
                 pn = f"{r.p99_ms / naive[c].p99_ms:.2f}" if c in naive else "-"
+                xa = f"{r.rps / plain[c].rps:.2f}" if c in plain and label == "tandem native" else "-"
                 mb = f"{r.mean_batch:.1f}" if r.mean_batch else "-"
+                within = max(rate for b, rate in case.limit_at.items() if b <= max(c, 1))
                 print(f"{case.name:<13}{label:<15}{c:>5}{r.rps:>9.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{mb:>7}"
-                      f"{100 * r.rps / case.limit:>8.0f}%{100 * r.rps / case.limit_at[32]:>6.0f}%{xn:>9}{xl:>11}{pn:>14}"
+                      f"{100 * r.rps / case.limit:>8.0f}%{100 * r.rps / within:>8.0f}%{xn:>9}{xl:>11}{pn:>14}{xa:>11}"
                       + (f"  errors={r.errors}" if r.errors else ""))
         t1 = case.results.get("tandem native", {}).get(1)
         if t1:
-            print(f"{case.name:<13}limit {case.limit:,.0f} samples/s at batch {case.limit_batch}; "
-                  f"overhead at concurrency 1: p50 {t1.p50_ms:.3f} ms - raw batch-1 {case.batch1_p50_ms:.3f} ms "
-                  f"= {t1.p50_ms - case.batch1_p50_ms:.3f} ms (includes wrk and the loopback)")
-    print("% limit: of the best session.run throughput at any batch size; % @32: of session.run at batch 32, "
-          "the largest batch tandem serve runs by default (TANDEM_BATCHING__MAX_BATCH_SIZE)")
+            floor = case.floor.p50_ms if case.floor else 0.0
+            print(f"{case.name:<13}limit {case.limit:,.0f} samples/s at batch {case.limit_batch}; overhead at concurrency 1: "
+                  f"p50 {t1.p50_ms:.3f} ms - floor {floor:.3f} ms - raw batch-1 {case.batch1_p50_ms:.3f} ms "
+                  f"= {t1.p50_ms - floor - case.batch1_p50_ms:.3f} ms")
+        for c in (64,):
+            r = case.results.get("tandem native", {}).get(c)
+            if r and r.server_cpu_us and r.wrk_cpu_us and r.batch_compute_us and r.raw_compute_us and r.mean_batch:
+                raw_per_row = r.raw_compute_us / r.mean_batch * args.threads  # core-µs per sample at that batch
+                attainable = args.threads * 1e6 / ((r.loop_cpu_us or 0) + r.wrk_cpu_us + raw_per_row)
+                print(f"{case.name:<13}at c={c}: loop {r.loop_cpu_us:.0f} + wrk {r.wrk_cpu_us:.0f} + session.run "
+                      f"{raw_per_row:.0f} core-us per request -> at most {attainable:,.0f} req/s on {args.threads} cores "
+                      f"({100 * attainable / case.limit:.0f}% of the limit); in-server batches ran "
+                      f"{r.batch_compute_us / r.raw_compute_us:.2f}x slower than raw (cores shared with the loop and wrk)")
+    print("% limit: of the best session.run throughput at any batch size; % lim<=c: of the best at a batch no larger than "
+          "the concurrency (the largest batch c connections can form); x aiohttp: tandem native with its front door vs without")
+    print("tandem runs with TANDEM_ACCESS_LOG=false (the naive server and LitServe log nothing either); "
+          "its access log cost ~15% at 64 connections when measured")
     print("targets: tandem >= 70% of limit at 64 (small model), >= 90% where compute dominates (heavy); "
           ">= 2x naive and >= 5x LitServe with lower p99; overhead at c=1 <= 0.3 ms p50")
 

@@ -73,10 +73,14 @@ class ServerConfig(BaseSettings):
     workers: int = Field(1, ge=1)
     #: onnxruntime intra-op threads per session; default: cores // (workers * instances), at least 1.
     intra_op_threads: int | None = Field(None, ge=1)
-    #: Let onnxruntime's intra-op threads spin while waiting for work. Off by default: spinning
-    #: lowers batch-1 latency (~0.07 ms on the digits CNN) but burns the cores the event loop and
-    #: the other instances need, and halved throughput at 64 connections when measured.
-    ort_allow_spinning: bool = False
+    #: When onnxruntime's intra-op threads may spin waiting for work. "never" (default): they
+    #: sleep, leaving the cores to the event loop and the other instances. "always": they spin
+    #: between runs too, so no core goes idle: on this 2-core VM that cut the digits CNN's
+    #: latency at concurrency 1 from ~0.65 to ~0.45 ms (idle vCPUs are slow to wake), but cost up
+    #: to half the throughput at 64 connections. "run": spin within a run only
+    #: (session.force_spinning_stop); it starved the event loop during long runs and bought no
+    #: measurable latency in the server.
+    ort_spinning: Literal["never", "run", "always"] = "never"
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     #: Per-model overrides of ``batching`` (keys: model names).
     model_batching: dict[str, BatchingConfig] = Field(default_factory=dict)

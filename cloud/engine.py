@@ -69,7 +69,7 @@ class ModelEngine:
         providers: Sequence[str] = ("CPUExecutionProvider",),
         instances: int = 1,
         intra_op_threads: int = 1,
-        allow_spinning: bool = False,
+        spinning: str = "never",
     ) -> None:
         import onnxruntime as ort
 
@@ -81,8 +81,11 @@ class ModelEngine:
             so.inter_op_num_threads = 1
             so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            # Spinning worker threads burn the cores the event loop and other instances need.
-            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+            # Spinning worker threads burn the cores the event loop and other instances need
+            # (see ServerConfig.ort_spinning).
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "never" else "1")
+            if spinning == "run":
+                so.add_session_config_entry("session.force_spinning_stop", "1")
             try:
                 sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=wanted)
             except Exception as e:  # onnxruntime raises its own exception types

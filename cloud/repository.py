@@ -319,7 +319,7 @@ class ModelRepository:
             providers=cfg.providers,
             instances=cfg.instances,
             intra_op_threads=cfg.threads_per_session(),
-            allow_spinning=cfg.ort_allow_spinning,
+            spinning=cfg.ort_spinning,
         )
         try:
             samples = bundle.load_samples()[0]

@@ -170,6 +170,8 @@ async def test_close_that_times_out_still_answers_every_request(tmp_path: Path, 
                 await asyncio.sleep(0.005)
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(batcher.close(timeout=0.01), s.loop))
             results = await asyncio.wait_for(asyncio.gather(*running), 30)
-        assert sorted(st for st, _ in results) == [503, 503, 503]  # none left hanging
+        # None is left hanging: the queued ones get 503; the one computing may finish in time (200).
+        statuses = sorted(st for st, _ in results)
+        assert statuses in ([503, 503, 503], [200, 503, 503]), results
     finally:
         await asyncio.to_thread(s.stop)
