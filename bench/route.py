@@ -55,17 +55,36 @@ def _toy(workdir: Path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
     return workdir / "repo", pub, x, y
 
 
-class ProxyProcess:
-    """The FaultProxy in its own process (its CLI), so it never competes with the client for the GIL."""
+# The FaultProxy with latency bursts: every EVERY s, for LENGTH s, the round trip becomes LATENCY ms.
+_BURSTY_PROXY = """
+import asyncio, sys
+from tandem.edge.faultproxy import FaultProxy
+async def main(upstream, port, latency, jitter, every, length, burst_latency):
+    p = FaultProxy(("127.0.0.1", int(port)), ("127.0.0.1", int(upstream)))
+    p.set(latency_ms=latency, jitter_ms=jitter)
+    await p.start()
+    while True:
+        await asyncio.sleep(every - length)
+        p.set(latency_ms=burst_latency)
+        await asyncio.sleep(length)
+        p.set(latency_ms=latency)
+asyncio.run(main(*map(float, sys.argv[1:])))
+"""
 
-    def __init__(self, upstream_port: int, latency_ms: float, jitter_ms: float) -> None:
+
+class ProxyProcess:
+    """The FaultProxy in its own process (its CLI), so it never competes with the client for the GIL.
+    ``bursts`` = (every s, length s, latency ms): periodic windows in which the cloud is late."""
+
+    def __init__(self, upstream_port: int, latency_ms: float, jitter_ms: float, bursts: tuple[float, float, float] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tandem.edge.faultproxy", "--upstream", f"127.0.0.1:{upstream_port}",
-             "--listen", f"127.0.0.1:{self.port}", "--latency", str(latency_ms), "--jitter", str(jitter_ms)],
-            stdout=subprocess.DEVNULL,
-        )
+        if bursts is None:
+            cmd = [sys.executable, "-m", "tandem.edge.faultproxy", "--upstream", f"127.0.0.1:{upstream_port}",
+                   "--listen", f"127.0.0.1:{self.port}", "--latency", str(latency_ms), "--jitter", str(jitter_ms)]
+        else:
+            cmd = [sys.executable, "-c", _BURSTY_PROXY, *map(str, (upstream_port, self.port, latency_ms, jitter_ms, *bursts))]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
@@ -103,6 +122,7 @@ def run_policy(client: HybridClient, x: np.ndarray, y: np.ndarray, budget: Budge
         "cost": cost,
         "p50": float(np.percentile(lat_a, 50)),
         "p99": float(np.percentile(lat_a, 99)),
+        "max": float(lat_a.max()),
         "within": float(np.mean(lat_a <= budget.latency_ms)) if budget.latency_ms else 1.0,
         "why": why.most_common(3),
     }
@@ -119,24 +139,30 @@ def decision_us(client: HybridClient, budget: Budget, n: int = 20000) -> float:
     return statistics.median(runs)
 
 
-def edge_overhead(client: HybridClient, x: np.ndarray, n: int = 5000) -> tuple[float, float, float]:
-    """Median µs of raw session.run vs HybridClient.infer (edge-only), interleaved rounds."""
+def edge_overhead(client: HybridClient, x: np.ndarray, n: int = 5000, rounds: int = 9) -> tuple[float, float, float, float]:
+    """Median µs of a raw ``session.run(None, {name: x})`` (what a user writes), the same with the
+    output names passed, and ``HybridClient.infer`` (edge-only), in interleaved rounds on the same
+    input: (raw None, raw names, hybrid, hybrid / raw None)."""
     sess, names = client.runtime.session, client.runtime.output_names
     name = client.runtime.input_names[0]
     xi = x[:1]
     budget = Budget(policy="edge-only")
-    raw, hyb = [], []
-    for _ in range(7):
+    raw, raw_names, hyb = [], [], []
+    for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(n):
-            sess.run(names, {name: xi})
+            sess.run(None, {name: xi})
         raw.append((time.perf_counter() - t0) / n * 1e6)
         t0 = time.perf_counter()
         for _ in range(n):
             client.infer(xi, budget)
         hyb.append((time.perf_counter() - t0) / n * 1e6)
-    r, h = statistics.median(raw), statistics.median(hyb)
-    return r, h, h / r
+        t0 = time.perf_counter()
+        for _ in range(n):
+            sess.run(names, {name: xi})
+        raw_names.append((time.perf_counter() - t0) / n * 1e6)
+    r, rn, h = statistics.median(raw), statistics.median(raw_names), statistics.median(hyb)
+    return r, rn, h, h / r
 
 
 def edge_via_loop_us(client: HybridClient, x: np.ndarray, n: int = 2000) -> float:
@@ -198,6 +224,8 @@ def main() -> int:
     ap.add_argument("--thresholds", default="0.5,0.7,0.8,0.9,0.95,0.99")
     ap.add_argument("--png", type=Path, default=Path("bench/route_cascade.png"))
     ap.add_argument("--limit", type=int, default=None, help="use only the first N test samples")
+    ap.add_argument("--bursts", default=None, metavar="EVERY:LENGTH:LATENCY",
+                    help="latency bursts, e.g. 2:0.5:150 = every 2 s, for 0.5 s, the cloud round trip is 150 ms")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="tandem-route-"))
@@ -218,7 +246,7 @@ def main() -> int:
     bundle_dir = _latest(repo, model)
     bundle = load_bundle(bundle_dir, [pub])
     with HybridClient(bundle, policy="edge-only") as c:
-        raw_us, hyb_us, ratio = edge_overhead(c, x)
+        raw_us, raw_names_us, hyb_us, ratio = edge_overhead(c, x)
         loop_us = edge_via_loop_us(c, x)
         outs = c.runtime.run({c.runtime.input_names[0]: x[:1]})
         t0 = time.perf_counter()
@@ -226,9 +254,13 @@ def main() -> int:
             c.runtime.confidence(outs)
         conf_us = (time.perf_counter() - t0) / 20000 * 1e6
     cloud = CloudProcess(repo, pub).start()
-    proxy = ProxyProcess(cloud.port, args.latency, args.jitter)
+    bursts = tuple(float(v) for v in args.bursts.split(":")) if args.bursts else None
+    if bursts is not None and (len(bursts) != 3 or not 0 < bursts[1] < bursts[0]):
+        raise SystemExit("--bursts wants EVERY:LENGTH:LATENCY with 0 < LENGTH < EVERY")
+    proxy = ProxyProcess(cloud.port, args.latency, args.jitter, bursts)  # type: ignore[arg-type]
+    burst_note = f", bursts of {bursts[2]:g} ms for {bursts[1]:g} s every {bursts[0]:g} s" if bursts else ""
     print(f"bundle {bundle.name}:{bundle.version}; cloud: tandem serve "
-          f"behind FaultProxy +{args.latency:g}±{args.jitter:g} ms; {len(x)} test samples; budget {args.budget_ms:g} ms; "
+          f"behind FaultProxy +{args.latency:g}±{args.jitter:g} ms{burst_note}; {len(x)} test samples; budget {args.budget_ms:g} ms; "
           f"cost {args.cost:g}/cloud call")
     em = bundle.variant("edge").metrics
     cm = bundle.variant("cloud").metrics
@@ -254,7 +286,7 @@ def main() -> int:
                 rows.append((label, stats, decision_us(c, budget)))
         with HybridClient(bundle, policy="edge-only") as c:
             ts, accs, shares, confs = cascade_curve(c, x, y, cloud_pred)
-            threshold = c.estimates.cascade_threshold(None, 0.8)
+            threshold, threshold_why = c.estimates.cascade_choice(None, 0.8)
     finally:
         proxy.stop()
         cloud.stop()
@@ -264,19 +296,20 @@ def main() -> int:
     for label, s, _ in rows:
         print(f"  {label:<20} " + "; ".join(f"{n}× {w}" for w, n in s["why"]))
     print()
-    print(f"{'policy':<22}{'accuracy':>9}{'cloud%':>8}{'cost':>10}{'p50 ms':>8}{'p99 ms':>8}{'in budget':>10}{'decide µs':>10}")
+    print(f"{'policy':<22}{'accuracy':>9}{'cloud%':>8}{'cost':>10}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'in budget':>10}{'decide µs':>10}")
     for label, s, dus in rows:
-        print(f"{label:<22}{s['acc']*100:>8.2f}%{s['cloud']*100:>7.1f}%{s['cost']:>10.4f}{s['p50']:>8.2f}{s['p99']:>8.2f}"
+        print(f"{label:<22}{s['acc']*100:>8.2f}%{s['cloud']*100:>7.1f}%{s['cost']:>10.4f}{s['p50']:>8.2f}{s['p99']:>8.2f}{s['max']:>8.2f}"
               f"{s['within']*100:>9.2f}%{dus:>10.2f}")
     cloud_acc = float((cloud_pred == y).mean())  # the cloud variant's own accuracy, network aside
     ok = [(sh, a) for sh, a in zip(shares, accs) if a >= cloud_acc - 0.003]
     best = min(ok) if ok else None
     print()
-    print(f"calibrated cascade threshold: {threshold:.3f}")
+    print(f"calibrated cascade threshold: {threshold:.3f} ({threshold_why})")
     print(f"cloud variant accuracy on this split (offline): {cloud_acc*100:.2f}%")
     if best:
         print(f"cascade curve: cloud-only accuracy − 0.3 pt reached with {best[0]*100:.1f}% of calls to the cloud (accuracy {best[1]*100:.2f}%)")
-    print(f"edge call: raw session.run {raw_us:.2f} µs, HybridClient.infer {hyb_us:.2f} µs, ratio {ratio:.3f}")
+    print(f"edge call: raw session.run(None, feed) {raw_us:.2f} µs, HybridClient.infer {hyb_us:.2f} µs, ratio {ratio:.3f} "
+          f"(raw session.run(names, feed) {raw_names_us:.2f} µs, ratio {hyb_us / raw_names_us:.3f})")
     print(f"the same edge call through a background event loop + thread pool: {loop_us:.2f} µs (why sync edge calls run inline)")
     print(f"confidence (max softmax on one row of logits): {conf_us:.2f} µs")
 

@@ -221,13 +221,16 @@ class HybridClient:
         if threading.current_thread() is self._thread:
             coro.close()
             raise InvalidInput("infer() was called from the client's own loop thread (it would wait on itself): use ainfer()")
-        future = asyncio.run_coroutine_threadsafe(coro, self._background_loop())
+        future = asyncio.run_coroutine_threadsafe(_stamped(coro), self._background_loop())
         # The coroutine ends by its deadline on its own; the wait is bounded too, as a second guard.
         try:
-            return future.result(timeout=self._deadline(budget, t0) - _perf() + 5.0)
+            result, done_at = future.result(timeout=self._deadline(budget, t0) - _perf() + 5.0)
         except FutureTimeout:
             future.cancel()
             raise DeadlineExceeded("the call overran its deadline by more than 5 s (client loop stalled)") from None
+        # How long the answer took to reach this thread: part of every deadline's margin.
+        self.router.handoff_slip.add((_perf() - done_at) * 1000.0)
+        return result
 
     async def ainfer(self, inputs: Any, budget: Budget | None = None) -> Result:
         """The async twin of :meth:`infer`; edge inference runs in the client's thread pool."""
@@ -331,7 +334,7 @@ class HybridClient:
         ``fallbacks``. Cancelling it cancels the HTTP request."""
         router = self.router
         if have_edge_answer:
-            reserve_ms = self.config.edge_reserve_margin_ms
+            reserve_ms = router.margin_ms()
         else:
             reserve_ms = router.edge_reserve_ms(len(next(iter(feeds.values()))) if feeds else 1)
         request_id = uuid.uuid4().hex
@@ -344,12 +347,15 @@ class HybridClient:
                 if why is not None:
                     fallbacks.append(why)
                     return None
+                due = _perf() + left_ms / 1000.0
                 try:
                     reply = await self._cloud().infer(feeds, left_ms / 1000.0, request_id=request_id)
                 except asyncio.CancelledError:
                     router.cloud_cancelled()
                     raise
                 except TandemError as e:
+                    if isinstance(e, DeadlineExceeded):  # how late our own timeout fired (and unwound)
+                        router.timer_slip.add(max(0.0, (_perf() - due) * 1000.0))
                     router.cloud_failed(e)
                     fallbacks.append(f"cloud {e.code}: {e.message}")
                     if isinstance(e, InvalidInput) or not is_retryable(e) or attempt >= self.config.max_retries:
@@ -456,6 +462,11 @@ class HybridClient:
                     self._thread = t
                     self._loop = loop
         return self._loop
+
+
+async def _stamped(coro: Any) -> tuple[Any, float]:
+    """``coro``'s result and when it was ready (to measure the hand-off to the waiting thread)."""
+    return await coro, _perf()
 
 
 def _started_pool(workers: int) -> ThreadPoolExecutor:

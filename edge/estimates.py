@@ -8,15 +8,21 @@ calls have replaced them.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from tandem.shared.bundle import Bundle
+from tandem.shared.bundle import Bundle, Calibration
 
 #: Below this many real samples, a seeded window answers from its seed.
 MIN_SAMPLES = 8
+
+#: The default cascade may lose at most this much accuracy against the reference variant (0.3 pt).
+DEFAULT_MAX_LOSS = 0.003
+#: One-sided 95% normal quantile, for the bound on that loss.
+_Z95 = 1.6449
 
 
 class LatencyWindow:
@@ -120,7 +126,7 @@ class Estimates:
         self.cloud_accuracy: float | None = cloud.metrics.accuracy if cloud is not None and cloud.metrics else None
         self.calibration = m.calibration
         self.confidence_kind = m.calibration.confidence if m.calibration else "max_softmax"
-        self._thresholds: dict[tuple[float | None, float], float] = {}
+        self._thresholds: dict[tuple[float | None, float], tuple[float, str]] = {}
 
     # --- edge ---------------------------------------------------------------------------------
 
@@ -167,33 +173,42 @@ class Estimates:
     # --- quality ------------------------------------------------------------------------------
 
     def default_target(self, drop: float = 0.0) -> float | None:
-        """The cascade's default target: the best calibrated cascade accuracy (what sending every
-        unsure input to the cloud achieves) minus ``drop``.
-
-        The default drop is 0: on a few hundred calibration samples one error is ~0.3 pt, so a
-        looser target mostly measures noise and loses more than that on unseen data.
-        """
+        """The best calibrated cascade accuracy minus ``drop`` (what sending every unsure input to
+        the cloud achieved on validation), or None without a calibration."""
         if self.calibration is None or not self.calibration.points:
             return None
         return max(p.cascade_accuracy for p in self.calibration.points) - drop
 
-    def cascade_threshold(self, target_accuracy: float | None, fallback: float, drop: float = 0.0) -> float:
-        """The confidence threshold meeting ``target_accuracy`` (default: :meth:`default_target`) on
-        the bundle's calibration (cached). A target no point reaches escalates everything.
-        """
-        key = (target_accuracy, drop)
-        t = self._thresholds.get(key)
-        if t is None:
-            cal = self.calibration
-            target = target_accuracy if target_accuracy is not None else self.default_target(drop)
-            if cal is None or target is None:
-                t = fallback
-            else:
-                point = cal.threshold_for(target - 1e-12)
-                t = point.threshold if point is not None else float("inf")
-            self._thresholds[key] = t
-        return t
+    def cascade_threshold(self, target_accuracy: float | None, fallback: float, max_loss: float = DEFAULT_MAX_LOSS) -> float:
+        """The cascade's confidence threshold; see :meth:`cascade_choice`."""
+        return self.cascade_choice(target_accuracy, fallback, max_loss)[0]
 
+    def cascade_choice(self, target_accuracy: float | None, fallback: float, max_loss: float = DEFAULT_MAX_LOSS) -> tuple[float, str]:
+        """(threshold, why) for the cascade, from the bundle's calibration (cached).
+
+        With ``target_accuracy``: the threshold keeping the most inputs on the edge whose validation
+        cascade accuracy meets it (a target no point reaches escalates everything). Without (the
+        default): :func:`robust_threshold` — the most kept inputs whose accuracy loss against the
+        reference is at most ``max_loss`` with 95% confidence. ``fallback`` when there is no
+        calibration.
+        """
+        key = (target_accuracy, max_loss)
+        got = self._thresholds.get(key)
+        if got is None:
+            cal = self.calibration
+            if cal is None or not cal.points:
+                got = (fallback, f"fixed fallback {fallback:g} (the bundle has no calibration)")
+            elif target_accuracy is not None:
+                point = cal.threshold_for(target_accuracy - 1e-12)
+                if point is None:
+                    got = (float("inf"), f"no calibrated threshold reaches accuracy {target_accuracy:.4f}: escalate all")
+                else:
+                    got = (point.threshold, f"calibrated for accuracy {target_accuracy:.4f}: validation cascade "
+                           f"{point.cascade_accuracy:.4f}, {point.keep_share:.1%} kept on the edge")
+            else:
+                got = robust_threshold(cal, max_loss)
+            self._thresholds[key] = got
+        return got
     def snapshot(self, batch: int = 1) -> dict[str, Any]:
         """Every estimate as plain numbers (for logs, Route records of costlier decisions, debugging)."""
         return {
@@ -214,3 +229,46 @@ def _variant(bundle: Bundle, role: str) -> Any:
         return bundle.variant(role)
     except KeyError:
         return None
+
+
+def robust_threshold(cal: Calibration, max_loss: float = DEFAULT_MAX_LOSS, z: float = _Z95) -> tuple[float, str]:
+    """The default cascade threshold: keep the most inputs on the edge such that, on the validation
+    split, the cascade's accuracy loss against the reference variant is at most ``max_loss`` with
+    one-sided 95% confidence. Returns (threshold, why).
+
+    Why not "the most kept inputs whose validation cascade accuracy reaches the best one": that
+    picks the first point where a noisy curve touches its maximum, and one validation input is
+    ~0.3 pt on a few hundred, so it kept too much and lost ~0.6 pt on unseen data.
+
+    Keeping the set K on the edge instead of escalating it loses (e − c) / n accuracy, with e edge
+    and c reference errors among the kept inputs (both follow from the calibration points, whose
+    kept sets are nested). Its per-input differences are −1, 0 or +1 and
+    at most e + c of them are non-zero, so its standard error is at most √(e + c) / n, and the
+    bound is (e − c + z·√(e + c)) / n. A point passes when the bound is ≤ ``max_loss``; ties keep
+    the higher threshold. On a small split this effectively keeps only confidence levels where the
+    edge made no error (or the reference made clearly more), which is what a few hundred inputs
+    can vouch for; on a large split it allows the proportionate number.
+    """
+    n = cal.n
+    rows = []
+    for p in cal.points:
+        kept = round(p.keep_share * n)
+        edge_right = round((p.edge_accuracy_kept or 0.0) * kept)
+        ref_wrong_escalated = (n - kept) - (round(p.cascade_accuracy * n) - edge_right)
+        rows.append((p, kept, kept - edge_right, ref_wrong_escalated))
+    # The escalated sets grow with the threshold; the strictest point's holds every reference
+    # error when it escalates everything (else this undercounts c, which only makes us stricter).
+    ref_wrong_all = max(r[3] for r in rows)
+    best: tuple[int, float, int, int, float] | None = None
+    for p, kept, e, ref_wrong_escalated in rows:
+        c = max(0, ref_wrong_all - ref_wrong_escalated)
+        bound = (e - c + z * math.sqrt(e + c)) / n
+        if bound <= max_loss + 1e-12 and (best is None or (kept, p.threshold) > (best[0], best[1])):
+            best = (kept, p.threshold, e, c, bound)
+    if best is None:
+        return float("inf"), f"no calibrated threshold keeps the loss ≤ {max_loss * 100:.2f} pt (95% bound, n={n}): escalate all"
+    kept, t, e, c, bound = best
+    return t, (
+        f"calibrated: {kept / n:.1%} kept on the edge; on {n} validation inputs the kept ones had {e} edge and {c} "
+        f"reference errors, loss ≤ {max(bound, 0.0) * 100:.2f} pt (95% bound) ≤ {max_loss * 100:.2f} pt"
+    )

@@ -99,26 +99,39 @@ class Constrained:
 class Cascade:
     """Edge first; keep its answer when confident enough, else escalate (if the deadline allows).
 
-    The threshold is ``threshold`` when given, else the one the bundle's calibration gives for the
-    call's ``target_accuracy`` (default: the best calibrated cascade accuracy − ``target_drop``).
+    The threshold is ``threshold`` when given; else the one the bundle's calibration gives for the
+    call's (or the policy's) ``target_accuracy``; else the calibrated default: the most inputs kept
+    on the edge whose accuracy loss against the reference is at most ``max_loss`` with 95%
+    confidence (:func:`~tandem.edge.estimates.robust_threshold`). The decision's ``estimates`` say
+    which threshold and why (``threshold``, ``threshold_why``).
     """
 
     name = "cascade"
 
     def __init__(
-        self, threshold: float | None = None, target_accuracy: float | None = None, fallback: float = 0.8, target_drop: float = 0.0
+        self, threshold: float | None = None, target_accuracy: float | None = None, fallback: float = 0.8, max_loss: float = 0.003
     ) -> None:
         self.threshold = threshold
         self.target_accuracy = target_accuracy
         self.fallback = fallback
-        self.target_drop = target_drop
+        self.max_loss = max_loss
+        # Decisions depend only on (target, estimates' calibration), so they are made once: a
+        # cascade call whose edge answer is kept costs a few µs in all.
+        self._decisions: dict[tuple[Estimates, float | None], Decision] = {}
 
     def decide(self, budget: "Budget", est: "Estimates") -> Decision:
-        t = self.threshold
-        if t is None or budget.target_accuracy is not None:
-            target = budget.target_accuracy if budget.target_accuracy is not None else self.target_accuracy
-            t = est.cascade_threshold(target, self.fallback, self.target_drop)
-        return Decision("cascade", "cascade", self.name, threshold=t, estimates={"threshold": t})
+        target = budget.target_accuracy
+        key = (est, target)
+        d = self._decisions.get(key)
+        if d is None:
+            if self.threshold is not None and target is None:
+                t, why = self.threshold, "fixed by configuration"
+            else:
+                t, why = est.cascade_choice(target if target is not None else self.target_accuracy, self.fallback, self.max_loss)
+            d = Decision("cascade", "cascade", self.name, threshold=t, estimates={"threshold": t, "threshold_why": why})
+            if len(self._decisions) < 64:  # targets come from callers: keep the cache bounded
+                self._decisions[key] = d
+        return d
 
 
 class Hedged:

@@ -17,7 +17,7 @@ from tandem.shared.errors import DeadlineExceeded, InvalidInput, Overloaded, Tan
 
 from .breaker import CircuitBreaker
 from .budget import Budget, RetryBudget, ShareBucket, TokenBucket
-from .estimates import Estimates
+from .estimates import Estimates, LatencyWindow
 from .policies import POLICIES, CloudOnly, Decision, EdgeOnly, Policy, make_policy
 
 
@@ -36,8 +36,9 @@ class RouterConfig(BaseModel):
     #: Cascade: a fixed threshold, or the target accuracy to calibrate it for.
     cascade_threshold: float | None = None
     target_accuracy: float | None = Field(None, ge=0, le=1)
-    #: Without a target: accept this much less than the best calibrated cascade accuracy.
-    target_drop: float = Field(0.0, ge=0, le=1)
+    #: Without either: the most accuracy the cascade may lose against the reference variant, as a
+    #: one-sided 95% bound on the bundle's validation split (0.003 = 0.3 pt).
+    cascade_max_loss: float = Field(0.003, ge=0, le=1)
     #: Threshold used when the bundle has no calibration and none is given.
     fallback_threshold: float = 0.8
     #: Hedged: at most this share of calls may start a second (edge) attempt.
@@ -47,6 +48,10 @@ class RouterConfig(BaseModel):
     #: margin covers timer and thread wake-up delays, several ms on a busy device).
     edge_reserve_factor: float = Field(1.5, ge=1)
     edge_reserve_margin_ms: float = Field(5.0, ge=0)
+    #: The margin grows to this × the measured p99 scheduling slip (timer lateness + thread
+    #: hand-off) when that is larger: on a loaded device a fixed margin let late cloud calls
+    #: come back after their deadline.
+    slip_factor: float = Field(2.0, ge=0)
     #: Circuit breaker.
     breaker_window_s: float = Field(10.0, gt=0)
     breaker_min_requests: int = Field(20, ge=1)
@@ -86,6 +91,11 @@ class Router:
         self.hedges = ShareBucket(config.hedge_max_share)
         self.retries = RetryBudget(config.retry_ratio, config.retry_min)
         self._backoff_until = 0.0
+        #: How late our own timing runs (ms): a cloud timeout firing after it was due, and the
+        #: hand-off from the client's loop to the waiting caller. Forgotten after 30 s, so a burst
+        #: of load widens the margin only while it lasts.
+        self.timer_slip = LatencyWindow(256, max_age_s=30.0)
+        self.handoff_slip = LatencyWindow(256, max_age_s=30.0)
         self._named: dict[str, Policy] = {}
         #: How many calls each (tier, reason head) took — cheap decision log for metrics and tests.
         self.stats: Counter[str] = Counter()
@@ -110,7 +120,7 @@ class Router:
                 threshold=c.cascade_threshold,
                 target_accuracy=c.target_accuracy,
                 fallback=c.fallback_threshold,
-                target_drop=c.target_drop,
+                max_loss=c.cascade_max_loss,
             )
         if policy == "hedged":
             return make_policy("hedged", quantile=c.hedge_quantile)
@@ -146,8 +156,15 @@ class Router:
     # --- the gate every cloud call passes -------------------------------------------------------
 
     def edge_reserve_ms(self, batch: int = 1) -> float:
+        """Time kept back from a call's deadline so the edge can still answer in it."""
         p99 = self.estimates.edge_ms(0.99, batch)
-        return (p99 or 5.0) * self.config.edge_reserve_factor + self.config.edge_reserve_margin_ms
+        return (p99 or 5.0) * self.config.edge_reserve_factor + self.margin_ms()
+
+    def margin_ms(self) -> float:
+        """The part of the reserve for our own lateness: the configured margin, or ``slip_factor``
+        × the measured p99 slip (timer + hand-off) when larger."""
+        slip = (self.timer_slip.percentile(0.99) or 0.0) + (self.handoff_slip.percentile(0.99) or 0.0)
+        return max(self.config.edge_reserve_margin_ms, self.config.slip_factor * slip)
 
     def cloud_gate(self, budget: Budget, time_left_ms: float, need_ms: float = 0.0, *, retry: bool = False) -> str | None:
         """None when a cloud call may go now (spend and breaker probe reserved), else why not."""

@@ -9,7 +9,7 @@ import pytest
 from tandem.edge import Budget, RouterConfig
 from tandem.edge.breaker import CircuitBreaker
 from tandem.edge.budget import RetryBudget, ShareBucket, TokenBucket
-from tandem.edge.estimates import MIN_SAMPLES, Estimates, LatencyWindow
+from tandem.edge.estimates import MIN_SAMPLES, Estimates, LatencyWindow, robust_threshold
 from tandem.edge.policies import Cascade, Constrained, Decision, EdgeOnly, Hedged, make_policy
 from tandem.edge.router import Router
 from tandem.shared.bundle import load_bundle
@@ -141,11 +141,11 @@ def test_cascade_threshold_comes_from_the_calibration(est: Estimates) -> None:
     assert Cascade(threshold=0.3).decide(Budget(), est).threshold == 0.3
     # A target nothing reaches escalates everything.
     assert Cascade().decide(Budget(target_accuracy=1.0 + 0), est).threshold in (float("inf"), *[p.threshold for p in cal.points])
-    best = max(p.cascade_accuracy for p in cal.points)
-    default = Cascade().decide(Budget(), est).threshold
-    assert default == cal.threshold_for(best - 1e-12).threshold
-    looser = Cascade(target_drop=0.05).decide(Budget(), est).threshold
-    assert looser == cal.threshold_for(best - 0.05).threshold and looser <= default
+    # No threshold, no target: the calibrated default (robust_threshold), which says why.
+    default = Cascade().decide(Budget(), est)
+    assert (default.threshold, default.estimates["threshold_why"]) == robust_threshold(cal)
+    looser = Cascade(max_loss=0.05).decide(Budget(), est).threshold
+    assert looser == robust_threshold(cal, 0.05)[0] and looser <= default.threshold
 
 
 def test_constrained_picks_what_fits(est: Estimates) -> None:
