@@ -101,6 +101,7 @@ class ProxyProcess:
 
 def run_policy(client: HybridClient, x: np.ndarray, y: np.ndarray, budget: Budget) -> dict[str, Any]:
     lat, tiers, correct, cost = [], [], [], 0.0
+    late: list[str] = []
     why: Counter[str] = Counter()
     for i in range(len(x)):
         xi = x[i : i + 1]
@@ -111,6 +112,8 @@ def run_policy(client: HybridClient, x: np.ndarray, y: np.ndarray, budget: Budge
             faulthandler.dump_traceback(all_threads=True)  # where a stalled client loop is stuck
             raise
         lat.append((time.perf_counter() - t0) * 1000)
+        if budget.latency_ms and lat[-1] > budget.latency_ms:
+            late.append(f"{lat[-1]:.1f} ms: {r.route.reason}")
         tiers.append(r.route.tier == "cloud")
         correct.append(int(r.outputs["logits"].argmax()) == int(y[i]))
         cost += r.route.cost
@@ -125,6 +128,7 @@ def run_policy(client: HybridClient, x: np.ndarray, y: np.ndarray, budget: Budge
         "max": float(lat_a.max()),
         "within": float(np.mean(lat_a <= budget.latency_ms)) if budget.latency_ms else 1.0,
         "why": why.most_common(3),
+        "late": late,
     }
 
 
@@ -295,6 +299,9 @@ def main() -> int:
     print("why (most common Route reasons, numbers as #):")
     for label, s, _ in rows:
         print(f"  {label:<20} " + "; ".join(f"{n}× {w}" for w, n in s["why"]))
+    for label, s, _ in rows:
+        for line in s["late"][:3]:
+            print(f"  over budget, {label}: {line}")
     print()
     print(f"{'policy':<22}{'accuracy':>9}{'cloud%':>8}{'cost':>10}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'in budget':>10}{'decide µs':>10}")
     for label, s, dus in rows:

@@ -42,6 +42,12 @@ from .runtime import EdgeRuntime, run_error
 _log = logging.getLogger("tandem.edge.route")
 _perf = time.perf_counter
 _ndarray = np.ndarray
+#: What _on_loop returns when the loop did not finish in time.
+_LATE = object()
+_LATE_WHY = "cloud leg not done by its time (client loop late)"
+#: A sync caller stops waiting for the loop this long before the time it needs for the edge answer
+#: (building the fallback Route and its own wake-up come out of it).
+_GIVE_UP_S = 0.002
 _FAST_BUDGETS = (Budget, type(None))
 
 
@@ -194,15 +200,28 @@ class HybridClient:
                 conf = self._confidence(outs)
                 if conf >= d.threshold:  # type: ignore[operator]
                     return self._kept(outs, conf, d, t0, _perf())
+        # The network part runs on the background loop. This thread stops waiting for it just
+        # before the time the edge answer needs (the loop's own timeout comes a margin earlier): on
+        # a starved machine the loop thread can be scheduled tens of ms late, and the answer must
+        # not wait for it. A fallback runs right here, saving two thread hand-offs.
+        deadline = self._deadline(b, t0)
         if d.plan == "cascade":
-            return self._on_loop(self._escalate(feeds, outs, conf, b, d, t0), b, t0)
+            got = self._on_loop(self._escalate(feeds, outs, conf, b, d, t0), deadline - _GIVE_UP_S)
+            if got is _LATE:
+                head = f"cascade: edge confidence {conf:.2f} < {d.threshold:.2f}"
+                return self._fallback_result(outs, f"{head}, {_LATE_WHY} → edge", d, t0, [_LATE_WHY], conf)
+            return got  # type: ignore[no-any-return]
+        give_up = deadline - self.router.edge_reserve_ms(len(next(iter(feeds.values())))) / 1000.0 + self.router.margin_ms() / 1000.0 - _GIVE_UP_S
         if d.plan == "hedged":
-            return self._on_loop(self._hedged(feeds, b, d, t0), b, t0)
-        # Only the network part goes to the loop; a fallback runs right here on the waiting thread,
-        # saving two thread hand-offs when time is shortest.
+            got = self._on_loop(self._hedged(feeds, b, d, t0), give_up)
+            if got is _LATE:
+                return self._fallback_result(self.runtime.run(feeds), f"hedged: {_LATE_WHY} → edge", d, t0, [_LATE_WHY])
+            return got  # type: ignore[no-any-return]
         fallbacks: list[str] = []
-        got = self._on_loop(self._try_cloud(feeds, b, self._deadline(b, t0), 0.0, fallbacks), b, t0)
-        if got is not None:
+        got = self._on_loop(self._try_cloud(feeds, b, deadline, 0.0, fallbacks), give_up)
+        if got is _LATE:
+            fallbacks = [_LATE_WHY]
+        elif got is not None:
             return self._cloud_result(got, d.reason, d, t0, fallbacks)
         return self._fallback_result(self.runtime.run(feeds), f"{fallbacks[-1]} → edge", d, t0, fallbacks)
 
@@ -216,18 +235,20 @@ class HybridClient:
             raise InvalidInput(f"budget must be a tandem.edge.Budget, got {type(budget).__name__}")
         return feeds, b, self.router.decide(b)
 
-    def _on_loop(self, coro: Any, budget: Budget, t0: float) -> Any:
-        """Run ``coro`` on the background loop and wait for it (sync API)."""
+    def _on_loop(self, coro: Any, give_up_at: float) -> Any:
+        """Run ``coro`` on the background loop and wait for it until ``give_up_at`` (perf_counter
+        time); then cancel it and return ``_LATE``, so the caller answers from the edge in time."""
         if threading.current_thread() is self._thread:
             coro.close()
             raise InvalidInput("infer() was called from the client's own loop thread (it would wait on itself): use ainfer()")
         future = asyncio.run_coroutine_threadsafe(_stamped(coro), self._background_loop())
-        # The coroutine ends by its deadline on its own; the wait is bounded too, as a second guard.
         try:
-            result, done_at = future.result(timeout=self._deadline(budget, t0) - _perf() + 5.0)
+            result, done_at = future.result(timeout=max(0.0, give_up_at - _perf()))
         except FutureTimeout:
             future.cancel()
-            raise DeadlineExceeded("the call overran its deadline by more than 5 s (client loop stalled)") from None
+            # At least this late: it counts towards the margin of the calls that follow.
+            self.router.handoff_slip.add(self.router.margin_ms())
+            return _LATE
         # How long the answer took to reach this thread: part of every deadline's margin.
         self.router.handoff_slip.add((_perf() - done_at) * 1000.0)
         return result

@@ -52,6 +52,9 @@ class RouterConfig(BaseModel):
     #: hand-off) when that is larger: on a loaded device a fixed margin let late cloud calls
     #: come back after their deadline.
     slip_factor: float = Field(2.0, ge=0)
+    #: ... but never beyond this: a longer slip is starvation no margin covers, and one such
+    #: moment must not keep every call off the cloud until it is forgotten.
+    slip_margin_max_ms: float = Field(25.0, ge=0)
     #: Circuit breaker.
     breaker_window_s: float = Field(10.0, gt=0)
     breaker_min_requests: int = Field(20, ge=1)
@@ -162,9 +165,10 @@ class Router:
 
     def margin_ms(self) -> float:
         """The part of the reserve for our own lateness: the configured margin, or ``slip_factor``
-        × the measured p99 slip (timer + hand-off) when larger."""
+        × the measured p99 slip (timer + hand-off) when larger, up to ``slip_margin_max_ms``."""
         slip = (self.timer_slip.percentile(0.99) or 0.0) + (self.handoff_slip.percentile(0.99) or 0.0)
-        return max(self.config.edge_reserve_margin_ms, self.config.slip_factor * slip)
+        c = self.config
+        return max(c.edge_reserve_margin_ms, min(c.slip_factor * slip, c.slip_margin_max_ms))
 
     def cloud_gate(self, budget: Budget, time_left_ms: float, need_ms: float = 0.0, *, retry: bool = False) -> str | None:
         """None when a cloud call may go now (spend and breaker probe reserved), else why not."""

@@ -197,3 +197,23 @@ async def test_a_late_cloud_leg_is_answered_by_the_edge_before_the_deadline(clou
             assert any("deadline" in f or "late" in f for f in worst_route.fallbacks), worst_route  # type: ignore[union-attr]
             assert c.router.margin_ms() >= c.config.edge_reserve_margin_ms
             await c.aclose()
+
+
+@pytest.mark.parametrize("policy", ["cascade", "cloud-only", "hedged"])
+def test_a_sync_call_does_not_wait_for_a_stalled_client_loop(toy_bundle: Path, keys, policy: str) -> None:  # type: ignore[no-untyped-def]
+    """The background loop thread is stuck (as when the OS does not schedule it): the waiting
+    caller gives up on it in time and answers from the edge itself."""
+    with HybridClient(toy_bundle, "http://127.0.0.1:9", trusted_keys=[keys[1]], policy=policy,
+                      config={"cascade_threshold": 1.01}) as c:
+        loop = c._background_loop()
+        with SchedulerLag() as lag:
+            loop.call_soon_threadsafe(time.sleep, 0.4)
+            t0 = time.perf_counter()
+            r = c.infer(X, Budget(latency_ms=100))
+            took = (time.perf_counter() - t0) * 1000
+        assert r.route.tier == "edge" and "client loop late" in r.route.reason, r.route
+        assert took <= 100 + lag.max_ms, (took, lag.max_ms)
+        assert r.outputs["logits"].shape == (1, 10)
+        time.sleep(0.4)  # the loop is free again: the next call is served normally (cloud unreachable → edge)
+        r2 = c.infer(X, Budget(latency_ms=1000))
+        assert r2.route.tier == "edge" and "client loop late" not in r2.route.reason, r2.route
