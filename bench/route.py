@@ -186,9 +186,9 @@ def edge_via_loop_us(client: HybridClient, x: np.ndarray, n: int = 2000) -> floa
     return statistics.median(runs)
 
 
-def cascade_curve(client: HybridClient, x: np.ndarray, y: np.ndarray, cloud_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def cascade_curve(client: HybridClient, x: np.ndarray, y: np.ndarray, cloud_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Accuracy and cloud share of the cascade at every threshold, from the edge's outputs and the
-    cloud's predictions measured on the same split."""
+    cloud's predictions measured on the same split; plus the edge's confidences and predictions."""
     rt = client.runtime
     confs, edge_pred = [], []
     for i in range(len(x)):
@@ -203,7 +203,13 @@ def cascade_curve(client: HybridClient, x: np.ndarray, y: np.ndarray, cloud_pred
         pred = np.where(keep, edge_a, cloud_pred)
         acc.append(float((pred == y).mean()))
         share.append(float((~keep).mean()))
-    return ts, np.array(acc), np.array(share), confs_a
+    return ts, np.array(acc), np.array(share), confs_a, edge_a
+
+
+def offline_cascade(t: float, confs: np.ndarray, edge_pred: np.ndarray, cloud_pred: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(accuracy, cloud share) of the cascade at threshold ``t`` on this split, network aside."""
+    keep = confs >= t
+    return float((np.where(keep, edge_pred, cloud_pred) == y).mean()), float((~keep).mean())
 
 
 def _cloud_predictions(bundle: Any, x: np.ndarray) -> np.ndarray:
@@ -244,11 +250,13 @@ def main() -> int:
 
         repo, model = args.repository, args.model
         pub = args.trusted_key or (repo.parent / "keys" / "tandem.pub")
-        x, y = load_data()["test"]
-    if args.limit:
-        x, y = x[: args.limit], y[: args.limit]
     bundle_dir = _latest(repo, model)
     bundle = load_bundle(bundle_dir, [pub])
+    if not args.toy:
+        # The test split of the seed the bundle was built with (another seed's "test" was training data).
+        x, y = load_data(int(bundle.manifest.provenance.build_config.get("seed", 0)))["test"]
+    if args.limit:
+        x, y = x[: args.limit], y[: args.limit]
     with HybridClient(bundle, policy="edge-only") as c:
         raw_us, raw_names_us, hyb_us, ratio = edge_overhead(c, x)
         loop_us = edge_via_loop_us(c, x)
@@ -289,8 +297,10 @@ def main() -> int:
                 stats = run_policy(c, x, y, budget)
                 rows.append((label, stats, decision_us(c, budget)))
         with HybridClient(bundle, policy="edge-only") as c:
-            ts, accs, shares, confs = cascade_curve(c, x, y, cloud_pred)
+            ts, accs, shares, confs, edge_pred = cascade_curve(c, x, y, cloud_pred)
             threshold, threshold_why = c.estimates.cascade_choice(None, 0.8)
+            cal = c.estimates.calibration
+            old_point = cal.threshold_for(max(p.cascade_accuracy for p in cal.points) - 1e-12) if cal else None
     finally:
         proxy.stop()
         cloud.stop()
@@ -313,6 +323,13 @@ def main() -> int:
     print()
     print(f"calibrated cascade threshold: {threshold:.3f} ({threshold_why})")
     print(f"cloud variant accuracy on this split (offline): {cloud_acc*100:.2f}%")
+    acc_t, share_t = offline_cascade(threshold, confs, edge_pred, cloud_pred, y)
+    print(f"default threshold on this split (offline): accuracy {acc_t*100:.2f}% ({(acc_t - cloud_acc)*100:+.2f} pt vs cloud-only), "
+          f"{share_t*100:.1f}% to the cloud")
+    if old_point is not None:
+        acc_o, share_o = offline_cascade(old_point.threshold, confs, edge_pred, cloud_pred, y)
+        print(f"  (the previous rule, max validation cascade accuracy, would pick {old_point.threshold:.3f}: "
+              f"accuracy {acc_o*100:.2f}% ({(acc_o - cloud_acc)*100:+.2f} pt), {share_o*100:.1f}% to the cloud)")
     if best:
         print(f"cascade curve: cloud-only accuracy − 0.3 pt reached with {best[0]*100:.1f}% of calls to the cloud (accuracy {best[1]*100:.2f}%)")
     print(f"edge call: raw session.run(None, feed) {raw_us:.2f} µs, HybridClient.infer {hyb_us:.2f} µs, ratio {ratio:.3f} "

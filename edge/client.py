@@ -211,7 +211,7 @@ class HybridClient:
                 head = f"cascade: edge confidence {conf:.2f} < {d.threshold:.2f}"
                 return self._fallback_result(outs, f"{head}, {_LATE_WHY} → edge", d, t0, [_LATE_WHY], conf)
             return got  # type: ignore[no-any-return]
-        give_up = deadline - self.router.edge_reserve_ms(len(next(iter(feeds.values())))) / 1000.0 + self.router.margin_ms() / 1000.0 - _GIVE_UP_S
+        give_up = deadline - self.router.edge_time_ms(_batch(feeds)) / 1000.0 - _GIVE_UP_S
         if d.plan == "hedged":
             got = self._on_loop(self._hedged(feeds, b, d, t0), give_up)
             if got is _LATE:
@@ -357,7 +357,7 @@ class HybridClient:
         if have_edge_answer:
             reserve_ms = router.margin_ms()
         else:
-            reserve_ms = router.edge_reserve_ms(len(next(iter(feeds.values()))) if feeds else 1)
+            reserve_ms = router.edge_reserve_ms(_batch(feeds))
         request_id = uuid.uuid4().hex
         attempt = 0
         router.retries.enter()
@@ -483,6 +483,11 @@ class HybridClient:
                     self._thread = t
                     self._loop = loop
         return self._loop
+
+
+def _batch(feeds: dict[str, np.ndarray]) -> int:
+    shape = next(iter(feeds.values())).shape if feeds else ()
+    return shape[0] if shape else 1
 
 
 async def _stamped(coro: Any) -> tuple[Any, float]:
