@@ -32,8 +32,8 @@ class LatencyWindow:
 
     ``add(ms)`` records a sample. Without ``max_age_s`` it is the bound ``append`` of a bounded deque
     (a C call, no Python frame): the edge records every call, and on a 5 µs model a Python-level
-    add was a visible share of it. The sorted copy is refreshed when read, if samples were added:
-    at once while the window fills, then at most every ``REFRESH_S`` (a full window cannot tell how
+    add was a visible share of it. The sorted copy is refreshed when read: while the window fills,
+    once 1/16 of it is new; once full, when older than ``REFRESH_S`` (a full deque cannot tell how
     many samples it has taken since, and 20 sorts a second of 512 floats cost nothing).
     """
 
@@ -91,7 +91,8 @@ class LatencyWindow:
         else:
             buf = self._buf
             n = len(buf)
-            if n != self._sorted_n or (n == self._size and now - self._sorted_at > self.REFRESH_S):
+            grown = n - self._sorted_n
+            if (grown and (grown >= n >> 4 or self._sorted_n < MIN_SAMPLES)) or (n == self._size and now - self._sorted_at > self.REFRESH_S):
                 self._sorted = sorted(buf)
                 self._sorted_n, self._sorted_at = n, now
         if n < MIN_SAMPLES:
