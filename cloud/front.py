@@ -191,6 +191,7 @@ class _Connection(asyncio.Protocol):
                 self._buf = bytearray(data[pos:]) if pos < len(data) else bytearray()
         except Exception:  # noqa: BLE001 - a bug here must not take down the loop's other connections
             _log.exception("front door: dropping a connection after an internal error")
+            self._door.internal_errors += 1
             self.close()
 
     # --- internals ------------------------------------------------------------------------------
@@ -353,6 +354,8 @@ class FrontDoor:
         #: Requests the front door answered itself, and connections it handed to aiohttp.
         self.served = 0
         self.handed_off = 0
+        #: Connections dropped because the front door itself failed (a bug; logged with its traceback).
+        self.internal_errors = 0
 
     @property
     def port(self) -> int:

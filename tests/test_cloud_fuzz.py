@@ -139,3 +139,51 @@ def test_server_still_answers_after_the_storm(server: ServerThread) -> None:
     text = request(server.url, "GET", "/metrics")[2].decode()
     assert 'tandem_inference_pending_request_count{model="toy",version="1"} 0.0' in text
     assert msgpack is not None
+
+
+# --- HTTP framing at the front door (cloud/front.py parses request heads itself) --------------
+
+_header_lines = st.one_of(
+    st.sampled_from([
+        b"Content-Length: 0", b"Content-Length: 5", b"Content-Length: -1", b"Content-Length: 99999999999",
+        b"Content-Length: 1e3", b"Content-Length:  7 ", b"Transfer-Encoding: chunked", b"Transfer-Encoding: gzip, chunked",
+        b"Content-Encoding: gzip", b"Content-Encoding: identity", b"Connection: close", b"Connection: keep-alive",
+        b"Expect: 100-continue", b"Upgrade: h2c", b"X-Tandem-Deadline-Ms: nan", b"X-Tandem-Priority: x",
+        b"Inference-Header-Content-Length: 3", b" folded", b"\tfolded", b"NoColon", b": empty-name", b"Bad Name: 1",
+        b"X-Request-Id: \xff\xfe", b"Authorization: Bearer x",
+    ]),
+    st.binary(max_size=40).filter(lambda b: b"\r\n" not in b),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    method=st.sampled_from([b"POST", b"GET", b"post", b"PUT", b""]),
+    target=st.sampled_from([b"/v1/models/toy/infer", b"/v2/models/toy/infer", b"/v1/models/toy/versions/1/infer",
+                            b"/v1/models/t%6fy/infer", b"/v1/models/toy/infer?x=1", b"/v1/models//infer", b"*", b""]),
+    version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2", b"HTTP/1.1 extra", b""]),
+    headers=st.lists(_header_lines, max_size=6),
+    body=st.binary(max_size=64),
+    split=st.integers(0, 200),
+)
+def test_front_door_framing_garbage_never_hangs_or_breaks_the_server(
+    server: ServerThread, method: bytes, target: bytes, version: bytes, headers: list[bytes], body: bytes, split: int
+) -> None:
+    """Any request head: an HTTP answer (never a 5xx) or a closed connection, within the timeout."""
+    raw = b" ".join(x for x in (method, target, version) if x) + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(raw[:split])
+        sock.sendall(raw[split:])
+        sock.shutdown(socket.SHUT_WR)  # no more bytes: a server waiting for a body must give up, not hang
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    if data:
+        status = int(data.split(b" ", 2)[1])
+        assert status < 500, data[:300]
+    assert server.door.internal_errors == 0  # a dropped connection must be a protocol answer, not a bug
+
+
+def test_front_door_is_healthy_after_framing_garbage(server: ServerThread) -> None:
+    status, _, body = request(server.url, "POST", p.infer_path("toy"), _good_native(), {"Content-Type": p.CONTENT_TYPE})
+    assert status == 200, body
