@@ -192,6 +192,7 @@ class _Connection(asyncio.Protocol):
         except Exception:  # noqa: BLE001 - a bug here must not take down the loop's other connections
             _log.exception("front door: dropping a connection after an internal error")
             self._door.internal_errors += 1
+            self._door._metrics.front_errors.inc()
             self.close()
 
     # --- internals ------------------------------------------------------------------------------
@@ -221,6 +222,7 @@ class _Connection(asyncio.Protocol):
         slot = _Slot(gate.request_id(h.get("x-request-id")), request.path, time.perf_counter())
         self._slots.append(slot)
         door.served += 1
+        door._metrics.front_requests.inc()
         try:
             gate.check_auth(request.path, h.get("authorization"))
             slot.served = inference.resolve(request.model, request.version)
@@ -313,6 +315,7 @@ class _Connection(asyncio.Protocol):
         data, self._handoff = bytes(self._handoff or b""), None
         door = self._door
         door.handed_off += 1
+        door._metrics.front_handoffs.inc()
         door._connections.discard(self)
         handler = door._aiohttp()
         transport.set_protocol(handler)
@@ -340,6 +343,7 @@ class FrontDoor:
         state = runner.app[STATE]
         self._gate = state.gate
         self._inference = state.inference
+        self._metrics = state.metrics
         self._max_body = state.config.max_body_bytes
         server = runner.server
         if server is None:

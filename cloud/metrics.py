@@ -67,6 +67,14 @@ class Metrics:
             registry=r, multiprocess_mode="livesum",
         )
         self.cache_hits = Counter("tandem_response_cache_hits", "Requests answered from the response cache", _LABELS, registry=r)
+        # The HTTP front door (cloud/front.py): what share of the traffic takes the fast path.
+        self.front_requests = Counter("tandem_front_door_requests", "Infer requests the front door answered itself", registry=r)
+        self.front_handoffs = Counter(
+            "tandem_front_door_handoffs", "Connections the front door handed to aiohttp (a request it does not take)", registry=r
+        )
+        self.front_errors = Counter(
+            "tandem_front_door_internal_errors", "Connections dropped by a front-door failure (a bug: see the log)", registry=r
+        )
 
     def for_model(self, model: str, version: str) -> "ModelMetrics":
         return ModelMetrics(self, model, version)

@@ -116,6 +116,9 @@ def test_one_connection_moves_to_aiohttp_at_a_message_boundary(server: ServerThr
     assert first[1]["server"] == "tandem" and "aiohttp" in third[1]["server"]
     np.testing.assert_array_equal(_logits(first[2]), _logits(third[2]))
     assert _counts(server) == (served + 1, handed + 1)
+    metrics = server.state.metrics.render().decode()
+    assert f"tandem_front_door_requests_total {float(server.door.served)}" in metrics
+    assert f"tandem_front_door_handoffs_total {float(server.door.handed_off)}" in metrics
 
 
 def test_pipelined_requests_are_answered_in_order(server: ServerThread) -> None:
@@ -295,3 +298,19 @@ def test_close_answers_accepted_requests_then_closes(repo: Path, keys: tuple[Pat
         idle.close()
     finally:
         s.stop()  # closes the door again (a no-op) and cleans up
+
+
+async def test_the_edge_cloud_client_is_served_by_the_front_door(server: ServerThread, repo: Path) -> None:
+    """HybridClient's cloud leg (aiohttp client, pooled keep-alive connections) takes the fast path."""
+    from tandem.edge.cloud_client import CloudClient
+
+    served, handed = _counts(server)
+    client = CloudClient(server.url, "toy")
+    try:
+        x = _x(1, seed=11)
+        replies = [await client.infer({"input": x}, timeout_s=10, request_id=f"edge-{i}") for i in range(5)]
+    finally:
+        await client.close()
+    np.testing.assert_allclose(replies[-1].outputs["logits"], run_onnx(repo / "toy/1/cloud-fp32.onnx", x), rtol=1e-5, atol=1e-5)
+    assert replies[-1].timing.batch_size == 1
+    assert _counts(server) == (served + 5, handed)

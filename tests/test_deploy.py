@@ -274,7 +274,7 @@ def test_runtime_requirements_are_pyproject_minus_onnxruntime() -> None:
     out = subprocess.run(
         [sys.executable, str(DEPLOY / "runtime_requirements.py"), str(ROOT / "pyproject.toml")],
         capture_output=True, text=True, check=True, timeout=60,
-    ).stdout.split()
+    ).stdout.splitlines()
     import tomllib
 
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
