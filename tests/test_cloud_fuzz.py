@@ -171,13 +171,19 @@ def test_front_door_framing_garbage_never_hangs_or_breaks_the_server(
 ) -> None:
     """Any request head: an HTTP answer (never a 5xx) or a closed connection, within the timeout."""
     raw = b" ".join(x for x in (method, target, version) if x) + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body
+    data = b""
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(raw[:split])
-        sock.sendall(raw[split:])
-        sock.shutdown(socket.SHUT_WR)  # no more bytes: a server waiting for a body must give up, not hang
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+        try:
+            sock.sendall(raw[:split])
+            sock.sendall(raw[split:])
+            sock.shutdown(socket.SHUT_WR)  # no more bytes: a server waiting for a body must give up, not hang
+        except OSError:
+            pass  # the server already answered (400) and closed: read what it said
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass  # closed with unread bytes of ours: what it sent before counts
     if data:
         status = int(data.split(b" ", 2)[1])
         assert status < 500, data[:300]
