@@ -56,6 +56,10 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except FileNotFoundError:
         raise BadKey(f"private key {path} does not exist (make one with `tandem keygen`)") from None
+    except IsADirectoryError:
+        raise BadKey(f"private key {path} is a directory: give the key file (e.g. {Path(path) / 'tandem.key'})") from None
+    except OSError as e:
+        raise BadKey(f"cannot read private key {path}: {e.strerror or e}") from None
     except (ValueError, TypeError) as e:
         raise BadKey(f"{path} is not a PEM private key: {e}") from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -75,6 +79,10 @@ def load_public_key(source: str | os.PathLike[str] | bytes | Ed25519PublicKey) -
             data = Path(source).read_bytes()
         except FileNotFoundError:
             raise BadKey(f"public key {source} does not exist") from None
+        except IsADirectoryError:
+            raise BadKey(f"public key {source} is a directory: give the key file (e.g. {Path(source) / 'tandem.pub'})") from None
+        except OSError as e:
+            raise BadKey(f"cannot read public key {source}: {e.strerror or e}") from None
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as e:

@@ -189,3 +189,12 @@ def test_device_loads_only_the_edge_variant(toy_bundle: Path, keys: tuple[Path, 
     (toy_bundle / "samples.msgpack").write_bytes(b"x")
     with pytest.raises(HashMismatch, match="samples.msgpack"):
         load_bundle(toy_bundle, keys[1], variants=["edge"])
+
+
+def test_key_paths_that_are_directories_or_unreadable_say_so(tmp_path: Path) -> None:
+    with pytest.raises(BadKey, match="is a directory: give the key file"):
+        signing.load_private_key(tmp_path)
+    with pytest.raises(BadKey, match="is a directory: give the key file"):
+        signing.load_public_key(tmp_path)
+    with pytest.raises(BadKey, match="does not exist"):
+        signing.load_private_key(tmp_path / "nope.key")
