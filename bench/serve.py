@@ -371,15 +371,32 @@ def batch_counters(server: Server, model: str) -> tuple[float, float, float] | N
 
 
 def process_cpu(pid: int) -> tuple[float, float] | None:
-    """(CPU seconds of the whole process, of its main thread) from /proc, or None off Linux."""
+    """(CPU seconds of the server, of its event-loop threads) from /proc, or None off Linux.
+
+    With ``--workers N`` the server is a supervisor whose worker processes do the work: their
+    CPU counts, and each worker's main thread is one event loop."""
+    def stat(path: str) -> list[str]:
+        # Fields after "pid (comm)": state is [0], ppid [1], utime [11], stime [12] (stat(5)).
+        return Path(path).read_text().rsplit(")", 1)[1].split()
+
     try:
         tick = os.sysconf("SC_CLK_TCK")
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        main = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, ValueError):
+        pids = [pid]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if int(stat(f"/proc/{entry.name}/stat")[1]) == pid:
+                        pids.append(int(entry.name))
+                except (OSError, ValueError, IndexError):
+                    continue
+        total = loop = 0.0
+        for p in pids:
+            fields, main = stat(f"/proc/{p}/stat"), stat(f"/proc/{p}/task/{p}/stat")
+            total += (int(fields[11]) + int(fields[12])) / tick
+            loop += (int(main[11]) + int(main[12])) / tick
+    except (OSError, ValueError, IndexError):
         return None
-    # utime and stime are fields 14 and 15 of stat(5); index 11 and 12 once "pid (comm)" is cut off.
-    return (int(fields[11]) + int(fields[12])) / tick, (int(main[11]) + int(main[12])) / tick
+    return total, loop
 
 
 def load_server(label: str, kind: str, server: Server, load: Load, case: ModelCase, args: argparse.Namespace, tmp: Path) -> None:

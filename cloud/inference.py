@@ -1,14 +1,14 @@
 """The inference path both protocols share: resolve the version, check inputs, cache, batch, time.
 
-Protocol handlers decode their wire format into ``{name: ndarray}``, call :meth:`Inference.infer`
-and encode the :class:`Outcome`; everything else (validation against the model, priorities,
+Protocol handlers decode their wire format into ``{name: ndarray}``, call :meth:`Inference.start`
+(then wait on the call's future, or :meth:`Inference.serve` under aiohttp) and encode the :class:`Outcome`; everything else (validation against the model, priorities,
 deadlines, the response cache, metrics, the X-Tandem-* timing headers) lives here once.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from tandem.shared import protocol as p
 from tandem.shared.errors import InvalidInput, TandemError
 
 from .batcher import BatchResult
+from .body import read_body
 from .cache import ResponseCache
 from .config import ServerConfig
 from .repository import ModelRepository, ServedModel
@@ -132,18 +133,16 @@ class Inference:
                 pass  # finish() counts and raises it
         return self.finish(call)
 
-    async def infer(
-        self,
-        name: str,
-        version: str | None,
-        inputs: Mapping[str, np.ndarray],
-        *,
-        outputs: Sequence[str] | None = None,
-        priority: int = 0,
-        timeout_s: float | None = None,
-    ) -> Outcome:
-        """Run one request through the model's batcher (or the cache): :meth:`start` then :meth:`wait`."""
-        return await self.wait(self.start(name, version, inputs, outputs=outputs, priority=priority, timeout_s=timeout_s))
+    async def serve(self, request: web.Request, start: Callable[[bytes], tuple[Call, Any]], max_body: int) -> tuple[Outcome, Any]:
+        """The aiohttp side of an infer route: read the body, ``start(body)`` (the protocol's
+        decoder, which queues the call), wait. Records the model on the request as it becomes
+        known, so error replies and the access log name it. Returns (outcome, decoded request)."""
+        request[MODEL_KEY] = self.resolve(request.match_info["model"], request.match_info.get("version"))
+        call, decoded = start(await read_body(request, max_body))
+        request[MODEL_KEY] = call.served
+        outcome = await self.wait(call)
+        request[MODEL_KEY] = outcome.model
+        return outcome, decoded
 
     def headers(self, outcome: Outcome) -> dict[str, str]:
         """The X-Tandem-* server-timing headers of a successful response."""

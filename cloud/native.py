@@ -13,8 +13,7 @@ from aiohttp import web
 from tandem.shared import protocol as p
 from tandem.shared.errors import InvalidInput, TandemError
 
-from .body import read_body
-from .inference import MODEL_KEY, REQUEST_ID_KEY, Call, Inference, Outcome, deadline_seconds
+from .inference import REQUEST_ID_KEY, Call, Inference, Outcome, deadline_seconds
 
 __all__ = ["NativeAPI", "start", "reply"]
 
@@ -60,16 +59,11 @@ class NativeAPI:
         app.router.add_post("/v1/models/{model}/versions/{version}/infer", self.infer)
 
     async def infer(self, request: web.Request) -> web.Response:
-        inference = self._inference
-        version = request.match_info.get("version")
-        request[MODEL_KEY] = inference.resolve(request.match_info["model"], version)
-        body = await read_body(request, self._max_body)
-        call, req = start(
-            inference, request.match_info["model"], version, body,
-            request.headers.get(p.HEADER_PRIORITY), request.headers.get(p.HEADER_DEADLINE_MS),
+        inference, model, version = self._inference, request.match_info["model"], request.match_info.get("version")
+        outcome, req = await inference.serve(
+            request,
+            lambda body: start(inference, model, version, body, request.headers.get(p.HEADER_PRIORITY), request.headers.get(p.HEADER_DEADLINE_MS)),
+            self._max_body,
         )
-        request[MODEL_KEY] = call.served
-        outcome = await inference.wait(call)
-        request[MODEL_KEY] = outcome.model
         headers, body = reply(inference, outcome, req, request[REQUEST_ID_KEY])
         return web.Response(body=body, headers=headers)

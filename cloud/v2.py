@@ -18,7 +18,7 @@ from tandem.shared import v2
 from tandem.shared.errors import InvalidInput, NotSupported, TandemError, Unavailable
 
 from .body import read_body
-from .inference import MODEL_KEY, Call, Inference, Outcome, deadline_seconds
+from .inference import Call, Inference, Outcome, deadline_seconds
 from .repository import ModelRepository
 
 __all__ = ["V2API", "start", "reply"]
@@ -120,17 +120,12 @@ class V2API:
         return _json(self._repo.get(request.match_info["model"], request.match_info.get("version")).model_config())
 
     async def infer(self, request: web.Request) -> web.Response:
-        inference = self._inference
-        version = request.match_info.get("version")
-        request[MODEL_KEY] = inference.resolve(request.match_info["model"], version)
-        body = await read_body(request, self._max_body)
-        call, req = start(
-            inference, request.match_info["model"], version, body,
-            request.headers.get(v2.HEADER_LENGTH), request.headers.get(p.HEADER_DEADLINE_MS),
+        inference, model, version = self._inference, request.match_info["model"], request.match_info.get("version")
+        outcome, req = await inference.serve(
+            request,
+            lambda body: start(inference, model, version, body, request.headers.get(v2.HEADER_LENGTH), request.headers.get(p.HEADER_DEADLINE_MS)),
+            self._max_body,
         )
-        request[MODEL_KEY] = call.served
-        outcome = await inference.wait(call)
-        request[MODEL_KEY] = outcome.model
         body, headers = reply(inference, outcome, req)
         response = web.Response(body=body, headers=headers)
         if len(body) >= _COMPRESS_MIN_BYTES and request.headers.get("Accept-Encoding"):
