@@ -67,9 +67,10 @@ class ServerConfig(BaseSettings):
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     #: Sessions per model version, each pulling batches from the model's queue.
     instances: int = Field(1, ge=1)
-    #: Server processes, each with its own event loop, sharing host:port via SO_REUSEPORT. One
-    #: aiohttp loop tops out near 9k small requests/s; more loops use more cores. With more than
-    #: one, model load/unload over /v2/repository is refused (it would reach one worker only).
+    #: Server processes, each with its own event loop, sharing host:port via SO_REUSEPORT: more
+    #: loops use more cores when one loop's ~40-50 us per request is the limit (+11% on the int8
+    #: digits model on 2 cores). With more than one, model load/unload over /v2/repository is
+    #: refused (it would reach one worker only).
     workers: int = Field(1, ge=1)
     #: onnxruntime intra-op threads per session; default: cores // (workers * instances), at least 1.
     intra_op_threads: int | None = Field(None, ge=1)
