@@ -181,12 +181,7 @@ class HybridClient:
                 else:
                     self.runtime.record(shape, (t1 - t0) * 1000.0)
                 if plan == "edge":
-                    route = Route("edge", d.reason, d.policy, (t1 - t0) * 1000.0, 0.0, None, [], d.estimates)
-                    if self._debug:
-                        _log.debug("route %s", route)
-                    if self._single_output is not None:
-                        return Result({self._single_output: outs[0]}, route)
-                    return Result(dict(zip(self._out_names, outs)), route)
+                    return self._edge_result(outs, d, t0, t1)
                 conf = self._confidence(outs)
                 if conf >= d.threshold:  # type: ignore[operator]
                     return self._kept(outs, conf, d, t0, t1)

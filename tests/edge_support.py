@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from support import free_port
@@ -119,3 +120,15 @@ class LoopLag:
         assert self._task is not None
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+
+
+def toy_cloud(root: Path, keys: tuple[Path, Path]) -> Iterator[CloudProcess]:
+    """A real ``tandem serve`` process serving a toy bundle from ``root`` (for a module fixture)."""
+    from support import make_bundle
+
+    make_bundle(root / "toy" / "1", keys[0])
+    proc = CloudProcess(root, keys[1]).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_support import CloudProcess, LoopLag, SchedulerLag
-from support import make_bundle
+from edge_support import CloudProcess, LoopLag, SchedulerLag, toy_cloud
 from tandem.edge import Budget, HybridClient
 from tandem.edge.estimates import Estimates
 from tandem.edge.faultproxy import FaultProxy
@@ -159,11 +158,7 @@ def test_fast_path_works_without_onnxruntimes_private_session(toy_bundle: Path, 
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]):  # type: ignore[no-untyped-def]
-    repo = tmp_path_factory.mktemp("repo")
-    make_bundle(repo / "toy" / "1", keys[0])
-    proc = CloudProcess(repo, keys[1]).start()
-    yield proc
-    proc.stop()
+    yield from toy_cloud(tmp_path_factory.mktemp("repo"), keys)
 
 
 @pytest.mark.parametrize("policy", ["cascade", "cloud-only", "hedged"])

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_support import CloudProcess, LoopLag, SchedulerLag
-from support import make_bundle
+from edge_support import CloudProcess, LoopLag, SchedulerLag, toy_cloud
 from tandem.edge import Budget, HybridClient
 from tandem.edge.faultproxy import FaultProxy
 from tandem.shared.bundle import load_bundle
@@ -23,11 +22,7 @@ X = np.random.default_rng(7).standard_normal((1, 64)).astype(np.float32)
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]):  # type: ignore[no-untyped-def]
-    repo = tmp_path_factory.mktemp("repo")
-    make_bundle(repo / "toy" / "1", keys[0])
-    proc = CloudProcess(repo, keys[1]).start()
-    yield proc
-    proc.stop()
+    yield from toy_cloud(tmp_path_factory.mktemp("repo"), keys)
 
 
 @pytest.fixture(scope="module")
