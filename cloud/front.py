@@ -273,14 +273,11 @@ class _Connection(asyncio.Protocol):
 
     def _ready(self, slot: _Slot, status: int, headers: dict[str, str], body: bytes) -> None:
         door = self._door
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
-        lines.extend(f"{k}: {v}" for k, v in headers.items())
-        lines.append(f"{p.HEADER_REQUEST_ID}: {slot.rid}")
-        lines.extend(f"{k}: {v}" for k, v in door._gate.extra_headers)
-        lines.append(f"Content-Length: {len(body)}")
-        lines.append(f"Date: {door.date()}")
-        lines.append("Server: tandem\r\n\r\n")
-        slot.data = "\r\n".join(lines).encode() + body
+        head = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
+        slot.data = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n{head}{p.HEADER_REQUEST_ID}: {slot.rid}\r\n"
+            f"Content-Length: {len(body)}\r\nDate: {door.date()}\r\n{door._tail}"
+        ).encode() + body
         slot.status = status
         self._flush()
 
@@ -288,11 +285,12 @@ class _Connection(asyncio.Protocol):
         """Write every ready response at the head of the order, then hand off or close if due."""
         gate = self._door._gate
         slots, transport = self._slots, self._transport
+        log = gate.logs_access
         while slots and slots[0].data is not None:
             slot = slots.popleft()
             if transport is not None and not transport.is_closing():
                 transport.write(slot.data)  # type: ignore[arg-type]
-            if gate.logs_access:
+            if log:
                 ms = (time.perf_counter() - slot.start) * 1e3
                 gate.log_access(slot.rid, "POST", slot.path, slot.status, ms, slot.served, self._remote)
         if self._paused and len(slots) < _MAX_IN_FLIGHT // 2 and self._handoff is None and transport is not None:
@@ -355,6 +353,8 @@ class FrontDoor:
         self._closing = False
         self._date = ""
         self._date_at = 0
+        # The end of every response head: headers that never change, then the blank line.
+        self._tail = "".join(f"{k}: {v}\r\n" for k, v in self._gate.extra_headers) + "Server: tandem\r\n\r\n"
         #: Requests the front door answered itself, and connections it handed to aiohttp.
         self.served = 0
         self.handed_off = 0

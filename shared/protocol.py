@@ -72,7 +72,7 @@ class InferRequest:
     @classmethod
     def from_wire(cls, body: bytes | bytearray | memoryview, max_bytes: int | None = None) -> "InferRequest":
         msg = unpackb(body, max_bytes)
-        if not isinstance(msg, Mapping):
+        if type(msg) is not dict:  # unpackb gives dicts for msgpack maps
             raise InvalidInput("request body must be a msgpack map")
         unknown = set(msg) - {"id", "inputs", "outputs", "deadline_ms", "priority", "parameters"}
         if unknown:
@@ -94,7 +94,7 @@ class InferRequest:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InvalidInput("'priority' must be an integer")
         params = msg.get("parameters") or {}
-        if not isinstance(params, Mapping):
+        if type(params) is not dict:
             raise InvalidInput("'parameters' must be a map")
         return cls(
             inputs=decode_tensors(msg["inputs"]),

@@ -119,7 +119,7 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
 
 def decode_tensor(obj: Any, what: str = "tensor") -> np.ndarray:
     """Wire map -> numpy array (read-only view over the payload for numeric types)."""
-    if not isinstance(obj, Mapping):
+    if type(obj) is not dict and not isinstance(obj, Mapping):  # msgpack gives dicts: skip the ABC check
         raise TensorCodecError(f"{what}: expected a map with datatype, shape, data; got {type(obj).__name__}")
     missing = [k for k in ("datatype", "shape", "data") if k not in obj]
     if missing:
@@ -149,7 +149,7 @@ def encode_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any
 
 
 def decode_tensors(obj: Any, what: str = "inputs") -> dict[str, np.ndarray]:
-    if not isinstance(obj, Mapping):
+    if type(obj) is not dict and not isinstance(obj, Mapping):
         raise TensorCodecError(f"{what}: expected a map of name -> tensor, got {type(obj).__name__}")
     out = {}
     for name, t in obj.items():
