@@ -55,7 +55,9 @@ _INFER = re.compile(rb"/(v1|v2)/models/([^/]+)(?:/versions/([^/]+))?/infer")
 _HEAD_END = b"\r\n\r\n"
 _HANDOFF = object()  # _frame's answer for a message the front door does not take
 #: Request headers whose presence alone sends the message to aiohttp.
-_NOT_PLAIN = frozenset({"transfer-encoding", "expect", "upgrade", "te", "trailer"})
+_NOT_PLAIN = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer"})
+#: Request headers the front door reads (everything else is checked, then ignored, as aiohttp would).
+_KEEP = frozenset({b"x-request-id", b"authorization", b"x-tandem-priority", b"x-tandem-deadline-ms", b"inference-header-content-length"})
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 
 
@@ -87,37 +89,45 @@ def _frame(buf: bytes | bytearray, pos: int, max_body: int) -> tuple[_Request, i
     match = _INFER.fullmatch(parts[1])
     if match is None or b"%" in parts[1]:
         return _HANDOFF
-    headers: dict[str, str] = {}
+    n = len(lines) - 1
+    if head.count(b"\n") != n or head.count(b"\r") != n:
+        return _HANDOFF  # a bare CR or LF: aiohttp answers that
+    headers: dict[str, str] = {}  # only the ones the front door reads; the first value of each
     length = None
+    protocol = match.group(1)
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not name or b" " in name or b"\t" in name or b"\r" in line or b"\n" in line:
-            return _HANDOFF  # obs-fold, bare CR/LF, malformed names: aiohttp answers those
-        key = name.decode().lower()
-        text = value.strip(b" \t").decode()
-        if key == "content-length":
-            if length is not None or not text.isdigit():
+        if not sep or not name or b" " in name or b"\t" in name:
+            return _HANDOFF  # obs-fold, malformed names: aiohttp answers those
+        key = name.lower()
+        if key == b"content-length":
+            value = value.strip(b" \t")
+            if length is not None or not value.isdigit():
                 return _HANDOFF
-            length = int(text)
+            length = int(value)
         elif key in _NOT_PLAIN:
             return _HANDOFF
-        headers.setdefault(key, text)
+        elif key in _KEEP:
+            headers.setdefault(key.decode(), value.strip(b" \t").decode())
+        elif key == b"content-encoding":
+            if value.strip(b" \t").lower() != b"identity":
+                return _HANDOFF
+        elif key == b"connection":
+            if b"close" in value.lower():
+                return _HANDOFF
+        elif key == b"accept-encoding" and protocol == b"v2":
+            v = value.lower()
+            if b"gzip" in v or b"deflate" in v:
+                return _HANDOFF  # aiohttp compresses large v2 responses for clients that ask
     if length is None or length > max_body:
         return _HANDOFF
-    if headers.get("content-encoding", "identity").lower() != "identity":
-        return _HANDOFF
-    if "close" in headers.get("connection", "").lower():
-        return _HANDOFF
-    protocol = match.group(1).decode()
-    if protocol == "v2" and any(c in headers.get("accept-encoding", "").lower() for c in ("gzip", "deflate")):
-        return _HANDOFF  # aiohttp compresses large v2 responses for clients that ask
     start = end + 4
     if len(buf) < start + length:
         return None
     body = memoryview(buf)[start : start + length] if isinstance(buf, bytes) else bytes(buf[start : start + length])
     version = match.group(3)
     request = _Request(
-        protocol, match.group(2).decode(), version.decode() if version is not None else None, parts[1].decode(), headers, body
+        protocol.decode(), match.group(2).decode(), version.decode() if version is not None else None, parts[1].decode(), headers, body
     )
     return request, start + length
 
