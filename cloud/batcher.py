@@ -98,6 +98,7 @@ class Batcher:
         self._max_rows = config.max_batch_size if engine.batchable else 1
         self._preferred = frozenset(config.preferred_batch_sizes)
         self._delay_s = config.max_queue_delay_us / 1e6
+        self._fill_wait_s = config.fill_wait_us / 1e6
         self._queues: list[deque[_Pending]] = [deque() for _ in range(config.priority_levels)]
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # a thread waits here for requests
@@ -213,6 +214,8 @@ class Batcher:
                     return
                 if self._delay_s and self._max_rows > 1:
                     self._wait_for_fill()
+                if self._fill_wait_s and self._max_rows > 1:
+                    self._wait_for_rows(time.perf_counter() + self._fill_wait_s)
                 batch, dropped = self._take()
                 if batch:
                     # Counted under the same lock that took them off the queue: pending never dips.
@@ -239,9 +242,11 @@ class Batcher:
     def _wait_for_fill(self) -> None:
         """Under the lock: give the batch until the oldest request's delay to fill."""
         first = self._head_locked()
-        if first is None:
-            return
-        until = first.enqueued + self._delay_s
+        if first is not None:
+            self._wait_for_rows(first.enqueued + self._delay_s)
+
+    def _wait_for_rows(self, until: float) -> None:
+        """Under the lock: wait until a full (or preferred) batch is queued, or ``until``."""
         while self._rows < self._max_rows and self._rows not in self._preferred and not self._stopped:
             remaining = until - time.perf_counter()
             if remaining <= 0:

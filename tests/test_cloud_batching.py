@@ -192,3 +192,29 @@ async def test_queue_delay_lets_a_batch_fill(repo: Path, keys: tuple[Path, Path]
         assert elapsed < 1.5  # sent when full, well before the 2 s delay
     finally:
         await asyncio.to_thread(s.stop)
+
+
+async def test_fill_wait_lets_a_free_instance_wait_for_a_fuller_batch(repo: Path, keys: tuple[Path, Path]) -> None:
+    """fill_wait_us: requests arriving one after another within the wait run as one batch; a lone
+    request waits at most fill_wait and is then answered (never stuck)."""
+    s = await _server(repo, keys, model_batching={"slow": BatchingConfig(max_batch_size=4, fill_wait_us=400_000)})
+    try:
+        async with aiohttp.ClientSession() as session:
+            t0 = time.perf_counter()
+            lone = await _infer(session, s, "slow", slow_inputs(1))
+            waited = lone[3] - t0
+            assert lone[0] == 200 and lone[2][p.HEADER_BATCH_SIZE] == "1"
+            assert 0.35 < waited < 5, waited  # waited for company that never came, then ran
+            tasks = []
+            for i in range(4):  # staggered well inside the wait: they must still meet in one batch
+                tasks.append(asyncio.ensure_future(_infer(session, s, "slow", slow_inputs(1, value=i))))
+                await asyncio.sleep(0.03)
+            results = await asyncio.gather(*tasks)
+            t_full = max(r[3] for r in results) - t0 - waited
+        assert [r[2][p.HEADER_BATCH_SIZE] for r in results] == ["4"] * 4
+        for i, (status, resp, _, _) in enumerate(results):
+            assert status == 200
+            np.testing.assert_array_equal(resp.outputs["y"], slow_inputs(1, value=i)["x"] * 2)
+        assert t_full < 0.35 + 1.0  # a full batch runs at once, without waiting out the 0.4 s
+    finally:
+        await asyncio.to_thread(s.stop)
