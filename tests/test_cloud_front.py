@@ -314,3 +314,37 @@ async def test_the_edge_cloud_client_is_served_by_the_front_door(server: ServerT
     np.testing.assert_allclose(replies[-1].outputs["logits"], run_onnx(repo / "toy/1/cloud-fp32.onnx", x), rtol=1e-5, atol=1e-5)
     assert replies[-1].timing.batch_size == 1
     assert _counts(server) == (served + 5, handed)
+
+
+def test_a_flood_of_pipelined_requests_is_answered_in_order(server: ServerThread, repo: Path) -> None:
+    """More requests in flight on one connection than the front door reads ahead (it pauses
+    reading at 128 and resumes as answers go out): all answered, in order."""
+    n = 300
+    burst = b"".join(_native("toy", {"input": _x(1, seed=i)}, {p.HEADER_REQUEST_ID: f"f{i}"}) for i in range(n))
+    with _connect(server) as sock:
+        sock.sendall(burst)
+        r = _Responses(sock)
+        answers = [r.next() for _ in range(n)]
+    assert [a[1]["x-request-id"] for a in answers] == [f"f{i}" for i in range(n)]
+    assert all(a[0] == 200 for a in answers)
+    for i in (0, 7, 199, n - 1):  # each answer is its own request's
+        np.testing.assert_allclose(_logits(answers[i][2]), run_onnx(repo / "toy/1/cloud-fp32.onnx", _x(1, seed=i)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_client_that_leaves_mid_request_costs_nothing_else(server: ServerThread) -> None:
+    """The request still runs (accepted work is done); nobody is written to; the server goes on."""
+    batcher = server.state.repository.get("slow").batcher
+    sock = _connect(server)
+    sock.sendall(_native("slow", slow_inputs(100)))
+    for _ in range(400):
+        if batcher.pending:
+            break
+        time.sleep(0.005)
+    sock.close()
+    for _ in range(1000):
+        if not batcher.pending:
+            break
+        time.sleep(0.01)
+    assert batcher.pending == 0
+    assert server.door.internal_errors == 0
+    assert request_ok(server)
