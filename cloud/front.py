@@ -343,6 +343,11 @@ class _Connection(asyncio.Protocol):
     def idle(self) -> bool:
         return not self._slots and not self._buf
 
+    @property
+    def owed(self) -> bool:
+        """Answers are still due on this connection."""
+        return bool(self._slots)
+
 
 class FrontDoor:
     """The listening socket and its connections. Make one with :func:`listen`."""
@@ -405,9 +410,11 @@ class FrontDoor:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        # A connection owed no answer closes now, a half-sent request included (it was never
+        # accepted); the others close once their answers are written, or at the deadline.
         deadline = time.monotonic() + timeout
-        while any(not c.idle for c in self._connections) and time.monotonic() < deadline:
-            for conn in [c for c in self._connections if c.idle]:
+        while any(c.owed for c in self._connections) and time.monotonic() < deadline:
+            for conn in [c for c in self._connections if not c.owed]:
                 conn.close()
             await asyncio.sleep(0.01)
         for conn in list(self._connections):

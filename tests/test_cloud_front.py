@@ -348,3 +348,19 @@ def test_a_client_that_leaves_mid_request_costs_nothing_else(server: ServerThrea
     assert batcher.pending == 0
     assert server.door.internal_errors == 0
     assert request_ok(server)
+
+
+def test_close_does_not_wait_for_a_half_sent_request(repo: Path, keys: tuple[Path, Path]) -> None:
+    s = ServerThread(ServerConfig(repository=repo, trusted_keys=[keys[1]], port=0)).start()
+    try:
+        sock = _connect(s)
+        sock.sendall(_native("toy", {"input": _x()})[:-5])  # never completed: not accepted
+        time.sleep(0.1)
+        t0 = time.perf_counter()
+        s.call(s.door.close(10), timeout=30)
+        assert time.perf_counter() - t0 < 2
+        sock.settimeout(5)
+        assert sock.recv(1) == b""
+        sock.close()
+    finally:
+        s.stop()
