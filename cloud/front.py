@@ -235,7 +235,6 @@ class _Connection(asyncio.Protocol):
         door._metrics.front_requests.inc()
         try:
             gate.check_auth(request.path, h.get("authorization"))
-            slot.served = inference.resolve(request.model, request.version)
             if request.protocol == "v1":
                 call, req = native.start(
                     inference, request.model, request.version, request.body, h.get("x-tandem-priority"), h.get("x-tandem-deadline-ms")
@@ -245,12 +244,14 @@ class _Connection(asyncio.Protocol):
                     inference, request.model, request.version, request.body, h.get(v2codec.HEADER_LENGTH.lower()),
                     h.get("x-tandem-deadline-ms"),
                 )
-        except TandemError as e:
-            self._fail(slot, e)
-            return
         except Exception as e:  # noqa: BLE001 - one broken request must not take the server down
-            _log.exception("unhandled error on POST %s", request.path)
-            self._fail(slot, TandemError(f"internal error: {type(e).__name__}"))
+            if not isinstance(e, TandemError):
+                _log.exception("unhandled error on POST %s", request.path)
+                e = TandemError(f"internal error: {type(e).__name__}")
+            # Only a refused request needs the model looked up here (for its error headers and log).
+            with contextlib.suppress(TandemError):
+                slot.served = inference.resolve(request.model, request.version)
+            self._fail(slot, e)
             return
         slot.served = call.served
         if call.future is None or call.future.done():
