@@ -70,6 +70,49 @@ def make_mlp_onnx(
     return save_onnx(graph, path)
 
 
+def make_conv_onnx(
+    path: Path,
+    channels: int = 64,
+    layers: int = 2,
+    in_dim: int = IN_DIM,
+    n_classes: int = N_CLASSES,
+    seed: int = 0,
+    input_name: str = "input",
+    output_name: str = "logits",
+) -> Path:
+    """A CNN over the input seen as a square image (3x3 Conv/Relu x ``layers``, global average
+    pool, Gemm), FP32 with a dynamic batch dimension. Compute grows with channels**2 per sample
+    while the weights stay small, so its cost per sample hardly depends on the batch size."""
+    rng = np.random.default_rng(seed)
+    side = int(round(in_dim**0.5))
+    if side * side != in_dim:
+        raise ValueError(f"in_dim {in_dim} is not a square")
+    inits = [numpy_helper.from_array(np.array([-1, 1, side, side], np.int64), "image_shape")]
+    nodes = [helper.make_node("Reshape", [input_name, "image_shape"], ["image"])]
+    prev, cin = "image", 1
+    for i in range(layers):
+        w = (rng.standard_normal((channels, cin, 3, 3)) * np.sqrt(2.0 / (cin * 9))).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"cw{i}"), numpy_helper.from_array(np.zeros(channels, np.float32), f"cb{i}")]
+        nodes.append(helper.make_node("Conv", [prev, f"cw{i}", f"cb{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
+        prev, cin = f"r{i}", channels
+    w = (rng.standard_normal((channels, n_classes)) / np.sqrt(channels)).astype(np.float32)
+    inits += [numpy_helper.from_array(w, "fw"), numpy_helper.from_array(np.zeros(n_classes, np.float32), "fb")]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [prev], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["features"]),
+        helper.make_node("Gemm", ["features", "fw", "fb"], [output_name]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "cnn",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", in_dim])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", n_classes])],
+        inits,
+    )
+    return save_onnx(graph, path)
+
+
 def save_onnx(graph: onnx.GraphProto, path: Path) -> Path:
     """Wrap a graph in an opset-17 model, check it and save it (parents created)."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -118,10 +161,15 @@ def make_bundle(
     cloud_hidden: tuple[int, ...] = (128, 128),
     edge_hidden: tuple[int, ...] = (16,),
     seed: int = 0,
+    cloud_conv: tuple[int, int] | None = None,
 ) -> Path:
-    """Build and sign a two-variant classification bundle in ``directory``; returns it."""
+    """Build and sign a two-variant classification bundle in ``directory``; returns it. The cloud
+    variant is an MLP with ``cloud_hidden`` layers, or a CNN of ``cloud_conv`` (channels, layers)."""
     directory.mkdir(parents=True, exist_ok=True)
-    cloud = make_mlp_onnx(directory / "cloud-fp32.onnx", cloud_hidden, seed=seed)
+    if cloud_conv is not None:
+        cloud = make_conv_onnx(directory / "cloud-fp32.onnx", *cloud_conv, seed=seed)
+    else:
+        cloud = make_mlp_onnx(directory / "cloud-fp32.onnx", cloud_hidden, seed=seed)
     edge = make_mlp_onnx(directory / "edge-fp32.onnx", edge_hidden, seed=seed + 1)
 
     rng = np.random.default_rng(seed + 2)

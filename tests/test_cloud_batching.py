@@ -93,6 +93,23 @@ async def test_mixed_non_batch_shapes_are_all_answered(repo: Path, keys: tuple[P
         await asyncio.to_thread(s.stop)
 
 
+async def test_a_cnn_is_batched_and_each_request_gets_what_session_run_gives(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    # The bench's compute-bound model (support.make_conv_onnx), small: Conv layers through the batcher.
+    from support import make_bundle, run_onnx
+
+    bundle = make_bundle(tmp_path / "cnn" / "1", keys[0], name="cnn", cloud_conv=(8, 2))
+    s = await _server(tmp_path, keys)
+    try:
+        xs = [np.random.default_rng(i).standard_normal((1 + i % 3, 64)).astype(np.float32) for i in range(16)]
+        async with aiohttp.ClientSession() as session:
+            results = await asyncio.gather(*(_infer(session, s, "cnn", {"input": x}) for x in xs))
+        for x, (status, resp, _, _) in zip(xs, results):
+            assert status == 200, resp
+            np.testing.assert_allclose(resp.outputs["logits"], run_onnx(bundle / "cloud-fp32.onnx", x), rtol=1e-4, atol=1e-5)
+    finally:
+        await asyncio.to_thread(s.stop)
+
+
 async def test_full_queue_refuses_at_once_with_retry_after(repo: Path, keys: tuple[Path, Path]) -> None:
     batching = BatchingConfig(max_batch_size=1, max_queue_size=2)
     s = await _server(repo, keys, model_batching={"slow": batching})
