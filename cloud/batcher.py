@@ -102,6 +102,7 @@ class Batcher:
         self._queues: list[deque[_Pending]] = [deque() for _ in range(config.priority_levels)]
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # a thread waits here for requests
+        self._waiting = 0  # threads waiting on _work (under the lock): no notify() when none does
         self._depth = 0  # queued requests (under the lock)
         self._rows = 0  # queued rows (under the lock)
         self._inflight = 0  # requests taken and not yet answered (loop side)
@@ -166,7 +167,8 @@ class Batcher:
             self._queues[level - 1].append(item)
             self._depth += 1
             self._rows += rows
-            self._work.notify()
+            if self._waiting:  # under load every thread is computing: skip Condition's Python
+                self._work.notify()
         return fut
 
     async def drain(self, timeout: float | None = None) -> bool:
@@ -209,7 +211,9 @@ class Batcher:
         while True:
             with self._lock:
                 while not self._depth and not self._stopped:
+                    self._waiting += 1
                     self._work.wait()
+                    self._waiting -= 1
                 if self._stopped:
                     return
                 if self._delay_s and self._max_rows > 1:
@@ -251,7 +255,9 @@ class Batcher:
             remaining = until - time.perf_counter()
             if remaining <= 0:
                 return
+            self._waiting += 1
             self._work.wait(remaining)
+            self._waiting -= 1
 
     def _head_locked(self) -> _Pending | None:
         for q in self._queues:

@@ -61,75 +61,93 @@ _KEEP = frozenset({b"x-request-id", b"authorization", b"x-tandem-priority", b"x-
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 
 
-class _Request:
-    __slots__ = ("protocol", "model", "version", "path", "headers", "body")
+class _Head:
+    """What the front door needs from one request head (immutable: cached and shared by the
+    requests of a connection that repeat the same head bytes)."""
 
-    def __init__(self, protocol: str, model: str, version: str | None, path: str, headers: dict[str, str], body: Any) -> None:
+    __slots__ = ("protocol", "model", "version", "path", "headers", "length")
+
+    def __init__(self, protocol: str, model: str, version: str | None, path: str, headers: dict[str, str], length: int) -> None:
         self.protocol = protocol  # "v1" (native msgpack) or "v2"
         self.model = model
         self.version = version
         self.path = path
         self.headers = headers  # lower-case names; the first value of each
-        self.body = body
+        self.length = length  # of the body
 
 
-def _frame(buf: bytes | bytearray, pos: int, max_body: int) -> tuple[_Request, int] | object | None:
-    """The plain infer request starting at ``buf[pos]`` and the offset just past it; None when more
-    bytes are needed; ``_HANDOFF`` when the message is not one the front door takes."""
-    end = buf.find(_HEAD_END, pos, pos + _MAX_HEAD + 4)
-    if end < 0:
-        return _HANDOFF if len(buf) - pos > _MAX_HEAD else None
-    head = bytes(buf[pos:end])
+def _parse_head(head: bytes, max_body: int) -> _Head | None:
+    """The head of a plain infer request, or None when the message is not one the front door takes."""
     if not head.isascii() or b"\0" in head:
-        return _HANDOFF
+        return None
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
-        return _HANDOFF
+        return None
     match = _INFER.fullmatch(parts[1])
     if match is None or b"%" in parts[1]:
-        return _HANDOFF
+        return None
     n = len(lines) - 1
     if head.count(b"\n") != n or head.count(b"\r") != n:
-        return _HANDOFF  # a bare CR or LF: aiohttp answers that
+        return None  # a bare CR or LF: aiohttp answers that
     headers: dict[str, str] = {}  # only the ones the front door reads; the first value of each
     length = None
     protocol = match.group(1)
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         if not sep or not name or b" " in name or b"\t" in name:
-            return _HANDOFF  # obs-fold, malformed names: aiohttp answers those
+            return None  # obs-fold, malformed names: aiohttp answers those
         key = name.lower()
         if key == b"content-length":
             value = value.strip(b" \t")
             if length is not None or not value.isdigit():
-                return _HANDOFF
+                return None
             length = int(value)
         elif key in _NOT_PLAIN:
-            return _HANDOFF
+            return None
         elif key in _KEEP:
             headers.setdefault(key.decode(), value.strip(b" \t").decode())
         elif key == b"content-encoding":
             if value.strip(b" \t").lower() != b"identity":
-                return _HANDOFF
+                return None
         elif key == b"connection":
             if b"close" in value.lower():
-                return _HANDOFF
+                return None
         elif key == b"accept-encoding" and protocol == b"v2":
             v = value.lower()
             if b"gzip" in v or b"deflate" in v:
-                return _HANDOFF  # aiohttp compresses large v2 responses for clients that ask
+                return None  # aiohttp compresses large v2 responses for clients that ask
     if length is None or length > max_body:
-        return _HANDOFF
-    start = end + 4
-    if len(buf) < start + length:
         return None
-    body = memoryview(buf)[start : start + length] if isinstance(buf, bytes) else bytes(buf[start : start + length])
     version = match.group(3)
-    request = _Request(
-        protocol.decode(), match.group(2).decode(), version.decode() if version is not None else None, parts[1].decode(), headers, body
+    return _Head(
+        protocol.decode(), match.group(2).decode(), version.decode() if version is not None else None, parts[1].decode(), headers, length
     )
-    return request, start + length
+
+
+def _frame(buf: bytes | bytearray, pos: int, max_body: int, last: list[Any]) -> tuple[_Head, Any, int] | object | None:
+    """(head, body, offset just past it) of the plain infer request starting at ``buf[pos]``; None
+    when more bytes are needed; ``_HANDOFF`` when the message is not one the front door takes.
+
+    ``last`` is the connection's [head bytes, _Head] of its previous request: clients repeat the
+    same head request after request, and a repeated head is not parsed again."""
+    end = buf.find(_HEAD_END, pos, pos + _MAX_HEAD + 4)
+    if end < 0:
+        return _HANDOFF if len(buf) - pos > _MAX_HEAD else None
+    raw = bytes(buf[pos:end])
+    if raw == last[0]:
+        head = last[1]
+    else:
+        head = _parse_head(raw, max_body)
+        if head is None:
+            return _HANDOFF
+        last[0], last[1] = raw, head
+    start = end + 4
+    stop = start + head.length
+    if len(buf) < stop:
+        return None
+    body = memoryview(buf)[start:stop] if isinstance(buf, bytes) else bytes(buf[start:stop])
+    return head, body, stop
 
 
 class _Slot:
@@ -153,6 +171,7 @@ class _Connection(asyncio.Protocol):
         self._buf = bytearray()  # bytes of a message not complete yet
         self._slots: deque[_Slot] = deque()
         self._handoff: bytearray | None = None  # bytes waiting for aiohttp once our responses are out
+        self._last_head: list[Any] = [None, None]  # the previous request's head bytes and _Head
         self._paused = False
         self._eof = False
         self._remote: str | None = None
@@ -212,20 +231,20 @@ class _Connection(asyncio.Protocol):
         pos = 0
         max_body = self._door._max_body
         while pos < len(buf):
-            framed = _frame(buf, pos, max_body)
+            framed = _frame(buf, pos, max_body, self._last_head)
             if framed is None:
                 break
             if framed is _HANDOFF:
                 self._handoff = bytearray()
                 break
-            request, pos = framed  # type: ignore[misc]
-            self._serve(request)
+            head, body, pos = framed  # type: ignore[misc]
+            self._serve(head, body)
             if len(self._slots) >= _MAX_IN_FLIGHT and not self._paused and self._transport is not None:
                 self._paused = True
                 self._transport.pause_reading()
         return pos
 
-    def _serve(self, request: _Request) -> None:
+    def _serve(self, request: _Head, body: Any) -> None:
         door = self._door
         gate, inference = door._gate, door._inference
         h = request.headers
@@ -237,11 +256,11 @@ class _Connection(asyncio.Protocol):
             gate.check_auth(request.path, h.get("authorization"))
             if request.protocol == "v1":
                 call, req = native.start(
-                    inference, request.model, request.version, request.body, h.get("x-tandem-priority"), h.get("x-tandem-deadline-ms")
+                    inference, request.model, request.version, body, h.get("x-tandem-priority"), h.get("x-tandem-deadline-ms")
                 )
             else:
                 call, req = v2.start(
-                    inference, request.model, request.version, request.body, h.get(v2codec.HEADER_LENGTH.lower()),
+                    inference, request.model, request.version, body, h.get(v2codec.HEADER_LENGTH.lower()),
                     h.get("x-tandem-deadline-ms"),
                 )
         except Exception as e:  # noqa: BLE001 - one broken request must not take the server down
@@ -284,7 +303,7 @@ class _Connection(asyncio.Protocol):
 
     def _ready(self, slot: _Slot, status: int, headers: dict[str, str], body: bytes) -> None:
         door = self._door
-        head = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
+        head = "\r\n".join(map(": ".join, headers.items())) + "\r\n" if headers else ""
         slot.data = (
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n{head}{p.HEADER_REQUEST_ID}: {slot.rid}\r\n"
             f"Content-Length: {len(body)}\r\nDate: {door.date()}\r\n{door._tail}"

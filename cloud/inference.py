@@ -67,8 +67,7 @@ class Inference:
 
     def start(
         self,
-        name: str,
-        version: str | None,
+        served: ServedModel,
         inputs: Mapping[str, np.ndarray],
         *,
         outputs: Sequence[str] | None = None,
@@ -77,12 +76,12 @@ class Inference:
     ) -> Call:
         """Check one request and queue it on the model's batcher (or answer it from the cache).
 
-        Synchronous, so the version is resolved and the request queued with no await in between:
-        a reload that swaps versions can never hand a request to a batcher already draining. The
+        ``served`` is what :meth:`resolve` gave the caller just before, with no await in between
+        (so a reload that swaps versions can never hand a request to a batcher already draining,
+        and a canary split picks once per request: the request's errors count where it runs). The
         fast front door (:mod:`.front`) needs no task per request either: it waits on the future.
         Counts a failure and raises the :class:`TandemError` when the request is refused.
         """
-        served = self.repository.get(name, version)
         try:
             rows = served.engine.check_inputs(inputs)
             if outputs is not None:

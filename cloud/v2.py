@@ -59,7 +59,7 @@ def start(
     except TandemError as e:
         served.metrics.failure(e.code)
         raise
-    call = inference.start(served.name, version, req.inputs, outputs=outputs, priority=priority, timeout_s=timeout_s)
+    call = inference.start(served, req.inputs, outputs=outputs, priority=priority, timeout_s=timeout_s)
     return call, req
 
 
