@@ -139,6 +139,36 @@ def test_pipelined_requests_are_answered_in_order(server: ServerThread) -> None:
     np.testing.assert_allclose(p.InferResponse.from_wire(answers[0][2]).outputs["y"], slow_inputs(200)["x"] * 2)
 
 
+def test_a_repeated_head_is_reused_and_a_changed_one_is_not(server: ServerThread, repo: Path) -> None:
+    """The front door reuses the parse of a head identical to the connection's previous one: the
+    same head twice, then heads that differ in model, request id and body length, then the first
+    again, on one connection, each answered as its own head says."""
+    x1, x3 = _x(1, seed=1), _x(3, seed=2)
+    same = _native("toy", {"input": x1})
+    requests = [
+        (same, "toy", 1),
+        (same, "toy", 1),
+        (_native("slow", slow_inputs(1)), "slow", 1),
+        (_native("toy", {"input": x3}), "toy", 3),  # another Content-Length
+        (_native("toy", {"input": x1}, {p.HEADER_REQUEST_ID: "given"}), "toy", 1),
+        (same, "toy", 1),
+    ]
+    with _connect(server) as sock:
+        r = _Responses(sock)
+        answers = []
+        for raw, _, _ in requests:  # one at a time: each request arrives as its own read
+            sock.sendall(raw)
+            answers.append(r.next())
+    for (raw, model, rows), (status, headers, body) in zip(requests, answers):
+        assert status == 200, body[:200]
+        out = p.InferResponse.from_wire(body)
+        assert out.model_name == model
+        assert next(iter(out.outputs.values())).shape[0] == rows
+    assert answers[4][1]["x-request-id"] == "given"
+    assert len({a[1]["x-request-id"] for a in answers}) == len(answers)
+    np.testing.assert_allclose(p.InferResponse.from_wire(answers[3][2]).outputs["logits"], run_onnx(repo / "toy" / "1" / "cloud-fp32.onnx", x3), rtol=1e-5)
+
+
 def test_a_request_sent_one_byte_at_a_time_is_answered(server: ServerThread) -> None:
     served = server.door.served
     data = _native("toy", {"input": _x(2, seed=5)})
