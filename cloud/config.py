@@ -74,9 +74,10 @@ class ServerConfig(BaseSettings):
     #: Sessions per model version, each pulling batches from the model's queue.
     instances: int = Field(1, ge=1)
     #: Server processes, each with its own event loop, sharing host:port via SO_REUSEPORT: more
-    #: loops use more cores when one loop's ~40-50 us per request is the limit (+11% on the int8
-    #: digits model on 2 cores). With more than one, model load/unload over /v2/repository is
-    #: refused (it would reach one worker only).
+    #: loops use more cores, and each process's session gets fewer intra-op threads, which then
+    #: wait less for a thread that shares its core with a loop (on 2 cores: +11% on the int8
+    #: digits model, +6% on the fp32 CNN). With more than one, model load/unload over
+    #: /v2/repository is refused (it would reach one worker only).
     workers: int = Field(1, ge=1)
     #: onnxruntime intra-op threads per session; default: cores // (workers * instances), at least 1.
     intra_op_threads: int | None = Field(None, ge=1)
