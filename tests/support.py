@@ -11,6 +11,7 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -60,30 +61,16 @@ def make_mlp_onnx(
         if i < len(dims) - 1:
             nodes.append(helper.make_node("Relu", [gemm_out], [out]))
         prev, prev_dim = out, d
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", in_dim])],
-        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", n_classes])],
-        inits,
-    )
-    return save_onnx(graph, path)
+    return _save_classifier(path, "mlp", nodes, inits, input_name, in_dim, output_name, n_classes)
 
 
-def make_conv_onnx(
-    path: Path,
-    channels: int = 64,
-    layers: int = 2,
-    in_dim: int = IN_DIM,
-    n_classes: int = N_CLASSES,
-    seed: int = 0,
-    input_name: str = "input",
-    output_name: str = "logits",
-) -> Path:
-    """A CNN over the input seen as a square image (3x3 Conv/Relu x ``layers``, global average
-    pool, Gemm), FP32 with a dynamic batch dimension. Compute grows with channels**2 per sample
-    while the weights stay small, so its cost per sample hardly depends on the batch size."""
+def make_conv_onnx(path: Path, channels: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """A CNN over the 64 inputs seen as an 8x8 image (3x3 Conv/Relu x ``layers``, global average
+    pool, Gemm to 10 logits), FP32 with a dynamic batch dimension, named like make_mlp_onnx's.
+    Compute grows with channels**2 per sample while the weights stay small, so its cost per
+    sample hardly depends on the batch size."""
     rng = np.random.default_rng(seed)
+    in_dim, n_classes, input_name, output_name = IN_DIM, N_CLASSES, "input", "logits"
     side = int(round(in_dim**0.5))
     if side * side != in_dim:
         raise ValueError(f"in_dim {in_dim} is not a square")
@@ -103,9 +90,16 @@ def make_conv_onnx(
         helper.make_node("Flatten", ["pooled"], ["features"]),
         helper.make_node("Gemm", ["features", "fw", "fb"], [output_name]),
     ]
+    return _save_classifier(path, "cnn", nodes, inits, input_name, in_dim, output_name, n_classes)
+
+
+def _save_classifier(
+    path: Path, name: str, nodes: list[Any], inits: list[Any], input_name: str, in_dim: int, output_name: str, n_classes: int
+) -> Path:
+    """Save a graph from FP32 [batch, in_dim] to FP32 [batch, n_classes]."""
     graph = helper.make_graph(
         nodes,
-        "cnn",
+        name,
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", in_dim])],
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", n_classes])],
         inits,
