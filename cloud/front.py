@@ -17,7 +17,8 @@ app: the connection changes hands once, at a message boundary, after the front d
 every response it owes on it. So every unusual request gets aiohttp's full, strict treatment,
 and both stacks share one policy (:class:`~tandem.cloud.gate.Gate`) and one inference core.
 
-Pipelined requests are answered in order. Set ``front_door = false`` to serve with aiohttp alone.
+A connection remembers its previous request head: the same head bytes again (the common case: a
+client repeats one request layout) are not parsed again. Pipelined requests are answered in order. Set ``front_door = false`` to serve with aiohttp alone.
 """
 
 from __future__ import annotations
