@@ -222,6 +222,24 @@ def measure_limit(case: ModelCase, threads: int, seconds: float = 1.5) -> None:
     case.limit, case.limit_batch = max((r, b) for b, r in case.limit_at.items())
 
 
+def _workers(args: argparse.Namespace) -> int:
+    """Server processes tandem runs with (--serve-arg=--workers=N or --serve-env TANDEM_WORKERS=N)."""
+    workers = dict(kv.split("=", 1) for kv in args.serve_env).get("TANDEM_WORKERS", "1")
+    for i, a in enumerate(args.serve_args):
+        if a.startswith("--workers="):
+            workers = a.split("=", 1)[1]
+        elif a == "--workers" and i + 1 < len(args.serve_args):
+            workers = args.serve_args[i + 1]
+    return int(workers)
+
+
+def _batch_time_vs_raw(args: argparse.Namespace, r: "Run") -> str:
+    workers = _workers(args)
+    if workers > 1:  # each worker's session has threads // workers intra-op threads: not the raw run's
+        return f"{workers} workers' sessions are not comparable batch for batch with the {args.threads}-thread raw run; "
+    return f"in-server batches ran {r.batch_compute_us / r.raw_compute_us:.2f}x raw's time (cores shared with the loop and wrk); "
+
+
 # --- servers ------------------------------------------------------------------------------------
 
 
@@ -545,8 +563,7 @@ def report(cases: list[ModelCase], args: argparse.Namespace) -> None:
                 attainable = args.threads * 1e6 / ((r.loop_cpu_us or 0) + r.wrk_cpu_us + raw_per_row)
                 print(f"{case.name:<13}at c={c}: loop {r.loop_cpu_us:.0f} + wrk {r.wrk_cpu_us:.0f} + session.run "
                       f"{raw_per_row:.0f} core-us per request -> at most {attainable:,.0f} req/s on {args.threads} cores "
-                      f"({100 * attainable / case.limit:.0f}% of the limit); in-server batches ran "
-                      f"{r.batch_compute_us / r.raw_compute_us:.2f}x raw's time (cores shared with the loop and wrk); "
+                      f"({100 * attainable / case.limit:.0f}% of the limit); {_batch_time_vs_raw(args, r)}"
                       f"reached {100 * r.rps / attainable:.0f}% of that bound")
     print("% limit: of the best session.run throughput at any batch size; % lim<=c: of the best at a batch no larger than "
           "the concurrency (the largest batch c connections can form); x aiohttp: tandem native with its front door vs without")
