@@ -16,7 +16,7 @@ Models: ``digits`` (the cloud variant of ``tandem build examples/digits``, from 
 ``digits-fp32`` (that bundle's fp32 CNN teacher served as the cloud variant),
 ``mlp`` (tests/support's MLP bundle, all overhead), ``wide`` (64-2048-2048-10), ``heavy``
 (64-4096-4096-4096-10, ~34 M multiply-adds per sample, bound by streaming its weights: its limit
-is at batch 128) and ``conv`` (a 6-layer 256-channel CNN on the input as an 8x8 image, ~230 M
+is at batch 128) and ``conv`` (a 12-layer 256-channel CNN on the input as an 8x8 image, ~415 M
 multiply-adds per sample at any batch size: compute dominates).
 
     apt-get install -y wrk                      # Debian/Ubuntu
@@ -133,8 +133,8 @@ def _case(repository: Path, name: str, describe: str) -> ModelCase:
 # (~34 M multiply-adds per sample) streams 64 MB of weights per run, so its cost per sample falls
 # with the batch size up to 128, a batch that 64 connections cannot form.
 _MLPS = {"mlp": (128, 128), "wide": (2048, 2048), "heavy": (4096, 4096, 4096)}
-# (channels, layers) of the generated CNN: "conv" (~230 M multiply-adds per sample, 14 MB of
-# weights) is where compute dominates: ~2 ms of a core per sample at any batch size.
+# (channels, layers) of the generated CNN: "conv" (~415 M multiply-adds per sample, 26 MB of
+# weights) is where compute dominates: ~4.3 ms of a core per sample at any batch size.
 _CNNS = {"conv": (256, 12)}
 
 
