@@ -58,7 +58,9 @@ class BatchResult:
 class BatchObserver:
     """Hooks the batcher calls (metrics implement them); the defaults do nothing."""
 
-    def on_batch(self, rows: int, requests: int, compute_us: float, queue_us: Sequence[float]) -> None: ...
+    def on_batch(self, rows: int, requests: int, compute_us: float, queue_us: Sequence[float]) -> None:
+        """One batch ran: ``rows`` in all, ``requests`` of them answered with outputs (a request
+        cancelled meanwhile is not), the batch's compute time and each request's queue time."""
 
 
 class _Pending:
@@ -345,10 +347,12 @@ class Batcher:
         if results is not None:
             self._batch_s += 0.1 * (compute_us / 1e6 - self._batch_s)
             queue_us = [(started - item.enqueued) * 1e6 for item in batch]
+            answered = 0
             for item, outputs, q_us in zip(batch, results, queue_us):
                 if not item.future.done():
                     item.future.set_result(BatchResult(outputs, q_us, compute_us, rows))
-            self._observer.on_batch(rows, len(batch), compute_us, queue_us)
+                    answered += 1
+            self._observer.on_batch(rows, answered, compute_us, queue_us)
         else:
             for item, got in zip(batch, outcome[2]):
                 if item.future.done():

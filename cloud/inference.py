@@ -119,7 +119,6 @@ class Inference:
             out = {name: out[name] for name in call.outputs}
         if call.key is not None and self._cache is not None:
             self._cache.put(call.key, out)
-        served.metrics.success()
         return Outcome(served, out, result.queue_us, result.compute_us, result.batch_size)
 
     async def wait(self, call: Call) -> Outcome:
