@@ -251,8 +251,7 @@ class _Connection(asyncio.Protocol):
         h = request.headers
         slot = _Slot(gate.request_id(h.get("x-request-id")), request.path, time.perf_counter())
         self._slots.append(slot)
-        door.served += 1
-        door._metrics.front_requests.inc()
+        door.served += 1  # published by FrontDoor._sync_metrics, not counted here (hot path)
         try:
             gate.check_auth(request.path, h.get("authorization"))
             if request.protocol == "v1":
@@ -394,6 +393,8 @@ class FrontDoor:
         #: Requests the front door answered itself, and connections it handed to aiohttp.
         self.served = 0
         self.handed_off = 0
+        self._served_published = 0
+        self._metrics.on_refresh(self._sync_metrics)
         #: Connections dropped because the front door itself failed (a bug; logged with its traceback).
         self.internal_errors = 0
 
@@ -414,6 +415,15 @@ class FrontDoor:
             lambda: _Connection(self), host, port, backlog=backlog, reuse_port=reuse_port or None
         )
         self._sweeper = loop.create_task(self._sweep())
+
+    def _sync_metrics(self) -> None:
+        """Publish the requests served since the last call: one Counter.inc per scrape instead of
+        one per request (~0.4 us of the loop's ~24 us per request). With --workers N, the app's
+        periodic metrics refresh runs it too, for the scrapes that reach another worker."""
+        new = self.served - self._served_published
+        if new:
+            self._metrics.front_requests.inc(new)
+            self._served_published += new
 
     async def _sweep(self) -> None:
         while True:
@@ -440,6 +450,7 @@ class FrontDoor:
             await asyncio.sleep(0.01)
         for conn in list(self._connections):
             conn.close()
+        self._sync_metrics()
 
 
 class _AiohttpOnly:

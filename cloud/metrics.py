@@ -42,6 +42,8 @@ class Metrics:
         # Per model version: the live pending count, copied into the gauge by refresh() when the
         # gauge cannot call it itself (multiprocess mode).
         self._pending_sources: dict[tuple[str, str], Callable[[], float]] = {}
+        # Callables that publish counters kept as plain ints on the hot path (see on_refresh).
+        self._syncs: list[Callable[[], None]] = []
         r = self.registry = CollectorRegistry()
         self.success = Counter("tandem_inference_request_success", "Inference requests answered with outputs", _LABELS, registry=r)
         self.failure = Counter(
@@ -79,17 +81,24 @@ class Metrics:
     def for_model(self, model: str, version: str) -> "ModelMetrics":
         return ModelMetrics(self, model, version)
 
+    def on_refresh(self, sync: Callable[[], None]) -> None:
+        """Call ``sync`` at each :meth:`refresh` (each scrape, and periodically with --workers N):
+        a hot path may count in a plain int and publish the difference then."""
+        self._syncs.append(sync)
+
     def refresh(self) -> None:
-        """Copy the live pending counts into the gauge (multiprocess mode only; else a no-op)."""
+        """Run the on_refresh syncs; copy the live pending counts into the gauge (multiprocess mode)."""
+        for sync in self._syncs:
+            sync()
         if not self.multiprocess:
             return
         for labels, pending in list(self._pending_sources.items()):
             self.pending.labels(*labels).set(pending())
 
     def render(self) -> bytes:
+        self.refresh()
         if not self.multiprocess:
             return generate_latest(self.registry)
-        self.refresh()
         # A fresh registry per scrape, as prometheus_client documents for multiprocess mode.
         merged = CollectorRegistry()
         MultiProcessCollector(merged)

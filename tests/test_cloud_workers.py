@@ -69,6 +69,11 @@ def _metric(url: str, name: str, model: str) -> float:
     return sum(values)
 
 
+def _front_door_requests(url: str) -> float:
+    text = request(url, "GET", "/metrics")[2].decode()
+    return sum(float(line.split()[1]) for line in text.splitlines() if line.startswith("tandem_front_door_requests_total "))
+
+
 def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -100,6 +105,10 @@ def test_two_workers_share_the_port_the_metrics_and_survive_a_kill(tmp_path: Pat
         results = _toy_calls(url, 400)
         assert [r[0] for r in results] == [200] * 400
         assert {int(r[1][WORKER]) for r in results} == set(pids)  # both workers answered
+        # The front door counts in a plain int and publishes it at a scrape of its own worker and
+        # at the periodic refresh: one scrape (reaching one worker) a moment later has both.
+        time.sleep(0.5)
+        assert _front_door_requests(url) == 400
         # Counters sum over the workers, whichever one is asked; gauges are live sums.
         for _ in range(4):
             assert _metric(url, "tandem_inference_request_success_total", "toy") == 400
