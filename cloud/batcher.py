@@ -101,6 +101,9 @@ class Batcher:
         self._preferred = frozenset(config.preferred_batch_sizes)
         self._delay_s = config.max_queue_delay_us / 1e6
         self._fill_wait_s = config.fill_wait_us / 1e6
+        # Validated requests differ in signature only where an input has a dynamic non-batch
+        # dimension (names and dtypes are fixed by the model): skip computing it otherwise.
+        self._signatures_vary = any(None in t.shape[1:] for t in engine.inputs)
         self._queues: list[deque[_Pending]] = [deque() for _ in range(config.priority_levels)]
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # a thread waits here for requests
@@ -163,7 +166,8 @@ class Batcher:
             raise DeadlineExceeded(f"model {self.name}: the request's deadline had passed on arrival")
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         fut: asyncio.Future[BatchResult] = self._loop.create_future()
-        item = _Pending(inputs, rows, _signature(inputs), fut, deadline, time.perf_counter())
+        key = _signature(inputs) if self._signatures_vary else ()
+        item = _Pending(inputs, rows, key, fut, deadline, time.perf_counter())
         self._idle.clear()
         with self._lock:
             self._queues[level - 1].append(item)
