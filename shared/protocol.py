@@ -46,6 +46,9 @@ def infer_path(model: str, version: str | None = None) -> str:
     return f"{NATIVE_PREFIX}/models/{model}/infer"
 
 
+_REQUEST_FIELDS = frozenset({"id", "inputs", "outputs", "deadline_ms", "priority", "parameters"})
+
+
 @dataclass(slots=True)
 class InferRequest:
     inputs: dict[str, np.ndarray]
@@ -74,8 +77,8 @@ class InferRequest:
         msg = unpackb(body, max_bytes)
         if type(msg) is not dict:  # unpackb gives dicts for msgpack maps
             raise InvalidInput("request body must be a msgpack map")
-        unknown = set(msg) - {"id", "inputs", "outputs", "deadline_ms", "priority", "parameters"}
-        if unknown:
+        if not msg.keys() <= _REQUEST_FIELDS:
+            unknown = msg.keys() - _REQUEST_FIELDS
             raise InvalidInput(f"unknown request field(s): {', '.join(sorted(map(str, unknown)))}")
         if "inputs" not in msg:
             raise InvalidInput("request has no 'inputs'")
@@ -96,14 +99,8 @@ class InferRequest:
         params = msg.get("parameters") or {}
         if type(params) is not dict:
             raise InvalidInput("'parameters' must be a map")
-        return cls(
-            inputs=decode_tensors(msg["inputs"]),
-            id=rid,
-            outputs=outputs,
-            deadline_ms=float(deadline) if deadline is not None else None,
-            priority=priority,
-            parameters=dict(params),
-        )
+        # params is a fresh dict from unpackb: kept as it is, not copied.
+        return cls(decode_tensors(msg["inputs"]), rid, outputs, float(deadline) if deadline is not None else None, priority, params)
 
 
 @dataclass(slots=True)

@@ -81,6 +81,14 @@ def dtype_of(datatype: str) -> np.dtype:
 
 def check_shape(shape: Any, what: str = "tensor") -> tuple[int, ...]:
     """Validate a wire shape (list of non-negative ints) and return it as a tuple."""
+    if type(shape) is list:  # what msgpack and JSON give: check it without building a copy
+        for d in shape:
+            if type(d) is not int or d < 0:
+                break
+        else:
+            if shape and math.prod(shape) > MAX_ELEMENTS:
+                raise TensorCodecError(f"{what}: shape {shape} has more than {MAX_ELEMENTS} elements")
+            return tuple(shape)
     if not isinstance(shape, (list, tuple)):
         raise TensorCodecError(f"{what}: shape must be a list of integers, got {type(shape).__name__}")
     out = []
@@ -121,13 +129,14 @@ def decode_tensor(obj: Any, what: str = "tensor") -> np.ndarray:
     """Wire map -> numpy array (read-only view over the payload for numeric types)."""
     if type(obj) is not dict and not isinstance(obj, Mapping):  # msgpack gives dicts: skip the ABC check
         raise TensorCodecError(f"{what}: expected a map with datatype, shape, data; got {type(obj).__name__}")
-    missing = [k for k in ("datatype", "shape", "data") if k not in obj]
-    if missing:
-        raise TensorCodecError(f"{what}: missing field(s) {', '.join(missing)}")
-    dtype = dtype_of(obj["datatype"])
-    shape = check_shape(obj["shape"], what)
+    try:
+        datatype, shape, data = obj["datatype"], obj["shape"], obj["data"]
+    except KeyError:
+        missing = [k for k in ("datatype", "shape", "data") if k not in obj]
+        raise TensorCodecError(f"{what}: missing field(s) {', '.join(missing)}") from None
+    dtype = dtype_of(datatype)
+    shape = check_shape(shape, what)
     count = math.prod(shape)
-    data = obj["data"]
     if dtype.kind == "O":
         if not isinstance(data, (list, tuple)):
             raise TensorCodecError(f"{what}: BYTES data must be an array of bin elements")
@@ -139,7 +148,7 @@ def decode_tensor(obj: Any, what: str = "tensor") -> np.ndarray:
     expected = count * dtype.itemsize
     if len(data) != expected:
         raise TensorCodecError(
-            f"{what}: shape {list(shape)} of {obj['datatype']} needs {expected} bytes, got {len(data)}"
+            f"{what}: shape {list(shape)} of {datatype} needs {expected} bytes, got {len(data)}"
         )
     return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
 
