@@ -39,6 +39,7 @@ from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .native import NativeAPI
 from .registry import Registry
 from .repository import ModelRepository
+from .control import ModelControl
 from .v2 import V2API
 
 __all__ = ["create_app", "ServerState", "STATE", "HEADER_WORKER"]
@@ -62,6 +63,11 @@ class ServerState:
     ready: bool = False
     gate: Gate = field(init=False)
     extras: list[Any] = field(default_factory=list)  # registry, feedback store
+    #: Model load/unload: the repository itself, or with --workers N a WorkerControl (control.py).
+    control: ModelControl = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.control = self.repository
 
 
 STATE = web.AppKey("tandem_state", ServerState)
@@ -152,7 +158,7 @@ def create_app(config: ServerConfig) -> web.Application:
     app[STATE] = state
 
     NativeAPI(inference, config.max_body_bytes).add_routes(app)
-    V2API(inference, repository, lambda: state.ready, config.max_body_bytes, workers=config.workers).add_routes(app)
+    V2API(inference, repository, lambda: state.ready, config.max_body_bytes, control=lambda: state.control).add_routes(app)
 
     async def metrics_handler(request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -116,11 +116,22 @@ async def _run_server(config, worker: bool = False) -> int:  # type: ignore[no-u
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     if worker:
+        import sys
+
+        from .control import WorkerControl
         from .workers import follow_supervisor
 
+        state = app[STATE]
+
+        def send(line: str) -> None:  # to the supervisor, which reads our stdout line by line
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
         # Not ready until the supervisor says every worker is: any worker may answer a health check.
-        app[STATE].ready = False
-        follow_supervisor(loop, on_go=lambda: setattr(app[STATE], "ready", True), on_eof=stop.set)
+        state.ready = False
+        # Model load/unload reaches every worker through the supervisor (see control.py).
+        state.control = WorkerControl(state.repository, send, on_go=lambda: setattr(state, "ready", True))
+        follow_supervisor(loop, on_line=state.control.command, on_eof=stop.set)
     door = await listen(runner, config.host, config.port, reuse_port=worker, backlog=1024)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -144,5 +155,7 @@ async def _run_server(config, worker: bool = False) -> int:  # type: ignore[no-u
     # sessions.
     await door.close(config.shutdown_timeout_s)
     await runner.cleanup()
+    if worker:
+        await app[STATE].control.close()  # type: ignore[attr-defined]
     log.info("stopped")
     return 0

@@ -8,6 +8,7 @@ Errors are JSON ``{"error": ..., "code": ...}`` with the right status (the app's
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -15,9 +16,10 @@ from aiohttp import web
 from tandem.shared import __version__
 from tandem.shared import protocol as p
 from tandem.shared import v2
-from tandem.shared.errors import InvalidInput, NotSupported, TandemError, Unavailable
+from tandem.shared.errors import InvalidInput, TandemError, Unavailable
 
 from .body import read_body
+from .control import ModelControl
 from .inference import Call, Inference, Outcome, deadline_seconds
 from .repository import ModelRepository
 
@@ -73,9 +75,10 @@ def reply(inference: Inference, outcome: Outcome, req: v2.V2Request) -> tuple[by
 
 class V2API:
     def __init__(
-        self, inference: Inference, repository: ModelRepository, is_ready: Any, max_body_bytes: int, *, workers: int = 1
+        self, inference: Inference, repository: ModelRepository, is_ready: Any, max_body_bytes: int, *,
+        control: Callable[[], ModelControl] | None = None,
     ) -> None:
-        self._workers = workers
+        self._control = control or (lambda: repository)
         self._inference = inference
         self._max_body = max_body_bytes
         self._repo = repository
@@ -139,28 +142,17 @@ class V2API:
             rows = [r for r in rows if r["state"] == "READY"]
         return _json(rows)
 
-    def _single_worker_only(self) -> None:
-        """Refuse model control with several workers: one request reaches one worker process only,
-        so the workers would end up serving different models."""
-        if self._workers > 1:
-            raise NotSupported(
-                f"model load/unload is not supported with --workers {self._workers}: a request reaches one worker"
-                " only. Change the repository and do a rolling restart, or serve with --workers 1."
-            )
-
     async def load(self, request: web.Request) -> web.Response:
-        self._single_worker_only()
         doc = await _json_body(request)
         params = doc.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidInput("'parameters' must be an object")
         if any(k == "config" or k.startswith("file:") for k in params):
             raise InvalidInput("load overrides (config, file:) are not supported: put the bundle in the repository")
-        await self._repo.load(request.match_info["model"])
+        await self._control().load(request.match_info["model"])
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
-        self._single_worker_only()
         await _json_body(request)
-        await self._repo.unload(request.match_info["model"])
+        await self._control().unload(request.match_info["model"])
         return web.Response(status=200)

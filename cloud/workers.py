@@ -9,19 +9,19 @@ with SO_REUSEPORT, so the kernel spreads connections among them. Supervisor and 
 the worker's stdio:
 
 * worker -> supervisor (stdout): the model lines and ``ready http://host:port`` once it listens;
+  the ``tandem-control`` / ``tandem-applied`` lines of a model load or unload (control.py);
 * supervisor -> worker (stdin): ``go`` once every worker listens (until then a worker's
   ``/v2/health/ready`` says 503: any worker may answer a health check, so one ready worker must
-  not make the whole server look ready); end of file means the supervisor is gone, and the worker
-  drains and exits (no orphans serving a port after a ``kill -9`` of the supervisor).
+  not make the whole server look ready); the ``apply`` / ``result`` lines of a model change, which
+  reaches every worker (the unloads standing are applied before ``go``); end of file means the
+  supervisor is gone, and the worker drains and exits (no orphans serving a port after a
+  ``kill -9`` of the supervisor).
 
 The supervisor prints the usual ``ready`` line when all workers are ready, forwards SIGTERM/SIGINT
 (each worker drains as a single server does) and exits 0 when all exited 0. A worker that dies
 otherwise is logged and restarted, at most ``MAX_RESTARTS`` times in ``RESTART_WINDOW_S``; beyond
 that the supervisor stops the others and exits 1. Metrics use prometheus_client's multiprocess mode
 in a fresh temporary directory (see metrics.py), removed at exit.
-
-Limitation: model load/unload over /v2/repository would reach one worker only, so it answers 501
-(see v2.py); change the repository and restart instead.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ServerConfig
+from .control import APPLIED, CONTROL, Broadcasts
 
 __all__ = ["supervise", "follow_supervisor", "MAX_RESTARTS", "RESTART_WINDOW_S"]
 
@@ -57,12 +58,13 @@ _log = logging.getLogger("tandem.cloud.workers")
 # --- worker side -----------------------------------------------------------------------------------
 
 
-def follow_supervisor(loop: asyncio.AbstractEventLoop, on_go: Callable[[], None], on_eof: Callable[[], None]) -> None:
-    """Read the supervisor's commands from stdin in a daemon thread and run them on ``loop``."""
+def follow_supervisor(loop: asyncio.AbstractEventLoop, on_line: Callable[[str], None], on_eof: Callable[[], None]) -> None:
+    """Read the supervisor's lines from stdin in a daemon thread; ``on_line(line)`` runs each on
+    ``loop`` (``go``, and the model changes of control.py), ``on_eof()`` runs at end of file."""
 
-    def call(fn: Callable[[], None]) -> None:
+    def call(fn: Callable[..., None], *args: str) -> None:
         try:
-            loop.call_soon_threadsafe(fn)
+            loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is already closed: the worker is exiting anyway
             pass
 
@@ -75,8 +77,7 @@ def follow_supervisor(loop: asyncio.AbstractEventLoop, on_go: Callable[[], None]
             pending += chunk
             while b"\n" in pending:
                 line, pending = pending.split(b"\n", 1)
-                if line + b"\n" == _GO:
-                    call(on_go)
+                call(on_line, line.decode(errors="replace"))
         call(on_eof)
 
     threading.Thread(target=read, name="tandem-supervisor", daemon=True).start()
@@ -115,6 +116,10 @@ class _Supervisor:
     failed: bool = False
     restarts: collections.deque[float] = field(default_factory=collections.deque)
     signalled: list[int] = field(default_factory=list)
+    broadcasts: Broadcasts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.broadcasts = Broadcasts(self.config.workers)
 
     @property
     def metrics_dir(self) -> Path:
@@ -138,12 +143,25 @@ class _Supervisor:
         self.events.put((worker.index, worker.proc.pid, None))
 
     def go(self, worker: _Worker) -> None:
+        """Let a worker report ready, once it has applied the model unloads standing."""
+        for line in self.broadcasts.replay():
+            self.send(worker.index, worker.proc.pid, line)
+        self.send(worker.index, worker.proc.pid, _GO.decode().rstrip("\n"))
+
+    def send(self, index: int, pid: int, line: str) -> None:
+        """Write one line to worker ``index`` if it is still process ``pid``."""
+        worker = self.workers[index] if index < len(self.workers) else None
+        if worker is None or worker.proc.pid != pid:
+            return
         try:
             assert worker.proc.stdin is not None
-            worker.proc.stdin.write(_GO)
+            worker.proc.stdin.write(line.encode() + b"\n")
             worker.proc.stdin.flush()
         except OSError:  # it died meanwhile; the main loop sees that
             pass
+
+    def _alive(self) -> dict[int, int]:
+        return {w.index: w.proc.pid for w in self.workers if w.proc.poll() is None}
 
     def signal_all(self, sig: int) -> None:
         for w in self.workers:
@@ -163,7 +181,13 @@ class _Supervisor:
             worker = self.workers[index] if index < len(self.workers) else None
             if line is None or worker is None or worker.proc.pid != pid:
                 continue  # end of file (poll() sees the exit) or a line from a replaced worker
-            if line.startswith("ready "):
+            if line.startswith(CONTROL):
+                for target in self.broadcasts.request(index, pid, line, self._alive()):
+                    self.send(*target)
+            elif line.startswith(APPLIED):
+                for target in self.broadcasts.applied(index, pid, line):
+                    self.send(*target)
+            elif line.startswith("ready "):
                 worker.ready = True
                 if not self.port:
                     self.port = int(line.rsplit(":", 1)[1])
@@ -183,6 +207,8 @@ class _Supervisor:
 
             # Its gauges ('livesum') must no longer count; its counters stay in the totals.
             multiprocess.mark_process_dead(w.proc.pid, str(self.metrics_dir))
+            for target in self.broadcasts.gone(i, w.proc.pid):  # it owes no answer any more
+                self.send(*target)
             if not running:
                 _log.error("worker %d/%d (pid %d) exited with %s while starting", i + 1, self.config.workers, w.proc.pid, code)
                 self.fail()

@@ -1,5 +1,6 @@
 """``tandem serve --workers 2`` as real processes: both workers answer, /metrics sums them, model
-control is refused, a SIGKILLed worker is replaced, SIGTERM drains every worker and exits 0."""
+load/unload reaches every worker (a replacement included), a SIGKILLed worker is replaced, SIGTERM
+drains every worker and exits 0."""
 
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         proc.wait(10)
 
 
-def test_two_workers_share_the_port_the_metrics_and_survive_a_kill(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+def test_two_workers_share_the_port_the_metrics_and_model_control_and_survive_a_kill(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     repo = make_repository(tmp_path / "repo", keys[0], toy_versions=("1",), slow=False, varlen=False)
     port, log = free_port(), tmp_path / "serve.log"
     proc = _serve(repo, keys[1], port, log, tmp_path)
@@ -114,12 +115,31 @@ def test_two_workers_share_the_port_the_metrics_and_survive_a_kill(tmp_path: Pat
             assert _metric(url, "tandem_inference_request_success_total", "toy") == 400
         assert _metric(url, "tandem_model_instances", "toy") == 2
 
+        # Model control reaches every worker, whichever one the request lands on.
         status, _, raw = request(url, "POST", "/v2/repository/models/toy/unload", b"{}")
-        assert status == 501 and json.loads(raw)["code"] == "not_supported" and "--workers 1" in json.loads(raw)["error"]
+        assert status == 200, raw
+        results = _toy_calls(url, 40)
+        assert {r[0] for r in results} == {503} and {int(r[1][WORKER]) for r in results} == set(pids)
+        for _ in range(4):
+            index = json.loads(request(url, "POST", "/v2/repository/index", b"{}")[2])
+            assert {(r["name"], r["state"]) for r in index} == {("toy", "UNAVAILABLE")}
+        # A change that fails fails on every worker, and the answer says so.
+        status, _, raw = request(url, "POST", "/v2/repository/models/nope/load", b"{}")
+        error = json.loads(raw)
+        assert status == 404 and error["code"] == "model_not_found", raw
+        assert re.match(r"worker [12]/2 \(pid \d+\): no model 'nope'.*\(2 of 2 workers failed\)", error["error"]), error
 
         os.kill(pids[0], signal.SIGKILL)
         _wait_for(lambda: "exited unexpectedly" in log.read_text(), 10, "the supervisor to notice the kill")
         _wait_for(lambda: len(re.findall(r"worker \d/2 ready: pid", log.read_text())) == 3, 30, "the replacement to be ready")
+        # The replacement loaded every model on disk, then applied the unload standing before ready.
+        results = _toy_calls(url, 40)
+        assert {r[0] for r in results} == {503}
+        answered = {int(r[1][WORKER]) for r in results}
+        assert pids[0] not in answered and pids[1] in answered and len(answered) == 2
+
+        status, _, raw = request(url, "POST", "/v2/repository/models/toy/load", b"{}")
+        assert status == 200, raw
         results = _toy_calls(url, 200)
         assert [r[0] for r in results] == [200] * 200
         answered = {int(r[1][WORKER]) for r in results}
@@ -187,3 +207,26 @@ def test_a_worker_that_keeps_dying_makes_the_server_exit_1(tmp_path: Path, keys:
             request(f"http://127.0.0.1:{port}", "GET", "/v2/health/live", timeout=2)
     finally:
         _stop(proc)
+
+
+def test_the_supervisor_answers_a_change_once_every_live_worker_has_or_has_died() -> None:
+    from tandem.cloud.control import APPLIED, CONTROL, Broadcasts
+
+    b = Broadcasts(2)
+    ask = CONTROL + json.dumps({"id": "100-1", "op": "unload", "model": "toy"})
+    sent = b.request(0, 100, ask, {0: 100, 1: 200})
+    assert [(i, pid) for i, pid, _ in sent] == [(0, 100), (1, 200)]
+    assert all(line.startswith("apply ") and json.loads(line[6:])["op"] == "unload" for _, _, line in sent)
+    assert b.applied(0, 100, APPLIED + json.dumps({"id": "100-1", "ok": True})) == []  # worker 2 still owes one
+    assert b.applied(1, 999, APPLIED + json.dumps({"id": "100-1", "ok": True})) == []  # not the pid asked
+    (index, pid, line), = b.gone(1, 200)  # worker 2 died: the change is done
+    assert (index, pid) == (0, 100) and line.startswith("result ")
+    assert [r["worker"] for r in json.loads(line[7:])["results"]] == ["1/2 (pid 100)"]
+    # The unload stands for workers that start later; a load lifts it.
+    assert [json.loads(x[6:])["model"] for x in b.replay()] == ["toy"]
+    b.request(1, 300, CONTROL + json.dumps({"id": "300-1", "op": "load", "model": "toy"}), {0: 100, 1: 300})
+    assert b.replay() == []
+    # Garbage from a worker is logged and ignored.
+    assert b.request(0, 100, CONTROL + "{not json", {0: 100}) == []
+    assert b.request(0, 100, CONTROL + json.dumps({"id": "x", "op": "drop", "model": "toy"}), {0: 100}) == []
+    assert b.applied(0, 100, APPLIED + "[]") == []
