@@ -4,6 +4,8 @@ In one run, per model, on the same cores:
 
 * **limit**: raw ``session.run`` throughput at the best batch size (in this process, nothing else running);
 * ``tandem serve`` with the native msgpack protocol, and with Open Inference Protocol v2 binary tensors;
+  ``tandem serve --workers N`` (one process and one single-thread session per core: the
+  throughput setting) with the native protocol;
 * **naive**: one aiohttp handler with one ``session.run`` per request (``bench/naive_server.py``);
 * **litserve**: LitServe with its batching on (``bench/litserve_server.py``; ``--with-litserve``).
 
@@ -481,6 +483,19 @@ def bench_case(case: ModelCase, args: argparse.Namespace, public_key: Path, tmp:
     finally:
         tandem.stop()
 
+    # The throughput setting for CPU boxes: one process (event loop) and one single-thread session
+    # per core. Its batch-1 compute is slower (one thread), so the default is still one process.
+    if args.workers_row > 1 and _workers(args) == 1:
+        port = _free_port()
+        label = f"tandem w{args.workers_row}"
+        multi = Server(label, ["tandem", "serve", "--repository", str(case.repository), "--port", str(port), *trust,
+                               *args.serve_args, f"--workers={args.workers_row}"], port, "/v2/health/ready",
+                       tmp / f"tandem-w-{case.name}.log", {"TANDEM_ACCESS_LOG": "false", **dict(kv.split("=", 1) for kv in args.serve_env)})
+        try:
+            load_server(label, "native", multi, native_load(case), case, args, tmp)
+        finally:
+            multi.stop()
+
     # The same server without its front door (cloud/front.py): aiohttp serves every request.
     port = _free_port()
     plain = Server("tandem aiohttp", ["tandem", "serve", "--repository", str(case.repository), "--port", str(port), *trust,
@@ -566,7 +581,8 @@ def report(cases: list[ModelCase], args: argparse.Namespace) -> None:
                       f"({100 * attainable / case.limit:.0f}% of the limit); {_batch_time_vs_raw(args, r)}"
                       f"reached {100 * r.rps / attainable:.0f}% of that bound")
     print("% limit: of the best session.run throughput at any batch size; % lim<=c: of the best at a batch no larger than "
-          "the concurrency (the largest batch c connections can form); x aiohttp: tandem native with its front door vs without")
+          "the concurrency (the largest batch c connections can form); x aiohttp: tandem native with its front door vs without; "
+          "tandem wN: tandem serve --workers N (N processes, one single-thread session each), native protocol")
     print("tandem runs with TANDEM_ACCESS_LOG=false (the naive server and LitServe log nothing either); "
           "its access log cost ~15% at 64 connections when measured")
     print("targets: tandem >= 70% of limit at 64 (small model), >= 90% where compute dominates (conv); "
@@ -584,6 +600,8 @@ def main() -> int:
                    help="environment for tandem serve, e.g. TANDEM_BATCHING__MAX_BATCH_SIZE=64 (repeat)")
     p.add_argument("--with-litserve", action="store_true", help="pip-install litserve if missing and include it")
     p.add_argument("--serve-arg", dest="serve_args", action="append", default=[], help="extra flag for tandem serve (repeat)")
+    p.add_argument("--workers-row", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="also run tandem serve --workers N, native protocol (default: one per core; 1: skip)")
     args = p.parse_args()
 
     if shutil.which("wrk") is None:
