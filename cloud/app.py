@@ -32,6 +32,7 @@ from tandem.shared.errors import (
     TandemError,
 )
 from .config import ServerConfig
+from .control import ModelControl
 from .feedback import FeedbackStore
 from .gate import HEADER_WORKER, Gate
 from .inference import MODEL_KEY, REQUEST_ID_KEY, Inference
@@ -39,7 +40,6 @@ from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .native import NativeAPI
 from .registry import Registry
 from .repository import ModelRepository
-from .control import ModelControl
 from .v2 import V2API
 
 __all__ = ["create_app", "ServerState", "STATE", "HEADER_WORKER"]

@@ -115,6 +115,7 @@ async def _run_server(config, worker: bool = False) -> int:  # type: ignore[no-u
     await runner.setup()  # loads and warms every model
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    control = None
     if worker:
         import sys
 
@@ -130,8 +131,8 @@ async def _run_server(config, worker: bool = False) -> int:  # type: ignore[no-u
         # Not ready until the supervisor says every worker is: any worker may answer a health check.
         state.ready = False
         # Model load/unload reaches every worker through the supervisor (see control.py).
-        state.control = WorkerControl(state.repository, send, on_go=lambda: setattr(state, "ready", True))
-        follow_supervisor(loop, on_line=state.control.command, on_eof=stop.set)
+        state.control = control = WorkerControl(state.repository, send, on_go=lambda: setattr(state, "ready", True))
+        follow_supervisor(loop, on_line=control.command, on_eof=stop.set)
     door = await listen(runner, config.host, config.port, reuse_port=worker, backlog=1024)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -155,7 +156,7 @@ async def _run_server(config, worker: bool = False) -> int:  # type: ignore[no-u
     # sessions.
     await door.close(config.shutdown_timeout_s)
     await runner.cleanup()
-    if worker:
-        await app[STATE].control.close()  # type: ignore[attr-defined]
+    if control is not None:
+        await control.close()
     log.info("stopped")
     return 0

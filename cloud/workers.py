@@ -50,7 +50,7 @@ __all__ = ["supervise", "follow_supervisor", "MAX_RESTARTS", "RESTART_WINDOW_S"]
 
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
-_GO = b"go\n"
+_GO = "go"
 _POLL_S = 0.1
 _log = logging.getLogger("tandem.cloud.workers")
 
@@ -146,7 +146,7 @@ class _Supervisor:
         """Let a worker report ready, once it has applied the model unloads standing."""
         for line in self.broadcasts.replay():
             self.send(worker.index, worker.proc.pid, line)
-        self.send(worker.index, worker.proc.pid, _GO.decode().rstrip("\n"))
+        self.send(worker.index, worker.proc.pid, _GO)
 
     def send(self, index: int, pid: int, line: str) -> None:
         """Write one line to worker ``index`` if it is still process ``pid``."""
