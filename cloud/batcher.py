@@ -38,7 +38,7 @@ import numpy as np
 from tandem.shared.errors import DeadlineExceeded, InferenceFailed, Overloaded, TandemError, Unavailable
 
 from .config import BatchingConfig
-from .engine import ModelEngine
+from .engine import ModelEngine, lower_thread_priority
 
 __all__ = ["BatchResult", "Batcher", "BatchObserver"]
 
@@ -214,6 +214,7 @@ class Batcher:
     # --- the instance threads ---------------------------------------------------------------------
 
     def _thread(self, instance: int) -> None:
+        lower_thread_priority(self.engine.nice)  # below the loop that feeds it
         while True:
             with self._lock:
                 while not self._depth and not self._stopped:

@@ -320,6 +320,7 @@ class ModelRepository:
             instances=cfg.instances,
             intra_op_threads=cfg.threads_per_session(),
             spinning=cfg.ort_spinning,
+            nice=cfg.compute_nice,
         )
         try:
             samples = bundle.load_samples()[0]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,10 @@ import numpy as np
 import pytest
 
 from cloud_support import ServerThread, make_repository, slow_inputs
+from support import make_mlp_onnx
+from tandem.cloud.batcher import Batcher
 from tandem.cloud.config import BatchingConfig, ServerConfig
+from tandem.cloud.engine import ModelEngine
 from tandem.shared import protocol as p
 from tandem.shared.tensors import unpackb
 
@@ -235,3 +241,31 @@ async def test_fill_wait_lets_a_free_instance_wait_for_a_fuller_batch(repo: Path
         assert t_full < 0.35 + 1.0  # a full batch runs at once, without waiting out the 0.4 s
     finally:
         await asyncio.to_thread(s.stop)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are a Linux feature")
+async def test_the_threads_that_compute_run_below_the_event_loop(tmp_path: Path) -> None:
+    def nices() -> dict[int, int]:
+        return {int(t): os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")}
+
+    onnx_path = make_mlp_onnx(tmp_path / "m.onnx")
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    before = nices()
+    engine = ModelEngine(onnx_path, instances=1, intra_op_threads=2, nice=5)
+    pool = {tid: n for tid, n in nices().items() if tid not in before}  # onnxruntime's intra-op thread(s)
+    assert pool and set(pool.values()) == {min(19, base + 5)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller is untouched
+
+    batcher = Batcher(engine, BatchingConfig(), name="m")
+    try:
+        (thread,) = batcher._threads
+        for _ in range(100):
+            if thread.native_id is not None:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == min(19, base + 5)
+        out = await batcher.submit({"input": np.ones((1, 64), np.float32)}, 1)
+        assert out.outputs["logits"].shape == (1, 10)
+    finally:
+        await batcher.close()

@@ -162,10 +162,11 @@ def test_sigterm_drains_every_worker_then_exits_0(tmp_path: Path, keys: tuple[Pa
     try:
         pids = _wait_ready(proc)
         assert _serve_dirs(tmp)  # the supervisor's metrics directory
-        # ~0.5 s each on one intra-op thread here (4 per worker, one at a time): all 8 are still
-        # pending when the signal arrives.
+        # ~0.5 s each on one intra-op thread here (one at a time per worker): all are still pending
+        # when the signal arrives. 16 connections, so that the kernel's spread leaves both workers
+        # some to drain but with odds of 2 in 65536 (with 8 it was 1 in 128).
         body = p.InferRequest(slow_inputs(2500)).to_wire()
-        n = 8
+        n = 16
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
             futures = [pool.submit(request, url, "POST", p.infer_path("slow"), body, None, 60) for _ in range(n)]
             # All n accepted: the pending gauge summed over both workers says so.
