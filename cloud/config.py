@@ -94,7 +94,7 @@ class ServerConfig(BaseSettings):
     #: the batcher's; Linux). The loop feeds them: at equal priority the kernel let it wait ~1 ms
     #: for a core behind them, and they then waited for work. With 2 single-thread instances on 2
     #: cores (instances=2, intra_op_threads=1) it took the fp32 digits CNN at 64 connections from
-    #: ~9.4k to ~11.5k req/s. Relative to the server's own priority, so it only orders the server's
+    #: 8.7-9.8k to 10.2-11.2k req/s. Relative to the server's own priority, so it only orders the server's
     #: threads among themselves when nothing else runs on its cores. 0: off.
     compute_nice: int = Field(10, ge=0, le=19)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
