@@ -99,25 +99,22 @@ class ModelEngine:
         wanted = resolve_providers(providers)
         #: How much lower than the event loop the compute threads run (see lower_thread_priority).
         self.nice = nice
-        if nice > 0:
-            # onnxruntime starts its intra-op threads with the session: build the sessions in a
-            # thread of lowered priority so that those threads inherit it.
-            built: list[BaseException | None] = [None]
+        # onnxruntime starts its intra-op threads with the session: build the sessions in a thread
+        # of lowered priority so that those threads inherit it (and the caller's stays as it is).
+        built: list[BaseException | None] = [None]
 
-            def build() -> None:
-                lower_thread_priority(nice)
-                try:
-                    self._make_sessions(onnx_path, wanted, instances, intra_op_threads, spinning)
-                except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-                    built[0] = e
+        def build() -> None:
+            lower_thread_priority(nice)
+            try:
+                self._make_sessions(onnx_path, wanted, instances, intra_op_threads, spinning)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                built[0] = e
 
-            t = threading.Thread(target=build, name="tandem-session-builder")
-            t.start()
-            t.join()
-            if built[0] is not None:
-                raise built[0]
-        else:
-            self._make_sessions(onnx_path, wanted, instances, intra_op_threads, spinning)
+        t = threading.Thread(target=build, name="tandem-session-builder")
+        t.start()
+        t.join()
+        if built[0] is not None:
+            raise built[0]
         first = self.sessions[0]
         #: What onnxruntime really uses (never what was merely asked for).
         self.providers: list[str] = list(first.get_providers())
