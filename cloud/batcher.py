@@ -44,6 +44,9 @@ __all__ = ["BatchResult", "Batcher", "BatchObserver"]
 
 _log = logging.getLogger(__name__)
 
+#: The share of the load a free instance waits for with ``fill_wait_us`` (see Batcher._fill_target).
+_FILL_SHARE = 0.75
+
 
 @dataclass(slots=True)
 class BatchResult:
@@ -215,8 +218,11 @@ class Batcher:
 
     def _thread(self, instance: int) -> None:
         lower_thread_priority(self.engine.nice)  # below the loop that feeds it
+        answered = 0  # rows of the batch this thread just ran, under load: their clients will send again
         while True:
             with self._lock:
+                if not self._depth:
+                    answered = 0  # the queue ran dry meanwhile: no load to wait for
                 while not self._depth and not self._stopped:
                     self._waiting += 1
                     self._work.wait()
@@ -225,8 +231,8 @@ class Batcher:
                     return
                 if self._delay_s and self._max_rows > 1:
                     self._wait_for_fill()
-                if self._fill_wait_s and self._max_rows > 1:
-                    self._wait_for_rows(time.perf_counter() + self._fill_wait_s)
+                if self._fill_wait_s and answered:
+                    self._wait_for_rows(time.perf_counter() + self._fill_wait_s, self._fill_target(answered))
                 batch, dropped = self._take()
                 if batch:
                     # Counted under the same lock that took them off the queue: pending never dips.
@@ -242,6 +248,9 @@ class Batcher:
                 outcome: list[Any] = [results, compute_us]
             except Exception as e:  # noqa: BLE001 - a thread must survive anything a batch throws
                 outcome = self._isolate(instance, batch, e)
+            # Load is present if requests queued while this batch ran (read before its clients are
+            # answered, so a lone client's next request never waits for company).
+            answered = sum(item.rows for item in batch) if self._fill_wait_s and self._depth else 0
             self._to_loop(self._deliver, batch, started, outcome)
 
     def _to_loop(self, fn: Any, *args: Any) -> None:
@@ -256,9 +265,22 @@ class Batcher:
         if first is not None:
             self._wait_for_rows(first.enqueued + self._delay_s)
 
-    def _wait_for_rows(self, until: float) -> None:
-        """Under the lock: wait until a full (or preferred) batch is queued, or ``until``."""
-        while self._rows < self._max_rows and self._rows not in self._preferred and not self._stopped:
+    def _fill_target(self, answered: int) -> int:
+        """Under the lock: the rows worth waiting for after running a batch of ``answered`` rows.
+
+        The present load, not ``max_batch_size``: under a closed loop of N clients (each sends
+        again once answered) batches cannot grow past N, and waiting for more left the session
+        idle (digits CNN, 2 workers, 64 connections: 15% idle, 10.7k vs 12.1k req/s). The clients
+        of the batch just run send again while the loop answers them: three quarters of them plus
+        what is queued made the fullest batches for the least waiting (0.6-0.75 alike; 0.9
+        waited 3% idle)."""
+        return min(self._max_rows, int(_FILL_SHARE * (self._rows + answered) + 0.5))
+
+    def _wait_for_rows(self, until: float, target: int | None = None) -> None:
+        """Under the lock: wait until ``target`` rows (default: a full batch) or a preferred size
+        are queued, or ``until``."""
+        target = self._max_rows if target is None else target
+        while self._rows < target and self._rows not in self._preferred and not self._stopped:
             remaining = until - time.perf_counter()
             if remaining <= 0:
                 return

@@ -29,11 +29,13 @@ class BatchingConfig(BaseModel):
     max_batch_size: int = Field(32, ge=1)
     #: How long the oldest request may wait for a batch to fill. 0: run whatever is queued at once.
     max_queue_delay_us: int = Field(0, ge=0)
-    #: How long a free instance may wait, from the moment it is free, for a fuller batch (up to
-    #: max_batch_size or a preferred size) when fewer rows are queued. 0: never. Unlike
-    #: max_queue_delay_us (counted from the oldest request's arrival, so it never waits once the
-    #: queue is busy), this lets a compute-bound model under steady load run full batches: the
-    #: clients just answered send again while it waits.
+    #: Under load, how long an instance that just finished a batch may wait for a fuller next one.
+    #: It waits only when requests queued while the batch ran (a lone client never waits), and
+    #: only for what that load can fill: three quarters of the rows it just answered (whose
+    #: clients send again while it waits) plus those queued, at most max_batch_size, or a
+    #: preferred size. 0: never. Unlike max_queue_delay_us (counted from the oldest request's
+    #: arrival, so it never waits once the queue is busy), this lets a model under steady load run
+    #: fuller batches; it costs those requests up to the wait.
     fill_wait_us: int = Field(0, ge=0)
     #: Batch sizes worth waiting for (within max_queue_delay_us) when one is nearly reached.
     preferred_batch_sizes: list[int] = Field(default_factory=list)

@@ -217,28 +217,53 @@ async def test_queue_delay_lets_a_batch_fill(repo: Path, keys: tuple[Path, Path]
         await asyncio.to_thread(s.stop)
 
 
-async def test_fill_wait_lets_a_free_instance_wait_for_a_fuller_batch(repo: Path, keys: tuple[Path, Path]) -> None:
-    """fill_wait_us: requests arriving one after another within the wait run as one batch; a lone
-    request waits at most fill_wait and is then answered (never stuck)."""
+async def test_fill_wait_never_delays_a_lone_client(repo: Path, keys: tuple[Path, Path]) -> None:
+    """fill_wait_us waits only under load: a client alone (each request sent once the last is
+    answered) never waits for company that cannot come."""
     s = await _server(repo, keys, model_batching={"slow": BatchingConfig(max_batch_size=4, fill_wait_us=400_000)})
     try:
         async with aiohttp.ClientSession() as session:
             t0 = time.perf_counter()
-            lone = await _infer(session, s, "slow", slow_inputs(1))
-            waited = lone[3] - t0
-            assert lone[0] == 200 and lone[2][p.HEADER_BATCH_SIZE] == "1"
-            assert 0.35 < waited < 5, waited  # waited for company that never came, then ran
-            tasks = []
-            for i in range(4):  # staggered well inside the wait: they must still meet in one batch
-                tasks.append(asyncio.ensure_future(_infer(session, s, "slow", slow_inputs(1, value=i))))
-                await asyncio.sleep(0.03)
-            results = await asyncio.gather(*tasks)
-            t_full = max(r[3] for r in results) - t0 - waited
-        assert [r[2][p.HEADER_BATCH_SIZE] for r in results] == ["4"] * 4
-        for i, (status, resp, _, _) in enumerate(results):
-            assert status == 200
-            np.testing.assert_array_equal(resp.outputs["y"], slow_inputs(1, value=i)["x"] * 2)
-        assert t_full < 0.35 + 1.0  # a full batch runs at once, without waiting out the 0.4 s
+            for i in range(5):
+                status, resp, headers, _ = await _infer(session, s, "slow", slow_inputs(1, value=i))
+                assert status == 200 and headers[p.HEADER_BATCH_SIZE] == "1"
+                np.testing.assert_array_equal(resp.outputs["y"], slow_inputs(1, value=i)["x"] * 2)
+            elapsed = time.perf_counter() - t0
+        assert elapsed < 0.4, elapsed  # one wait alone would be 0.4 s
+    finally:
+        await asyncio.to_thread(s.stop)
+
+
+async def test_fill_wait_under_load_waits_for_the_clients_just_answered(repo: Path, keys: tuple[Path, Path]) -> None:
+    """After a batch that ran while another request queued, the instance waits (up to
+    fill_wait_us) for the clients it just answered to send again, and runs them together with the
+    queued one instead of running that one alone."""
+    s = await _server(repo, keys, model_batching={"slow": BatchingConfig(max_batch_size=4, fill_wait_us=400_000)})
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def client(i: int) -> tuple[int, Any, dict[str, str], float]:
+                first = await _infer(session, s, "slow", slow_inputs(BLOCK, value=i))
+                assert first[0] == 200
+                return await _infer(session, s, "slow", slow_inputs(1, value=i))  # sent again once answered
+
+            blocker = asyncio.ensure_future(_infer(session, s, "slow", slow_inputs(BLOCK)))
+            await _wait_queue(s, "slow", 1, 0)
+            clients = [asyncio.ensure_future(client(i)) for i in range(3)]
+            await _wait_queue(s, "slow", 4, 3)  # the three queue behind the blocker ...
+            await _wait_queue(s, "slow", 3, 0)  # ... and run as one batch after it
+            lone = asyncio.ensure_future(_infer(session, s, "slow", slow_inputs(1, value=9)))
+            await _wait_queue(s, "slow", 4, 1)  # queued while they compute: load is present
+            status, resp, headers, _ = await lone
+            again = await asyncio.gather(*clients)
+            assert (await blocker)[0] == 200
+        assert status == 200
+        np.testing.assert_array_equal(resp.outputs["y"], slow_inputs(1, value=9)["x"] * 2)
+        # Without the wait it would have run alone (the instance was free and it was all that was queued).
+        assert int(headers[p.HEADER_BATCH_SIZE]) >= 3, headers[p.HEADER_BATCH_SIZE]
+        for i, (st, r, _, _) in enumerate(again):
+            assert st == 200
+            np.testing.assert_array_equal(r.outputs["y"], slow_inputs(1, value=i)["x"] * 2)
     finally:
         await asyncio.to_thread(s.stop)
 
