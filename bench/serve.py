@@ -4,8 +4,9 @@ In one run, per model, on the same cores:
 
 * **limit**: raw ``session.run`` throughput at the best batch size (in this process, nothing else running);
 * ``tandem serve`` with the native msgpack protocol, and with Open Inference Protocol v2 binary tensors;
-  ``tandem serve --workers N`` (one process and one single-thread session per core: the
-  throughput setting) with the native protocol;
+  ``tandem serve --workers N`` with ``batching.fill_wait_us`` (one process and one single-thread
+  session per core, each waiting under load for fuller batches: the throughput setting) with the
+  native protocol;
 * **naive**: one aiohttp handler with one ``session.run`` per request (``bench/naive_server.py``);
 * **litserve**: LitServe with its batching on (``bench/litserve_server.py``; ``--with-litserve``).
 
@@ -110,6 +111,8 @@ class ModelCase:
     limit_batch: int = 0
     limit_at: dict[int, float] = field(default_factory=dict)  # samples/s per batch size (best of the measurements)
     batch1_p50_ms: float = 0.0
+    #: Raw batch-1 p50 of a session with the intra-op threads one of ``--workers-row``'s workers gets.
+    batch1_worker_p50_ms: float = 0.0
     results: dict[str, dict[int, Run]] = field(default_factory=dict)
     floor: Run | None = None  # the no-op responder at concurrency 1
 
@@ -222,6 +225,21 @@ def measure_limit(case: ModelCase, threads: int, seconds: float = 1.5) -> None:
             case.batch1_p50_ms = min(case.batch1_p50_ms, p50) if case.batch1_p50_ms else p50
         case.limit_at[batch] = max(case.limit_at.get(batch, 0.0), rate)
     case.limit, case.limit_batch = max((r, b) for b, r in case.limit_at.items())
+
+
+def measure_worker_batch1(case: ModelCase, threads: int, seconds: float = 1.5) -> None:
+    """Raw batch-1 p50 with ``threads`` intra-op threads (what each --workers process computes with)."""
+    sess = _session(case.onnx_path, threads)
+    for _ in range(5):
+        sess.run(None, case.inputs)
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        sess.run(None, case.inputs)
+        times.append(time.perf_counter() - t)
+    p50 = statistics.median(times) * 1e3
+    case.batch1_worker_p50_ms = min(case.batch1_worker_p50_ms, p50) if case.batch1_worker_p50_ms else p50
 
 
 def _workers(args: argparse.Namespace) -> int:
@@ -484,13 +502,17 @@ def bench_case(case: ModelCase, args: argparse.Namespace, public_key: Path, tmp:
         tandem.stop()
 
     # The throughput setting for CPU boxes: one process (event loop) and one single-thread session
-    # per core. Its batch-1 compute is slower (one thread), so the default is still one process.
+    # per core, waiting under load for fuller batches. Its batch-1 compute is slower (one thread),
+    # and models bound by memory traffic lose with it, so the default is still one process.
     if args.workers_row > 1 and _workers(args) == 1:
+        measure_worker_batch1(case, max(1, args.threads // args.workers_row))
         port = _free_port()
         label = f"tandem w{args.workers_row}"
         multi = Server(label, ["tandem", "serve", "--repository", str(case.repository), "--port", str(port), *trust,
                                *args.serve_args, f"--workers={args.workers_row}"], port, "/v2/health/ready",
-                       tmp / f"tandem-w-{case.name}.log", {"TANDEM_ACCESS_LOG": "false", **dict(kv.split("=", 1) for kv in args.serve_env)})
+                       tmp / f"tandem-w-{case.name}.log",
+                       {"TANDEM_ACCESS_LOG": "false", "TANDEM_BATCHING__FILL_WAIT_US": str(args.workers_fill_wait_us),
+                        **dict(kv.split("=", 1) for kv in args.serve_env)})
         try:
             load_server(label, "native", multi, native_load(case), case, args, tmp)
         finally:
@@ -569,6 +591,12 @@ def report(cases: list[ModelCase], args: argparse.Namespace) -> None:
             print(f"{case.name:<13}limit {case.limit:,.0f} samples/s at batch {case.limit_batch}; overhead at concurrency 1: "
                   f"p50 {t1.p50_ms:.3f} ms - floor {floor:.3f} ms - raw batch-1 {case.batch1_p50_ms:.3f} ms "
                   f"= {t1.p50_ms - floor - case.batch1_p50_ms:.3f} ms")
+        for label, runs in case.results.items():
+            w1 = runs.get(1) if label.startswith("tandem w") else None
+            if w1 and case.batch1_worker_p50_ms:
+                floor = case.floor.p50_ms if case.floor else 0.0
+                print(f"{case.name:<13}{label} overhead at concurrency 1: p50 {w1.p50_ms:.3f} ms - floor {floor:.3f} ms - raw batch-1 "
+                      f"on one worker's threads {case.batch1_worker_p50_ms:.3f} ms = {w1.p50_ms - floor - case.batch1_worker_p50_ms:.3f} ms")
         for c in (64,):
             r = case.results.get("tandem native", {}).get(c)
             if r and r.mean_batch:
@@ -582,7 +610,7 @@ def report(cases: list[ModelCase], args: argparse.Namespace) -> None:
                       f"reached {100 * r.rps / attainable:.0f}% of that bound")
     print("% limit: of the best session.run throughput at any batch size; % lim<=c: of the best at a batch no larger than "
           "the concurrency (the largest batch c connections can form); x aiohttp: tandem native with its front door vs without; "
-          "tandem wN: tandem serve --workers N (N processes, one single-thread session each), native protocol")
+          "tandem wN: tandem serve --workers N with batching.fill_wait_us (N processes, one single-thread session each), native protocol")
     print("tandem runs with TANDEM_ACCESS_LOG=false (the naive server and LitServe log nothing either); "
           "its access log cost ~15% at 64 connections when measured")
     print("targets: tandem >= 70% of limit at 64 (small model), >= 90% where compute dominates (conv); "
@@ -602,6 +630,8 @@ def main() -> int:
     p.add_argument("--serve-arg", dest="serve_args", action="append", default=[], help="extra flag for tandem serve (repeat)")
     p.add_argument("--workers-row", type=int, default=os.cpu_count() or 1, metavar="N",
                    help="also run tandem serve --workers N, native protocol (default: one per core; 1: skip)")
+    p.add_argument("--workers-fill-wait-us", type=int, default=1000, metavar="US",
+                   help="batching.fill_wait_us of the --workers-row server (0: off)")
     args = p.parse_args()
 
     if shutil.which("wrk") is None:
