@@ -17,7 +17,8 @@ Mechanism (one, like Ray Serve's ``@serve.batch`` or Triton's dynamic batcher):
 * With ``max_queue_delay_us`` 0 (the default) a thread never waits for a batch to fill: batches
   grow by themselves under load because requests queue while the session computes. With a delay,
   it waits up to that long after the oldest request for ``max_batch_size`` (or a preferred size)
-  rows.
+  rows. With ``fill_wait_us``, a thread whose batch ran while others queued waits up to that long
+  for the clients it just answered to send again (see :meth:`Batcher._fill_target`).
 * The queue is shared by the loop and the threads under one lock; futures are only ever touched
   on the loop (results and errors travel with ``call_soon_threadsafe``).
 """

@@ -77,10 +77,11 @@ class ServerConfig(BaseSettings):
     instances: int = Field(1, ge=1)
     #: Server processes, each with its own event loop, sharing host:port via SO_REUSEPORT: more
     #: loops use more cores, and each process's session gets fewer intra-op threads, which then
-    #: wait less for a thread that shares its core with a loop (on 2 cores at 64 connections:
-    #: +30% on the int8 digits model, +13% on the fp32 CNN; but -35% on a model bound by memory
-    #: traffic, and a lone request computes on one thread). Model load/unload over /v2/repository
-    #: reaches every worker (through the supervisor, see control.py).
+    #: wait less for a thread that shares its core with a loop. With batching.fill_wait_us=1000,
+    #: on 2 cores at 64 connections: +8% on the int8 digits model, +18% on the fp32 CNN; but
+    #: -4% on a model bound by memory traffic, and a lone request computes on one thread
+    #: (twice as slow on that model). Model load/unload over /v2/repository reaches every worker
+    #: (through the supervisor, see control.py).
     workers: int = Field(1, ge=1)
     #: onnxruntime intra-op threads per session; default: cores // (workers * instances), at least 1.
     intra_op_threads: int | None = Field(None, ge=1)
