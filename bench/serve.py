@@ -24,7 +24,7 @@ multiply-adds per sample at any batch size: compute dominates).
 
     apt-get install -y wrk                      # Debian/Ubuntu
     python bench/serve.py [--repository artifacts/repository] [--models digits,mlp,wide]
-                          [--concurrency 1,16,64] [--duration 10] [--with-litserve]
+                          [--concurrency 1,16,64] [--duration 10] [--repeat 3] [--with-litserve]
 """
 
 from __future__ import annotations
@@ -97,6 +97,8 @@ class Run:
     #: Mean in-server compute time of one batch, and raw session.run's at that batch size (µs).
     batch_compute_us: float | None = None
     raw_compute_us: float | None = None
+    #: req/s of every run of this row (--repeat); the row reports the median run.
+    all_rps: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -450,26 +452,33 @@ def load_server(label: str, kind: str, server: Server, load: Load, case: ModelCa
     wrk(server.base, load, 16, min(2.0, args.duration), tmp)  # warm-up, discarded
     case.results[label] = {}
     for c in args.concurrency:
-        before = batch_counters(server, case.name)
-        cpu0 = process_cpu(server.proc.pid)
-        run = wrk(server.base, load, c, args.duration, tmp)
-        cpu1 = process_cpu(server.proc.pid)
-        after = batch_counters(server, case.name)
-        requests = run.rps * args.duration
-        if cpu0 and cpu1 and requests:
-            run.server_cpu_us = (cpu1[0] - cpu0[0]) / requests * 1e6
-            run.loop_cpu_us = (cpu1[1] - cpu0[1]) / requests * 1e6
-        if before and after and after[1] > before[1]:
-            run.mean_batch = (after[0] - before[0]) / (after[1] - before[1])
-            run.batch_compute_us = (after[2] - before[2]) / (after[1] - before[1])
-            run.raw_compute_us = _raw_batch_us(case, run.mean_batch)
-        case.results[label][c] = run
-        cpu = (f"  cpu/req: server {run.server_cpu_us:.0f} us (loop {run.loop_cpu_us:.0f}), wrk {run.wrk_cpu_us:.0f} us"
-               if run.server_cpu_us is not None and run.wrk_cpu_us is not None else "")
-        batch = (f"  mean batch {run.mean_batch:.1f}, {run.batch_compute_us / 1e3:.2f} ms per batch"
-                 f" (raw {run.raw_compute_us / 1e3:.2f})" if run.mean_batch and run.batch_compute_us and run.raw_compute_us else "")
-        print(f"  {label:<14} c={c:<3} {run.rps:>9.0f} req/s  p50 {run.p50_ms:7.2f} ms  p99 {run.p99_ms:7.2f} ms"
-              + batch + cpu + (f"  ERRORS {run.errors}" if run.errors else ""), flush=True)
+        runs = [_measured_run(label, server, load, case, c, args, tmp) for _ in range(args.repeat)]
+        median = sorted(runs, key=lambda r: r.rps)[(len(runs) - 1) // 2]  # a run that happened, not a mix
+        median.all_rps = [r.rps for r in runs]
+        case.results[label][c] = median
+
+
+def _measured_run(label: str, server: Server, load: Load, case: ModelCase, c: int, args: argparse.Namespace, tmp: Path) -> Run:
+    before = batch_counters(server, case.name)
+    cpu0 = process_cpu(server.proc.pid)
+    run = wrk(server.base, load, c, args.duration, tmp)
+    cpu1 = process_cpu(server.proc.pid)
+    after = batch_counters(server, case.name)
+    requests = run.rps * args.duration
+    if cpu0 and cpu1 and requests:
+        run.server_cpu_us = (cpu1[0] - cpu0[0]) / requests * 1e6
+        run.loop_cpu_us = (cpu1[1] - cpu0[1]) / requests * 1e6
+    if before and after and after[1] > before[1]:
+        run.mean_batch = (after[0] - before[0]) / (after[1] - before[1])
+        run.batch_compute_us = (after[2] - before[2]) / (after[1] - before[1])
+        run.raw_compute_us = _raw_batch_us(case, run.mean_batch)
+    cpu = (f"  cpu/req: server {run.server_cpu_us:.0f} us (loop {run.loop_cpu_us:.0f}), wrk {run.wrk_cpu_us:.0f} us"
+           if run.server_cpu_us is not None and run.wrk_cpu_us is not None else "")
+    batch = (f"  mean batch {run.mean_batch:.1f}, {run.batch_compute_us / 1e3:.2f} ms per batch"
+             f" (raw {run.raw_compute_us / 1e3:.2f})" if run.mean_batch and run.batch_compute_us and run.raw_compute_us else "")
+    print(f"  {label:<14} c={c:<3} {run.rps:>9.0f} req/s  p50 {run.p50_ms:7.2f} ms  p99 {run.p99_ms:7.2f} ms"
+          + batch + cpu + (f"  ERRORS {run.errors}" if run.errors else ""), flush=True)
+    return run
 
 
 def _raw_batch_us(case: ModelCase, batch: float) -> float | None:
@@ -582,9 +591,11 @@ def report(cases: list[ModelCase], args: argparse.Namespace) -> None:
                 xa = f"{r.rps / plain[c].rps:.2f}" if c in plain and label == "tandem native" else "-"
                 mb = f"{r.mean_batch:.1f}" if r.mean_batch else "-"
                 within = max(rate for b, rate in case.limit_at.items() if b <= max(c, 1))
+                spread = (f"  runs {min(r.all_rps):,.0f}-{max(r.all_rps):,.0f} ({100 * min(r.all_rps) / case.limit:.0f}-"
+                          f"{100 * max(r.all_rps) / case.limit:.0f}%)" if len(r.all_rps) > 1 else "")
                 print(f"{case.name:<13}{label:<15}{c:>5}{r.rps:>9.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{mb:>7}"
                       f"{100 * r.rps / case.limit:>8.0f}%{100 * r.rps / within:>8.0f}%{xn:>9}{xl:>11}{pn:>14}{xa:>11}"
-                      + (f"  errors={r.errors}" if r.errors else ""))
+                      + spread + (f"  errors={r.errors}" if r.errors else ""))
         t1 = case.results.get("tandem native", {}).get(1)
         if t1:
             floor = case.floor.p50_ms if case.floor else 0.0
@@ -623,6 +634,8 @@ def main() -> int:
     p.add_argument("--models", default="digits,digits-fp32,mlp,heavy,conv", type=lambda s: s.split(","))
     p.add_argument("--concurrency", default="1,16,64", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--duration", type=float, default=10.0, help="seconds of load per server and concurrency")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="runs per server and concurrency; rows report the median run and the range (noisy machines)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores every server may use")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for tandem serve, e.g. TANDEM_BATCHING__MAX_BATCH_SIZE=64 (repeat)")
