@@ -205,6 +205,19 @@ def _session(path: Path, threads: int):  # type: ignore[no-untyped-def]
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def _run_times(sess, feeds: dict[str, np.ndarray], seconds: float) -> list[float]:  # type: ignore[no-untyped-def]
+    """Seconds per session.run of ``feeds``, for ``seconds`` after a short warm-up."""
+    for _ in range(5):
+        sess.run(None, feeds)
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def measure_limit(case: ModelCase, threads: int, seconds: float = 1.5) -> None:
     """Samples/s of plain session.run per batch size, and batch-1 latency, on ``threads``.
 
@@ -212,15 +225,7 @@ def measure_limit(case: ModelCase, threads: int, seconds: float = 1.5) -> None:
     fairest ceiling (a server is never compared with a limit measured in a quieter moment only)."""
     sess = _session(case.onnx_path, threads)
     for batch in (1, 2, 4, 8, 16, 32, 64, 128):
-        feeds = {k: np.repeat(v, batch, axis=0) for k, v in case.inputs.items()}
-        for _ in range(5):
-            sess.run(None, feeds)
-        times = []
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            t = time.perf_counter()
-            sess.run(None, feeds)
-            times.append(time.perf_counter() - t)
+        times = _run_times(sess, {k: np.repeat(v, batch, axis=0) for k, v in case.inputs.items()}, seconds)
         rate = batch * len(times) / sum(times)
         if batch == 1:
             p50 = statistics.median(times) * 1e3
@@ -231,16 +236,7 @@ def measure_limit(case: ModelCase, threads: int, seconds: float = 1.5) -> None:
 
 def measure_worker_batch1(case: ModelCase, threads: int, seconds: float = 1.5) -> None:
     """Raw batch-1 p50 with ``threads`` intra-op threads (what each --workers process computes with)."""
-    sess = _session(case.onnx_path, threads)
-    for _ in range(5):
-        sess.run(None, case.inputs)
-    times = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        t = time.perf_counter()
-        sess.run(None, case.inputs)
-        times.append(time.perf_counter() - t)
-    p50 = statistics.median(times) * 1e3
+    p50 = statistics.median(_run_times(_session(case.onnx_path, threads), case.inputs, seconds)) * 1e3
     case.batch1_worker_p50_ms = min(case.batch1_worker_p50_ms, p50) if case.batch1_worker_p50_ms else p50
 
 

@@ -264,7 +264,7 @@ class Batcher:
         """Under the lock: give the batch until the oldest request's delay to fill."""
         first = self._head_locked()
         if first is not None:
-            self._wait_for_rows(first.enqueued + self._delay_s)
+            self._wait_for_rows(first.enqueued + self._delay_s, self._max_rows)
 
     def _fill_target(self, answered: int) -> int:
         """Under the lock: the rows worth waiting for after running a batch of ``answered`` rows.
@@ -277,10 +277,8 @@ class Batcher:
         measured alike; 0.9 left the cores 3% idle)."""
         return min(self._max_rows, int(_FILL_SHARE * (self._rows + answered) + 0.5))
 
-    def _wait_for_rows(self, until: float, target: int | None = None) -> None:
-        """Under the lock: wait until ``target`` rows (default: a full batch) or a preferred size
-        are queued, or ``until``."""
-        target = self._max_rows if target is None else target
+    def _wait_for_rows(self, until: float, target: int) -> None:
+        """Under the lock: wait until ``target`` rows or a preferred size are queued, or ``until``."""
         while self._rows < target and self._rows not in self._preferred and not self._stopped:
             remaining = until - time.perf_counter()
             if remaining <= 0:
