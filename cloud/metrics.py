@@ -13,6 +13,7 @@ across processes, so in that mode the pending gauge is copied from the batchers 
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Callable, Sequence
 
@@ -22,7 +23,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from .batcher import BatchObserver
 
-__all__ = ["Metrics", "ModelMetrics", "CONTENT_TYPE_LATEST", "multiprocess_dir"]
+__all__ = ["Metrics", "ModelMetrics", "CONTENT_TYPE_LATEST", "multiprocess_dir", "observe_all"]
 
 
 def multiprocess_dir() -> str | None:
@@ -105,6 +106,29 @@ class Metrics:
         return generate_latest(merged)
 
 
+def observe_all(histogram: Histogram, values: Sequence[float]) -> None:
+    """``histogram.observe(v)`` for each value, with one increment per bucket hit and one for the sum.
+
+    Why: a batch's requests mostly share a bucket, and each increment costs ~0.75 us (~1.5 us with
+    --workers N, where it takes a lock, calls getpid() and writes an mmap): per request, that was
+    ~1% of what a small model's throughput allows. Uses the histogram's bucket attributes, which
+    prometheus_client has kept since 0.4; falls back to observe() if they are ever gone.
+    """
+    try:
+        bounds, buckets, total = histogram._upper_bounds, histogram._buckets, histogram._sum  # type: ignore[attr-defined]
+    except AttributeError:
+        for v in values:
+            histogram.observe(v)
+        return
+    counts: dict[int, int] = {}
+    for v in values:
+        i = bisect.bisect_left(bounds, v)  # the first bound >= v, as observe() picks
+        counts[i] = counts.get(i, 0) + 1
+    for i, n in counts.items():
+        buckets[i].inc(n)
+    total.inc(sum(values))
+
+
 class ModelMetrics(BatchObserver):
     """The metric children of one model version, looked up once (the hot path only increments)."""
 
@@ -166,5 +190,4 @@ class ModelMetrics(BatchObserver):
         self._exec.inc()
         self._compute.observe(compute_us)
         self._batch.observe(rows)
-        for q in queue_us:
-            self._queue.observe(q)
+        observe_all(self._queue, queue_us)

@@ -115,6 +115,28 @@ def test_metrics_are_exposed_with_contract_names(server: ServerThread) -> None:
         assert name in text, name
 
 
+def test_observe_all_matches_observe_value_by_value() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from tandem.cloud.metrics import observe_all
+
+    bounds = (1.0, 2.5, 10.0)
+    values = [0.0, 1.0, 1.0000001, 2.5, 2.4, 9.9, 10.0, 11.0, 1e9, -3.0, 2.5, 1.0]
+    one_by_one, at_once = CollectorRegistry(), CollectorRegistry()
+    a = Histogram("h", "h", ["m"], buckets=bounds, registry=one_by_one).labels("x")
+    b = Histogram("h", "h", ["m"], buckets=bounds, registry=at_once).labels("x")
+    for v in values:
+        a.observe(v)
+    observe_all(b, values)
+    observe_all(b, [])
+
+    def lines(r: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(r).decode().splitlines() if "_created" not in line]
+
+    assert lines(at_once) == lines(one_by_one)
+    assert 'h_bucket{le="1.0",m="x"} 4.0' in lines(at_once)  # -3, 0, 1, 1: a bound is inclusive
+
+
 def test_api_keys_guard_everything_but_liveness(repo: Path, keys: tuple[Path, Path]) -> None:
     config = ServerConfig(repository=repo, trusted_keys=[keys[1]], port=0, api_keys=["s3cret"], warmup_batch_sizes=[1])
     with ServerThread(config) as s:
