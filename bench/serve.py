@@ -4,9 +4,9 @@ In one run, per model, on the same cores:
 
 * **limit**: raw ``session.run`` throughput at the best batch size (in this process, nothing else running);
 * ``tandem serve`` with the native msgpack protocol, and with Open Inference Protocol v2 binary tensors;
-  ``tandem serve --workers N`` with ``batching.fill_wait_us`` (one process and one single-thread
-  session per core, each waiting under load for fuller batches: the throughput setting) with the
-  native protocol;
+  ``tandem serve --workers N`` (one process and one single-thread session per core, each waiting
+  under load for fuller batches with its default ``batching.fill_wait_us``: the throughput
+  setting) with the native protocol;
 * **naive**: one aiohttp handler with one ``session.run`` per request (``bench/naive_server.py``);
 * **litserve**: LitServe with its batching on (``bench/litserve_server.py``; ``--with-litserve``).
 
@@ -516,7 +516,8 @@ def bench_case(case: ModelCase, args: argparse.Namespace, public_key: Path, tmp:
         multi = Server(label, ["tandem", "serve", "--repository", str(case.repository), "--port", str(port), *trust,
                                *args.serve_args, f"--workers={args.workers_row}"], port, "/v2/health/ready",
                        tmp / f"tandem-w-{case.name}.log",
-                       {"TANDEM_ACCESS_LOG": "false", "TANDEM_BATCHING__FILL_WAIT_US": str(args.workers_fill_wait_us),
+                       {"TANDEM_ACCESS_LOG": "false",
+                        **({} if args.workers_fill_wait_us is None else {"TANDEM_BATCHING__FILL_WAIT_US": str(args.workers_fill_wait_us)}),
                         **dict(kv.split("=", 1) for kv in args.serve_env)})
         try:
             load_server(label, "native", multi, native_load(case), case, args, tmp)
@@ -617,7 +618,7 @@ def report(cases: list[ModelCase], args: argparse.Namespace) -> None:
                       f"reached {100 * r.rps / attainable:.0f}% of that bound")
     print("% limit: of the best session.run throughput at any batch size; % lim<=c: of the best at a batch no larger than "
           "the concurrency (the largest batch c connections can form); x aiohttp: tandem native with its front door vs without; "
-          "tandem wN: tandem serve --workers N with batching.fill_wait_us (N processes, one single-thread session each), native protocol")
+          "tandem wN: tandem serve --workers N (N processes, one single-thread session each, fill_wait_us 1000 by default), native protocol")
     print("tandem runs with TANDEM_ACCESS_LOG=false (the naive server and LitServe log nothing either); "
           "its access log cost ~15% at 64 connections when measured")
     print("targets: tandem >= 70% of limit at 64 (small model), >= 90% where compute dominates (conv); "
@@ -639,8 +640,8 @@ def main() -> int:
     p.add_argument("--serve-arg", dest="serve_args", action="append", default=[], help="extra flag for tandem serve (repeat)")
     p.add_argument("--workers-row", type=int, default=os.cpu_count() or 1, metavar="N",
                    help="also run tandem serve --workers N, native protocol (default: one per core; 1: skip)")
-    p.add_argument("--workers-fill-wait-us", type=int, default=1000, metavar="US",
-                   help="batching.fill_wait_us of the --workers-row server (0: off)")
+    p.add_argument("--workers-fill-wait-us", type=int, default=None, metavar="US",
+                   help="batching.fill_wait_us of the --workers-row server (default: the server's, 1000 with workers; 0: off)")
     args = p.parse_args()
 
     if shutil.which("wrk") is None:

@@ -113,6 +113,24 @@ def test_config_sources_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         load_config(None, repository="/r", batching={"max_batch_size": 4, "preferred_batch_sizes": [8]})
 
 
+def test_workers_turn_fill_wait_on_unless_it_is_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With several workers each queue sees a share of the load: batching configs that leave
+    fill_wait_us unset wait 1000 us for fuller batches; an explicit value (0 included) stands."""
+    c = load_config(None, repository="/r", workers=2, model_batching={"a": {"max_batch_size": 8}, "b": {"fill_wait_us": 0}})
+    assert (c.batching.fill_wait_us, c.batching_for("a").fill_wait_us, c.batching_for("a").max_batch_size) == (1000, 1000, 8)
+    assert c.batching_for("b").fill_wait_us == 0
+    assert load_config(None, repository="/r").batching.fill_wait_us == 0  # one process: off
+    monkeypatch.setenv("TANDEM_WORKERS", "2")
+    monkeypatch.setenv("TANDEM_BATCHING__FILL_WAIT_US", "0")
+    assert load_config(None, repository="/r").batching.fill_wait_us == 0
+    monkeypatch.delenv("TANDEM_BATCHING__FILL_WAIT_US")
+    monkeypatch.setenv("TANDEM_BATCHING__MAX_BATCH_SIZE", "16")
+    c = load_config(None, repository="/r")
+    assert (c.batching.fill_wait_us, c.batching.max_batch_size) == (1000, 16)
+    # What the supervisor hands its workers keeps the same settings.
+    assert type(c).model_validate_json(c.model_dump_json()).batching == c.batching
+
+
 def test_a_stalled_log_reader_does_not_stall_the_server(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     repo = make_repository(tmp_path / "repo", keys[0], toy_versions=("1",), slow=False, varlen=False)
     port = free_port()
