@@ -113,7 +113,7 @@ def test_config_sources_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         load_config(None, repository="/r", batching={"max_batch_size": 4, "preferred_batch_sizes": [8]})
 
 
-def test_workers_turn_fill_wait_on_unless_it_is_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_turn_fill_wait_on_unless_it_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
     """With several workers each queue sees a share of the load: batching configs that leave
     fill_wait_us unset wait 1000 us for fuller batches; an explicit value (0 included) stands."""
     c = load_config(None, repository="/r", workers=2, model_batching={"a": {"max_batch_size": 8}, "b": {"fill_wait_us": 0}})
