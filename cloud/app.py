@@ -112,6 +112,9 @@ def _middleware(gate: Gate) -> Any:
         except RequestPayloadError as e:
             # A body that cannot be inflated (bad gzip/deflate) or was cut short by the client.
             response = error_response(request, InvalidInput(f"request body cannot be read: {str(e).strip()}"))
+        except ConnectionResetError:
+            # The client went away before sending its whole body: nothing broke here, no traceback.
+            response = error_response(request, InvalidInput("the client closed the connection before sending the whole body"))
         except (ValueError, TypeError, KeyError) as e:
             # aiohttp raises these for malformed framing it detects late (e.g. a bad content-length).
             response = error_response(request, InvalidInput(f"malformed request: {e}"))

@@ -345,7 +345,7 @@ class _Connection(asyncio.Protocol):
         door.handed_off += 1
         door._metrics.front_handoffs.inc()
         door._connections.discard(self)
-        handler = door._aiohttp()
+        handler = _HalfCloseGuard(door._aiohttp())
         transport.set_protocol(handler)
         handler.connection_made(transport)
         if self._paused:
@@ -367,6 +367,65 @@ class _Connection(asyncio.Protocol):
     def owed(self) -> bool:
         """Answers are still due on this connection."""
         return bool(self._slots)
+
+
+class _HalfCloseGuard(asyncio.Protocol):
+    """aiohttp's protocol for one connection, except that a client who half-closes still gets its answer.
+
+    Why: aiohttp's handler returns None from ``eof_received``, so the transport closes at a
+    client's half-close (``shutdown(SHUT_WR)`` right after its request, as ``nc -N`` does) and
+    the answer is lost (aiohttp#3659). Here, when a request is owed, the transport stays open and
+    aiohttp is told to close the connection once it has answered; a request cut short by the
+    half-close is answered 400. Whatever else stays open closes after the keep-alive time."""
+
+    def __init__(self, handler: asyncio.Protocol) -> None:
+        self._handler = handler
+        self._transport: asyncio.BaseTransport | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._handler.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._handler.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._handler.data_received(data)
+
+    def pause_writing(self) -> None:
+        self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._handler.resume_writing()
+
+    def eof_received(self) -> bool | None:
+        handler: Any = self._handler
+        handler.eof_received()
+        if _owes_nothing(handler) or self._transport is None:
+            return None  # close now, as aiohttp would
+        handler.close()  # aiohttp's: close the connection after answering the requests it has
+        # A body still incomplete never will be: its reader fails now (the app answers 400)
+        # instead of waiting for bytes that cannot come.
+        request = getattr(handler, "_current_request", None)
+        bodies = [request.content] if request is not None else []
+        bodies += [payload for _, payload in handler._messages]  # received, not yet taken
+        for body in bodies:
+            if not body.is_eof():
+                body.set_exception(ConnectionResetError("the client closed its side before sending the whole body"))
+        self._deadline = asyncio.get_running_loop().call_later(_KEEPALIVE_S, self._transport.close)
+        return True
+
+
+def _owes_nothing(handler: Any) -> bool:
+    """True when aiohttp's handler waits for a request and has none: nothing to answer. Reads its
+    internals (aiohttp 3.14, checked by tests); without them, True: aiohttp's own behaviour."""
+    messages, waiter = getattr(handler, "_messages", None), getattr(handler, "_waiter", None)
+    if messages is None:
+        return True
+    return not messages and waiter is not None and not waiter.done()
 
 
 class FrontDoor:
@@ -454,20 +513,18 @@ class FrontDoor:
 
 
 class _AiohttpOnly:
-    """``front_door = false``: aiohttp's own site, behind the same interface."""
+    """``front_door = false``: aiohttp serves every connection, behind the same interface."""
 
-    def __init__(self, site: web.TCPSite) -> None:
-        self._site = site
+    def __init__(self, server: asyncio.AbstractServer) -> None:
+        self._server = server
         self.served = self.handed_off = 0
 
     @property
     def port(self) -> int:
-        server = self._site._server
-        assert server is not None
-        return server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self._server.sockets[0].getsockname()[1]
 
     async def close(self, timeout: float) -> None:
-        await self._site.stop()
+        self._server.close()  # accepted requests are answered by runner.cleanup()'s shutdown
 
 
 async def listen(
@@ -477,9 +534,13 @@ async def listen(
     aiohttp alone when the app's config says ``front_door = false``. Stop with ``await x.close(t)``
     before ``runner.cleanup()``."""
     if not runner.app[STATE].config.front_door:
-        site = web.TCPSite(runner, host, port, backlog=backlog, reuse_port=reuse_port or None)
-        await site.start()
-        return _AiohttpOnly(site)
+        aiohttp = runner.server
+        if aiohttp is None:
+            raise RuntimeError("call runner.setup() before listen()")
+        server = await asyncio.get_running_loop().create_server(
+            lambda: _HalfCloseGuard(aiohttp()), host, port, backlog=backlog, reuse_port=reuse_port or None
+        )
+        return _AiohttpOnly(server)
     door = FrontDoor(runner)
     await door._start(host, port, reuse_port, backlog)
     return door

@@ -271,6 +271,40 @@ def test_half_closed_client_still_gets_its_answer(server: ServerThread) -> None:
     assert status == 200, body
 
 
+def _half_closed(s: ServerThread, message: bytes) -> tuple[int, bytes, bytes]:
+    """Send one message, half-close (as ``nc -N`` does), read the answer and what follows it."""
+    with _connect(s) as sock:
+        sock.sendall(message)
+        sock.shutdown(socket.SHUT_WR)
+        r = _Responses(sock)
+        status, _, body = r.next()
+        rest = r.buf + b"".join(iter(lambda: sock.recv(65536), b""))  # the server closes after answering
+    return status, body, rest
+
+
+def test_half_closed_client_gets_its_answer_from_aiohttp_too(server: ServerThread) -> None:
+    """Requests the front door hands to aiohttp: aiohttp alone closes a half-closed connection
+    before it answers (aiohttp#3659)."""
+    handed = server.door.handed_off
+    status, body, rest = _half_closed(server, b"GET /v2/health/ready HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert status == 200 and rest == b"", body
+    body = gzip.compress(p.InferRequest(slow_inputs(20)).to_wire())  # compressed: aiohttp serves it, slowly
+    head = f"POST {p.infer_path('slow')} HTTP/1.1\r\nHost: t\r\nContent-Type: {p.CONTENT_TYPE}\r\nContent-Encoding: gzip\r\n"
+    status, body, rest = _half_closed(server, f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert status == 200 and rest == b"", body
+    assert server.door.handed_off == handed + 2
+
+
+def test_a_body_cut_short_by_a_half_close_is_a_clear_400(server: ServerThread, caplog: pytest.LogCaptureFixture) -> None:
+    head = b"POST /v1/models/toy/infer HTTP/1.1\r\nHost: t\r\nContent-Encoding: gzip\r\nContent-Length: 1000\r\n\r\n"
+    start = time.monotonic()
+    status, body, rest = _half_closed(server, head + b"0123")
+    assert status == 400 and b"before sending the whole body" in body and rest == b""
+    assert time.monotonic() - start < 5  # not after the keep-alive time
+    assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
+    assert request_ok(server)
+
+
 def test_unmodified_tritonclient_is_served_by_the_front_door(server: ServerThread, repo: Path) -> None:
     served = server.door.served
     x = _x(2, seed=9)
@@ -307,6 +341,8 @@ def test_front_door_off_serves_everything_with_aiohttp(repo: Path, keys: tuple[P
             sock.sendall(_native("toy", {"input": _x()}))
             status, headers, _ = _Responses(sock).next()
         assert status == 200 and "aiohttp" in headers["server"]
+        status, body, rest = _half_closed(s, _native("slow", slow_inputs(20)))
+        assert status == 200 and rest == b"", body
 
 
 def test_close_answers_accepted_requests_then_closes(repo: Path, keys: tuple[Path, Path]) -> None:
