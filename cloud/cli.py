@@ -154,6 +154,8 @@ async def _run_server(config, worker: bool = False) -> int:  # type: ignore[no-u
     # Stop listening and answer what the front door accepted; then cleanup() waits for aiohttp's
     # in-flight handlers (shutdown_timeout), and on_cleanup drains every batcher and releases the
     # sessions.
+    if control is not None:
+        control.drain()  # a model change waiting on the other workers would hold up cleanup()
     await door.close(config.shutdown_timeout_s)
     await runner.cleanup()
     if control is not None:

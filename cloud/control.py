@@ -72,6 +72,7 @@ class WorkerControl:
         # Changes and "go" run in the order the supervisor sent them, one at a time.
         self._queue: asyncio.Queue[tuple[str, dict[str, Any] | None]] = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._run())
+        self._draining = False
 
     async def load(self, name: str) -> None:
         await self._everywhere("load", name)
@@ -96,6 +97,15 @@ class WorkerControl:
         else:
             _log.error("ignoring an unknown line from the supervisor: %r", line[:200])
 
+    def drain(self) -> None:
+        """The server is shutting down: refuse new changes, and stop waiting for the workers on
+        those in progress (their requests answer 503 at once instead of holding the drain up to
+        the shutdown timeout). This worker still applies what the supervisor sends it."""
+        self._draining = True
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(Unavailable("the server is shutting down; the change may have reached some workers"))
+
     async def close(self) -> None:
         self._task.cancel()
         try:
@@ -104,6 +114,8 @@ class WorkerControl:
             pass
 
     async def _everywhere(self, op: str, name: str) -> None:
+        if self._draining:
+            raise Unavailable(f"{op} of model {name!r}: the server is shutting down")
         rid = f"{os.getpid()}-{next(self._ids)}"
         fut: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut

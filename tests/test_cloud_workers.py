@@ -231,3 +231,32 @@ def test_the_supervisor_answers_a_change_once_every_live_worker_has_or_has_died(
     assert b.request(0, 100, CONTROL + "{not json", {0: 100}) == []
     assert b.request(0, 100, CONTROL + json.dumps({"id": "x", "op": "drop", "model": "toy"}), {0: 100}) == []
     assert b.applied(0, 100, APPLIED + "[]") == []
+
+
+async def test_a_model_change_waiting_on_the_workers_ends_when_the_server_drains() -> None:
+    """A load/unload waits for every worker through the supervisor; at shutdown it must not hold
+    the drain up to the shutdown timeout (here no supervisor ever answers)."""
+    import asyncio
+
+    from tandem.cloud.control import WorkerControl
+    from tandem.shared.errors import Unavailable
+
+    class _Repository:  # what the supervisor would have this worker apply: never asked here
+        async def load(self, name: str) -> None: ...
+
+        async def unload(self, name: str) -> None: ...
+
+    sent: list[str] = []
+    control = WorkerControl(_Repository(), sent.append, on_go=lambda: None)
+    try:
+        change = asyncio.create_task(control.load("toy"))
+        await asyncio.sleep(0.05)
+        assert len(sent) == 1 and not change.done()  # asked the supervisor, waiting
+        control.drain()
+        with pytest.raises(Unavailable, match="shutting down"):
+            await asyncio.wait_for(change, 1)
+        with pytest.raises(Unavailable, match="shutting down"):
+            await control.unload("toy")
+        assert len(sent) == 1  # the refused change never reached the supervisor
+    finally:
+        await control.close()
