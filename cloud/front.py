@@ -382,6 +382,7 @@ class _HalfCloseGuard(asyncio.Protocol):
         self._handler = handler
         self._transport: asyncio.BaseTransport | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self._bodies: list[Any] = []  # request bodies aiohttp is still receiving (its StreamReaders)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -393,7 +394,12 @@ class _HalfCloseGuard(asyncio.Protocol):
         self._handler.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        self._handler.data_received(data)
+        handler: Any = self._handler
+        handler.data_received(data)
+        # Requests it just framed are still queued here (its task takes them later): note their bodies.
+        bodies = [b for b in self._bodies if not b.is_eof()]
+        bodies += [b for _, b in getattr(handler, "_messages", ()) if not b.is_eof() and b not in bodies]
+        self._bodies = bodies
 
     def pause_writing(self) -> None:
         self._handler.pause_writing()
@@ -409,12 +415,10 @@ class _HalfCloseGuard(asyncio.Protocol):
         handler.close()  # aiohttp's: close the connection after answering the requests it has
         # A body still incomplete never will be: its reader fails now (the app answers 400)
         # instead of waiting for bytes that cannot come.
-        request = getattr(handler, "_current_request", None)
-        bodies = [request.content] if request is not None else []
-        bodies += [payload for _, payload in handler._messages]  # received, not yet taken
-        for body in bodies:
+        for body in self._bodies:
             if not body.is_eof():
                 body.set_exception(ConnectionResetError("the client closed its side before sending the whole body"))
+        self._bodies = []
         self._deadline = asyncio.get_running_loop().call_later(_KEEPALIVE_S, self._transport.close)
         return True
 
