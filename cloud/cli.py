@@ -138,6 +138,7 @@ async def _run_server(config, worker: bool = False) -> int:  # type: ignore[no-u
         loop.add_signal_handler(sig, stop.set)
     host = f"[{config.host}]" if ":" in config.host else config.host
     port = door.port
+    print(f"  cores={config.available_cores()}", flush=True)
     for line in describe_models(app):
         print(f"  {line}", flush=True)
     print(f"ready http://{host}:{port}", flush=True)

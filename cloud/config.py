@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDi
 
 from tandem.shared.errors import InvalidInput
 
+from .cores import available_cores
+
 __all__ = ["BatchingConfig", "ServerConfig", "load_config"]
 
 
@@ -87,6 +89,9 @@ class ServerConfig(BaseSettings):
     #: its batches stay smaller (fp32 CNN, 2 workers: 11.8k vs 12.4k req/s at 64 connections,
     #: 8.3-8.6k vs 9.3-9.6k at 16; p99 7.7 vs ~10 ms at 64; concurrency 1 unchanged).
     workers: int = Field(1, ge=1)
+    #: CPU cores the server may use; default: those the OS grants this process (its CPU affinity
+    #: and cgroup CPU quota, e.g. a Kubernetes CPU limit), not the host's count (see cores.py).
+    cores: int | None = Field(None, ge=1)
     #: onnxruntime intra-op threads per session; default: cores // (workers * instances), at least 1.
     intra_op_threads: int | None = Field(None, ge=1)
     #: When onnxruntime's intra-op threads may spin waiting for work. "never" (default): they
@@ -148,11 +153,14 @@ class ServerConfig(BaseSettings):
     def batching_for(self, model: str) -> BatchingConfig:
         return self.model_batching.get(model, self.batching)
 
+    def available_cores(self) -> int:
+        return self.cores if self.cores is not None else available_cores()
+
     def threads_per_session(self) -> int:
         if self.intra_op_threads is not None:
             return self.intra_op_threads
         # Every session of every worker runs at once under load: share the cores among them all.
-        return max(1, (os.cpu_count() or 1) // (self.workers * self.instances))
+        return max(1, self.available_cores() // (self.workers * self.instances))
 
     def feedback_path(self) -> Path:
         return self.feedback_db if self.feedback_db is not None else Path(self.repository) / ".feedback.sqlite3"
