@@ -49,18 +49,14 @@ def _cgroup_dirs(root: Path, proc_cgroup: Path) -> list[Path]:
         if hierarchy == "0" and not controllers:  # cgroup v2
             own.append(root / path.lstrip("/"))
         elif "cpu" in controllers.split(","):  # cgroup v1, mounted as cpu or cpu,cpuacct
-            for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
-                own.append(root / mount / path.lstrip("/"))
-    if not own:  # no /proc/self/cgroup: a container's namespace root still holds its limit
-        own = [root, root / "cpu", root / "cpu,cpuacct"]
+            own += [root / "cpu" / path.lstrip("/"), root / "cpu,cpuacct" / path.lstrip("/")]
     dirs: list[Path] = []
     for d in own:
-        while True:
+        while root in d.parents:  # the directory, then each ancestor below the mount
             dirs.append(d)
-            if d == root or d.parent == d or root not in d.parents:
-                break
             d = d.parent
-    # Inside a cgroup namespace /proc/self/cgroup says "/", but the mount's top is the container's.
+    # The mounts' tops too: inside a cgroup namespace (or without /proc/self/cgroup) they are the
+    # container's own cgroup.
     dirs += [root, root / "cpu", root / "cpu,cpuacct"]
     return list(dict.fromkeys(dirs))
 

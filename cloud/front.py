@@ -441,10 +441,7 @@ class FrontDoor:
         self._inference = state.inference
         self._metrics = state.metrics
         self._max_body = state.config.max_body_bytes
-        server = runner.server
-        if server is None:
-            raise RuntimeError("call runner.setup() before listen()")
-        self._aiohttp = server  # calling it makes aiohttp's protocol for one connection
+        self._aiohttp = _aiohttp_server(runner)
         self._connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -531,6 +528,14 @@ class _AiohttpOnly:
         self._server.close()  # accepted requests are answered by runner.cleanup()'s shutdown
 
 
+def _aiohttp_server(runner: web.AppRunner) -> web.Server:
+    """aiohttp's server of the app: calling it makes aiohttp's protocol for one connection."""
+    server = runner.server
+    if server is None:
+        raise RuntimeError("call runner.setup() before listen()")
+    return server
+
+
 async def listen(
     runner: web.AppRunner, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024
 ) -> FrontDoor | _AiohttpOnly:
@@ -538,9 +543,7 @@ async def listen(
     aiohttp alone when the app's config says ``front_door = false``. Stop with ``await x.close(t)``
     before ``runner.cleanup()``."""
     if not runner.app[STATE].config.front_door:
-        aiohttp = runner.server
-        if aiohttp is None:
-            raise RuntimeError("call runner.setup() before listen()")
+        aiohttp = _aiohttp_server(runner)
         server = await asyncio.get_running_loop().create_server(
             lambda: _HalfCloseGuard(aiohttp()), host, port, backlog=backlog, reuse_port=reuse_port or None
         )
