@@ -29,6 +29,7 @@ from tandem.shared.errors import (
     InvalidInput,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     TandemError,
 )
 from .config import ServerConfig
@@ -129,6 +130,13 @@ def _middleware(gate: Gate) -> Any:
                 rid, request.method, request.path, response.status, (time.perf_counter() - start) * 1e3,
                 request.get(MODEL_KEY), request.remote,
             )
+        if response.status == RequestTimeout.status:
+            # The client stopped sending mid-body: answer and close now. Left to aiohttp, the
+            # connection would linger 10 s reading the rest of a body that is not coming.
+            response.force_close()
+            await response.prepare(request)
+            await response.write_eof()
+            request.protocol.force_close()
         return response
 
     return middleware
@@ -140,7 +148,7 @@ def _attach_extras(app: web.Application, state: ServerState) -> None:
     registry = Registry(config.repository)
     registry.add_routes(app)
     state.extras.append(registry)
-    store = FeedbackStore(config.feedback_path(), max_body_bytes=config.max_body_bytes)
+    store = FeedbackStore(config.feedback_path(), max_body_bytes=config.max_body_bytes, read_timeout_s=config.read_timeout_s)
     store.add_routes(app)
     state.extras.append(store)
 

@@ -5,6 +5,10 @@ text body and, depending on how the bytes arrive, sometimes not at all (the hand
 payload that never completes). So the app turns it off (``handler_args={"auto_decompress":
 False}``) and :func:`read_body` inflates here, with the size limit applied to the inflated bytes
 (a small gzip bomb gets 413, not a server full of zeros) and every failure a clear 4xx.
+
+Bytes are read as they arrive, each wait bounded by the server's ``read_timeout_s``: aiohttp has
+no such bound once a handler runs, so a client that stops mid-body would hold the handler, its
+buffer and the socket until shutdown.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ import zlib
 
 from aiohttp import web
 
-from tandem.shared.errors import InvalidInput, PayloadTooLarge
+from tandem.shared.errors import InvalidInput, PayloadTooLarge, RequestTimeout
 
-__all__ = ["read_body"]
+__all__ = ["read_body", "read_raw"]
 
 _OFFLOAD_BYTES = 256 * 1024  # inflate bigger bodies in a thread so the event loop keeps serving
 
@@ -50,9 +54,32 @@ def _inflate(raw: bytes, encoding: str, max_bytes: int) -> bytes:
     return out
 
 
-async def read_body(request: web.Request, max_bytes: int) -> bytes:
-    """The request body, decoded per Content-Encoding, at most ``max_bytes`` after decoding."""
-    raw = await request.read()  # aiohttp enforces client_max_size on the bytes received
+async def read_raw(request: web.Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The body's bytes as received (not decoded), at most ``max_bytes``; 408 when the client
+    sends nothing for ``timeout_s`` before the body is complete."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {max_bytes}")
+    chunks, size = [], 0
+    while True:
+        try:
+            async with asyncio.timeout(timeout_s):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the client sent no byte of its request body for {timeout_s:g} s ({size} bytes received)"
+            ) from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+
+
+async def read_body(request: web.Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The request body, decoded per Content-Encoding, at most ``max_bytes`` after decoding (and
+    before); 408 when the client stalls for ``timeout_s`` mid-body (see :func:`read_raw`)."""
+    raw = await read_raw(request, max_bytes, timeout_s)
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if not encoding or encoding == "identity":
         return raw

@@ -125,6 +125,11 @@ class ServerConfig(BaseSettings):
     cost_per_call: float | None = Field(None, ge=0)
     #: SQLite file of the feedback store; default <repository>/.feedback.sqlite3.
     feedback_db: Path | None = None
+    #: Seconds a client may leave a request it has started (head or body) without sending a byte.
+    #: Then it is answered 408 and its connection closed: a stalled or deliberately slow client
+    #: (slowloris) holds a socket, a buffer and a handler for at most this long, not forever.
+    #: The clock restarts with every byte, so a slow upload that keeps moving is not cut.
+    read_timeout_s: float = Field(60.0, gt=0)
     #: Seconds a graceful shutdown waits for accepted requests.
     shutdown_timeout_s: float = Field(30.0, gt=0)
     access_log: bool = True

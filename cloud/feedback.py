@@ -34,9 +34,11 @@ from typing import Any, Callable, TypeVar
 
 from aiohttp import web
 
-from tandem.shared.errors import InvalidInput, PayloadTooLarge, TandemError, Unavailable
+from tandem.shared.errors import InvalidInput, TandemError, Unavailable
 from tandem.shared.protocol import CONTENT_TYPE as MSGPACK
 from tandem.shared.tensors import packb, unpackb
+
+from .body import read_raw
 
 __all__ = ["FeedbackStore", "KINDS"]
 
@@ -77,9 +79,10 @@ class UnsupportedMediaType(TandemError):
 class FeedbackStore:
     """SQLite-backed feedback records behind ``POST/GET /v1/feedback``. Call :meth:`close` when done."""
 
-    def __init__(self, db_path: Path, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(self, db_path: Path, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, read_timeout_s: float = 60.0) -> None:
         self.db_path = Path(db_path)
         self.max_body_bytes = max_body_bytes
+        self.read_timeout_s = read_timeout_s
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-feedback")
         self._db: sqlite3.Connection | None = None
         self._closed = False
@@ -122,7 +125,7 @@ class FeedbackStore:
         as_msgpack = False
         try:
             as_msgpack = _is_msgpack(request.content_type)
-            body = await _read_body(request, self.max_body_bytes)
+            body = await read_raw(request, self.max_body_bytes, self.read_timeout_s)
             doc = unpackb(body) if as_msgpack else _json_loads(body)
             if not isinstance(doc, Mapping) or "records" not in doc:
                 raise InvalidInput("feedback body must be a map with a 'records' list")
@@ -296,18 +299,6 @@ def _is_msgpack(content_type: str) -> bool:
     if content_type == _JSON:
         return False
     raise UnsupportedMediaType(f"Content-Type must be {_JSON} or {MSGPACK}, not {content_type!r}")
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"feedback body of {request.content_length} bytes exceeds the limit of {limit}")
-    chunks, size = [], 0
-    while chunk := await request.content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"feedback body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _json_loads(body: bytes) -> Any:

@@ -37,7 +37,7 @@ from aiohttp import web
 
 from tandem.shared import protocol as p
 from tandem.shared import v2 as v2codec
-from tandem.shared.errors import TandemError, Unavailable
+from tandem.shared.errors import RequestTimeout, TandemError, Unavailable
 
 from . import native, v2
 from .app import STATE
@@ -175,6 +175,7 @@ class _Connection(asyncio.Protocol):
         self._last_head: list[Any] = [None, None]  # the previous request's head bytes and _Head
         self._paused = False
         self._eof = False
+        self._timed_out = False  # answered 408: close once that answer is written, read nothing more
         self._remote: str | None = None
         self.last_active = time.monotonic()
 
@@ -201,6 +202,8 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
+        if self._timed_out:
+            return
         if self._handoff is not None:
             self._handoff += data
             return
@@ -329,7 +332,7 @@ class _Connection(asyncio.Protocol):
         if not slots:
             if self._handoff is not None:
                 self._maybe_hand_off()
-            elif self._eof and transport is not None:
+            elif (self._eof or self._timed_out) and transport is not None:
                 transport.close()
 
     def _maybe_hand_off(self) -> None:
@@ -359,9 +362,30 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
-    @property
-    def idle(self) -> bool:
-        return not self._slots and not self._buf
+    def expire(self, now: float, read_timeout: float) -> None:
+        """Close the connection if it sat idle past the keep-alive time, or answer 408 if the
+        client left a request half-sent past ``read_timeout`` (the sweeper calls this)."""
+        if self._slots or self._handoff is not None or self._timed_out:
+            return  # we owe answers (or aiohttp is about to take over): the client is not the one stalling
+        quiet = now - self.last_active
+        if self._buf:
+            if quiet > read_timeout:
+                self._time_out(read_timeout)
+        elif quiet > _KEEPALIVE_S:
+            self.close()
+
+    def _time_out(self, read_timeout: float) -> None:
+        request_line = bytes(self._buf[: self._buf.find(b"\r\n")]).split(b" ")
+        path = request_line[1].decode("ascii", "replace") if len(request_line) > 1 else "/"
+        received = len(self._buf)
+        self._buf = bytearray()
+        self._timed_out = True
+        slot = _Slot(self._door._gate.request_id(None), path, time.perf_counter())
+        self._slots.append(slot)
+        error = RequestTimeout(f"the client sent no byte of its request for {read_timeout:g} s ({received} bytes received)")
+        status, headers, body = self._door._gate.error_reply(error, path, None)
+        headers["Connection"] = "close"
+        self._ready(slot, status, headers, body)
 
     @property
     def owed(self) -> bool:
@@ -441,6 +465,7 @@ class FrontDoor:
         self._inference = state.inference
         self._metrics = state.metrics
         self._max_body = state.config.max_body_bytes
+        self._read_timeout = state.config.read_timeout_s
         self._aiohttp = _aiohttp_server(runner)
         self._connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -487,10 +512,10 @@ class FrontDoor:
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(_KEEPALIVE_S / 5)
-            cutoff = time.monotonic() - _KEEPALIVE_S
-            for conn in [c for c in self._connections if c.idle and c.last_active < cutoff]:
-                conn.close()
+            await asyncio.sleep(min(_KEEPALIVE_S, self._read_timeout) / 5)
+            now = time.monotonic()
+            for conn in list(self._connections):
+                conn.expire(now, self._read_timeout)
 
     async def close(self, timeout: float) -> None:
         """Stop accepting, answer what the front door accepted (up to ``timeout``), close its connections."""

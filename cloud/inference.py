@@ -59,6 +59,8 @@ class Call:
 class Inference:
     def __init__(self, repository: ModelRepository, config: ServerConfig) -> None:
         self.repository = repository
+        #: Longest wait for the next byte of a request body (``ServerConfig.read_timeout_s``).
+        self.read_timeout_s = config.read_timeout_s
         self._cost = repr(config.cost_per_call) if config.cost_per_call is not None else None
         self._cache = ResponseCache(config.response_cache_size) if config.response_cache_size else None
 
@@ -136,7 +138,7 @@ class Inference:
         decoder, which queues the call), wait. Records the model on the request as it becomes
         known, so error replies and the access log name it. Returns (outcome, decoded request)."""
         request[MODEL_KEY] = self.resolve(request.match_info["model"], request.match_info.get("version"))
-        call, decoded = start(await read_body(request, max_body))
+        call, decoded = start(await read_body(request, max_body, self.read_timeout_s))
         request[MODEL_KEY] = call.served
         outcome = await self.wait(call)
         request[MODEL_KEY] = outcome.model

@@ -33,8 +33,8 @@ def _json(doc: Any, status: int = 200) -> web.Response:
     return web.Response(body=json.dumps(doc).encode(), status=status, content_type="application/json")
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    raw = await read_body(request, 1 << 20)
+async def _json_body(request: web.Request, timeout_s: float) -> dict[str, Any]:
+    raw = await read_body(request, 1 << 20, timeout_s)
     if not raw.strip():
         return {}
     try:
@@ -136,14 +136,14 @@ class V2API:
         return response
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        doc = await _json_body(request)
+        doc = await _json_body(request, self._inference.read_timeout_s)
         rows = self._repo.index()
         if doc.get("ready") is True:
             rows = [r for r in rows if r["state"] == "READY"]
         return _json(rows)
 
     async def load(self, request: web.Request) -> web.Response:
-        doc = await _json_body(request)
+        doc = await _json_body(request, self._inference.read_timeout_s)
         params = doc.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidInput("'parameters' must be an object")
@@ -153,6 +153,6 @@ class V2API:
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
-        await _json_body(request)
+        await _json_body(request, self._inference.read_timeout_s)
         await self._control().unload(request.match_info["model"])
         return web.Response(status=200)

@@ -59,6 +59,13 @@ class NotFound(TandemError):
     code = "not_found"
 
 
+class RequestTimeout(TandemError):
+    """The client started a request and then stopped sending it."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class PayloadTooLarge(TandemError):
     status = 413
     code = "payload_too_large"
@@ -190,6 +197,7 @@ def error_from_body(status: int, body: Any) -> TandemError:
             400: InvalidInput,
             401: Unauthorized,
             404: NotFound,
+            408: RequestTimeout,
             413: PayloadTooLarge,
             429: Overloaded,
             503: Unavailable,
