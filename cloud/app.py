@@ -130,6 +130,8 @@ def _middleware(gate: Gate) -> Any:
                 rid, request.method, request.path, response.status, (time.perf_counter() - start) * 1e3,
                 request.get(MODEL_KEY), request.remote,
             )
+        if gate.draining:
+            response.force_close()
         if response.status == RequestTimeout.status:
             # The client stopped sending mid-body: answer and close now. Left to aiohttp, the
             # connection would linger 10 s reading the rest of a body that is not coming.

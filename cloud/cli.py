@@ -151,6 +151,8 @@ async def _run_server(config, worker: bool = False) -> int:  # type: ignore[no-u
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
     log = logging.getLogger("tandem.cloud")
+    if config.shutdown_delay_s > 0:
+        await _shutdown_delay(app[STATE], config.shutdown_delay_s, stop, log)
     log.info("draining: no new connections; answering accepted requests")
     # Stop listening and answer what the front door accepted; then cleanup() waits for aiohttp's
     # in-flight handlers (shutdown_timeout), and on_cleanup drains every batcher and releases the
@@ -163,3 +165,19 @@ async def _run_server(config, worker: bool = False) -> int:  # type: ignore[no-u
         await control.close()
     log.info("stopped")
     return 0
+
+
+async def _shutdown_delay(state, delay: float, stop, log) -> None:  # type: ignore[no-untyped-def]
+    """Serve on for ``delay`` seconds, saying not ready and closing every answered connection, so
+    that load balancers and clients' connection pools move on before the listener closes.
+
+    A second signal ends the wait early (one process: a worker ignores repeated signals)."""
+    import asyncio
+    import contextlib
+
+    state.ready = False
+    state.gate.draining = True
+    log.info("shutting down in %g s: /v2/health/ready answers 503 and responses close their connections meanwhile", delay)
+    stop.clear()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), delay)

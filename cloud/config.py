@@ -132,6 +132,12 @@ class ServerConfig(BaseSettings):
     read_timeout_s: float = Field(60.0, gt=0)
     #: Seconds a graceful shutdown waits for accepted requests.
     shutdown_timeout_s: float = Field(30.0, gt=0)
+    #: Seconds the server keeps serving after SIGTERM before it stops accepting, while
+    #: /v2/health/ready answers 503 and every response closes its connection. Load balancers and
+    #: Kubernetes endpoints take a few seconds to stop sending to a terminating server; without
+    #: the delay, connections they still send are refused. 0 (default): stop accepting at once.
+    #: A second SIGTERM/SIGINT ends the delay (one process; workers ignore it, see cli.py).
+    shutdown_delay_s: float = Field(0.0, ge=0)
     access_log: bool = True
     #: Serve the infer routes through the lean HTTP/1.1 front door (cloud/front.py), everything
     #: else through aiohttp. Off: aiohttp serves every request (about half the throughput).

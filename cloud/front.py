@@ -309,7 +309,7 @@ class _Connection(asyncio.Protocol):
         head = "\r\n".join(map(": ".join, headers.items())) + "\r\n" if headers else ""
         slot.data = (
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n{head}{p.HEADER_REQUEST_ID}: {slot.rid}\r\n"
-            f"Content-Length: {len(body)}\r\nDate: {door.date()}\r\n{door._tail}"
+            f"Content-Length: {len(body)}\r\nDate: {door.date()}\r\n{door._closing_tail if self._timed_out or door._gate.draining else door._tail}"
         ).encode() + body
         slot.status = status
         self._flush()
@@ -332,7 +332,7 @@ class _Connection(asyncio.Protocol):
         if not slots:
             if self._handoff is not None:
                 self._maybe_hand_off()
-            elif (self._eof or self._timed_out) and transport is not None:
+            elif (self._eof or self._timed_out or self._door._gate.draining) and transport is not None:
                 transport.close()
 
     def _maybe_hand_off(self) -> None:
@@ -384,7 +384,6 @@ class _Connection(asyncio.Protocol):
         self._slots.append(slot)
         error = RequestTimeout(f"the client sent no byte of its request for {read_timeout:g} s ({received} bytes received)")
         status, headers, body = self._door._gate.error_reply(error, path, None)
-        headers["Connection"] = "close"
         self._ready(slot, status, headers, body)
 
     @property
@@ -475,6 +474,7 @@ class FrontDoor:
         self._date_at = 0
         # The end of every response head: headers that never change, then the blank line.
         self._tail = "".join(f"{k}: {v}\r\n" for k, v in self._gate.extra_headers) + "Server: tandem\r\n\r\n"
+        self._closing_tail = "Connection: close\r\n" + self._tail  # while the server drains (Gate.draining)
         #: Requests the front door answered itself, and connections it handed to aiohttp.
         self.served = 0
         self.handed_off = 0

@@ -57,6 +57,9 @@ class Gate:
         #: (name, value) headers every response carries: with several worker processes, which one
         #: answered (clients and tests can see the spread).
         self.extra_headers: list[tuple[str, str]] = [(HEADER_WORKER, str(os.getpid()))] if config.workers > 1 else []
+        #: Set when shutdown begins (``shutdown_delay_s``): every response then closes its connection,
+        #: so clients with pooled connections reconnect, to another server, before this one stops.
+        self.draining = False
 
     def request_id(self, given: str | None) -> str:
         return given or f"{self._id_prefix}-{next(self._ids)}"

@@ -147,3 +147,60 @@ def test_a_stalled_log_reader_does_not_stall_the_server(tmp_path: Path, keys: tu
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def _toy_server(tmp_path: Path, keys: tuple[Path, Path], env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    repo = make_repository(tmp_path / "repo", keys[0], toy_versions=("1",), varlen=False)
+    port = free_port()
+    proc = _serve(["--repository", str(repo), "--trusted-key", str(keys[1]), "--port", str(port)],
+                  env={"TANDEM_WARMUP_BATCH_SIZES": "[1]", **env}, stderr=tmp_path / "serve.log")
+    _wait_ready(proc)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _until_not_ready(url: str) -> None:
+    deadline = time.monotonic() + 10
+    while request(url, "GET", "/v2/health/ready")[0] == 200:
+        assert time.monotonic() < deadline, "still ready after SIGTERM"
+        time.sleep(0.02)
+
+
+def test_shutdown_delay_serves_on_while_not_ready_and_closing_connections(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    delay = 3.0
+    proc, url = _toy_server(tmp_path, keys, {"TANDEM_SHUTDOWN_DELAY_S": str(delay)})
+    try:
+        body = p.InferRequest({"input": np.ones((1, 64), np.float32)}).to_wire()
+        status, headers, _ = request(url, "POST", p.infer_path("toy"), body)
+        assert status == 200 and "Connection" not in headers  # keep-alive before the signal
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _until_not_ready(url)
+        status, _, err = request(url, "GET", "/v2/health/ready")
+        assert status == 503 and b"not ready" in err
+        assert request(url, "GET", "/v2/health/live")[0] == 200
+        # New connections are still accepted and answered; each answer closes its connection.
+        for path, sent in ((p.infer_path("toy"), body), ("/v2/models/toy", None)):  # front door, then aiohttp
+            status, headers, _ = request(url, "POST" if sent else "GET", path, sent)
+            assert status == 200 and headers.get("Connection", "").lower() == "close", (path, headers)
+        assert time.monotonic() - t0 < delay
+        assert proc.wait(30) == 0
+        assert time.monotonic() - t0 >= delay * 0.9
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_a_second_signal_ends_the_shutdown_delay(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    proc, url = _toy_server(tmp_path, keys, {"TANDEM_SHUTDOWN_DELAY_S": "120"})
+    try:
+        proc.send_signal(signal.SIGTERM)
+        _until_not_ready(url)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert time.monotonic() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -403,6 +403,21 @@ def test_image_and_manifest_flags_are_real_serve_flags() -> None:
                     assert e["name"].removeprefix("TANDEM_").lower() in names, f"{doc['kind']} sets unknown {e['name']}"
 
 
+def test_the_grace_period_outlasts_the_drain() -> None:
+    """The kubelet's SIGKILL comes terminationGracePeriodSeconds after SIGTERM: the server's delay
+    plus its drain must fit in it, or a rolling update cuts accepted requests."""
+    deployments = [doc for _, doc in k8s_objects() if doc["kind"] == "Deployment"]
+    assert deployments
+    for doc in deployments:
+        pod = doc["spec"]["template"]["spec"]
+        for c in containers(doc):
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            delay = float(env.get("TANDEM_SHUTDOWN_DELAY_S") or ServerConfig.model_fields["shutdown_delay_s"].default)
+            drain = float(env.get("TANDEM_SHUTDOWN_TIMEOUT_S") or ServerConfig.model_fields["shutdown_timeout_s"].default)
+            assert delay > 0, "without a shutdown delay, connections sent while the endpoints update are refused"
+            assert pod.get("terminationGracePeriodSeconds", 30) >= delay + drain
+
+
 @needs_server
 def test_every_probe_path_answers_200(served: str) -> None:
     paths = probe_paths()
