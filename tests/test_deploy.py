@@ -406,6 +406,8 @@ def test_image_and_manifest_flags_are_real_serve_flags() -> None:
 def test_the_grace_period_outlasts_the_drain() -> None:
     """The kubelet's SIGKILL comes terminationGracePeriodSeconds after SIGTERM: the server's delay
     plus its drain must fit in it, or a rolling update cuts accepted requests."""
+    from tandem.cloud.config import ServerConfig
+
     deployments = [doc for _, doc in k8s_objects() if doc["kind"] == "Deployment"]
     assert deployments
     for doc in deployments:
