@@ -27,17 +27,19 @@ import asyncio
 import contextlib
 import email.utils
 import http
+import json
 import logging
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from tandem.shared import protocol as p
 from tandem.shared import v2 as v2codec
-from tandem.shared.errors import RequestTimeout, TandemError, Unavailable
+from tandem.shared.errors import InvalidInput, RequestTimeout, TandemError, Unavailable
 
 from . import native, v2
 from .app import STATE
@@ -553,12 +555,44 @@ class _AiohttpOnly:
         self._server.close()  # accepted requests are answered by runner.cleanup()'s shutdown
 
 
-def _aiohttp_server(runner: web.AppRunner) -> web.Server:
-    """aiohttp's server of the app: calling it makes aiohttp's protocol for one connection."""
+class _RequestHandler(web.RequestHandler):
+    """aiohttp's protocol for one connection, answering a request its HTTP parser rejects (a line
+    over 8190 bytes, conflicting lengths, bytes that are not HTTP) like every other Tandem error.
+
+    Why: aiohttp answers those in text/plain and logs each at ERROR with a traceback, so any
+    client sending garbage would fill the server's log with alarms about nothing it did wrong.
+    Here: ``{"error", "code"}`` in JSON and one INFO line. A 5xx keeps aiohttp's traceback (a bug).
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        if status >= 500:
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+            error = TandemError(f"internal error: {type(exc).__name__}" if exc is not None else "internal error")
+        else:
+            reason = " ".join(str(getattr(exc, "message", None) or message or exc or "").split())[:300]
+            _log.info("malformed HTTP request from %s: %s", request.remote, reason)
+            error = InvalidInput(f"malformed HTTP request: {reason}")
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was partly sent already: no room for the error")
+        response = web.Response(status=status, body=json.dumps(error.to_dict()).encode(), content_type="application/json")
+        response.force_close()
+        return response
+
+
+def _aiohttp_server(runner: web.AppRunner) -> Callable[[], asyncio.Protocol]:
+    """Makes aiohttp's protocol for one connection of the app (with :class:`_RequestHandler`'s errors)."""
     server = runner.server
     if server is None:
         raise RuntimeError("call runner.setup() before listen()")
-    return server
+    try:  # what web.Server.__call__ does, with the subclass
+        loop, kwargs = server._loop, server._kwargs  # type: ignore[attr-defined]
+    except AttributeError:
+        return server
+    return lambda: _RequestHandler(server, loop=loop, **kwargs)
 
 
 async def listen(

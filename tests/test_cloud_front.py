@@ -4,6 +4,8 @@ aiohttp with its exact bytes, on one port, over raw sockets."""
 from __future__ import annotations
 
 import gzip
+import json
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -247,14 +249,34 @@ def test_unknown_model_oversized_body_and_garbage_framing(server: ServerThread) 
         sock.sendall(f"POST {p.infer_path('toy')} HTTP/1.1\r\nHost: t\r\nContent-Length: {len(big)}\r\n\r\n".encode() + big)
         status, _, body = _Responses(sock).next()  # handed to aiohttp, which enforces the limit
     assert status == 413
-    for garbage in (b"POST /v1/models/toy/infer HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
-                    b"POST /v1/models/toy/infer HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-                    b"\x00\x01\x02 garbage\r\n\r\n"):
-        with _connect(server) as sock:
-            sock.sendall(garbage)
-            status, _, _ = _Responses(sock).next()
-        assert 400 <= status < 500, garbage
+    assert_garbage_gets_json_400s(server)
     assert request_ok(server)
+
+
+GARBAGE = (
+    b"POST /v1/models/toy/infer HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    b"POST /v1/models/toy/infer HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+    b"\x00\x01\x02 garbage\r\n\r\n",
+    b"GET /v2/health/ready HTTP/1.1\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n",
+)
+
+
+def assert_garbage_gets_json_400s(s: ServerThread) -> None:
+    """Messages aiohttp's parser rejects: a 400 with a JSON error body, and no ERROR in the log
+    (any client can send these; they are not the server's fault)."""
+    for garbage in GARBAGE:
+        with _connect(s) as sock:
+            sock.sendall(garbage)
+            status, headers, body = _Responses(sock).next()
+        assert status == 400 and headers["content-type"].startswith("application/json"), (garbage[:60], body)
+        assert json.loads(body)["code"] == "invalid_input" and "malformed HTTP request" in json.loads(body)["error"]
+
+
+def test_garbage_is_not_logged_as_an_error(server: ServerThread, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO):
+        assert_garbage_gets_json_400s(server)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    assert any("malformed HTTP request" in r.getMessage() for r in caplog.records)
 
 
 def request_ok(s: ServerThread) -> bool:
@@ -343,6 +365,7 @@ def test_front_door_off_serves_everything_with_aiohttp(repo: Path, keys: tuple[P
         assert status == 200 and "aiohttp" in headers["server"]
         status, body, rest = _half_closed(s, _native("slow", slow_inputs(20)))
         assert status == 200 and rest == b"", body
+        assert_garbage_gets_json_400s(s)
 
 
 def test_close_answers_accepted_requests_then_closes(repo: Path, keys: tuple[Path, Path]) -> None:
