@@ -10,7 +10,7 @@ Serves the bundles of a model repository (``REPO/<model>/<version>/manifest.json
 
 ``{v}`` may be ``latest``. File downloads carry ``ETag`` (the sha256 from the manifest, quoted),
 ``X-Tandem-Sha256`` and ``Accept-Ranges: bytes``; a single ``Range`` gives 206 (resumed downloads,
-``If-Range`` honoured), ``If-None-Match`` gives 304.
+``If-Range`` honoured; several ranges or another unit: the whole file), ``If-None-Match`` gives 304.
 
 The repository is scanned at request time; parsed manifests are cached by (mtime, size) so a new
 version dropped into the directory is served at once without a restart. Signatures are not checked
@@ -276,12 +276,17 @@ class _RangeNotSatisfiable(TandemError):
 
 def _byte_range(request: web.Request, etag: str, size: int) -> tuple[int, int]:
     """[start, end) to send. One ``bytes=`` range is supported; ``If-Range`` with another ETag means
-    the client's partial copy is stale, so it gets the whole file."""
+    the client's partial copy is stale, so it gets the whole file. A Range in another unit, or
+    asking for several ranges, is ignored (the whole file, 200), as RFC 9110 lets a server do:
+    rejecting it would fail a download the client could have had."""
     header = request.headers.get("Range")
     if header is None:
         return 0, size
     if_range = request.headers.get("If-Range")
     if if_range is not None and if_range.strip() != etag:
+        return 0, size
+    unit, _, ranges = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in ranges:
         return 0, size
     m = _RANGE_RE.match(header.strip())
     if m is None:
