@@ -64,6 +64,10 @@ class Inference:
         self._cost = repr(config.cost_per_call) if config.cost_per_call is not None else None
         self._cache = ResponseCache(config.response_cache_size) if config.response_cache_size else None
 
+    @property
+    def caches_responses(self) -> bool:
+        return self._cache is not None
+
     def resolve(self, name: str, version: str | None) -> ServedModel:
         return self.repository.get(name, version)
 

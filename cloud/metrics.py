@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -23,7 +25,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from .batcher import BatchObserver
 
-__all__ = ["Metrics", "ModelMetrics", "CONTENT_TYPE_LATEST", "multiprocess_dir", "observe_all"]
+__all__ = ["Metrics", "ModelMetrics", "CONTENT_TYPE_LATEST", "model_statistics", "multiprocess_dir", "observe_all"]
 
 
 def multiprocess_dir() -> str | None:
@@ -61,6 +63,17 @@ class Metrics:
         self.batch_size = Histogram(
             "tandem_inference_batch_size", "Rows per executed batch", _LABELS, buckets=_BATCH_BUCKETS, registry=r
         )
+        # As Triton's nv_inference_compute_infer_duration_us: per request, so the statistics
+        # extension's compute_infer (and perf_analyzer's server-side breakdown) have Triton's meaning.
+        self.request_compute_us = Counter(
+            "tandem_inference_request_compute_duration_us",
+            "Compute time summed over the requests each batch answered (a batch of 8 requests taking 2 ms adds 16 ms)",
+            _LABELS, registry=r,
+        )
+        self.last_inference_ms = Gauge(
+            "tandem_inference_last_timestamp_ms", "When the model last finished a batch (ms since the Unix epoch)", _LABELS,
+            registry=r, multiprocess_mode="max",
+        )
         self.pending = Gauge(
             "tandem_inference_pending_request_count", "Requests accepted and not yet answered", _LABELS, registry=r,
             multiprocess_mode="livesum",
@@ -97,13 +110,27 @@ class Metrics:
             self.pending.labels(*labels).set(pending())
 
     def render(self) -> bytes:
+        return generate_latest(self._collected())
+
+    def snapshot(self) -> dict[tuple[str, str, str], float]:
+        """Every per-model sample as {(sample name, model, version): value}, summed over the other
+        labels (reason, provider) and, with --workers N, over the workers."""
+        values: dict[tuple[str, str, str], float] = {}
+        for family in self._collected().collect():
+            for s in family.samples:
+                if "model" in s.labels:
+                    key = (s.name, s.labels["model"], s.labels.get("version", ""))
+                    values[key] = values.get(key, 0.0) + s.value
+        return values
+
+    def _collected(self) -> CollectorRegistry:
         self.refresh()
         if not self.multiprocess:
-            return generate_latest(self.registry)
+            return self.registry
         # A fresh registry per scrape, as prometheus_client documents for multiprocess mode.
         merged = CollectorRegistry()
         MultiProcessCollector(merged)
-        return generate_latest(merged)
+        return merged
 
 
 def observe_all(histogram: Histogram, values: Sequence[float]) -> None:
@@ -143,6 +170,8 @@ class ModelMetrics(BatchObserver):
         self._compute = metrics.compute_us.labels(model, version)
         self._batch = metrics.batch_size.labels(model, version)
         self._cache = metrics.cache_hits.labels(model, version)
+        self._request_compute = metrics.request_compute_us.labels(model, version)
+        self._last = metrics.last_inference_ms.labels(model, version)
         self._providers: list[str] = []
 
     def attach(self, pending: Callable[[], float], providers: Sequence[str], instances: int) -> None:
@@ -190,5 +219,46 @@ class ModelMetrics(BatchObserver):
         self._count.inc(rows)
         self._exec.inc()
         self._compute.observe(compute_us)
+        self._request_compute.inc(compute_us * len(queue_us))
         self._batch.observe(rows)
+        self._last.set(time.time() * 1e3)
         observe_all(self._queue, queue_us)
+
+
+def model_statistics(values: Mapping[tuple[str, str, str], float], model: str, version: str, cache: bool) -> dict[str, Any]:
+    """One ``$model_stat`` of the v2 statistics extension (Triton's meaning), from :meth:`Metrics.snapshot`.
+
+    What is measured: queue time per request, compute per request (the batch's time: stacking the
+    inputs and the run, both in compute_infer, so compute_input/compute_output read 0), success =
+    queue + compute (from queueing to outputs ready; a cache hit adds 0). Failures and cache hits
+    are counted, not timed, and ``batch_stats`` is empty: the batch size distribution is the
+    ``tandem_inference_batch_size`` histogram in /metrics.
+    """
+
+    def value(name: str) -> float:
+        return values.get((name, model, version), 0.0)
+
+    def stat(count: float, us: float = 0.0) -> dict[str, int]:
+        return {"count": int(count), "ns": int(round(us * 1e3))}
+
+    executed = value("tandem_inference_queue_duration_us_count")
+    queue_us = value("tandem_inference_queue_duration_us_sum")
+    compute_us = value("tandem_inference_request_compute_duration_us_total")
+    return {
+        "name": model,
+        "version": version,
+        "last_inference": int(value("tandem_inference_last_timestamp_ms")),
+        "inference_count": int(value("tandem_inference_count_total")),
+        "execution_count": int(value("tandem_inference_exec_count_total")),
+        "inference_stats": {
+            "success": stat(value("tandem_inference_request_success_total"), queue_us + compute_us),
+            "fail": stat(value("tandem_inference_request_failure_total")),
+            "queue": stat(executed, queue_us),
+            "compute_input": stat(executed),
+            "compute_infer": stat(executed, compute_us),
+            "compute_output": stat(executed),
+            "cache_hit": stat(value("tandem_response_cache_hits_total")),
+            "cache_miss": stat(executed if cache else 0),
+        },
+        "batch_stats": [],
+    }

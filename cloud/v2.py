@@ -21,11 +21,12 @@ from tandem.shared.errors import InvalidInput, TandemError, Unavailable
 from .body import read_body
 from .control import ModelControl
 from .inference import Call, Inference, Outcome, deadline_seconds
+from .metrics import Metrics, model_statistics
 from .repository import ModelRepository
 
 __all__ = ["V2API", "start", "reply"]
 
-_EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "schedule_policy"]
+_EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "schedule_policy", "statistics"]
 _COMPRESS_MIN_BYTES = 4096  # below this, compressing costs more time than it saves
 
 
@@ -75,9 +76,10 @@ def reply(inference: Inference, outcome: Outcome, req: v2.V2Request) -> tuple[by
 
 class V2API:
     def __init__(
-        self, inference: Inference, repository: ModelRepository, is_ready: Any, max_body_bytes: int, *,
+        self, inference: Inference, repository: ModelRepository, is_ready: Any, max_body_bytes: int, metrics: Metrics, *,
         control: Callable[[], ModelControl] | None = None,
     ) -> None:
+        self._metrics = metrics
         self._control = control or (lambda: repository)
         self._inference = inference
         self._max_body = max_body_bytes
@@ -89,10 +91,12 @@ class V2API:
         r.add_get("/v2/health/live", self.live)
         r.add_get("/v2/health/ready", self.ready)
         r.add_get("/v2", self.server_metadata)
+        r.add_get("/v2/models/stats", self.statistics)  # before /v2/models/{model}, which it would match
         for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             r.add_get(base, self.model_metadata)
             r.add_get(base + "/ready", self.model_ready)
             r.add_get(base + "/config", self.model_config)
+            r.add_get(base + "/stats", self.statistics)
             r.add_post(base + "/infer", self.infer)
         r.add_post("/v2/repository/index", self.repository_index)
         r.add_post("/v2/repository/models/{model}/load", self.load)
@@ -121,6 +125,20 @@ class V2API:
 
     async def model_config(self, request: web.Request) -> web.Response:
         return _json(self._repo.get(request.match_info["model"], request.match_info.get("version")).model_config())
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        """The statistics extension: every loaded version, or those of one model, or one version."""
+        name, version = request.match_info.get("model"), request.match_info.get("version")
+        if name is None:
+            served = self._repo.loaded()
+        elif version is None:
+            self._repo.get(name)  # an unknown or unloaded model answers as on every other route
+            served = [self._repo.get(name, v) for v in self._repo.versions(name)]
+        else:
+            served = [self._repo.get(name, version)]
+        values = self._metrics.snapshot()
+        caches = self._inference.caches_responses
+        return _json({"model_stats": [model_statistics(values, m.name, m.version, caches) for m in served]})
 
     async def infer(self, request: web.Request) -> web.Response:
         inference, model, version = self._inference, request.match_info["model"], request.match_info.get("version")

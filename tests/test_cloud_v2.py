@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,3 +145,43 @@ def test_unknown_route_and_method_are_json_errors(server: ServerThread) -> None:
     assert status == 404 and "error" in json.loads(body)
     status, _, body = request(server.url, "GET", "/v2/models/toy/infer")
     assert status == 405 and "error" in json.loads(body)
+
+
+def test_statistics_extension_counts_what_ran(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """tritonclient's get_inference_statistics (what perf_analyzer reads for its server-side
+    breakdown) on a fresh server, so the counts are exactly this test's traffic."""
+    repo = make_repository(tmp_path / "repo", keys[0], slow=False, varlen=False)
+    with ServerThread(ServerConfig(repository=repo, trusted_keys=[keys[1]], port=0)) as s:
+        c = th.InferenceServerClient(s.url.removeprefix("http://"))
+        try:
+            assert "statistics" in c.get_server_metadata()["extensions"]
+            before_ms = time.time() * 1e3
+            x = _x(3)
+            for _ in range(5):
+                inp = th.InferInput("input", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                c.infer("toy", [inp], model_version="2")
+            bad = th.InferInput("input", [1, 63], "FP32")
+            bad.set_data_from_numpy(np.zeros((1, 63), np.float32))
+            with pytest.raises(InferenceServerException):
+                c.infer("toy", [bad], model_version="2")
+
+            (st,) = c.get_inference_statistics("toy", "2")["model_stats"]
+            assert (st["name"], st["version"]) == ("toy", "2")
+            assert st["inference_count"] == 15 and 1 <= st["execution_count"] <= 5
+            assert before_ms <= st["last_inference"] <= time.time() * 1e3 + 1
+            inf = st["inference_stats"]
+            assert inf["success"]["count"] == 5 and inf["fail"]["count"] == 1
+            assert inf["queue"]["count"] == inf["compute_infer"]["count"] == 5
+            assert inf["compute_infer"]["ns"] > 0 and inf["queue"]["ns"] >= 0
+            assert abs(inf["success"]["ns"] - inf["queue"]["ns"] - inf["compute_infer"]["ns"]) <= 2
+            assert inf["cache_hit"]["count"] == inf["cache_miss"]["count"] == 0  # no response cache configured
+
+            by_version = {m["version"]: m for m in c.get_inference_statistics("toy")["model_stats"]}
+            assert set(by_version) == {"1", "2"} and by_version["1"]["inference_count"] == 0
+            everything = {(m["name"], m["version"]) for m in c.get_inference_statistics()["model_stats"]}
+            assert {("toy", "1"), ("toy", "2")} <= everything
+            with pytest.raises(InferenceServerException, match="unknown model"):
+                c.get_inference_statistics("nope")
+        finally:
+            c.close()

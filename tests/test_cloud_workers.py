@@ -113,6 +113,8 @@ def test_two_workers_share_the_port_the_metrics_and_model_control_and_survive_a_
         # Counters sum over the workers, whichever one is asked; gauges are live sums.
         for _ in range(4):
             assert _metric(url, "tandem_inference_request_success_total", "toy") == 400
+            (stats,) = json.loads(request(url, "GET", "/v2/models/toy/stats")[2])["model_stats"]
+            assert stats["inference_stats"]["success"]["count"] == 400 and stats["inference_count"] == 400
         assert _metric(url, "tandem_model_instances", "toy") == 2
 
         # Model control reaches every worker, whichever one the request lands on.
