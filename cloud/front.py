@@ -467,7 +467,7 @@ class FrontDoor:
         self._metrics = state.metrics
         self._max_body = state.config.max_body_bytes
         self._read_timeout = state.config.read_timeout_s
-        self._aiohttp = _aiohttp_server(runner)
+        self._aiohttp = _aiohttp_protocols(runner)
         self._connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -583,7 +583,7 @@ class _RequestHandler(web.RequestHandler):
         return response
 
 
-def _aiohttp_server(runner: web.AppRunner) -> Callable[[], asyncio.Protocol]:
+def _aiohttp_protocols(runner: web.AppRunner) -> Callable[[], asyncio.Protocol]:
     """Makes aiohttp's protocol for one connection of the app (with :class:`_RequestHandler`'s errors)."""
     server = runner.server
     if server is None:
@@ -602,7 +602,7 @@ async def listen(
     aiohttp alone when the app's config says ``front_door = false``. Stop with ``await x.close(t)``
     before ``runner.cleanup()``."""
     if not runner.app[STATE].config.front_door:
-        aiohttp = _aiohttp_server(runner)
+        aiohttp = _aiohttp_protocols(runner)
         server = await asyncio.get_running_loop().create_server(
             lambda: _HalfCloseGuard(aiohttp()), host, port, backlog=backlog, reuse_port=reuse_port or None
         )
