@@ -204,3 +204,18 @@ def test_a_second_signal_ends_the_shutdown_delay(tmp_path: Path, keys: tuple[Pat
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_the_reference_config_loads_and_serves(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """examples/cloud/serve.toml: every key is a real setting (a misspelt one fails the start) and
+    a server runs with it, CUDA listed first on a machine without it."""
+    from cloud_support import ServerThread
+
+    reference = Path(__file__).resolve().parents[1] / "examples" / "cloud" / "serve.toml"
+    repo = make_repository(tmp_path / "repo", keys[0], toy_versions=("1",), slow=False, varlen=False)
+    config = load_config(reference, repository=repo, trusted_keys=[keys[1]], port=free_port(), access_log=False)
+    assert config.shutdown_delay_s == 5 and config.read_timeout_s == 60
+    assert config.batching_for("digits").fill_wait_us == 1500 and config.batching_for("toy").priority_levels == 2
+    with ServerThread(config) as s:
+        body = p.InferRequest({"input": np.ones((1, 64), np.float32)}).to_wire()
+        assert request(s.url, "POST", p.infer_path("toy"), body)[0] == 200
