@@ -23,7 +23,12 @@ def serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", default=None, help="ordered execution providers, comma separated")
     parser.add_argument(
         "--workers", type=int, default=None,
-        help="server processes sharing the port (SO_REUSEPORT), one event loop each (default 1); >1 disables model load/unload",
+        help="server processes sharing the port (SO_REUSEPORT), one event loop each (default 1; the number of cores "
+        "is the throughput setting for small models on CPU)",
+    )
+    parser.epilog = (
+        "Every other setting (batching per model, timeouts, shutdown delay, cache, canary, ...) comes from --config "
+        "or TANDEM_* variables (TANDEM_BATCHING__MAX_BATCH_SIZE=16): see examples/cloud/serve.toml."
     )
     parser.set_defaults(run=_run)
 
