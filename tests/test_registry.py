@@ -149,6 +149,8 @@ async def test_resumed_download_with_range(client: TestClient, repo: Path) -> No
 
     middle = await client.get(path, headers={"Range": "bytes=10-19"})
     assert middle.status == 206 and await middle.read() == whole[10:20]
+    shouted = await client.get(path, headers={"Range": "Bytes=10-19"})
+    assert shouted.status == 206 and await shouted.read() == whole[10:20]
     suffix = await client.get(path, headers={"Range": "bytes=-7"})
     assert suffix.status == 206 and await suffix.read() == whole[-7:]
     past_end = await client.get(path, headers={"Range": f"bytes=100-{size + 1000}"})
