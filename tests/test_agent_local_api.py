@@ -166,3 +166,25 @@ async def test_v2_json_infer_and_its_errors(agent: Agent) -> None:
             assert r.status == 400 and "error" in await r.json()
         async with s.post(agent.url + "/v2/models/toy/infer", data=b"{", headers={"Content-Type": "application/json"}) as r:
             assert r.status == 400 and "error" in await r.json()
+
+
+async def test_an_app_that_stalls_mid_body_gets_408(agent: Agent) -> None:
+    """Without a bound, the handler would wait for the rest of the body until the agent stops."""
+    import asyncio
+    import time
+
+    agent.config.read_timeout_s = 0.5
+    host, port = agent.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"POST /v1/models/toy/infer HTTP/1.1\r\nHost: a\r\nContent-Type: " + CONTENT_TYPE.encode()
+                     + b"\r\nContent-Length: 1000\r\n\r\n" + b"\x81")
+        await writer.drain()
+        t0 = time.monotonic()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 408") and 0.4 < time.monotonic() - t0 < 5
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        body = unpackb(await reader.readexactly(length))
+        assert body["code"] == "request_timeout" and "0.5 s" in body["error"]
+    finally:
+        writer.close()

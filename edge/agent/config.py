@@ -54,6 +54,9 @@ class AgentConfig(BaseSettings):
     #: Binding to anything but loopback must be asked for explicitly.
     allow_remote: bool = False
     max_request_bytes: int = Field(64 << 20, gt=0)
+    #: Seconds an app may take to send a request body; then it gets 408 (an app that stalls
+    #: mid-body would otherwise hold its handler until the agent stops).
+    read_timeout_s: float = Field(60.0, gt=0)
 
     # Router.
     policy: Literal["edge-only", "cloud-only", "constrained", "cascade", "hedged"] = "cascade"

@@ -19,6 +19,7 @@ Errors are ``{"error", "code"}`` in msgpack on native routes and JSON elsewhere,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from aiohttp import web
 
-from tandem.shared.errors import InvalidInput, ModelNotFound, PayloadTooLarge, TandemError, Unavailable
+from tandem.shared.errors import InvalidInput, ModelNotFound, PayloadTooLarge, RequestTimeout, TandemError, Unavailable
 from tandem.shared.protocol import (
     CONTENT_TYPE,
     HEADER_DEADLINE_MS,
@@ -104,6 +105,14 @@ def _agent(request: web.Request) -> "Agent":
     return request.app[_AGENT]  # type: ignore[return-value]
 
 
+async def _read_body(request: web.Request) -> bytes:
+    timeout = _agent(request).config.read_timeout_s
+    try:
+        return await asyncio.wait_for(request.read(), timeout)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout:g} s") from None
+
+
 async def _route_call(request: web.Request, model: str, version: str | None, inputs: dict[str, np.ndarray],
                       budget: dict[str, Any], request_id: str | None) -> tuple[dict[str, np.ndarray], dict[str, Any], str]:
     agent = _agent(request)
@@ -141,7 +150,7 @@ async def _native_infer(request: web.Request) -> web.Response:
     ctype = request.headers.get("Content-Type", CONTENT_TYPE).split(";")[0].strip().lower()
     if ctype not in (CONTENT_TYPE, "application/x-msgpack", "application/octet-stream", ""):
         raise InvalidInput(f"native infer takes {CONTENT_TYPE} bodies, got {ctype}; use /v2/models/.../infer for JSON")
-    body = await request.read()
+    body = await _read_body(request)
     if not body:
         raise InvalidInput("empty request body: expected a msgpack map with 'inputs'")
     req = InferRequest.from_wire(body)
@@ -200,7 +209,7 @@ async def _v2_infer(request: web.Request) -> web.Response:
 
 
 async def v2_infer(request: web.Request, v2: Any) -> web.Response:
-    body = await request.read()
+    body = await _read_body(request)
     raw_len = request.headers.get(v2.HEADER_LENGTH)
     try:
         header_length = int(raw_len) if raw_len is not None else None
@@ -223,7 +232,7 @@ async def v2_infer(request: web.Request, v2: Any) -> web.Response:
 
 async def _feedback(request: web.Request) -> web.Response:
     ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
-    raw = await request.read()
+    raw = await _read_body(request)
     try:
         doc = unpackb(raw) if ctype in (CONTENT_TYPE, "application/x-msgpack") else json.loads(raw)
     except TandemError:
