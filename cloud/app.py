@@ -170,8 +170,11 @@ def create_app(config: ServerConfig) -> web.Application:
     )
     app[STATE] = state
 
-    NativeAPI(inference, config.max_body_bytes).add_routes(app)
-    V2API(inference, repository, lambda: state.ready, config.max_body_bytes, state.metrics, control=lambda: state.control).add_routes(app)
+    NativeAPI(inference, config.max_body_bytes, config.read_timeout_s).add_routes(app)
+    V2API(
+        inference, repository, lambda: state.ready, config.max_body_bytes, config.read_timeout_s, state.metrics,
+        control=lambda: state.control,
+    ).add_routes(app)
 
     async def metrics_handler(request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -59,8 +59,6 @@ class Call:
 class Inference:
     def __init__(self, repository: ModelRepository, config: ServerConfig) -> None:
         self.repository = repository
-        #: Longest wait for the next byte of a request body (``ServerConfig.read_timeout_s``).
-        self.read_timeout_s = config.read_timeout_s
         self._cost = repr(config.cost_per_call) if config.cost_per_call is not None else None
         self._cache = ResponseCache(config.response_cache_size) if config.response_cache_size else None
 
@@ -137,12 +135,14 @@ class Inference:
                 pass  # finish() counts and raises it
         return self.finish(call)
 
-    async def serve(self, request: web.Request, start: Callable[[bytes], tuple[Call, Any]], max_body: int) -> tuple[Outcome, Any]:
+    async def serve(
+        self, request: web.Request, start: Callable[[bytes], tuple[Call, Any]], max_body: int, read_timeout_s: float
+    ) -> tuple[Outcome, Any]:
         """The aiohttp side of an infer route: read the body, ``start(body)`` (the protocol's
         decoder, which queues the call), wait. Records the model on the request as it becomes
         known, so error replies and the access log name it. Returns (outcome, decoded request)."""
         request[MODEL_KEY] = self.resolve(request.match_info["model"], request.match_info.get("version"))
-        call, decoded = start(await read_body(request, max_body, self.read_timeout_s))
+        call, decoded = start(await read_body(request, max_body, read_timeout_s))
         request[MODEL_KEY] = call.served
         outcome = await self.wait(call)
         request[MODEL_KEY] = outcome.model

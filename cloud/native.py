@@ -50,9 +50,10 @@ def reply(inference: Inference, outcome: Outcome, req: p.InferRequest, request_i
 
 
 class NativeAPI:
-    def __init__(self, inference: Inference, max_body_bytes: int) -> None:
+    def __init__(self, inference: Inference, max_body_bytes: int, read_timeout_s: float) -> None:
         self._inference = inference
         self._max_body = max_body_bytes
+        self._read_timeout = read_timeout_s
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/models/{model}/infer", self.infer)
@@ -64,6 +65,7 @@ class NativeAPI:
             request,
             lambda body: start(inference, model, version, body, request.headers.get(p.HEADER_PRIORITY), request.headers.get(p.HEADER_DEADLINE_MS)),
             self._max_body,
+            self._read_timeout,
         )
         headers, body = reply(inference, outcome, req, request[REQUEST_ID_KEY])
         return web.Response(body=body, headers=headers)

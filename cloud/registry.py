@@ -288,7 +288,7 @@ def _byte_range(request: web.Request, etag: str, size: int) -> tuple[int, int]:
     unit, _, ranges = header.strip().partition("=")
     if unit.strip().lower() != "bytes" or "," in ranges:
         return 0, size
-    m = _RANGE_RE.match(header.strip().lower())  # range units are case-insensitive (RFC 9110)
+    m = _RANGE_RE.match("bytes=" + ranges.strip())  # the unit, checked above, is case-insensitive (RFC 9110)
     if m is None:
         raise _RangeNotSatisfiable(f"Range {header!r} is not supported: send one 'bytes=start-end' range")
     first, last = m.groups()

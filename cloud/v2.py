@@ -76,9 +76,10 @@ def reply(inference: Inference, outcome: Outcome, req: v2.V2Request) -> tuple[by
 
 class V2API:
     def __init__(
-        self, inference: Inference, repository: ModelRepository, is_ready: Any, max_body_bytes: int, metrics: Metrics, *,
-        control: Callable[[], ModelControl] | None = None,
+        self, inference: Inference, repository: ModelRepository, is_ready: Any, max_body_bytes: int, read_timeout_s: float,
+        metrics: Metrics, *, control: Callable[[], ModelControl] | None = None,
     ) -> None:
+        self._read_timeout = read_timeout_s
         self._metrics = metrics
         self._control = control or (lambda: repository)
         self._inference = inference
@@ -146,6 +147,7 @@ class V2API:
             request,
             lambda body: start(inference, model, version, body, request.headers.get(v2.HEADER_LENGTH), request.headers.get(p.HEADER_DEADLINE_MS)),
             self._max_body,
+            self._read_timeout,
         )
         body, headers = reply(inference, outcome, req)
         response = web.Response(body=body, headers=headers)
@@ -154,14 +156,14 @@ class V2API:
         return response
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        doc = await _json_body(request, self._inference.read_timeout_s)
+        doc = await _json_body(request, self._read_timeout)
         rows = self._repo.index()
         if doc.get("ready") is True:
             rows = [r for r in rows if r["state"] == "READY"]
         return _json(rows)
 
     async def load(self, request: web.Request) -> web.Response:
-        doc = await _json_body(request, self._inference.read_timeout_s)
+        doc = await _json_body(request, self._read_timeout)
         params = doc.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidInput("'parameters' must be an object")
@@ -171,6 +173,6 @@ class V2API:
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
-        await _json_body(request, self._inference.read_timeout_s)
+        await _json_body(request, self._read_timeout)
         await self._control().unload(request.match_info["model"])
         return web.Response(status=200)
