@@ -17,6 +17,7 @@ from aiohttp import web
 
 from tandem.shared import protocol as p
 from tandem.shared.errors import InvalidInput, TandemError
+from tandem.shared.layout import RequestDecoder, ResponseEncoder
 
 from .batcher import BatchResult
 from .body import read_body
@@ -61,6 +62,9 @@ class Inference:
         self.repository = repository
         self._cost = repr(config.cost_per_call) if config.cost_per_call is not None else None
         self._cache = ResponseCache(config.response_cache_size) if config.response_cache_size else None
+        # The native codec's fast paths for repeated layouts (one app, one event loop).
+        self.decoder = RequestDecoder()
+        self.encoder = ResponseEncoder()
 
     @property
     def caches_responses(self) -> bool:

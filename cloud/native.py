@@ -25,7 +25,7 @@ def start(
     """Decode a native infer request and queue it; both HTTP stacks call this (and :func:`reply`)."""
     served = inference.resolve(model, version)
     try:
-        req = p.InferRequest.from_wire(body)
+        req = inference.decoder.decode(body)
         priority = req.priority
         if priority_header is not None:
             try:
@@ -43,7 +43,7 @@ def start(
 def reply(inference: Inference, outcome: Outcome, req: p.InferRequest, request_id: str) -> tuple[dict[str, str], bytes]:
     """(headers, body) of a successful native response."""
     served = outcome.model
-    body = p.InferResponse(outcome.outputs, served.name, served.version, id=req.id or request_id).to_wire()
+    body = inference.encoder.encode(outcome.outputs, served.name, served.version, req.id or request_id)
     headers = inference.headers(outcome)
     headers["Content-Type"] = p.CONTENT_TYPE
     return headers, body
