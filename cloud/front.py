@@ -153,6 +153,11 @@ def _frame(buf: bytes | bytearray, pos: int, max_body: int, last: list[Any]) -> 
     return head, body, stop
 
 
+def _header_text(headers: dict[str, str]) -> str:
+    """HTTP header lines, each ending in CRLF."""
+    return "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+
+
 class _Slot:
     """One request's place in its connection's response order."""
 
@@ -292,10 +297,11 @@ class _Connection(asyncio.Protocol):
                 raise Unavailable("the request was cancelled before it ran (model unloading)") from None
             slot.served = outcome.model
             if protocol == "v1":
-                headers, body = native.reply(inference, outcome, req, slot.rid)
+                head, body = native.reply_text(inference, outcome, req, slot.rid)
             else:
                 body, headers = v2.reply(inference, outcome, req)
-            self._ready(slot, 200, headers, body)
+                head = _header_text(headers)
+            self._ready(slot, 200, head, body)
         except TandemError as e:
             self._fail(slot, e)
         except Exception as e:  # noqa: BLE001
@@ -304,11 +310,11 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, slot: _Slot, error: TandemError) -> None:
         status, headers, body = self._door._gate.error_reply(error, slot.path, slot.served)
-        self._ready(slot, status, headers, body)
+        self._ready(slot, status, _header_text(headers), body)
 
-    def _ready(self, slot: _Slot, status: int, headers: dict[str, str], body: bytes) -> None:
+    def _ready(self, slot: _Slot, status: int, head: str, body: bytes) -> None:
+        """Queue a response; ``head`` holds its own header lines, each ending in CRLF."""
         door = self._door
-        head = "\r\n".join(map(": ".join, headers.items())) + "\r\n" if headers else ""
         slot.data = (
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n{head}{p.HEADER_REQUEST_ID}: {slot.rid}\r\n"
             f"Content-Length: {len(body)}\r\nDate: {door.date()}\r\n{door._closing_tail if self._timed_out or door._gate.draining else door._tail}"
@@ -386,7 +392,7 @@ class _Connection(asyncio.Protocol):
         self._slots.append(slot)
         error = RequestTimeout(f"the client sent no byte of its request for {read_timeout:g} s ({received} bytes received)")
         status, headers, body = self._door._gate.error_reply(error, path, None)
-        self._ready(slot, status, headers, body)
+        self._ready(slot, status, _header_text(headers), body)
 
     @property
     def owed(self) -> bool:

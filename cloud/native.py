@@ -15,7 +15,7 @@ from tandem.shared.errors import InvalidInput, TandemError
 
 from .inference import REQUEST_ID_KEY, Call, Inference, Outcome, deadline_seconds
 
-__all__ = ["NativeAPI", "start", "reply"]
+__all__ = ["NativeAPI", "start", "reply", "reply_text"]
 
 
 def start(
@@ -47,6 +47,16 @@ def reply(inference: Inference, outcome: Outcome, req: p.InferRequest, request_i
     headers = inference.headers(outcome)
     headers["Content-Type"] = p.CONTENT_TYPE
     return headers, body
+
+
+def reply_text(inference: Inference, outcome: Outcome, req: p.InferRequest, request_id: str) -> tuple[str, bytes]:
+    """:func:`reply` with the headers as HTTP header lines (the front door writes them as they are)."""
+    served = outcome.model
+    body = inference.encoder.encode(outcome.outputs, served.name, served.version, req.id or request_id)
+    return inference.header_text(outcome) + _CONTENT_TYPE_LINE, body
+
+
+_CONTENT_TYPE_LINE = f"Content-Type: {p.CONTENT_TYPE}\r\n"
 
 
 class NativeAPI:

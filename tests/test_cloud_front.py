@@ -453,3 +453,24 @@ def test_close_does_not_wait_for_a_half_sent_request(repo: Path, keys: tuple[Pat
         sock.close()
     finally:
         s.stop()
+
+
+def test_the_front_door_answers_with_the_headers_and_body_aiohttp_gives(repo: Path, keys: tuple[Path, Path]) -> None:
+    """The front door writes its own header lines and response bytes (fast paths): they must say
+    what the aiohttp route says, cache hits and advertised cost included."""
+    answers = []
+    for front_door in (True, False):
+        config = ServerConfig(repository=repo, trusted_keys=[keys[1]], port=0, front_door=front_door,
+                              cost_per_call=0.25, response_cache_size=8)
+        with ServerThread(config) as s, _connect(s) as sock:
+            responses = _Responses(sock)
+            for _ in range(2):  # a miss, then a cache hit
+                sock.sendall(_native("toy", {"input": _x()}))
+                status, headers, body = responses.next()
+                assert status == 200
+                tandem = {k: v for k, v in headers.items() if k.startswith("x-tandem-") and not k.endswith("-us")}
+                msg = unpackb(body)
+                assert msg.pop("id") == headers["x-request-id"]
+                answers.append((tandem, headers["content-type"], msg))
+    assert answers[:2] == answers[2:]
+    assert answers[1][0]["x-tandem-cache"] == "hit" and answers[0][0]["x-tandem-cost"] == "0.25"
