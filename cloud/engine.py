@@ -21,6 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,9 @@ from tandem.shared.tensors import ONNX_TYPE_TO_DATATYPE, dtype_of
 __all__ = ["TensorInfo", "ModelEngine", "resolve_providers", "lower_thread_priority"]
 
 _log = logging.getLogger(__name__)
+
+#: Input signatures a model remembers as checked (see ModelEngine.check_inputs).
+_MAX_ACCEPTED = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +128,7 @@ class ModelEngine:
         self.input_by_name = {t.name: t for t in self.inputs}
         self.output_names = [t.name for t in self.outputs]
         self._dtypes = {t.name: dtype_of(t.datatype) for t in self.inputs}
+        self._accepted: dict[tuple[Any, ...], int] = {}  # input signatures check_inputs accepted -> rows
         #: Batchable when every input and output has a variable leading dimension.
         self.batchable = all(t.shape and t.shape[0] is None for t in self.inputs + self.outputs)
 
@@ -156,6 +161,17 @@ class ModelEngine:
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> int:
         """Validate names, datatypes and shapes against the model; returns the batch rows (1 if unbatched)."""
+        # Requests repeat a few signatures: one dict lookup answers for a signature checked before.
+        key = tuple([(name, arr.dtype, arr.shape) for name, arr in inputs.items()])
+        rows = self._accepted.get(key)
+        if rows is None:
+            rows = self._check_inputs(inputs)
+            if len(self._accepted) >= _MAX_ACCEPTED:
+                self._accepted.clear()  # dynamic dimensions: never grow without bound
+            self._accepted[key] = rows
+        return rows
+
+    def _check_inputs(self, inputs: Mapping[str, np.ndarray]) -> int:
         if len(inputs) != len(self.inputs) or any(name not in self.input_by_name for name in inputs):
             want = ", ".join(t.name for t in self.inputs)
             got = ", ".join(inputs) or "none"

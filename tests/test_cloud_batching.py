@@ -294,3 +294,31 @@ async def test_the_threads_that_compute_run_below_the_event_loop(tmp_path: Path)
         assert out.outputs["logits"].shape == (1, 10)
     finally:
         await batcher.close()
+
+
+def test_checked_input_signatures_are_remembered_and_refusals_are_not(tmp_path: Path) -> None:
+    from cloud_support import make_varlen_onnx
+    from tandem.cloud import engine as engine_module
+    from tandem.shared.errors import TandemError
+
+    engine = ModelEngine(make_mlp_onnx(tmp_path / "m.onnx"), instances=1, intra_op_threads=1)
+    ok = {"input": np.ones((3, 64), np.float32)}
+    for _ in range(2):  # checked, then remembered: the same answer
+        assert engine.check_inputs(ok) == 3
+    for bad in (
+        {"input": np.ones((3, 64), np.float64)},
+        {"input": np.ones((3, 63), np.float32)},
+        {"input": np.ones((3, 64), np.dtype(">f4"))},
+        {"input": np.ones((0, 64), np.float32)},
+        {"inputs": np.ones((3, 64), np.float32)},
+        {"input": np.ones((3, 64), np.float32), "extra": np.ones((3, 64), np.float32)},
+    ):
+        for _ in range(2):  # refused every time, never remembered as checked
+            with pytest.raises(TandemError):
+                engine.check_inputs(bad)
+    varlen = ModelEngine(make_varlen_onnx(tmp_path / "v.onnx"), instances=1, intra_op_threads=1)
+    x = varlen.inputs[0]
+    for n in range(1, engine_module._MAX_ACCEPTED + 10):  # a dynamic dimension: as many signatures as lengths
+        shape = [1 if d is None and i == 0 else n if d is None else d for i, d in enumerate(x.shape)]
+        assert varlen.check_inputs({x.name: np.ones(shape, varlen._dtypes[x.name])}) == 1
+    assert len(varlen._accepted) <= engine_module._MAX_ACCEPTED
