@@ -17,7 +17,7 @@ from aiohttp import web
 
 from tandem.shared import protocol as p
 from tandem.shared.errors import InvalidInput, TandemError
-from tandem.shared.layout import RequestDecoder, ResponseEncoder
+from tandem.shared.layout import RequestDecoder, ResponseEncoder, V2RequestDecoder, V2ResponseEncoder
 
 from .batcher import BatchResult
 from .body import read_body
@@ -65,6 +65,8 @@ class Inference:
         # The native codec's fast paths for repeated layouts (one app, one event loop).
         self.decoder = RequestDecoder()
         self.encoder = ResponseEncoder()
+        self.v2_decoder = V2RequestDecoder()
+        self.v2_encoder = V2ResponseEncoder()
 
     @property
     def caches_responses(self) -> bool:

@@ -54,7 +54,7 @@ def start(
     """Decode a v2 infer request (JSON or binary tensors) and queue it; both HTTP stacks call this."""
     served = inference.resolve(model, version)
     try:
-        req = v2.parse_infer_request(body, header_length)
+        req = inference.v2_decoder.decode(body, header_length)
         outputs = [o.name for o in req.outputs] if req.outputs is not None else None
         timeout_us = req.timeout_us()
         timeout_s = deadline_seconds(deadline_header, timeout_us / 1000 if timeout_us is not None else None)
@@ -69,7 +69,7 @@ def start(
 def reply(inference: Inference, outcome: Outcome, req: v2.V2Request) -> tuple[bytes, dict[str, str]]:
     """(body, headers) of a successful v2 response (uncompressed)."""
     served = outcome.model
-    body, headers = v2.encode_infer_response(served.name, served.version, outcome.outputs, request=req, id=req.id)
+    body, headers = inference.v2_encoder.encode(served.name, served.version, outcome.outputs, req)
     headers.update(inference.headers(outcome))
     return body, headers
 

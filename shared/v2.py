@@ -298,6 +298,14 @@ def _to_json_data(arr: np.ndarray) -> list[Any]:
     return arr.reshape(-1).tolist()
 
 
+def chosen_outputs(request: V2Request | None, outputs: Mapping[str, np.ndarray]) -> list[tuple[str, bool]]:
+    """(name, binary) of each output the response carries, in order."""
+    if request is not None and request.outputs is not None:
+        return [(o.name, request.binary_output if o.binary is None else o.binary) for o in request.outputs]
+    default = request.binary_output if request is not None else False
+    return [(name, default) for name in outputs]
+
+
 def encode_infer_response(
     model_name: str,
     model_version: str | None,
@@ -308,13 +316,7 @@ def encode_infer_response(
     parameters: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """Encode a v2 infer response; see the module docstring."""
-    if request is not None and request.outputs is not None:
-        chosen: Sequence[tuple[str, bool]] = [
-            (o.name, request.binary_output if o.binary is None else o.binary) for o in request.outputs
-        ]
-    else:
-        default = request.binary_output if request is not None else False
-        chosen = [(name, default) for name in outputs]
+    chosen = chosen_outputs(request, outputs)
     doc: dict[str, Any] = {"model_name": model_name}
     if model_version is not None:
         doc["model_version"] = model_version

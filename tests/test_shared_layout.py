@@ -159,3 +159,107 @@ def test_the_encoder_keeps_a_bounded_number_of_layouts() -> None:
 @pytest.mark.parametrize("body", [b"", b"\x80", b"\xc1", b"\x81\xa6inputs\x80"])
 def test_bad_bodies_raise_the_codec_errors(body: bytes) -> None:
     assert _outcome(lambda: RequestDecoder().decode(body)) == _outcome(lambda: InferRequest.from_wire(body))
+
+
+# --- v2 binary tensors ---------------------------------------------------------------------------
+
+from tandem.shared import v2  # noqa: E402
+from tandem.shared.layout import V2RequestDecoder, V2ResponseEncoder  # noqa: E402
+
+
+def _v2_outcome(fn: Any) -> Any:
+    try:
+        req = fn()
+    except TandemError as e:
+        return type(e)
+    inputs = {n: (a.dtype.str, a.shape, a.tobytes()) for n, a in req.inputs.items()}
+    outputs = [(o.name, o.binary) for o in req.outputs] if req.outputs is not None else None
+    return (inputs, req.id, req.parameters, outputs, req.binary_output)
+
+
+def _v2_body(inputs: dict[str, np.ndarray], json_inputs: dict[str, np.ndarray] | None = None, **doc: Any) -> tuple[bytes, str]:
+    entries, blobs = [], []
+    for n, a in inputs.items():
+        entries.append({"name": n, "shape": list(a.shape), "datatype": _dt(a), "parameters": {"binary_data_size": a.nbytes}})
+        blobs.append(a.tobytes())
+    for n, a in (json_inputs or {}).items():
+        entries.append({"name": n, "shape": list(a.shape), "datatype": _dt(a), "data": a.reshape(-1).tolist()})
+    header = msgpack_free_json({"inputs": entries, **doc})
+    return header + b"".join(blobs), str(len(header))
+
+
+def msgpack_free_json(doc: dict[str, Any]) -> bytes:
+    import json
+
+    return json.dumps(doc).encode()
+
+
+_v2_arrays = st.sampled_from([np.float32, np.int64, np.uint8, np.float16]).flatmap(
+    lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=1, max_dims=3, max_side=5))
+)
+_v2_docs = st.fixed_dictionaries({}, optional={
+    "id": st.text(max_size=10),
+    "parameters": st.fixed_dictionaries({}, optional={"binary_data_output": st.booleans(), "priority": st.integers(0, 3)}),
+    "outputs": st.lists(st.fixed_dictionaries({"name": _names}, optional={"parameters": st.fixed_dictionaries({"binary_data": st.booleans()})}), max_size=2),
+})
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(_names, _v2_arrays, min_size=1, max_size=3), _v2_docs, st.integers(0, 2**31))
+def test_a_repeated_v2_header_decodes_what_the_full_parser_decodes(inputs: dict[str, np.ndarray], doc: dict[str, Any], seed: int) -> None:
+    decoder = V2RequestDecoder()
+    body, hl = _v2_body(inputs, **doc)
+    assert _v2_outcome(lambda: decoder.decode(body, hl)) == _v2_outcome(lambda: v2.parse_infer_request(body, hl))
+    again, hl2 = _v2_body(_same_layout(inputs, seed), **doc)
+    assert hl2 == hl and len(decoder._plans) == 1
+    assert _v2_outcome(lambda: decoder.decode(memoryview(again), hl)) == _v2_outcome(lambda: v2.parse_infer_request(again, hl))
+    # The same header with a binary part of another length is refused as the full parser refuses it.
+    for bad in (again[:-1], again + b"\0"):
+        assert _v2_outcome(lambda: decoder.decode(bad, hl)) == _v2_outcome(lambda: v2.parse_infer_request(bad, hl))
+
+
+def test_v2_json_data_bool_and_bytes_inputs_are_never_planned() -> None:
+    decoder = V2RequestDecoder()
+    x = np.ones((1, 3), np.float32)
+    for body, hl in (
+        _v2_body({"a": x}, json_inputs={"b": np.array([[1.0, 2.0]], np.float32)}),
+        _v2_body({"a": x, "m": np.array([[True, False]])}),
+    ):
+        first = decoder.decode(body, hl)
+        assert _v2_outcome(lambda: first) == _v2_outcome(lambda: v2.parse_infer_request(body, hl))
+    assert not decoder._plans
+    # An empty JSON input is fixed by the header: planning it is sound.
+    body, hl = _v2_body({"a": x}, json_inputs={"e": np.zeros((0, 2), np.float32)})
+    decoder.decode(body, hl)
+    assert _v2_outcome(lambda: decoder.decode(body, hl)) == _v2_outcome(lambda: v2.parse_infer_request(body, hl))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(_names, _arrays | hnp.arrays(np.dtype(">f4"), (2, 2)), min_size=1, max_size=3), _v2_docs)
+def test_the_v2_encoder_writes_what_encode_infer_response_writes(outputs: dict[str, np.ndarray], doc: dict[str, Any]) -> None:
+    body, hl = _v2_body({"x": np.zeros((1, 1), np.float32)}, **doc)
+    req = v2.parse_infer_request(body, hl)
+    encoder = V2ResponseEncoder()
+    want = _v2_outcome_response(lambda: v2.encode_infer_response("m", "1", outputs, request=req, id=req.id))
+    for _ in range(2):  # building the header, then from the cache
+        assert _v2_outcome_response(lambda: encoder.encode("m", "1", outputs, req)) == want
+
+
+def _v2_outcome_response(fn: Any) -> Any:
+    try:
+        return fn()
+    except (TandemError, KeyError) as e:
+        return type(e)
+
+
+def test_the_v2_encoder_keeps_one_header_per_layout_and_id() -> None:
+    encoder = V2ResponseEncoder()
+    out = {"y": np.arange(4, dtype=np.float32).reshape(1, 4)}
+    for rid in ("a", "bb", None, "a"):
+        for n in (1, 2):
+            body, hl = _v2_body({"x": np.zeros((n, 1), np.float32)}, id=rid, parameters={"binary_data_output": True}) if rid else \
+                _v2_body({"x": np.zeros((n, 1), np.float32)}, parameters={"binary_data_output": True})
+            req = v2.parse_infer_request(body, hl)
+            y = np.repeat(out["y"], n, axis=0)
+            assert encoder.encode("m", "1", {"y": y}, req) == v2.encode_infer_response("m", "1", {"y": y}, request=req, id=req.id)
+    assert len(encoder._headers) == 6
