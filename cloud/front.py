@@ -299,8 +299,7 @@ class _Connection(asyncio.Protocol):
             if protocol == "v1":
                 head, body = native.reply_text(inference, outcome, req, slot.rid)
             else:
-                body, headers = v2.reply(inference, outcome, req)
-                head = _header_text(headers)
+                body, head = v2.reply_text(inference, outcome, req)
             self._ready(slot, 200, head, body)
         except TandemError as e:
             self._fail(slot, e)

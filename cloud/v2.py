@@ -24,7 +24,7 @@ from .inference import Call, Inference, Outcome, deadline_seconds
 from .metrics import Metrics, model_statistics
 from .repository import ModelRepository
 
-__all__ = ["V2API", "start", "reply"]
+__all__ = ["V2API", "start", "reply", "reply_text"]
 
 _EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "schedule_policy", "statistics"]
 _COMPRESS_MIN_BYTES = 4096  # below this, compressing costs more time than it saves
@@ -72,6 +72,13 @@ def reply(inference: Inference, outcome: Outcome, req: v2.V2Request) -> tuple[by
     body, headers = inference.v2_encoder.encode(served.name, served.version, outcome.outputs, req)
     headers.update(inference.headers(outcome))
     return body, headers
+
+
+def reply_text(inference: Inference, outcome: Outcome, req: v2.V2Request) -> tuple[bytes, str]:
+    """:func:`reply` with the headers as HTTP header lines (the front door writes them as they are)."""
+    served = outcome.model
+    body, headers = inference.v2_encoder.encode(served.name, served.version, outcome.outputs, req)
+    return body, "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + inference.header_text(outcome)
 
 
 class V2API:

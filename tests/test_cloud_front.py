@@ -474,3 +474,26 @@ def test_the_front_door_answers_with_the_headers_and_body_aiohttp_gives(repo: Pa
                 answers.append((tandem, headers["content-type"], msg))
     assert answers[:2] == answers[2:]
     assert answers[1][0]["x-tandem-cache"] == "hit" and answers[0][0]["x-tandem-cost"] == "0.25"
+
+
+def test_the_front_door_answers_v2_binary_as_aiohttp_does(repo: Path, keys: tuple[Path, Path]) -> None:
+    x = _x(2, seed=3)
+    header = json.dumps({"inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    raw = (f"POST /v2/models/toy/infer HTTP/1.1\r\nHost: t\r\nInference-Header-Content-Length: {len(header)}\r\n"
+           f"Content-Length: {len(header) + x.nbytes}\r\n\r\n").encode() + header + x.tobytes()
+    answers = []
+    for front_door in (True, False):
+        config = ServerConfig(repository=repo, trusted_keys=[keys[1]], port=0, front_door=front_door, cost_per_call=0.25)
+        with ServerThread(config) as s, _connect(s) as sock:
+            responses = _Responses(sock)
+            for _ in range(2):  # the JSON header parsed, then planned
+                sock.sendall(raw)
+                status, headers, body = responses.next()
+                assert status == 200
+                kept = {k: v for k, v in headers.items() if (k.startswith("x-tandem-") and not k.endswith("-us")) or k.startswith(("content-", "inference-"))}
+                answers.append((kept, body))
+        assert not front_door or s.door.handed_off == 0
+    assert answers[0] == answers[1] == answers[2] == answers[3]
+    hl = int(answers[0][0]["inference-header-content-length"])
+    np.testing.assert_allclose(np.frombuffer(answers[0][1][hl:], np.float32).reshape(2, -1), run_onnx(repo / "toy/1/cloud-fp32.onnx", x), rtol=1e-5, atol=1e-5)
