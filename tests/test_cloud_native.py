@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cloud_support import ServerThread, make_repository, request
 from support import run_onnx
@@ -219,3 +222,26 @@ def test_access_log_is_json_with_request_id(server: ServerThread, caplog: pytest
     assert ok["status"] == 200 and ok["model"] == "toy" and ok["version"] == "2" and ok["path"] == p.infer_path("toy")
     assert ok["ms"] > 0 and abs(ok["ts"] - time.time()) < 60
     assert any(line["status"] == 404 and line["path"] == "/v2/models/nope" and line["request_id"] for line in lines)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=30), st.text(max_size=30), st.none() | st.text(max_size=10), st.floats(0, 1e6), st.integers(100, 599))
+def test_access_log_lines_are_json_whatever_the_strings_hold(rid: str, path: str, model: str | None, ms: float, status: int) -> None:
+    from tandem.cloud.gate import _AccessLog
+
+    log, got = _AccessLog(), []
+    handler = logging.Handler()
+    handler.emit = lambda record: got.append(record.getMessage())  # type: ignore[method-assign]
+    access = logging.getLogger("tandem.cloud.access")
+    access.addHandler(handler)
+    level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        log._pending.append((1700000000.25, rid, "POST", path, status, ms, model, "1", None))
+        log.flush()
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+    (line,) = got
+    assert json.loads(line) == {"ts": 1700000000.25, "request_id": rid, "method": "POST", "path": path, "status": status,
+                                "ms": pytest.approx(ms, abs=5e-4), "model": model, "version": "1", "remote": None}
