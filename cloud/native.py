@@ -13,7 +13,7 @@ from aiohttp import web
 from tandem.shared import protocol as p
 from tandem.shared.errors import InvalidInput, TandemError
 
-from .inference import REQUEST_ID_KEY, Call, Inference, Outcome, deadline_seconds
+from .inference import REQUEST_ID_KEY, Call, Inference, Outcome, deadline_seconds, header_dict
 
 __all__ = ["NativeAPI", "start", "reply", "reply_text"]
 
@@ -42,11 +42,8 @@ def start(
 
 def reply(inference: Inference, outcome: Outcome, req: p.InferRequest, request_id: str) -> tuple[dict[str, str], bytes]:
     """(headers, body) of a successful native response."""
-    served = outcome.model
-    body = inference.encoder.encode(outcome.outputs, served.name, served.version, req.id or request_id)
-    headers = inference.headers(outcome)
-    headers["Content-Type"] = p.CONTENT_TYPE
-    return headers, body
+    head, body = reply_text(inference, outcome, req, request_id)
+    return header_dict(head), body
 
 
 def reply_text(inference: Inference, outcome: Outcome, req: p.InferRequest, request_id: str) -> tuple[str, bytes]:

@@ -199,7 +199,10 @@ class RequestDecoder:
             if type(body) is not bytes:
                 body = bytes(body)  # a few hundred bytes: cheaper than slicing a view per segment
             for layout in self._layouts:
-                req = layout.match(body)  # type: ignore[arg-type]
+                try:
+                    req = layout.match(body)  # type: ignore[arg-type]
+                except Exception:  # noqa: BLE001 - never expected; the full path then answers
+                    req = None
                 if req is not None:
                     return req
         req = InferRequest.from_wire(body)
@@ -331,7 +334,10 @@ class V2RequestDecoder:
                 header = bytes(body[:hl])
                 plan = self._plans.get(header)
                 if plan is not None and len(body) - hl == plan.binary_bytes:
-                    return plan.request(body, hl)
+                    try:
+                        return plan.request(body, hl)
+                    except Exception:  # noqa: BLE001 - never expected; the full parse then answers
+                        pass
         req = v2.parse_infer_request(body, header_length)
         if header is not None and all(a.dtype.kind not in "Ob" for a in req.inputs.values()) and _all_binary(req, len(body) - len(header)):
             if len(self._plans) >= self._max:

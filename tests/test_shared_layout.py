@@ -17,7 +17,7 @@ from tandem.shared.layout import RequestDecoder, ResponseEncoder
 from tandem.shared.protocol import InferRequest, InferResponse
 
 _dtypes = st.sampled_from([np.float32, np.float16, np.int64, np.uint8, np.bool_, np.float64])
-_arrays = _dtypes.flatmap(lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=1, max_dims=3, max_side=5)))
+_arrays = _dtypes.flatmap(lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=5)))
 _names = st.text(min_size=1, max_size=8)
 _ids = st.none() | st.text(max_size=40)
 _deadlines = st.none() | st.floats(allow_nan=False, allow_infinity=False) | st.integers(0, 10_000)
@@ -195,7 +195,7 @@ def msgpack_free_json(doc: dict[str, Any]) -> bytes:
 
 
 _v2_arrays = st.sampled_from([np.float32, np.int64, np.uint8, np.float16]).flatmap(
-    lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=1, max_dims=3, max_side=5))
+    lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=5))
 )
 _v2_docs = st.fixed_dictionaries({}, optional={
     "id": st.text(max_size=10),
