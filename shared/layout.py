@@ -57,12 +57,11 @@ class _Layout:
     """A request's bytes cut at its holes: ``segments[i]`` precedes ``holes[i]``; the last segment
     ends the body."""
 
-    __slots__ = ("segments", "holes", "fixed_length", "outputs", "priority", "parameters", "deadline_ms", "id")
+    __slots__ = ("segments", "holes", "outputs", "priority", "parameters", "deadline_ms", "id")
 
-    def __init__(self, segments: list[bytes], holes: list[tuple[Any, ...]], req: InferRequest, fixed_length: int) -> None:
+    def __init__(self, segments: list[bytes], holes: list[tuple[Any, ...]], req: InferRequest) -> None:
         self.segments = segments
         self.holes = holes
-        self.fixed_length = fixed_length  # the body's length when its id hole is as long as this one's
         self.outputs = req.outputs
         self.priority = req.priority
         self.parameters = req.parameters
@@ -182,7 +181,7 @@ def _build(body: bytes, req: InferRequest) -> _Layout | None:
         holes.append(hole)
         pos = end
     segments.append(body[pos:])
-    return _Layout(segments, holes, req, len(body))
+    return _Layout(segments, holes, req)
 
 
 class RequestDecoder:
@@ -208,7 +207,10 @@ class RequestDecoder:
         req = InferRequest.from_wire(body)
         if small:
             if self._misses % _BUILD_EVERY == 0:
-                layout = _build(body, req)  # type: ignore[arg-type]
+                try:
+                    layout = _build(body, req)  # type: ignore[arg-type]
+                except Exception:  # noqa: BLE001 - never expected (the body just decoded); no layout then
+                    layout = None
                 if layout is not None:
                     self._layouts = [layout, *self._layouts[: MAX_LAYOUTS - 1]]
             self._misses += 1
