@@ -624,7 +624,7 @@ def report(cases: list[ModelCase], args: argparse.Namespace) -> None:
           "the concurrency (the largest batch c connections can form); x aiohttp: tandem native with its front door vs without; "
           "tandem wN: tandem serve --workers N (N processes, one single-thread session each, fill_wait_us 1000 by default), native protocol")
     print("tandem runs with TANDEM_ACCESS_LOG=false (the naive server and LitServe log nothing either); "
-          "its access log cost ~15% at 64 connections when measured")
+          "its access log cost ~14% at 64 connections when measured (fp32 digits CNN)")
     print("targets: tandem >= 70% of limit at 64 (small model), >= 90% where compute dominates (conv); "
           ">= 2x naive and >= 5x LitServe with lower p99; overhead at c=1 <= 0.3 ms p50")
 
