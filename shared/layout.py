@@ -29,7 +29,7 @@ None is thread-safe: use one per event loop.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import msgpack
@@ -128,51 +128,52 @@ def _read_str(body: bytes, pos: int) -> tuple[str | None, int]:
         return None, pos
 
 
+class _RepeatedKey(Exception):
+    pass
+
+
+def _unique_keys(u: msgpack.Unpacker) -> Iterator[Any]:
+    """The keys of the map at the unpacker's position (the caller reads or skips each value before
+    asking for the next key); raises _RepeatedKey on a key seen twice."""
+    seen: set[Any] = set()
+    for _ in range(u.read_map_header()):
+        key = u.unpack()
+        if key in seen:
+            raise _RepeatedKey
+        seen.add(key)
+        yield key
+
+
 def _build(body: bytes, req: InferRequest) -> _Layout | None:
     """The layout of ``body`` (which ``req`` was decoded from), or None when it has none worth
     keeping (a BYTES tensor, a repeated key, a deadline that is not a float64)."""
     u = msgpack.Unpacker(raw=False, strict_map_key=False)
     u.feed(body)
     cuts: list[tuple[int, int, tuple[Any, ...]]] = []  # (start, end, hole) in body order
-    seen: set[Any] = set()
-    for _ in range(u.read_map_header()):
-        key = u.unpack()
-        if key in seen:
-            return None
-        seen.add(key)
-        start = u.tell()
-        if key == "inputs":
-            names: set[Any] = set()
-            for _ in range(u.read_map_header()):
-                name = u.unpack()
-                if name in names:
+    try:
+        for key in _unique_keys(u):
+            start = u.tell()
+            if key == "inputs":
+                for name in _unique_keys(u):
+                    for field in _unique_keys(u):
+                        if field != "data":
+                            u.skip()
+                            continue
+                        value = u.unpack()
+                        end = u.tell()
+                        if type(value) is not bytes:
+                            return None  # BYTES tensors (lists) are decoded in full
+                        arr = req.inputs[name]
+                        cuts.append((end - len(value), end, (_TENSOR, name, arr.dtype, arr.size, arr.shape, len(value))))
+            elif key in ("id", "deadline_ms"):
+                u.skip()
+                if key == "deadline_ms" and body[start] != 0xCB:
                     return None
-                names.add(name)
-                fields: set[Any] = set()
-                for _ in range(u.read_map_header()):
-                    field = u.unpack()
-                    if field in fields:
-                        return None
-                    fields.add(field)
-                    if field != "data":
-                        u.skip()
-                        continue
-                    value = u.unpack()
-                    end = u.tell()
-                    if type(value) is not bytes:
-                        return None  # BYTES tensors (lists) are decoded in full
-                    arr = req.inputs[name]
-                    cuts.append((end - len(value), end, (_TENSOR, name, arr.dtype, arr.size, arr.shape, len(value))))
-        elif key == "id":
-            u.skip()
-            cuts.append((start, u.tell(), (_ID,)))
-        elif key == "deadline_ms":
-            u.skip()
-            if body[start] != 0xCB:
-                return None
-            cuts.append((start, u.tell(), (_DEADLINE,)))
-        else:
-            u.skip()
+                cuts.append((start, u.tell(), (_ID,) if key == "id" else (_DEADLINE,)))
+            else:
+                u.skip()
+    except _RepeatedKey:
+        return None  # msgpack lets a map repeat a key (the last wins): left to the full decoder
     if u.tell() != len(body):
         return None
     segments, holes, pos = [], [], 0

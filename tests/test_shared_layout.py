@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from tandem.shared import v2
 from tandem.shared.errors import TandemError
-from tandem.shared.layout import RequestDecoder, ResponseEncoder
+from tandem.shared.layout import RequestDecoder, ResponseEncoder, V2RequestDecoder, V2ResponseEncoder
 from tandem.shared.protocol import InferRequest, InferResponse
 
 _dtypes = st.sampled_from([np.float32, np.float16, np.int64, np.uint8, np.bool_, np.float64])
@@ -24,12 +25,15 @@ _deadlines = st.none() | st.floats(allow_nan=False, allow_infinity=False) | st.i
 
 
 def _outcome(fn: Any) -> Any:
-    """What decoding gives, comparable: the request's fields, or the error's type."""
+    """What decoding gives, comparable: the request's fields (native or v2), or the error's type."""
     try:
         req = fn()
     except TandemError as e:
         return type(e)
     inputs = {n: (a.dtype.str, a.shape, a.tobytes()) for n, a in req.inputs.items()}
+    if isinstance(req, v2.V2Request):
+        outputs = [(o.name, o.binary) for o in req.outputs] if req.outputs is not None else None
+        return (inputs, req.id, req.parameters, outputs, req.binary_output)
     deadline = req.deadline_ms
     if deadline is not None and math.isnan(deadline):
         deadline = "nan"
@@ -163,18 +167,6 @@ def test_bad_bodies_raise_the_codec_errors(body: bytes) -> None:
 
 # --- v2 binary tensors ---------------------------------------------------------------------------
 
-from tandem.shared import v2  # noqa: E402
-from tandem.shared.layout import V2RequestDecoder, V2ResponseEncoder  # noqa: E402
-
-
-def _v2_outcome(fn: Any) -> Any:
-    try:
-        req = fn()
-    except TandemError as e:
-        return type(e)
-    inputs = {n: (a.dtype.str, a.shape, a.tobytes()) for n, a in req.inputs.items()}
-    outputs = [(o.name, o.binary) for o in req.outputs] if req.outputs is not None else None
-    return (inputs, req.id, req.parameters, outputs, req.binary_output)
 
 
 def _v2_body(inputs: dict[str, np.ndarray], json_inputs: dict[str, np.ndarray] | None = None, **doc: Any) -> tuple[bytes, str]:
@@ -209,13 +201,13 @@ _v2_docs = st.fixed_dictionaries({}, optional={
 def test_a_repeated_v2_header_decodes_what_the_full_parser_decodes(inputs: dict[str, np.ndarray], doc: dict[str, Any], seed: int) -> None:
     decoder = V2RequestDecoder()
     body, hl = _v2_body(inputs, **doc)
-    assert _v2_outcome(lambda: decoder.decode(body, hl)) == _v2_outcome(lambda: v2.parse_infer_request(body, hl))
+    assert _outcome(lambda: decoder.decode(body, hl)) == _outcome(lambda: v2.parse_infer_request(body, hl))
     again, hl2 = _v2_body(_same_layout(inputs, seed), **doc)
     assert hl2 == hl and len(decoder._plans) == 1
-    assert _v2_outcome(lambda: decoder.decode(memoryview(again), hl)) == _v2_outcome(lambda: v2.parse_infer_request(again, hl))
+    assert _outcome(lambda: decoder.decode(memoryview(again), hl)) == _outcome(lambda: v2.parse_infer_request(again, hl))
     # The same header with a binary part of another length is refused as the full parser refuses it.
     for bad in (again[:-1], again + b"\0"):
-        assert _v2_outcome(lambda: decoder.decode(bad, hl)) == _v2_outcome(lambda: v2.parse_infer_request(bad, hl))
+        assert _outcome(lambda: decoder.decode(bad, hl)) == _outcome(lambda: v2.parse_infer_request(bad, hl))
 
 
 def test_v2_json_data_bool_and_bytes_inputs_are_never_planned() -> None:
@@ -226,12 +218,12 @@ def test_v2_json_data_bool_and_bytes_inputs_are_never_planned() -> None:
         _v2_body({"a": x, "m": np.array([[True, False]])}),
     ):
         first = decoder.decode(body, hl)
-        assert _v2_outcome(lambda: first) == _v2_outcome(lambda: v2.parse_infer_request(body, hl))
+        assert _outcome(lambda: first) == _outcome(lambda: v2.parse_infer_request(body, hl))
     assert not decoder._plans
     # An empty JSON input is fixed by the header: planning it is sound.
     body, hl = _v2_body({"a": x}, json_inputs={"e": np.zeros((0, 2), np.float32)})
     decoder.decode(body, hl)
-    assert _v2_outcome(lambda: decoder.decode(body, hl)) == _v2_outcome(lambda: v2.parse_infer_request(body, hl))
+    assert _outcome(lambda: decoder.decode(body, hl)) == _outcome(lambda: v2.parse_infer_request(body, hl))
 
 
 @settings(max_examples=200, deadline=None)
