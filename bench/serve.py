@@ -525,6 +525,7 @@ def bench_case(case: ModelCase, args: argparse.Namespace, public_key: Path, tmp:
                         **dict(kv.split("=", 1) for kv in args.serve_env)})
         try:
             load_server(label, "native", multi, native_load(case), case, args, tmp)
+            load_server(f"{label} v2", "v2", multi, v2_load(case), case, args, tmp)
         finally:
             multi.stop()
 
@@ -622,7 +623,8 @@ def report(cases: list[ModelCase], args: argparse.Namespace) -> None:
                       f"reached {100 * r.rps / attainable:.0f}% of that bound")
     print("% limit: of the best session.run throughput at any batch size; % lim<=c: of the best at a batch no larger than "
           "the concurrency (the largest batch c connections can form); x aiohttp: tandem native with its front door vs without; "
-          "tandem wN: tandem serve --workers N (N processes, one single-thread session each, fill_wait_us 1000 by default), native protocol")
+          "tandem wN: tandem serve --workers N (N processes, one single-thread session each, fill_wait_us 1000 by default), "
+          "native protocol; tandem wN v2: the same server, v2 binary")
     print("tandem runs with TANDEM_ACCESS_LOG=false (the naive server and LitServe log nothing either); "
           "its access log cost ~14% at 64 connections when measured (fp32 digits CNN)")
     print("targets: tandem >= 70% of limit at 64 (small model), >= 90% where compute dominates (conv); "
