@@ -314,7 +314,7 @@ class _V2Plan:
         outputs = self.outputs
         return v2.V2Request(
             inputs, self.id, dict(self.parameters),
-            [v2.V2Output(o.name, o.binary) for o in outputs] if outputs is not None else None, self.binary_output,
+            list(outputs) if outputs is not None else None, self.binary_output,  # V2Output is frozen: shared
         )
 
 

@@ -63,7 +63,7 @@ BINARY_CONTENT_TYPE = "application/octet-stream"
 _JSON_KINDS: dict[str, str] = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class V2Output:
     name: str
     binary: bool | None = None  # None: follow the request-level default
