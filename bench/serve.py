@@ -626,7 +626,7 @@ def report(cases: list[ModelCase], args: argparse.Namespace) -> None:
           "tandem wN: tandem serve --workers N (N processes, one single-thread session each, fill_wait_us 1000 by default), "
           "native protocol; tandem wN v2: the same server, v2 binary")
     print("tandem runs with TANDEM_ACCESS_LOG=false (the naive server and LitServe log nothing either); "
-          "its access log cost ~14% at 64 connections when measured (fp32 digits CNN)")
+          "its access log cost ~10% at 64 connections when measured (fp32 digits CNN)")
     print("targets: tandem >= 70% of limit at 64 (small model), >= 90% where compute dominates (conv); "
           ">= 2x naive and >= 5x LitServe with lower p99; overhead at c=1 <= 0.3 ms p50")
 

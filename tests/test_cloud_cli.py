@@ -219,3 +219,24 @@ def test_the_reference_config_loads_and_serves(tmp_path: Path, keys: tuple[Path,
     with ServerThread(config) as s:
         body = p.InferRequest({"input": np.ones((1, 64), np.float32)}).to_wire()
         assert request(s.url, "POST", p.infer_path("toy"), body)[0] == 200
+
+
+def test_access_lines_skip_the_log_queue_and_everything_is_restored_after() -> None:
+    import logging
+
+    from tandem.cloud.cli import _log_off_the_loop
+
+    root, access = logging.getLogger(), logging.getLogger("tandem.cloud.access")
+    before = list(root.handlers)
+    with _log_off_the_loop():
+        assert [type(h).__name__ for h in root.handlers] == ["QueueHandler"]
+        assert access.handlers == before and not access.propagate  # written by their own thread already
+    assert root.handlers == before and access.handlers == [] and access.propagate
+    # An app that configured the access logger itself keeps its configuration.
+    mine = logging.NullHandler()
+    access.addHandler(mine)
+    try:
+        with _log_off_the_loop():
+            assert access.handlers == [mine] and access.propagate
+    finally:
+        access.removeHandler(mine)
