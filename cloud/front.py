@@ -43,6 +43,7 @@ from tandem.shared.errors import InvalidInput, RequestTimeout, TandemError, Unav
 
 from . import native, v2
 from .app import STATE
+from .inference import header_lines
 
 __all__ = ["FrontDoor", "listen"]
 
@@ -151,11 +152,6 @@ def _frame(buf: bytes | bytearray, pos: int, max_body: int, last: list[Any]) -> 
         return None
     body = memoryview(buf)[start:stop] if isinstance(buf, bytes) else bytes(buf[start:stop])
     return head, body, stop
-
-
-def _header_text(headers: dict[str, str]) -> str:
-    """HTTP header lines, each ending in CRLF."""
-    return "".join(f"{k}: {v}\r\n" for k, v in headers.items())
 
 
 class _Slot:
@@ -309,7 +305,7 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, slot: _Slot, error: TandemError) -> None:
         status, headers, body = self._door._gate.error_reply(error, slot.path, slot.served)
-        self._ready(slot, status, _header_text(headers), body)
+        self._ready(slot, status, header_lines(headers), body)
 
     def _ready(self, slot: _Slot, status: int, head: str, body: bytes) -> None:
         """Queue a response; ``head`` holds its own header lines, each ending in CRLF."""
@@ -391,7 +387,7 @@ class _Connection(asyncio.Protocol):
         self._slots.append(slot)
         error = RequestTimeout(f"the client sent no byte of its request for {read_timeout:g} s ({received} bytes received)")
         status, headers, body = self._door._gate.error_reply(error, path, None)
-        self._ready(slot, status, _header_text(headers), body)
+        self._ready(slot, status, header_lines(headers), body)
 
     @property
     def owed(self) -> bool:

@@ -104,12 +104,12 @@ class Gate:
         self._access_log.flush()
 
 
+_encode_str: Any = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+
+
 def _json_str(value: Any) -> str:
     """A JSON string (or null) for an access-log field."""
     return "null" if value is None else _encode_str(str(value))
-
-
-_encode_str: Any = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
 class _AccessLog:

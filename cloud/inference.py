@@ -185,6 +185,11 @@ def header_dict(text: str) -> dict[str, str]:
     return dict(line.split(": ", 1) for line in text.splitlines())
 
 
+def header_lines(headers: Mapping[str, str]) -> str:
+    """A dict of headers as HTTP header lines, each ending in CRLF (:func:`header_dict` reversed)."""
+    return "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+
+
 def deadline_seconds(header_ms: str | None, body_ms: float | None) -> float | None:
     """The tighter of the X-Tandem-Deadline-Ms header and the body's deadline_ms, in seconds."""
     values = []

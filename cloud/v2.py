@@ -20,7 +20,7 @@ from tandem.shared.errors import InvalidInput, TandemError, Unavailable
 
 from .body import read_body
 from .control import ModelControl
-from .inference import Call, Inference, Outcome, deadline_seconds
+from .inference import Call, Inference, Outcome, deadline_seconds, header_dict, header_lines
 from .metrics import Metrics, model_statistics
 from .repository import ModelRepository
 
@@ -68,17 +68,15 @@ def start(
 
 def reply(inference: Inference, outcome: Outcome, req: v2.V2Request) -> tuple[bytes, dict[str, str]]:
     """(body, headers) of a successful v2 response (uncompressed)."""
-    served = outcome.model
-    body, headers = inference.v2_encoder.encode(served.name, served.version, outcome.outputs, req)
-    headers.update(inference.headers(outcome))
-    return body, headers
+    body, head = reply_text(inference, outcome, req)
+    return body, header_dict(head)
 
 
 def reply_text(inference: Inference, outcome: Outcome, req: v2.V2Request) -> tuple[bytes, str]:
     """:func:`reply` with the headers as HTTP header lines (the front door writes them as they are)."""
     served = outcome.model
     body, headers = inference.v2_encoder.encode(served.name, served.version, outcome.outputs, req)
-    return body, "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + inference.header_text(outcome)
+    return body, header_lines(headers) + inference.header_text(outcome)
 
 
 class V2API:

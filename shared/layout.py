@@ -42,7 +42,7 @@ from .tensors import DATATYPE_TO_DTYPE, datatype_of, packb
 __all__ = ["RequestDecoder", "ResponseEncoder", "V2RequestDecoder", "V2ResponseEncoder"]
 
 #: Bodies larger than this are always decoded in full: their parsing is small beside their copying.
-MAX_TEMPLATE_BYTES = 64 * 1024
+MAX_LAYOUT_BYTES = 64 * 1024
 #: Layouts remembered, newest first.
 MAX_LAYOUTS = 4
 #: After a miss, the next misses build no layout until this many went by: a client whose every
@@ -194,7 +194,7 @@ class RequestDecoder:
 
     def decode(self, body: bytes | bytearray | memoryview) -> InferRequest:
         """The request in ``body``; raises what :meth:`InferRequest.from_wire` raises."""
-        small = len(body) <= MAX_TEMPLATE_BYTES
+        small = len(body) <= MAX_LAYOUT_BYTES
         if small:
             if type(body) is not bytes:
                 body = bytes(body)  # a few hundred bytes: cheaper than slicing a view per segment
