@@ -45,7 +45,10 @@ from .errors import (
 )
 from .tensors import DATATYPE_TO_DTYPE, decode_tensors, encode_tensors, packb, unpackb
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Manifests this Tandem reads: version 1 lacks the task metric, pad values and confidence heads,
+#: which all default to what version 1 meant (accuracy, never pad, max-softmax).
+READABLE_SCHEMA_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 SAMPLES_NAME = "samples.msgpack"
@@ -56,7 +59,11 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 
 Precision = Literal["fp32", "fp16", "int8-qdq", "int8-dynamic"]
-Confidence = Literal["max_softmax", "margin"]
+#: How the edge scores its own answer: max softmax or top-2 margin over a classifier's scores, a
+#: logistic "is the edge good enough here?" head trained at build time (:class:`ConfidenceHead`), or
+#: a function the application supplies (``custom``; the bundle then only records its calibration).
+Confidence = Literal["max_softmax", "margin", "head", "custom"]
+TaskKind = Literal["classification", "regression", "embedding", "custom", "other"]
 
 
 class _Model(BaseModel):
@@ -64,11 +71,17 @@ class _Model(BaseModel):
 
 
 class TensorSpec(_Model):
-    """One input or output: name, Open Inference Protocol datatype, shape (str = symbolic dim)."""
+    """One input or output: name, Open Inference Protocol datatype, shape (str = symbolic dim).
+
+    ``pad`` is the value a server may fill a dynamic non-batch axis with to batch requests of
+    different lengths together (0 for token ids and attention masks); None means the tensor must
+    never be padded, so only requests of equal shape share a batch.
+    """
 
     name: str
     datatype: str
     shape: list[int | str]
+    pad: float | None = None
 
     @field_validator("datatype")
     @classmethod
@@ -79,12 +92,24 @@ class TensorSpec(_Model):
 
 
 class Task(_Model):
-    kind: Literal["classification", "regression", "embedding", "other"] = "classification"
+    """What the model computes and how its quality is measured.
+
+    ``metric`` names the quality every variant is judged by (higher is better): ``accuracy`` for
+    classification (against labels, else agreement with the reference variant's argmax), ``cosine``
+    to the reference for embeddings, ``1 - relative error`` (``rel_quality``) for regression, or the
+    name of the spec's own metric. ``tolerance`` turns the metric into a per-row verdict used by
+    calibration and the router: a row is good when its cosine is at least ``tolerance`` (embedding)
+    or its relative error at most ``tolerance`` (regression).
+    """
+
+    kind: TaskKind = "classification"
     labels: list[str] | None = None
-    #: The output holding the scores/logits the task and the router read.
+    #: The output holding the scores/logits/embedding the task and the router read.
     output: str | None = None
     #: Whether ``output`` holds logits (softmax is applied for confidence) or probabilities.
     output_is_logits: bool = True
+    metric: str = "accuracy"
+    tolerance: float | None = None
 
 
 class Hardware(_Model):
@@ -103,6 +128,10 @@ class VariantMetrics(_Model):
     #: Agreement of argmax with the reference variant (models without labels, or as extra info).
     agreement: float | None = None
     cosine: float | None = None
+    #: The task's metric (``Task.metric``; higher is better), the number every budget reads.
+    quality: float | None = None
+    #: Every other measure of quality the build took (e.g. ``top10_overlap``, ``rel_error``).
+    metrics: dict[str, float] = Field(default_factory=dict)
     n_eval: int
     latency_p50_ms: float
     latency_p99_ms: float
@@ -137,6 +166,9 @@ class Variant(_Model):
 
 
 class CalibrationPoint(_Model):
+    """One threshold on the edge confidence. "Accuracy" here is the share of good rows by the task's
+    per-row verdict (``Calibration.metric``): right label, or within the task's tolerance."""
+
     threshold: float
     #: Share of inputs whose edge confidence is >= threshold (kept on the edge).
     keep_share: float
@@ -146,6 +178,43 @@ class CalibrationPoint(_Model):
     cascade_accuracy: float
 
 
+class ConfidenceHead(_Model):
+    """A logistic regression over features of the edge output, trained at build time to predict
+    whether the edge's answer is good enough (``Task.tolerance``) against the cloud's:
+    ``confidence = sigmoid(weights . ((features - mean) / scale) + bias)``.
+
+    ``features`` is ``output`` (the output row itself, flattened) followed by ``norm`` (its L2 norm)
+    and, for classification scores, ``max_softmax`` and ``margin``, in the order listed.
+    """
+
+    output: str
+    features: list[Literal["output", "norm", "max_softmax", "margin"]]
+    mean: list[float]
+    scale: list[float]
+    weights: list[float]
+    bias: float
+
+    def score(self, rows: np.ndarray) -> np.ndarray:
+        """Confidence per row of ``rows`` ([batch, ...] output), in [0, 1]."""
+        z = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
+        parts: list[np.ndarray] = []
+        for f in self.features:
+            if f == "output":
+                parts.append(z)
+            elif f == "norm":
+                parts.append(np.linalg.norm(z, axis=1, keepdims=True))
+            else:
+                p = np.exp(z - z.max(axis=1, keepdims=True))
+                p /= p.sum(axis=1, keepdims=True)
+                top = -np.sort(-p, axis=1)
+                parts.append(top[:, :1] if f == "max_softmax" else top[:, :1] - top[:, 1:2])
+        x = np.concatenate(parts, axis=1)
+        if x.shape[1] != len(self.weights):
+            raise ValueError(f"confidence head expects {len(self.weights)} features from {self.output}, got {x.shape[1]}")
+        logit = ((x - np.asarray(self.mean)) / np.asarray(self.scale)) @ np.asarray(self.weights) + self.bias
+        return 1.0 / (1.0 + np.exp(-logit))
+
+
 class Calibration(_Model):
     variant: str
     reference: str
@@ -153,6 +222,11 @@ class Calibration(_Model):
     split: str = "validation"
     n: int
     points: list[CalibrationPoint]
+    #: The per-row verdict the points count: ``accuracy`` (label or reference argmax), or the task
+    #: metric with its tolerance, e.g. ``cosine>=0.9``.
+    metric: str = "accuracy"
+    #: Set when ``confidence`` is ``head``.
+    head: ConfidenceHead | None = None
 
     def threshold_for(self, target_accuracy: float) -> CalibrationPoint | None:
         """The point keeping the most inputs on the edge whose cascade accuracy meets the target."""
@@ -349,9 +423,10 @@ def parse_manifest(raw: bytes, where: str = MANIFEST_NAME) -> Manifest:
     if not isinstance(doc, dict):
         raise ManifestError(f"{where} must hold a JSON object")
     sv = doc.get("schema_version")
-    if sv != SCHEMA_VERSION:
+    if sv not in READABLE_SCHEMA_VERSIONS:
         raise UnsupportedSchema(
-            f"{where} has schema_version {sv!r}; this Tandem reads schema_version {SCHEMA_VERSION}"
+            f"{where} has schema_version {sv!r}; this Tandem reads schema_version "
+            + " or ".join(str(v) for v in READABLE_SCHEMA_VERSIONS)
         )
     try:
         return Manifest.model_validate(doc)
@@ -459,29 +534,44 @@ def version_key(version: str) -> tuple[Any, ...]:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[._-]", version))
 
 
+def _quality(m: VariantMetrics) -> float | None:
+    for v in (m.quality, m.accuracy, m.agreement):
+        if v is not None:
+            return v
+    return None
+
+
 def describe(bundle: Bundle | Manifest) -> str:
     """A human-readable summary (used by ``tandem bundle inspect``)."""
     m = bundle.manifest if isinstance(bundle, Bundle) else bundle
     out = io.StringIO()
-    out.write(f"{m.name}:{m.version}  ({m.task.kind}")
-    if m.task.labels:
-        out.write(f", {len(m.task.labels)} labels")
+    t = m.task
+    out.write(f"{m.name}:{m.version}  ({t.kind}, quality = {t.metric}")
+    if t.tolerance is not None:
+        out.write(f", per-row tolerance {t.tolerance:g}")
+    if t.labels:
+        out.write(f", {len(t.labels)} labels")
     out.write(")\n")
-    for t in m.inputs:
-        out.write(f"  input  {t.name}: {t.datatype}{t.shape}\n")
-    for t in m.outputs:
-        out.write(f"  output {t.name}: {t.datatype}{t.shape}\n")
-    out.write(f"  {'variant':<22}{'role':<11}{'precision':<14}{'size':>10}{'quality':>10}{'p50 ms':>9}{'p99 ms':>9}{'thr/s':>10}\n")
+    for spec in m.inputs:
+        pad = f"  (pad {spec.pad:g})" if spec.pad is not None else ""
+        out.write(f"  input  {spec.name}: {spec.datatype}{spec.shape}{pad}\n")
+    for spec in m.outputs:
+        out.write(f"  output {spec.name}: {spec.datatype}{spec.shape}\n")
+    out.write(f"  {'variant':<22}{'role':<11}{'precision':<14}{'size':>10}{t.metric[:10]:>11}{'p50 ms':>9}{'p99 ms':>9}{'thr/s':>10}\n")
     for v in m.variants:
         q = p50 = p99 = thr = "-"
         if v.metrics:
-            qv = v.metrics.accuracy if v.metrics.accuracy is not None else v.metrics.agreement
+            qv = _quality(v.metrics)
             q = f"{qv:.4f}" if qv is not None else "-"
             p50, p99, thr = f"{v.metrics.latency_p50_ms:.3f}", f"{v.metrics.latency_p99_ms:.3f}", f"{v.metrics.throughput_per_s:.0f}"
-        out.write(f"  {v.name:<22}{v.role:<11}{v.precision:<14}{v.size_bytes / 1e6:>8.2f}MB{q:>10}{p50:>9}{p99:>9}{thr:>10}\n")
+        out.write(f"  {v.name:<22}{v.role:<11}{v.precision:<14}{v.size_bytes / 1e6:>8.2f}MB{q:>11}{p50:>9}{p99:>9}{thr:>10}\n")
+        extra = {k: val for k, val in (v.metrics.metrics if v.metrics else {}).items()}
+        if extra:
+            out.write("  " + " " * 22 + ", ".join(f"{k} {val:.4f}" for k, val in sorted(extra.items())) + "\n")
     if m.calibration:
         c = m.calibration
-        out.write(f"  calibration: {c.variant} vs {c.reference} on {c.n} {c.split} inputs ({c.confidence})\n")
+        out.write(f"  calibration: {c.variant} vs {c.reference} on {c.n} {c.split} inputs "
+                  f"(confidence {c.confidence}, rows judged by {c.metric})\n")
     if m.samples:
         out.write(f"  samples: {m.samples.count} in {m.samples.file}\n")
     out.write(f"  built {m.provenance.created_at} from {m.provenance.source}\n")
