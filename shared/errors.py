@@ -71,6 +71,13 @@ class PayloadTooLarge(TandemError):
     code = "payload_too_large"
 
 
+class NoConfidence(InvalidInput):
+    """The cascade was asked for, but the edge has no confidence to decide with: a task without
+    max-softmax scores whose bundle has no confidence head, and no confidence function was passed."""
+
+    code = "no_confidence"
+
+
 class NotSupported(TandemError):
     """The server understood the request but does not do this in its configuration."""
 
