@@ -37,7 +37,9 @@ from .cloud_client import CloudClient, CloudReply
 from .estimates import Estimates
 from .policies import Decision, Policy
 from .router import Router, RouterConfig, is_retryable
-from .runtime import EdgeRuntime, run_error
+from .runtime import ConfidenceFn, EdgeRuntime, run_error
+
+__all__ = ["HybridClient", "Result", "Route"]
 
 _log = logging.getLogger("tandem.edge.route")
 _perf = time.perf_counter
@@ -84,7 +86,17 @@ class HybridClient:
     be present; it is verified against ``trusted_keys`` unless ``verify_signature=False``).
     ``cloud_url``: the ``tandem serve`` endpoint, or None for edge only. ``model``: the cloud's name
     for it (default: the bundle's). ``policy``: a policy name or object. ``config``: a
-    :class:`RouterConfig` or a dict of its fields.
+    :class:`RouterConfig` or a dict of its fields. ``confidence``: the cascade's confidence as a
+    function of the edge outputs (:data:`~tandem.edge.runtime.ConfidenceFn`: a dict name → array in,
+    a confidence per row or one number out), used instead of the bundle's.
+
+    Calls take one array (a single-input model) or a dict name → array (any model, e.g. int64
+    ``input_ids`` and ``attention_mask`` of any sequence length), on every policy.
+
+    The cascade needs a confidence: max-softmax for a classifier, the bundle's confidence head, or
+    ``confidence``. Without one, a client with a cloud raises
+    :class:`~tandem.shared.errors.NoConfidence` here when the cascade is its policy, or at each call
+    whose ``Budget.policy`` asks for it, rather than escalate every call.
     """
 
     def __init__(
@@ -98,6 +110,7 @@ class HybridClient:
         model: str | None = None,
         policy: str | Policy = "cascade",
         config: RouterConfig | dict[str, Any] | None = None,
+        confidence: ConfidenceFn | None = None,
     ) -> None:
         if not isinstance(bundle, Bundle):
             bundle = load_bundle(Path(bundle), trusted_keys, verify_signature=verify_signature, variants=["edge"])
@@ -123,6 +136,7 @@ class HybridClient:
             intra_op_threads=config.intra_op_threads,
             warmup_runs=config.warmup_runs,
             estimates=self.estimates,
+            confidence=confidence,
         )
         self.router = Router(config, self.estimates, policy, has_cloud=cloud_url is not None)
         self.cloud_url = cloud_url
@@ -135,7 +149,7 @@ class HybridClient:
         self._session_run = self.runtime.session_run
         self._record_one = self.estimates.edge_window(1).add
         self._decide = self.router.decide
-        self._confidence = self.runtime.confidence
+        self._confidence = self.runtime.scorer
         self._stats = self.router.stats
         #: Checked once: a logging call per edge call costs more than its level test.
         self._debug = _log.isEnabledFor(logging.DEBUG)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from tandem.shared.bundle import Bundle, Calibration
+from tandem.shared.bundle import Bundle, Calibration, Manifest, VariantMetrics
+
+__all__ = ["Estimates", "LatencyWindow", "confidence_source", "no_confidence_message", "robust_threshold"]
 
 #: Below this many real samples, a seeded window answers from its seed.
 MIN_SAMPLES = 8
@@ -123,11 +125,38 @@ class Estimates:
         self.last_cloud_at = 0.0
         self.cost_per_call = float(cost_per_call)
         self.cost_source = "config"
-        self.edge_accuracy: float | None = em.accuracy if em else None
-        self.cloud_accuracy: float | None = cloud.metrics.accuracy if cloud is not None and cloud.metrics else None
-        self.calibration = m.calibration
-        self.confidence_kind = m.calibration.confidence if m.calibration else "max_softmax"
+        #: The task's quality metric (``Task.metric``, higher is better) and each tier's measure of
+        #: it; the names say "accuracy" because that is what a classifier's metric is.
+        self.quality_metric = m.task.metric
+        self.edge_accuracy: float | None = _quality(em)
+        self.cloud_accuracy: float | None = _quality(cloud.metrics if cloud is not None else None)
+        self._manifest = m
         self._thresholds: dict[tuple[float | None, float], tuple[float, str]] = {}
+        #: The calibration the cascade's thresholds come from: None when the bundle has none, or when
+        #: it was measured for another confidence than the one in use (``uncalibrated_why`` says).
+        self.calibration: Calibration | None = m.calibration
+        self.uncalibrated_why = "the bundle has no calibration"
+        #: How the edge scores its answers here (``max_softmax``, ``margin``, ``head`` or ``custom``
+        #: for the application's function), or None when it cannot (``no_confidence`` says why).
+        self.confidence_kind: str | None = None
+        self.no_confidence: str | None = None
+        self.use_confidence(*confidence_source(m, [o.name for o in m.outputs]))
+
+    def use_confidence(self, kind: str | None, why: str) -> None:
+        """Record the confidence the edge scores its answers with (None: none, and ``why`` not).
+
+        The calibration's thresholds hold only for the confidence it was measured with; another one
+        (an application's function over a bundle calibrated for max-softmax) gets the configured
+        threshold instead.
+        """
+        self.confidence_kind = kind
+        self.no_confidence = why if kind is None else None
+        cal = self._manifest.calibration
+        self.calibration, self.uncalibrated_why = cal, "the bundle has no calibration"
+        if cal is not None and kind is not None and not _same_confidence(cal.confidence, kind):
+            self.calibration = None
+            self.uncalibrated_why = f"the bundle is calibrated for its {cal.confidence} confidence, not for {why}"
+        self._thresholds.clear()
 
     # --- edge ---------------------------------------------------------------------------------
 
@@ -198,13 +227,15 @@ class Estimates:
         if got is None:
             cal = self.calibration
             if cal is None or not cal.points:
-                got = (fallback, f"fixed fallback {fallback:g} (the bundle has no calibration)")
+                why = self.uncalibrated_why if cal is None else "the bundle's calibration has no points"
+                got = (fallback, f"fixed fallback {fallback:g} ({why})")
             elif target_accuracy is not None:
                 point = cal.threshold_for(target_accuracy - 1e-12)
+                measure = _verdict_share(cal)
                 if point is None:
-                    got = (float("inf"), f"no calibrated threshold reaches accuracy {target_accuracy:.4f}: escalate all")
+                    got = (float("inf"), f"no calibrated threshold reaches {measure} {target_accuracy:.4f}: escalate all")
                 else:
-                    got = (point.threshold, f"calibrated for accuracy {target_accuracy:.4f}: validation cascade "
+                    got = (point.threshold, f"calibrated for {measure} {target_accuracy:.4f}: {cal.split} cascade "
                            f"{point.cascade_accuracy:.4f}, {point.keep_share:.1%} kept on the edge")
             else:
                 got = robust_threshold(cal, max_loss)
@@ -230,6 +261,64 @@ def _variant(bundle: Bundle, role: str) -> Any:
         return bundle.variant(role)
     except KeyError:
         return None
+
+
+def _quality(m: VariantMetrics | None) -> float | None:
+    """A variant's measure of the task's metric (schema 1 manifests only have accuracy)."""
+    if m is None:
+        return None
+    return m.quality if m.quality is not None else m.accuracy
+
+
+def _same_confidence(calibrated: str, used: str) -> bool:
+    # Margin and max-softmax come from the same scores; a run-time switch between them is the
+    # operator's choice, so either keeps the calibration.
+    softmax = ("max_softmax", "margin")
+    return calibrated == used or (calibrated in softmax and used in softmax)
+
+
+def _verdict_share(cal: Calibration) -> str:
+    """What a calibration point's "accuracy" counts, for messages: ``accuracy`` or, for any other
+    per-row verdict, e.g. ``cosine>=0.9 share``."""
+    return "accuracy" if cal.metric == "accuracy" else f"{cal.metric} share"
+
+
+def confidence_source(manifest: Manifest, output_names: Sequence[str], has_function: bool = False) -> tuple[str | None, str]:
+    """(kind, what it is) of the confidence the edge can score its answers with, or (None, why not).
+
+    An application's function (``has_function``) wins for any task. Otherwise the bundle's: a
+    confidence head when its calibration has one, max-softmax (or margin) for a classifier. Any
+    other task without a head has none: max-softmax over an embedding or a regression output
+    measures nothing, so the cascade would escalate at random.
+    """
+    if has_function:
+        return "custom", "the application's confidence function"
+    cal = manifest.calibration
+    task = manifest.task
+    kind = cal.confidence if cal is not None else "max_softmax"
+    if kind == "custom":
+        return None, "the bundle's confidence is a function the application supplies ('custom') and none was passed"
+    if kind == "head":
+        head = cal.head if cal is not None else None
+        if head is None:
+            return None, "the bundle's calibration names a confidence head but holds none"
+        if head.output not in output_names:
+            return None, f"the confidence head reads output {head.output!r}, which the edge model does not have ({', '.join(output_names)})"
+        return "head", f"the bundle's confidence head over {head.output!r}"
+    if task.kind != "classification":
+        has = "no calibration" if cal is None else "a calibration without a confidence head"
+        return None, f"max-softmax is a classifier's confidence, and this {task.kind} bundle has {has}"
+    return kind, f"{kind} over {task.output or 'the first output'!s}"
+
+
+def no_confidence_message(why: str) -> str:
+    """What a cascade refused for want of a confidence says: the reason and the ways out."""
+    return (
+        f"the cascade needs a confidence for the edge's answers and has none: {why}. Pass confidence=fn "
+        "to HybridClient (a function of the edge outputs, a dict name -> array, returning a confidence "
+        "per row), rebuild the bundle with a confidence head, or use another policy (edge-only, "
+        "cloud-only, constrained or hedged)"
+    )
 
 
 def robust_threshold(cal: Calibration, max_loss: float = DEFAULT_MAX_LOSS, z: float = _Z95) -> tuple[float, str]:
@@ -266,10 +355,12 @@ def robust_threshold(cal: Calibration, max_loss: float = DEFAULT_MAX_LOSS, z: fl
         bound = (e - c + z * math.sqrt(e + c)) / n
         if bound <= max_loss + 1e-12 and (best is None or (kept, p.threshold) > (best[0], best[1])):
             best = (kept, p.threshold, e, c, bound)
+    measure = _verdict_share(cal)
     if best is None:
-        return float("inf"), f"no calibrated threshold keeps the loss ≤ {max_loss * 100:.2f} pt (95% bound, n={n}): escalate all"
+        return float("inf"), f"no calibrated threshold keeps the {measure} loss ≤ {max_loss * 100:.2f} pt (95% bound, n={n}): escalate all"
     kept, t, e, c, bound = best
+    misses = "errors" if cal.metric == "accuracy" else f"rows failing {cal.metric}"
     return t, (
-        f"calibrated: {kept / n:.1%} kept on the edge; on {n} validation inputs the kept ones had {e} edge and {c} "
-        f"reference errors, loss ≤ {max(bound, 0.0) * 100:.2f} pt (95% bound) ≤ {max_loss * 100:.2f} pt"
+        f"calibrated: {kept / n:.1%} kept on the edge; on {n} {cal.split} inputs the kept ones had {e} edge and {c} "
+        f"reference {misses}, {measure} loss ≤ {max(bound, 0.0) * 100:.2f} pt (95% bound) ≤ {max_loss * 100:.2f} pt"
     )

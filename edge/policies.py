@@ -88,10 +88,11 @@ class Constrained:
             return Decision(
                 "edge", f"constrained: cloud p95 {cloud_ms:.1f} ms > budget {budget.latency_ms:g} ms → edge", self.name, estimates=used
             )
+        metric = est.quality_metric
         if eq is not None and cq is not None and eq >= cq:
-            return Decision("edge", f"constrained: edge accuracy {eq:.4f} ≥ cloud {cq:.4f} → edge", self.name, estimates=used)
+            return Decision("edge", f"constrained: edge {metric} {eq:.4f} ≥ cloud {cq:.4f} → edge", self.name, estimates=used)
         if budget.target_accuracy is not None and eq is not None and eq >= budget.target_accuracy:
-            return Decision("edge", f"constrained: edge accuracy {eq:.4f} meets target → edge", self.name, estimates=used)
+            return Decision("edge", f"constrained: edge {metric} {eq:.4f} meets target → edge", self.name, estimates=used)
         fits = "unknown latency" if cloud_ms is None else f"p95 {cloud_ms:.1f} ms"
         return Decision("cloud", f"constrained: cloud (better quality) fits ({fits}, cost {cost:g}) → cloud", self.name, estimates=used)
 
@@ -103,7 +104,8 @@ class Cascade:
     call's (or the policy's) ``target_accuracy``; else the calibrated default: the most inputs kept
     on the edge whose accuracy loss against the reference is at most ``max_loss`` with 95%
     confidence (:func:`~tandem.edge.estimates.robust_threshold`). The decision's ``estimates`` say
-    which threshold and why (``threshold``, ``threshold_why``).
+    which threshold and why (``threshold``, ``threshold_why``) and what confidence it is compared
+    with (``confidence``: max_softmax, margin, head or custom).
     """
 
     name = "cascade"
@@ -128,7 +130,8 @@ class Cascade:
                 t, why = self.threshold, "fixed by configuration"
             else:
                 t, why = est.cascade_choice(target if target is not None else self.target_accuracy, self.fallback, self.max_loss)
-            d = Decision("cascade", "cascade", self.name, threshold=t, estimates={"threshold": t, "threshold_why": why})
+            used = {"threshold": t, "threshold_why": why, "confidence": est.confidence_kind}
+            d = Decision("cascade", "cascade", self.name, threshold=t, estimates=used)
             if len(self._decisions) < 64:  # targets come from callers: keep the cache bounded
                 self._decisions[key] = d
         return d

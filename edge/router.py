@@ -5,6 +5,11 @@
 not: local-only, no endpoint, cost over the call's max, server back-off (Retry-After), spend budget
 exhausted, open circuit, not enough time left. It reserves the spend and the breaker's probe when it
 says yes; the client reports the outcome with ``cloud_ok``/``cloud_failed``/``cloud_cancelled``.
+
+The cascade needs a confidence for the edge's answers (``Estimates.confidence_kind``). Without one
+the router refuses it with :class:`~tandem.shared.errors.NoConfidence` — when it is built, if the
+cascade is its policy, else at the first call asking for it — rather than escalate every call.
+A router without a cloud never escalates, so it refuses nothing.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ import time
 from collections import Counter
 from pydantic import BaseModel, ConfigDict, Field
 
-from tandem.shared.errors import DeadlineExceeded, InvalidInput, Overloaded, TandemError, Unavailable
+from tandem.shared.errors import DeadlineExceeded, InvalidInput, NoConfidence, Overloaded, TandemError, Unavailable
 
 from .breaker import CircuitBreaker
 from .budget import Budget, RetryBudget, ShareBucket, TokenBucket
-from .estimates import Estimates, LatencyWindow
-from .policies import POLICIES, CloudOnly, Decision, EdgeOnly, Policy, make_policy
+from .estimates import Estimates, LatencyWindow, no_confidence_message
+from .policies import POLICIES, Cascade, CloudOnly, Decision, EdgeOnly, Policy, make_policy
+
+__all__ = ["Router", "RouterConfig", "is_retryable"]
 
 
 class RouterConfig(BaseModel):
@@ -87,6 +94,8 @@ class Router:
         self.estimates = estimates
         self.policy = self._make(policy)
         self.has_cloud = has_cloud
+        if isinstance(self.policy, Cascade):
+            self._check_confidence()
         self.breaker = CircuitBreaker(
             config.breaker_window_s, config.breaker_min_requests, config.breaker_error_rate, config.breaker_open_s
         )
@@ -143,18 +152,32 @@ class Router:
             policy = self.policy if p is None else self._policy_named(p)
         else:
             policy = make_policy(p)
+            if isinstance(policy, Cascade):
+                self._check_confidence()
         if not self.has_cloud and policy.name != "edge-only":
             return self._no_cloud
         d = policy.decide(budget, self.estimates)
         if policy.__class__ not in _BUILT_IN:
             _check_decision(d, policy)
+            if d.plan == "cascade":
+                self._check_confidence()
         return d
 
     def _policy_named(self, name: str) -> Policy:
         pol = self._named.get(name)
         if pol is None:
-            pol = self._named[name] = self.policy if name == self.policy.name else self._make(name)
+            pol = self.policy if name == self.policy.name else self._make(name)
+            if isinstance(pol, Cascade):
+                self._check_confidence()  # before caching: every call asking for it is refused
+            self._named[name] = pol
         return pol
+
+    def _check_confidence(self) -> None:
+        """Refuse the cascade when the edge cannot score its answers (a cloud-less router never
+        escalates, so it can keep the policy)."""
+        why = self.estimates.no_confidence
+        if why is not None and self.has_cloud:
+            raise NoConfidence(no_confidence_message(why))
 
     # --- the gate every cloud call passes -------------------------------------------------------
 

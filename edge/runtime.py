@@ -4,6 +4,10 @@ It picks the best execution provider the device really has (CPU always last), ke
 threads low so that it never oversubscribes a small device, warms the session up, and records every
 run's latency into the router's per-batch-size profile. ``providers`` reports what onnxruntime
 actually uses (``session.get_providers()``), never what was asked for.
+
+It also scores its own answers for the cascade (:meth:`EdgeRuntime.confidence`): max-softmax or
+margin over a classifier's scores, the bundle's confidence head, or a function the application
+passes (:data:`ConfidenceFn`), which wins over the bundle's for any task.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from typing import Any
 import numpy as np
 
 from tandem.shared.bundle import Bundle
-from tandem.shared.errors import InferenceFailed, InvalidInput
+from tandem.shared.errors import InferenceFailed, InvalidInput, NoConfidence, TandemError
 from tandem.shared.tensors import DATATYPE_TO_DTYPE
 
-from .estimates import Estimates
+from .estimates import Estimates, confidence_source, no_confidence_message
+
+__all__ = ["ConfidenceFn", "EdgeRuntime", "run_error", "select_providers"]
 
 _log = logging.getLogger(__name__)
 _perf = time.perf_counter
@@ -39,6 +45,12 @@ PREFERRED_PROVIDERS = (
 )
 
 
+#: An application's confidence function: the edge outputs by name (numpy arrays, batch first) →
+#: a confidence per row (array or sequence) or one for the whole call; higher means the edge answer
+#: is more likely good enough. The call's confidence is the lowest row's; NaN counts as unsure.
+ConfidenceFn = Callable[[dict[str, np.ndarray]], "float | np.ndarray | Sequence[float]"]
+
+
 def select_providers(available: Sequence[str], requested: Sequence[str] | None = None) -> list[str]:
     """The providers to ask for: ``requested`` (or the preferred order) ∩ ``available``, CPU last."""
     wanted = list(requested) if requested else list(PREFERRED_PROVIDERS)
@@ -50,7 +62,11 @@ def select_providers(available: Sequence[str], requested: Sequence[str] | None =
 
 
 class EdgeRuntime:
-    """An inference session over ``bundle``'s ``variant`` (default: the ``edge`` role)."""
+    """An inference session over ``bundle``'s ``variant`` (default: the ``edge`` role).
+
+    ``confidence``: the application's :data:`ConfidenceFn`, used instead of the bundle's confidence
+    (needed for a bundle whose confidence is ``custom``, or a non-classifier without a head).
+    """
 
     def __init__(
         self,
@@ -61,8 +77,14 @@ class EdgeRuntime:
         intra_op_threads: int = 1,
         warmup_runs: int = 3,
         estimates: Estimates | None = None,
+        confidence: ConfidenceFn | None = None,
     ) -> None:
         import onnxruntime as ort
+
+        if confidence is not None and not callable(confidence):
+            raise InvalidInput(
+                f"confidence must be a function of the edge outputs (dict name -> array), got {type(confidence).__name__}"
+            )
 
         self.bundle = bundle
         self.variant = bundle.variant(variant)
@@ -106,6 +128,19 @@ class EdgeRuntime:
         task = bundle.manifest.task
         self._score_index = self.output_names.index(task.output) if task.output in self.output_names else 0
         self._scores_are_logits = task.output_is_logits
+        kind, why = confidence_source(bundle.manifest, self.output_names, confidence is not None)
+        self.estimates.use_confidence(kind, why)
+        self._app_confidence = confidence
+        cal = bundle.manifest.calibration
+        self._head = cal.head if kind == "head" and cal is not None else None
+        self._head_index = self.output_names.index(self._head.output) if self._head is not None else 0
+        #: The function :meth:`confidence` is (the client's fast path calls it directly): chosen once,
+        #: so the common max-softmax call pays nothing for the other kinds.
+        self.scorer: Callable[[list[np.ndarray]], float] = {
+            "head": self._head_confidence,
+            "custom": self._custom_confidence,
+            None: self._no_confidence,
+        }.get(kind, self._softmax_confidence)
         self._warmup(warmup_runs)
 
     # --- calls --------------------------------------------------------------------------------
@@ -151,7 +186,12 @@ class EdgeRuntime:
         w.add(ms)
 
     def confidence(self, outputs: list[np.ndarray]) -> float:
-        """The edge's confidence on this call: the lowest per-row score (max softmax or margin)."""
+        """The edge's confidence on this call (outputs in ``output_names`` order): the lowest row's
+        max softmax or margin, confidence-head score, or application function value. Raises
+        :class:`~tandem.shared.errors.NoConfidence` when there is none."""
+        return self.scorer(outputs)
+
+    def _softmax_confidence(self, outputs: list[np.ndarray]) -> float:
         z = outputs[self._score_index]
         margin = self.estimates.confidence_kind == "margin"  # read per call: it may be changed at run time
         if z.size <= 64:  # small rows (the common edge call): plain floats beat numpy's per-op cost
@@ -171,6 +211,26 @@ class EdgeRuntime:
             c = p.max(axis=1)
         return float(c.min())
 
+    def _head_confidence(self, outputs: list[np.ndarray]) -> float:
+        assert self._head is not None
+        try:
+            return _lowest(self._head.score(outputs[self._head_index]), "the confidence head")
+        except ValueError as e:  # the head's features do not fit this output
+            raise InferenceFailed(f"the bundle's confidence head cannot score the edge output: {e}") from None
+
+    def _custom_confidence(self, outputs: list[np.ndarray]) -> float:
+        assert self._app_confidence is not None
+        try:
+            got = self._app_confidence(dict(zip(self.output_names, outputs)))
+        except TandemError:
+            raise
+        except Exception as e:
+            raise InferenceFailed(f"the confidence function raised {type(e).__name__}: {e}") from e
+        return _lowest(got, "the confidence function")
+
+    def _no_confidence(self, outputs: list[np.ndarray]) -> float:
+        raise NoConfidence(no_confidence_message(self.estimates.no_confidence or "no confidence is defined"))
+
     def _warmup(self, runs: int) -> None:
         if runs <= 0:
             return
@@ -187,6 +247,19 @@ def run_error(e: BaseException) -> Exception:
     if type(e).__name__ in ("InvalidArgument", "Fail") or "Invalid" in str(e)[:200]:
         return InvalidInput(f"edge model rejected the inputs: {_first_line(e)}")
     return InferenceFailed(f"edge inference failed: {_first_line(e)}")
+
+
+def _lowest(value: Any, what: str) -> float:
+    """The lowest of one confidence or one per row, as a float (NaN stays NaN: never ≥ a threshold)."""
+    if value.__class__ is float:
+        return value  # type: ignore[no-any-return]
+    try:
+        c = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InferenceFailed(f"{what} returned {type(value).__name__}; expected a number or one per row") from None
+    if c.size == 0:
+        raise InferenceFailed(f"{what} returned no confidence")
+    return float(c.min())
 
 
 def _row_confidence(row: list[float], logits: bool, margin: bool) -> float:
