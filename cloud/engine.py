@@ -21,14 +21,14 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from tandem.shared.errors import InferenceFailed, InvalidInput, TensorCodecError
 from tandem.shared.tensors import ONNX_TYPE_TO_DATATYPE, dtype_of
 
-__all__ = ["TensorInfo", "ModelEngine", "resolve_providers", "lower_thread_priority"]
+__all__ = ["Declared", "TensorInfo", "ModelEngine", "resolve_providers", "lower_thread_priority"]
 
 _log = logging.getLogger(__name__)
 
@@ -42,10 +42,36 @@ class TensorInfo:
     datatype: str
     #: ints for fixed dims, None for symbolic/unknown ones (reported as -1)
     shape: tuple[int | None, ...]
+    #: The name of each dynamic dim that has one (the bundle manifest's, else the ONNX graph's
+    #: dim_param), else None. Inputs that share a name must agree on its length in a request,
+    #: and an output axis named like a padded input axis is cut back to each request's length.
+    symbols: tuple[str | None, ...] = ()
+    #: The value a dynamic non-batch axis may be filled with to batch requests of different
+    #: lengths together (the manifest's ``pad``); None: never padded.
+    pad: float | None = None
 
     @property
     def wire_shape(self) -> list[int]:
         return [-1 if d is None else d for d in self.shape]
+
+    def symbol(self, axis: int) -> str | None:
+        return self.symbols[axis] if axis < len(self.symbols) else None
+
+    @property
+    def declared(self) -> str:
+        """The shape for messages: ``[-1, -1, 384] = [batch, sequence, 384]`` (the names when it has some)."""
+        wire = str(self.wire_shape)
+        if not any(self.symbols):
+            return wire
+        return wire + " = [" + ", ".join(str(d) if d is not None else self.symbol(i) or "-1" for i, d in enumerate(self.shape)) + "]"
+
+
+class Declared(Protocol):
+    """What the engine reads of a bundle manifest's tensor (:class:`tandem.shared.bundle.TensorSpec`)."""
+
+    name: str
+    shape: list[int | str]
+    pad: float | None
 
 
 def resolve_providers(requested: Sequence[str]) -> list[str]:
@@ -79,12 +105,35 @@ def lower_thread_priority(nice: int) -> None:
         _log.warning("cannot lower the CPU priority of compute thread %d: %s", tid, e)
 
 
-def _info(arg) -> TensorInfo:  # type: ignore[no-untyped-def]
+def _info(arg, declared: Declared | None = None) -> TensorInfo:  # type: ignore[no-untyped-def]
+    """What onnxruntime says of a tensor, with the names and pad value its manifest declares.
+
+    A dim the graph fixes stays fixed; a dynamic one takes the manifest's size (a fixed int) or
+    name (a str), else keeps the graph's dim_param. A manifest shape of another rank is ignored."""
     datatype = ONNX_TYPE_TO_DATATYPE.get(arg.type)
     if datatype is None:
         raise InvalidInput(f"tensor {arg.name!r} has type {arg.type}, which Tandem cannot serve")
-    shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (arg.shape or []))
-    return TensorInfo(arg.name, datatype, shape)
+    dims = list(arg.shape or [])
+    shape = [d if isinstance(d, int) and d >= 0 else None for d in dims]
+    symbols = [d if isinstance(d, str) and d else None for d in dims]
+    pad = None
+    if declared is not None:
+        pad = declared.pad
+        if len(declared.shape) != len(shape):
+            _log.warning(
+                "tensor %r: the manifest declares shape %s, the ONNX graph has rank %d; the graph's shape is used",
+                arg.name, declared.shape, len(shape),
+            )
+        else:
+            for i, d in enumerate(declared.shape):
+                if shape[i] is not None:
+                    continue
+                if isinstance(d, int) and d >= 0:
+                    shape[i], symbols[i] = d, None
+                elif isinstance(d, str) and d:
+                    symbols[i] = d
+    symbols = [None if d is not None else sym for d, sym in zip(shape, symbols)]  # only dynamic dims have names
+    return TensorInfo(arg.name, datatype, tuple(shape), tuple(symbols), pad)
 
 
 class ModelEngine:
@@ -99,7 +148,11 @@ class ModelEngine:
         intra_op_threads: int = 1,
         spinning: str = "never",
         nice: int = 0,
+        declared_inputs: Sequence[Declared] = (),
+        declared_outputs: Sequence[Declared] = (),
     ) -> None:
+        """``declared_inputs``/``declared_outputs``: the bundle manifest's tensors (symbolic dim
+        names, pad values); tensors it does not name keep what the ONNX graph says."""
         wanted = resolve_providers(providers)
         #: How much lower than the event loop the compute threads run (see lower_thread_priority).
         self.nice = nice
@@ -123,14 +176,90 @@ class ModelEngine:
         #: What onnxruntime really uses (never what was merely asked for).
         self.providers: list[str] = list(first.get_providers())
         self.intra_op_threads = intra_op_threads
-        self.inputs = [_info(a) for a in first.get_inputs()]
-        self.outputs = [_info(a) for a in first.get_outputs()]
+        declared = {d.name: d for d in declared_inputs}
+        self.inputs = [_info(a, declared.get(a.name)) for a in first.get_inputs()]
+        declared = {d.name: d for d in declared_outputs}
+        self.outputs = [_info(a, declared.get(a.name)) for a in first.get_outputs()]
         self.input_by_name = {t.name: t for t in self.inputs}
         self.output_names = [t.name for t in self.outputs]
         self._dtypes = {t.name: dtype_of(t.datatype) for t in self.inputs}
         self._accepted: dict[tuple[Any, ...], int] = {}  # input signatures check_inputs accepted -> rows
         #: Batchable when every input and output has a variable leading dimension.
         self.batchable = all(t.shape and t.shape[0] is None for t in self.inputs + self.outputs)
+        self._plan_padding()
+
+    def _plan_padding(self) -> None:
+        """Which axes inputs must agree on, and which requests may be padded along to share a batch.
+
+        An axis name may be padded when every input axis of that name has a pad value (numeric
+        tensors only) and every dynamic non-batch output axis is named after an input axis: an
+        output axis of unknown meaning might grow with the padding, and could not be cut back."""
+        first = 1 if self.batchable else 0  # the batch axis is checked on its own
+        carriers: dict[str, list[tuple[TensorInfo, int]]] = {}
+        for t in self.inputs:
+            for axis in range(first, len(t.shape)):
+                sym = t.symbol(axis)
+                if sym is not None:
+                    carriers.setdefault(sym, []).append((t, axis))
+        #: Axis names several inputs carry: (input, axis) of each, checked per request.
+        self._shared = [(sym, [(t.name, axis) for t, axis in c]) for sym, c in carriers.items() if len(c) > 1]
+        #: Names of the axes requests may be padded along (their index is the one in ``pad_axes``).
+        self.pad_symbols: tuple[str, ...] = ()
+        #: Why requests are not padded, when the model has dynamic axes but they cannot be.
+        self.padding_off = ""
+        #: input name -> ((axis, symbol index), ...) of its axes that may be padded
+        self.pad_axes: dict[str, tuple[tuple[int, int], ...]] = {}
+        #: input name -> its pad value, for the inputs that have axes to pad
+        self.pad_values: dict[str, float] = {}
+        #: output name -> ((axis, symbol index), ...) of the axes cut back to each request's length
+        self.unpad_axes: dict[str, tuple[tuple[int, int], ...]] = {}
+        if not self.batchable or not carriers:
+            return
+        batch_names = {t.symbol(0) for t in self.inputs + self.outputs} - {None}
+        symbols = [
+            sym for sym, c in carriers.items()
+            if sym not in batch_names and all(t.pad is not None and self._dtypes[t.name].kind in "biuf" for t, _ in c)
+        ]
+        for o in self.outputs:
+            for axis in range(1, len(o.shape)):
+                if o.shape[axis] is None and o.symbol(axis) not in carriers:
+                    self.padding_off = f"output {o.name!r} has a dynamic axis {axis} named after no input axis"
+                    return
+        if not symbols:
+            self.padding_off = "no dynamic input axis has a pad value"
+            return
+        index = {sym: i for i, sym in enumerate(symbols)}
+        self.pad_symbols = tuple(symbols)
+        self.pad_axes = {
+            t.name: tuple((axis, index[t.symbol(axis)]) for axis in range(1, len(t.shape)) if t.symbol(axis) in index)
+            for t in self.inputs
+        }
+        self.pad_values = {t.name: t.pad for t in self.inputs if self.pad_axes[t.name] and t.pad is not None}
+        self.unpad_axes = {
+            o.name: axes
+            for o in self.outputs
+            if (axes := tuple((axis, index[o.symbol(axis)]) for axis in range(1, len(o.shape)) if o.symbol(axis) in index))
+        }
+
+    def batch_key(self, inputs: Mapping[str, np.ndarray]) -> tuple[tuple[Any, ...], tuple[int, ...], int]:
+        """(what requests must share to be padded into one batch, their lengths along each padded
+        axis, their input elements), for a checked request of a model with ``pad_symbols``."""
+        key = []
+        lens = [0] * len(self.pad_symbols)
+        size = 0
+        for t in self.inputs:
+            arr = inputs[t.name]
+            size += arr.size
+            axes = self.pad_axes[t.name]
+            if axes:
+                shape = list(arr.shape[1:])
+                for axis, s in axes:
+                    lens[s] = shape[axis - 1]
+                    shape[axis - 1] = -1
+                key.append((arr.dtype.str, tuple(shape)))
+            else:
+                key.append((arr.dtype.str, arr.shape[1:]))
+        return tuple(key), tuple(lens), size
 
     def _make_sessions(
         self, onnx_path: Path, wanted: list[str], instances: int, intra_op_threads: int, spinning: str
@@ -181,10 +310,12 @@ class ModelEngine:
             spec = self.input_by_name[name]
             if arr.dtype != self._dtypes[name]:
                 raise TensorCodecError(f"input {name!r} must be {spec.datatype}, got {_datatype_name(arr)}")
-            if arr.ndim != len(spec.shape) or any(
-                want is not None and want != got for want, got in zip(spec.shape, arr.shape)
-            ):
-                raise InvalidInput(f"input {name!r} must have shape {spec.wire_shape}, got {list(arr.shape)}")
+            if arr.ndim != len(spec.shape):
+                raise InvalidInput(
+                    f"input {name!r} must have {len(spec.shape)} dimensions {spec.declared}, got {arr.ndim}: {list(arr.shape)}"
+                )
+            if any(want is not None and want != got for want, got in zip(spec.shape, arr.shape)):
+                raise InvalidInput(f"input {name!r} must have shape {spec.declared}, got {list(arr.shape)}")
             if self.batchable:
                 if rows is None:
                     rows = arr.shape[0]
@@ -192,6 +323,14 @@ class ModelEngine:
                     raise InvalidInput("all inputs must have the same batch (first) dimension")
         if self.batchable and rows == 0:
             raise InvalidInput("the batch dimension must be at least 1")
+        for sym, where in self._shared:
+            (first, axis), *others = where
+            for other, other_axis in others:
+                a, b = inputs[first].shape[axis], inputs[other].shape[other_axis]
+                if a != b:
+                    raise InvalidInput(
+                        f"inputs {first!r} and {other!r} share the axis {sym!r} but have lengths {a} and {b}"
+                    )
         return rows if self.batchable and rows is not None else 1
 
     def run(self, instance: int, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:

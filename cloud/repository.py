@@ -321,7 +321,14 @@ class ModelRepository:
             intra_op_threads=cfg.threads_per_session(),
             spinning=cfg.ort_spinning,
             nice=cfg.compute_nice,
+            declared_inputs=bundle.manifest.inputs,
+            declared_outputs=bundle.manifest.outputs,
         )
+        if engine.pad_symbols:
+            _log.info("model %s version %s: requests of different lengths along %s share batches, padded",
+                      name, version, ", ".join(map(repr, engine.pad_symbols)))
+        elif engine.padding_off:
+            _log.info("model %s version %s: requests are batched by exact shape: %s", name, version, engine.padding_off)
         try:
             samples = bundle.load_samples()[0]
         except TandemError:
