@@ -21,6 +21,12 @@ Mechanism (one, like Ray Serve's ``@serve.batch`` or Triton's dynamic batcher):
   for the clients it just answered to send again (see :meth:`Batcher._fill_target`).
 * The queue is shared by the loop and the threads under one lock; futures are only ever touched
   on the loop (results and errors travel with ``call_soon_threadsafe``).
+
+Requests of different lengths (a model whose inputs declare pad values for a dynamic axis, e.g.
+token ids and attention mask along ``sequence``, see :meth:`ModelEngine._plan_padding`) share a
+batch when they differ only along such axes: each input is padded to the longest in the batch
+with its pad value, and every output carrying a padded axis is cut back to each request's length.
+Which of them share a batch is bounded by the padding it costs (see :meth:`Batcher._take_padded`).
 """
 
 from __future__ import annotations
@@ -48,6 +54,14 @@ _log = logging.getLogger(__name__)
 #: The share of the load a free instance waits for with ``fill_wait_us`` (see Batcher._fill_target).
 _FILL_SHARE = 0.75
 
+#: The most input elements a padded batch may compute per element its requests sent (see
+#: Batcher._take_padded).
+MAX_PADDING_RATIO = 1.25
+
+#: Queued requests a padded batch is chosen from: the oldest and up to this many after it (a
+#: bound on the work done under the queue's lock; deeper requests wait for a later batch).
+_PAD_WINDOW = 256
+
 
 @dataclass(slots=True)
 class BatchResult:
@@ -66,13 +80,17 @@ class BatchObserver:
         """One batch ran: ``rows`` in all, ``requests`` of them answered with outputs (a request
         cancelled meanwhile is not), the batch's compute time and each request's queue time."""
 
+    def on_padding(self, sent: int, computed: int) -> None:
+        """A batch of a model whose requests may be padded ran: its requests sent ``sent`` input
+        elements, the model computed on ``computed`` (padding included)."""
+
 
 class _Pending:
-    __slots__ = ("inputs", "rows", "key", "future", "deadline", "enqueued")
+    __slots__ = ("inputs", "rows", "key", "future", "deadline", "enqueued", "lens", "size")
 
     def __init__(
         self, inputs: Mapping[str, np.ndarray], rows: int, key: tuple[Any, ...], future: asyncio.Future[BatchResult],
-        deadline: float | None, enqueued: float,
+        deadline: float | None, enqueued: float, lens: tuple[int, ...] = (), size: int = 0,
     ) -> None:
         self.inputs = inputs
         self.rows = rows
@@ -80,6 +98,8 @@ class _Pending:
         self.future = future
         self.deadline = deadline  # time.monotonic() seconds
         self.enqueued = enqueued  # time.perf_counter() seconds
+        self.lens = lens  # length along each axis the model may pad (ModelEngine.pad_symbols)
+        self.size = size  # input elements sent (models that pad)
 
 
 def _signature(inputs: Mapping[str, np.ndarray]) -> tuple[Any, ...]:
@@ -108,6 +128,8 @@ class Batcher:
         # Validated requests differ in signature only where an input has a dynamic non-batch
         # dimension (names and dtypes are fixed by the model): skip computing it otherwise.
         self._signatures_vary = any(None in t.shape[1:] for t in engine.inputs)
+        # Requests of different lengths may share a batch, padded (never for the fixed-shape models).
+        self._pads = bool(engine.pad_symbols) and self._max_rows > 1
         self._queues: list[deque[_Pending]] = [deque() for _ in range(config.priority_levels)]
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # a thread waits here for requests
@@ -170,8 +192,11 @@ class Batcher:
             raise DeadlineExceeded(f"model {self.name}: the request's deadline had passed on arrival")
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         fut: asyncio.Future[BatchResult] = self._loop.create_future()
-        key = _signature(inputs) if self._signatures_vary else ()
-        item = _Pending(inputs, rows, key, fut, deadline, time.perf_counter())
+        if self._pads:
+            key, lens, size = self.engine.batch_key(inputs)
+            item = _Pending(inputs, rows, key, fut, deadline, time.perf_counter(), lens, size)
+        else:
+            item = _Pending(inputs, rows, _signature(inputs) if self._signatures_vary else (), fut, deadline, time.perf_counter())
         self._idle.clear()
         with self._lock:
             self._queues[level - 1].append(item)
@@ -245,8 +270,8 @@ class Batcher:
                 continue
             started = time.perf_counter()
             try:
-                results, compute_us = self._execute(instance, batch)
-                outcome: list[Any] = [results, compute_us]
+                results, compute_us, computed = self._execute(instance, batch)
+                outcome: list[Any] = [results, compute_us, None, computed]
             except Exception as e:  # noqa: BLE001 - a thread must survive anything a batch throws
                 outcome = self._isolate(instance, batch, e)
             # Load is present if requests queued while this batch ran (read before its clients are
@@ -297,7 +322,7 @@ class Batcher:
         """Under the lock: (the next batch, requests to expire). Cancelled ones are skipped."""
         now = time.monotonic()
         dropped: list[_Pending] = []
-        key = None
+        key = head = None
         for q in self._queues:  # the oldest live request of the best level sets the signature
             while q:
                 item = q[0]
@@ -308,12 +333,14 @@ class Batcher:
                     if not item.future.done():
                         dropped.append(item)
                     continue
-                key = item.key
+                key, head = item.key, item
                 break
-            if key is not None:
+            if head is not None:
                 break
-        if key is None:
+        if head is None:
             return [], dropped
+        if self._pads:
+            return self._take_padded(head, dropped, now), dropped
         limit = self._max_rows
         batch: list[_Pending] = []
         rows = 0
@@ -339,6 +366,113 @@ class Batcher:
                 q.extendleft(reversed(kept))
         return batch, dropped
 
+    def _take_padded(self, head: _Pending, dropped: list[_Pending], now: float) -> list[_Pending]:
+        """Under the lock: the batch of ``head`` (the oldest request) for a model that pads.
+
+        The rule: among the queued requests that differ from ``head`` only in length (at most
+        ``_PAD_WINDOW`` looked at), sorted by length, the batch grows from ``head`` one neighbour
+        at a time, shorter or longer, whichever keeps the padding lower, while the batch computes
+        at most ``MAX_PADDING_RATIO`` input elements per element sent (and fits max_batch_size).
+        Neighbours further away in the sorted order would only cost more, so it stops there.
+
+        Why a bound on the ratio, not fixed length buckets: it merges any requests whose lengths
+        are close, wherever they fall, and keeps the oldest request in the batch (no request
+        waits behind younger ones). Why 1.25: the compute of a sequence model grows with the
+        elements it runs on, so padding is paid in full, while a smaller batch costs only the
+        per-run overhead (bench/padding.py, mixed lengths 8-64 at 64 connections, 2 cores:
+        throughput by bound TODO).
+        """
+        limit = self._max_rows
+        key = head.key
+        candidates: list[_Pending] = []
+        seen: list[list[_Pending]] = []
+        budget = _PAD_WINDOW
+        for q in self._queues:
+            looked: list[_Pending] = []
+            while q and budget:
+                item = q.popleft()
+                budget -= 1
+                if item.future.done() or (item.deadline is not None and item.deadline <= now):
+                    self._depth -= 1
+                    self._rows -= item.rows
+                    if not item.future.done():
+                        dropped.append(item)
+                    continue
+                looked.append(item)
+                if item is not head and item.key == key:
+                    candidates.append(item)
+            seen.append(looked)
+        batch = [head]
+        if candidates:
+            batch += self._choose(head, candidates, limit)
+        chosen = {id(item) for item in batch}
+        for q, looked in zip(self._queues, seen):
+            q.extendleft(reversed([item for item in looked if id(item) not in chosen]))
+        for item in batch:
+            self._depth -= 1
+            self._rows -= item.rows
+        return batch
+
+    def _choose(self, head: _Pending, candidates: list[_Pending], limit: int) -> list[_Pending]:
+        """The requests padded into ``head``'s batch (see :meth:`_take_padded`)."""
+        per_row = self._row_elements(head)
+        candidates.sort(key=lambda item: item.lens)
+        i = 0
+        while i < len(candidates) and candidates[i].lens < head.lens:
+            i += 1
+        below, above = i - 1, i  # next shorter, next longer
+        rows, sent, longest = head.rows, head.size, head.lens
+        chosen: list[_Pending] = []
+        while rows < limit and (below >= 0 or above < len(candidates)):
+            best = None
+            for side in (below, above):
+                if not 0 <= side < len(candidates):
+                    continue
+                item = candidates[side]
+                if rows + item.rows > limit:
+                    continue
+                lens = tuple(map(max, longest, item.lens))
+                ratio = (rows + item.rows) * per_row(lens) / max(1, sent + item.size)
+                if best is None or ratio < best[0]:
+                    best = (ratio, side, lens)
+            if best is None:  # both neighbours have too many rows: look past them
+                below, above = below - 1, above + 1
+                continue
+            ratio, side, lens = best
+            if ratio > MAX_PADDING_RATIO:
+                break
+            item = candidates[side]
+            chosen.append(item)
+            rows, sent, longest = rows + item.rows, sent + item.size, lens
+            if side == below:
+                below -= 1
+            else:
+                above += 1
+        return chosen
+
+    def _row_elements(self, head: _Pending) -> Any:
+        """A function: lengths along the padded axes -> input elements of one row of a batch of
+        requests like ``head`` padded to them."""
+        terms = []
+        for name, arr in head.inputs.items():
+            axes = self.engine.pad_axes[name]
+            fixed = 1
+            padded = {axis for axis, _ in axes}
+            for axis in range(1, arr.ndim):
+                if axis not in padded:
+                    fixed *= arr.shape[axis]
+            terms.append((fixed, [s for _, s in axes]))
+
+        def elements(lens: tuple[int, ...]) -> int:
+            total = 0
+            for fixed, symbols in terms:
+                for s in symbols:
+                    fixed *= lens[s]
+                total += fixed
+            return total
+
+        return elements
+
     def _isolate(self, instance: int, batch: list[_Pending], error: Exception) -> list[Any]:
         """A batch failed: run its requests one by one, so one bad request fails alone."""
         if len(batch) == 1:
@@ -347,7 +481,7 @@ class Batcher:
         total_us = 0.0
         for item in batch:
             try:
-                (outputs,), compute_us = self._execute(instance, [item])
+                (outputs,), compute_us, _ = self._execute(instance, [item])
                 per_item.append(outputs)
                 total_us += compute_us
             except Exception as e:  # noqa: BLE001
@@ -379,6 +513,8 @@ class Batcher:
                     item.future.set_result(BatchResult(outputs, q_us, compute_us, rows))
                     answered += 1
             self._observer.on_batch(rows, answered, compute_us, queue_us)
+            if self._pads:
+                self._observer.on_padding(sum(item.size for item in batch), outcome[3])
         else:
             for item, got in zip(batch, outcome[2]):
                 if item.future.done():
@@ -392,6 +528,8 @@ class Batcher:
                     queue_us = (started - item.enqueued) * 1e6
                     item.future.set_result(BatchResult(got, queue_us, compute_us, item.rows))
                     self._observer.on_batch(item.rows, 1, compute_us, [queue_us])
+                    if self._pads:
+                        self._observer.on_padding(item.size, item.size)
         self._check_idle()
 
     def _check_idle(self) -> None:
@@ -407,9 +545,13 @@ class Batcher:
         batches = self._rows / self._max_rows + 1
         return max(1.0, batches * self._batch_s / self.engine.instances)
 
-    def _execute(self, instance: int, batch: list[_Pending]) -> tuple[list[dict[str, np.ndarray]], float]:
-        """Concatenate, run, slice: the whole batch in one executor hop (runs in a worker thread)."""
+    def _execute(self, instance: int, batch: list[_Pending]) -> tuple[list[dict[str, np.ndarray]], float, int]:
+        """Concatenate (padding if the requests' lengths differ), run, slice: the whole batch in
+        one executor hop (runs in a worker thread). Returns (outputs per request, compute µs,
+        input elements computed: models that pad only, else 0)."""
         t0 = time.perf_counter()
+        if self._pads:
+            return self._execute_padded(instance, batch, t0)
         if len(batch) == 1:
             feeds = batch[0].inputs
         else:
@@ -417,7 +559,10 @@ class Batcher:
         outputs = self.engine.run(instance, feeds)
         compute_us = (time.perf_counter() - t0) * 1e6
         if len(batch) == 1:
-            return [outputs], compute_us
+            return [outputs], compute_us, 0
+        return self._split(batch, outputs), compute_us, 0
+
+    def _split(self, batch: list[_Pending], outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         total = sum(item.rows for item in batch)
         for name, arr in outputs.items():
             if arr.ndim == 0 or arr.shape[0] != total:
@@ -427,4 +572,53 @@ class Batcher:
         for item in batch:
             results.append({name: arr[offset : offset + item.rows] for name, arr in outputs.items()})
             offset += item.rows
-        return results, compute_us
+        return results
+
+    def _execute_padded(self, instance: int, batch: list[_Pending], t0: float) -> tuple[list[dict[str, np.ndarray]], float, int]:
+        if len(batch) == 1:
+            outputs = self.engine.run(instance, batch[0].inputs)
+            return [outputs], (time.perf_counter() - t0) * 1e6, batch[0].size
+        engine = self.engine
+        longest = tuple(map(max, *(item.lens for item in batch)))
+        total = sum(item.rows for item in batch)
+        feeds: dict[str, np.ndarray] = {}
+        computed = 0
+        for name, first in batch[0].inputs.items():
+            parts = [item.inputs[name] for item in batch]
+            axes = engine.pad_axes[name]
+            shape = [total, *first.shape[1:]]
+            for axis, s in axes:
+                shape[axis] = longest[s]
+            if all(arr.shape[1:] == tuple(shape[1:]) for arr in parts):
+                feeds[name] = np.concatenate(parts)
+            else:
+                padded = np.full(shape, engine.pad_values[name], dtype=first.dtype)
+                offset = 0
+                for arr in parts:
+                    padded[(slice(offset, offset + len(arr)), *map(slice, arr.shape[1:]))] = arr
+                    offset += len(arr)
+                feeds[name] = padded
+            computed += feeds[name].size
+        outputs = engine.run(instance, feeds)
+        compute_us = (time.perf_counter() - t0) * 1e6
+        results = self._split(batch, outputs)
+        for name, axes in engine.unpad_axes.items():
+            arr = outputs.get(name)
+            if arr is None:
+                continue
+            for axis, s in axes:
+                if arr.ndim <= axis or arr.shape[axis] != longest[s]:
+                    # The model did not keep the padded length on this axis: each request then
+                    # runs alone (see _isolate), never answered with another's padding.
+                    raise InferenceFailed(
+                        f"output {name!r} axis {axis} has {arr.shape[axis] if arr.ndim > axis else 'no'} entries, "
+                        f"not the {longest[s]} of its padded inputs' {engine.pad_symbols[s]!r}"
+                    )
+            for item, result in zip(batch, results):
+                cut = [slice(None)] * arr.ndim
+                for axis, s in axes:
+                    if item.lens[s] != longest[s]:
+                        cut[axis] = slice(0, item.lens[s])
+                if any(c.stop is not None for c in cut):
+                    result[name] = np.ascontiguousarray(result[name][tuple(cut)])
+        return results, compute_us, computed

@@ -35,6 +35,7 @@ def multiprocess_dir() -> str | None:
 _LABELS = ("model", "version")
 _US_BUCKETS = (50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1e6, 2.5e6, 5e6)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_PADDING_BUCKETS = (1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0)
 
 
 class Metrics:
@@ -81,6 +82,20 @@ class Metrics:
         self.instances = Gauge(
             "tandem_model_instances", "Sessions serving the model, by execution provider in use", (*_LABELS, "provider"),
             registry=r, multiprocess_mode="livesum",
+        )
+        # Padding (models whose inputs declare pad values): waste = 1 - sent / computed.
+        self.input_elements = Counter(
+            "tandem_inference_input_elements",
+            "Input elements the requests sent (models whose requests may be padded to share a batch)", _LABELS, registry=r,
+        )
+        self.padded_input_elements = Counter(
+            "tandem_inference_padded_input_elements",
+            "Input elements the model computed on, padding included (models whose requests may be padded)", _LABELS, registry=r,
+        )
+        self.padding_ratio = Histogram(
+            "tandem_inference_batch_padding_ratio",
+            "Input elements computed per element sent, per executed batch (1 = no padding)", _LABELS,
+            buckets=_PADDING_BUCKETS, registry=r,
         )
         self.cache_hits = Counter("tandem_response_cache_hits", "Requests answered from the response cache", _LABELS, registry=r)
         # The HTTP front door (cloud/front.py): what share of the traffic takes the fast path.
@@ -172,6 +187,9 @@ class ModelMetrics(BatchObserver):
         self._cache = metrics.cache_hits.labels(model, version)
         self._request_compute = metrics.request_compute_us.labels(model, version)
         self._last = metrics.last_inference_ms.labels(model, version)
+        self._input_elements = metrics.input_elements.labels(model, version)
+        self._padded_elements = metrics.padded_input_elements.labels(model, version)
+        self._padding_ratio = metrics.padding_ratio.labels(model, version)
         self._providers: list[str] = []
 
     def attach(self, pending: Callable[[], float], providers: Sequence[str], instances: int) -> None:
@@ -223,6 +241,11 @@ class ModelMetrics(BatchObserver):
         self._batch.observe(rows)
         self._last.set(time.time() * 1e3)
         observe_all(self._queue, queue_us)
+
+    def on_padding(self, sent: int, computed: int) -> None:
+        self._input_elements.inc(sent)
+        self._padded_elements.inc(computed)
+        self._padding_ratio.observe(computed / sent if sent else 1.0)
 
 
 def model_statistics(values: Mapping[tuple[str, str, str], float], model: str, version: str, cache: bool) -> dict[str, Any]:
