@@ -308,7 +308,7 @@ def confidence_source(manifest: Manifest, output_names: Sequence[str], has_funct
     if task.kind != "classification":
         has = "no calibration" if cal is None else "a calibration without a confidence head"
         return None, f"max-softmax is a classifier's confidence, and this {task.kind} bundle has {has}"
-    return kind, f"{kind} over {task.output or 'the first output'!s}"
+    return kind, f"{kind} over {task.output or 'the first output'}"
 
 
 def no_confidence_message(why: str) -> str:

@@ -8,7 +8,7 @@ says yes; the client reports the outcome with ``cloud_ok``/``cloud_failed``/``cl
 
 The cascade needs a confidence for the edge's answers (``Estimates.confidence_kind``). Without one
 the router refuses it with :class:`~tandem.shared.errors.NoConfidence` — when it is built, if the
-cascade is its policy, else at the first call asking for it — rather than escalate every call.
+cascade is its policy, else at every call asking for it — rather than escalate every call.
 A router without a cloud never escalates, so it refuses nothing.
 """
 
