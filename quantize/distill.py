@@ -176,3 +176,182 @@ def _train(
     model.eval()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+# --- any model: named inputs, any task -----------------------------------------------------------
+
+#: Losses by what the student learns from: labels ("ce"), a classifier teacher's soft targets mixed
+#: with labels ("kd"), an embedding teacher ("cosine": 1 - cosine plus MSE, so direction and size
+#: both follow the teacher), or a regression teacher ("mse").
+Loss = str
+
+
+def _select(out: Any, index: int) -> Any:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[index]
+    raise TypeError(f"the model returned {type(out).__name__}; return a tensor or a tuple of tensors")
+
+
+def _batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, shuffle: bool = True) -> list[np.ndarray]:
+    """Batches of row indices; rows of similar length go together (sorted within chunks of 50
+    batches) so that each batch, cut to its longest row, carries little padding."""
+    n = len(lengths)
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    out: list[np.ndarray] = []
+    chunk = batch_size * 50
+    for i in range(0, n, chunk):
+        part = order[i : i + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        out += [part[j : j + batch_size] for j in range(0, len(part), batch_size)]
+    if shuffle:
+        rng.shuffle(out)  # type: ignore[arg-type]
+    return out
+
+
+def predict(
+    model: Any, x: dict[str, np.ndarray], names: list[str], *, output_index: int = 0, padding: Any = None,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """The model's output ``output_index`` on every row of ``x`` (inputs passed in ``names`` order),
+    batched by length and cut to each batch's longest row; rows come back in their order."""
+    import torch
+
+    model.eval()
+    n = len(x[names[0]])
+    lengths = padding.row_lengths(x) if padding else np.zeros(n, dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")
+    parts = []
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            feeds = {k: v[idx] for k, v in x.items()}
+            if padding:
+                feeds = padding.trim(feeds)
+            out = _select(model(*(torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in names)), output_index)
+            parts.append(out.detach().float().numpy())
+    if len({p.shape[1:] for p in parts}) > 1:
+        raise ValueError("the task output has a padded axis; name an output without one as task.output")
+    out_all = np.concatenate(parts)
+    result = np.empty_like(out_all)
+    result[order] = out_all
+    return result
+
+
+def fit(
+    model: Any,
+    x: dict[str, np.ndarray],
+    names: list[str],
+    *,
+    loss: Loss,
+    targets: np.ndarray | None,
+    labels: np.ndarray | None,
+    val_score: Callable[[Any], float],
+    epochs: int,
+    lr: float,
+    batch_size: int = 64,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    temperature: float = 4.0,
+    alpha: float = 0.5,
+    padding: Any = None,
+    output_index: int = 0,
+    threads: int = 1,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` (Adam, cosine schedule) on named inputs with the given loss; ``val_score``
+    reads the model and returns its validation quality (higher is better); the best epoch's
+    weights are kept."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    previous_threads = torch.get_num_threads()
+    small = sum(p.numel() for p in model.parameters()) < 100_000
+    torch.set_num_threads(1 if small else threads)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{desc}: the model has no trainable parameters")
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+    n = len(x[names[0]])
+    lengths = padding.row_lengths(x) if padding else np.zeros(n, dtype=np.int64)
+    tt = torch.from_numpy(np.ascontiguousarray(targets)).float() if targets is not None else None
+    yt = torch.from_numpy(labels) if labels is not None else None
+    result = TrainResult(model=model)
+    best_state = copy.deepcopy(model.state_dict())
+    t0 = time.perf_counter()
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
+    try:
+        for epoch in bar:
+            model.train()
+            total, seen = 0.0, 0
+            for idx in _batches(lengths, batch_size, rng):
+                feeds = {k: v[idx] for k, v in x.items()}
+                if padding:
+                    feeds = padding.trim(feeds)
+                out = _select(model(*(torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in names)), output_index)
+                it = torch.from_numpy(idx)
+                if loss == "ce":
+                    value = F.cross_entropy(out, yt[it])  # type: ignore[index]
+                elif loss == "kd":
+                    assert tt is not None
+                    value = temperature**2 * F.kl_div(F.log_softmax(out / temperature, dim=1),
+                                                      F.log_softmax(tt[it] / temperature, dim=1),
+                                                      reduction="batchmean", log_target=True)
+                    if yt is not None and alpha < 1:
+                        value = alpha * value + (1 - alpha) * F.cross_entropy(out, yt[it])
+                elif loss == "cosine":
+                    assert tt is not None
+                    target = tt[it]
+                    cos = F.cosine_similarity(out.flatten(1), target.flatten(1), dim=1)
+                    value = (1 - cos).mean() + F.mse_loss(out, target) * out[0].numel()
+                else:
+                    assert tt is not None
+                    value = F.mse_loss(out, tt[it])
+                opt.zero_grad()
+                value.backward()
+                opt.step()
+                total += float(value.detach()) * len(idx)
+                seen += len(idx)
+            sched.step()
+            score = float(val_score(model))
+            m = EpochMetrics(epoch + 1, total / max(seen, 1), float("nan"), score)
+            result.history.append(m)
+            if score > result.best_val_accuracy or epoch == 0:
+                result.best_val_accuracy, result.best_epoch = score, epoch + 1
+                best_state = copy.deepcopy(model.state_dict())
+            bar.set_postfix(loss=f"{m.loss:.4f}", val=f"{score:.4f}", refresh=False)
+    finally:
+        bar.close()
+        torch.set_num_threads(previous_threads)
+    model.load_state_dict(best_state)
+    model.eval()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def truncate(teacher: Any, layers: int) -> Any:
+    """A copy of ``teacher`` keeping the first ``layers`` blocks of its largest ``nn.ModuleList``
+    (a transformer's encoder layers): the usual way to start a student from a pretrained model."""
+    import torch
+
+    model = copy.deepcopy(teacher)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ValueError("edge.kind 'truncate' needs a teacher with an nn.ModuleList of layers; it has none")
+    name, blocks = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+    if layers >= len(blocks):
+        raise ValueError(f"edge.layers = {layers} keeps all {len(blocks)} blocks of {name or 'the model'}: "
+                         "choose fewer")
+    del blocks[layers:]
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model

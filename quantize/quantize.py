@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,31 +63,48 @@ def preprocess(fp32: Path, out: Path) -> tuple[Path, str | None]:
     used and the note says so."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        with _quiet():
-            quant_pre_process(str(fp32), str(out), skip_symbolic_shape=False)
-        return out, None
-    except Exception as e:  # the library raises many kinds; any of them means "use the raw graph"
-        log.warning("quant_pre_process failed on %s (%s); quantizing the graph as exported", fp32.name, e)
-        return fp32, f"quant_pre_process failed ({type(e).__name__}: {str(e)[:120]}); quantized the graph as exported"
+    # Symbolic shape inference is the step that fails on transformer graphs (it does not know every
+    # op the exporter emits); ONNX's own shape inference plus the graph optimisation still apply.
+    errors = []
+    for skip_symbolic in (False, True):
+        try:
+            with _quiet():
+                quant_pre_process(str(fp32), str(out), skip_symbolic_shape=skip_symbolic)
+            note = None if not errors else f"pre-processed without symbolic shape inference ({errors[0]})"
+            return out, note
+        except Exception as e:  # the library raises many kinds; each is recorded with its reason
+            errors.append(f"{type(e).__name__}: {_first_line(e)}")
+    log.warning("quant_pre_process failed on %s (%s); quantizing the graph as exported", fp32.name, errors[-1])
+    return fp32, f"quant_pre_process failed ({'; then '.join(errors)}); quantized the graph as exported"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else "")[:160]
 
 
 class _Reader:
-    """A CalibrationDataReader over real samples, one batch-1 feed at a time."""
+    """A CalibrationDataReader over real samples, one batch-1 feed at a time (each row cut to its
+    real length when the inputs are padded)."""
 
-    def __init__(self, input_name: str, samples: np.ndarray) -> None:
-        self._feeds = iter([{input_name: samples[i : i + 1]} for i in range(len(samples))])
+    def __init__(self, input_name: str, samples: np.ndarray | dict[str, np.ndarray], padding: Any = None) -> None:
+        feeds = samples if isinstance(samples, dict) else {input_name: samples}
+        n = len(next(iter(feeds.values())))
+        rows = [{k: v[i : i + 1] for k, v in feeds.items()} for i in range(n)]
+        self._feeds = iter([padding.trim(r) for r in rows] if padding else rows)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._feeds, None)
 
 
-def quantize_static_qdq(source: Path, out: Path, cfg: QuantConfig, input_name: str, calib: np.ndarray) -> None:
+def quantize_static_qdq(
+    source: Path, out: Path, cfg: QuantConfig, input_name: str, calib: np.ndarray | dict[str, np.ndarray], padding: Any = None
+) -> None:
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[cfg.calibration]
-    reader = type("Reader", (_Reader, CalibrationDataReader), {})(input_name, calib)
+    reader = type("Reader", (_Reader, CalibrationDataReader), {})(input_name, calib, padding)
     with _quiet():
         quantize_static(
             str(source),
@@ -115,18 +133,37 @@ def quantize_dynamic_int8(source: Path, out: Path, cfg: QuantConfig) -> None:
 
 
 def convert_fp16(source: Path, out: Path) -> None:
-    """fp16 weights and compute with fp32 inputs/outputs kept (for the GPU variant)."""
+    """fp16 weights and compute with the graph's inputs and outputs kept as they are (for the GPU
+    variant). What is computed from integer inputs and constants alone (position ids, index
+    arithmetic, the attention mask's bias) stays in fp32: fp16 holds integers exactly only up to
+    2048, so a token id that went through a float would pick the wrong embedding row."""
     import onnx
     from onnxconverter_common import float16
 
     model = onnx.load(str(source))
+    g = model.graph
+    ints = (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL)
+    derived = {i.name for i in g.input if i.type.tensor_type.elem_type in ints}
+    consts = {i.name for i in g.initializer}
+    block = []
+    for i, n in enumerate(g.node):
+        if not n.name:  # the block list goes by node name
+            n.name = f"tandem_node_{i}"
+        if n.op_type == "Constant":
+            consts.update(n.output)
+            continue
+        used = [v for v in n.input if v]
+        if used and any(v in derived for v in used) and all(v in derived or v in consts for v in used):
+            block.append(n.name)
+            derived.update(n.output)
     with _quiet():
-        half = float16.convert_float_to_float16(model, keep_io_types=True)
+        half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=block)
     onnx.save(half, str(out))
 
 
 def make_candidates(
-    fp32: Path, parent: str, configs: list[QuantConfig], input_name: str, calib: np.ndarray, out_dir: Path
+    fp32: Path, parent: str, configs: list[QuantConfig], input_name: str, calib: np.ndarray | dict[str, np.ndarray],
+    out_dir: Path, padding: Any = None,
 ) -> list[Candidate]:
     """Quantize ``fp32`` once per config. A config the quantizer cannot apply becomes a rejected
     candidate with the error as its reason (the search goes on)."""
@@ -142,7 +179,7 @@ def make_candidates(
                 if pre_note:
                     c.notes.append(pre_note)
                 if cfg.format == "qdq":
-                    quantize_static_qdq(pre, c.path, cfg, input_name, calib)
+                    quantize_static_qdq(pre, c.path, cfg, input_name, calib, padding)
                 else:
                     quantize_dynamic_int8(pre, c.path, cfg)
                 c.size_bytes = c.path.stat().st_size
@@ -153,7 +190,17 @@ def make_candidates(
     return result
 
 
-def judge(c: Candidate, parent: VariantMetrics, budgets: Budgets) -> None:
+def quality(m: VariantMetrics | None) -> float | None:
+    """The number budgets read: the task's quality, else accuracy, else agreement."""
+    if m is None:
+        return None
+    for v in (m.quality, m.accuracy, m.agreement):
+        if v is not None:
+            return v
+    return None
+
+
+def judge(c: Candidate, parent: VariantMetrics, budgets: Budgets, metric: str = "accuracy", gpu: bool = False) -> None:
     """Accept or reject ``c`` against its fp32 parent, recording the reason either way."""
     m = c.metrics
     if m is None:
@@ -161,10 +208,17 @@ def judge(c: Candidate, parent: VariantMetrics, budgets: Budgets) -> None:
         c.reason = c.reason or "not measured"
         return
     problems = []
-    if m.accuracy is not None and parent.accuracy is not None:
-        drop = parent.accuracy - m.accuracy
+    q, pq = quality(m), quality(parent)
+    if q is not None and pq is not None:
+        drop = pq - q
         if drop > budgets.max_accuracy_drop:
-            problems.append(f"accuracy drop {drop:.4f} > budget {budgets.max_accuracy_drop:.4f}")
+            problems.append(f"{metric} drop {drop:.4f} > budget {budgets.max_accuracy_drop:.4f} "
+                            f"({q:.4f} vs fp32 {pq:.4f})")
+    if gpu:
+        # Its speed here says nothing: the build machine runs fp16 on the CPU provider.
+        c.accepted = not problems
+        c.reason = "; ".join(problems) if problems else f"accepted: {metric} {q:.4f} within budget of fp32 (GPU variant; speed not judged on this CPU)"
+        return
     speedup = parent.latency_p50_ms / m.latency_p50_ms
     if speedup < budgets.min_speedup:
         slower = " (slower than fp32)" if speedup < 1 else ""
@@ -174,7 +228,8 @@ def judge(c: Candidate, parent: VariantMetrics, budgets: Budgets) -> None:
             f"throughput {m.throughput_per_s:.0f}/s < fp32 parent's {parent.throughput_per_s:.0f}/s"
         )
     c.accepted = not problems
-    c.reason = "; ".join(problems) if problems else f"accepted: {speedup:.2f}x faster than fp32"
+    c.reason = "; ".join(problems) if problems else (
+        f"accepted: {speedup:.2f}x faster than fp32, {metric} {q:.4f}" if q is not None else f"accepted: {speedup:.2f}x faster than fp32")
 
 
 def summary(c: Candidate) -> dict[str, object]:
@@ -188,17 +243,21 @@ def summary(c: Candidate) -> dict[str, object]:
         "reason": c.reason,
         "size_bytes": c.size_bytes,
         "accuracy": m.accuracy if m else None,
+        "quality": quality(m),
         "latency_p50_ms": m.latency_p50_ms if m else None,
         "throughput_per_s": m.throughput_per_s if m else None,
     }
 
 
-def best(candidates: list[Candidate], tie: float = 1.1) -> Candidate | None:
-    """The accepted candidate to ship: among those within ``tie`` x of the fastest p50 (closer than
-    that is measurement noise on a shared machine), the most accurate, then the fastest."""
+def best(candidates: list[Candidate], tie: float = 1.1, quality_tie: float = 0.002) -> Candidate | None:
+    """The accepted candidate to ship, by a stated rule: among those within ``tie`` x of the fastest
+    p50 (closer than that is measurement noise on a shared machine), those within ``quality_tie``
+    of the best quality count as equally good; of these the smallest file wins, then the fastest."""
     ok = [c for c in candidates if c.accepted and c.metrics is not None]
     if not ok:
         return None
     fastest = min(c.metrics.latency_p50_ms for c in ok)  # type: ignore[union-attr]
     near = [c for c in ok if c.metrics.latency_p50_ms <= fastest * tie]  # type: ignore[union-attr]
-    return max(near, key=lambda c: (c.metrics.accuracy or 0.0, -c.metrics.latency_p50_ms))  # type: ignore[union-attr]
+    top = max(quality(c.metrics) or 0.0 for c in near)
+    good = [c for c in near if (quality(c.metrics) or 0.0) >= top - quality_tie]
+    return min(good, key=lambda c: (c.size_bytes, c.metrics.latency_p50_ms))  # type: ignore[union-attr]

@@ -99,3 +99,21 @@ def test_best_prefers_accuracy_among_candidates_equally_fast() -> None:
     slow_most_accurate, rejected = cand("c", 0.362, 0.9944), cand("d", 0.01, 1.0, accepted=False)
     assert best([fast_less_accurate, nearly_as_fast_more_accurate, slow_most_accurate, rejected]).name == "b"  # type: ignore[union-attr]
     assert best([rejected]) is None
+
+
+def test_best_prefers_the_smaller_of_equally_good_and_fast_candidates() -> None:
+    from tandem.quantize.evaluate import hardware_info
+    from tandem.quantize.quantize import Candidate, best
+    from tandem.shared.bundle import VariantMetrics
+
+    hw = hardware_info()
+
+    def cand(name: str, p50: float, q: float, size: int) -> Candidate:
+        m = VariantMetrics(quality=q, n_eval=100, latency_p50_ms=p50, latency_p99_ms=p50 * 2, throughput_per_s=1.0,
+                           throughput_batch_size=8, intra_op_threads=1, provider="CPUExecutionProvider", hardware=hw)
+        return Candidate(name, None, Path(name), "p", "int8-dynamic", metrics=m, accepted=True, size_bytes=size)
+
+    big, small = cand("big", 1.00, 0.9921, 51_600_000), cand("small", 1.02, 0.9915, 15_800_000)
+    assert best([big, small]).name == "small"  # type: ignore[union-attr]
+    # A real quality difference still wins over size.
+    assert best([big, cand("small-worse", 1.0, 0.95, 15_800_000)]).name == "big"  # type: ignore[union-attr]
