@@ -371,7 +371,7 @@ def _finish(
 ) -> BuildResult:
     """Quantize, measure, judge, calibrate, seal: everything after the fp32 graphs exist (no torch)."""
     task = spec.task
-    output = spec.task_output() if spec.typed or spec.onnx_teacher else None
+    output = _task_output(spec, teacher_path) if spec.typed or spec.onnx_teacher else None
     metric_name = task.quality_name() if spec.typed or spec.onnx_teacher else "accuracy"
     pad = Padding(data.inputs)
     names = _names(data)
@@ -501,6 +501,14 @@ def _finish(
     return BuildResult(final, manifest, md, png, [r for r in all_rows if r is not None], time.perf_counter() - started, steps)
 
 
+def _task_output(spec: BuildSpec, teacher_path: Path) -> str:
+    """The output the task reads: declared, else (for a user's ONNX file) the graph's first."""
+    if spec.task.output or spec.outputs is not None or spec.onnx_teacher is None:
+        return spec.task_output()
+    names = [o.name for o in make_session(teacher_path).get_outputs()]
+    return names[0]
+
+
 def _samples(data: Dataset, n: int, pad: Padding) -> dict[str, np.ndarray]:
     """The first test rows, cut to their longest real row so a device replays real lengths."""
     x = {k: v[:n] for k, v in data.test.x.items()}
@@ -516,21 +524,11 @@ def generated_dataset(spec: BuildSpec, seed: int, rows: int = 256) -> Dataset:
     """Inputs made up from an ONNX teacher's signature, for a user who brings a model and no data:
     floats from a standard normal, integers in [0, 100) (ones for inputs named like masks),
     booleans true; dynamic non-batch axes at 16."""
-    from .spec import Split, TensorDecl
+    from .spec import Split, graph_inputs
 
     assert spec.onnx_teacher is not None
-    sess = make_session(spec.onnx_teacher)
-    onnx_dtype = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-                  "tensor(int32)": "int32", "tensor(bool)": "bool"}
     declared = {d.name: d for d in spec.inputs or []}
-    decls = []
-    for i in sess.get_inputs():
-        if i.type not in onnx_dtype:
-            raise BuildError(f"{spec.onnx_teacher.name}: input {i.name} has type {i.type}, which Tandem does not serve")
-        shape: list[int | str] = [d if isinstance(d, int) else (d or f"dim{j}") for j, d in enumerate(i.shape)]
-        if shape:
-            shape[0] = shape[0] if isinstance(shape[0], str) else "batch"
-        decls.append(declared.get(i.name) or TensorDecl(name=i.name, dtype=onnx_dtype[i.type], shape=shape))  # type: ignore[arg-type]
+    decls = [declared.get(d.name, d) for d in graph_inputs(spec.onnx_teacher)]
     rng = np.random.default_rng(seed)
 
     def make(n: int) -> dict[str, np.ndarray]:
@@ -608,7 +606,7 @@ def _manifest(
         name=spec.name,
         version=version,
         description=spec.description,
-        task=Task(kind=task.kind, labels=data.labels, output=spec.task_output() if generic else spec.output_name,
+        task=Task(kind=task.kind, labels=data.labels, output=_task_output(spec, teacher_path) if generic else spec.output_name,
                   output_is_logits=task.output_is_logits, metric=task.quality_name() if generic else "accuracy",
                   tolerance=task.effective_tolerance() if task.kind != "classification" else None),
         inputs=inputs,

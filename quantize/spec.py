@@ -380,6 +380,8 @@ _SPLITS = ("train", "val", "test")
 def declared_inputs(spec: BuildSpec, sample: Any) -> list[TensorDecl]:
     """The spec's inputs with every shape filled in (a spec without ``inputs`` gets one float32
     input named ``input_name`` with the data's fixed sizes)."""
+    if spec.inputs is None and spec.onnx_teacher is not None:
+        return graph_inputs(spec.onnx_teacher)
     if spec.inputs is None:
         arr = np.asarray(sample)
         return [TensorDecl(name=spec.input_name, dtype="float32", shape=["batch", *arr.shape[1:]])]
@@ -413,7 +415,7 @@ def _as_inputs(spec: BuildSpec, decls: list[TensorDecl], x: Any, where: str) -> 
         arr = np.asarray(x[d.name])
         want = np.dtype(NUMPY_DTYPES[d.dtype])
         if arr.dtype != want:
-            if spec.inputs is None:
+            if spec.inputs is None and spec.onnx_teacher is None:
                 raise SpecError(f"load_data in {spec.source}: {where} x must be float32, got {arr.dtype}")
             raise SpecError(f"load_data in {spec.source}: {where} input {d.name!r} must be {d.dtype} "
                             f"as declared, got {arr.dtype}")
@@ -433,6 +435,36 @@ def _as_inputs(spec: BuildSpec, decls: list[TensorDecl], x: Any, where: str) -> 
         if len(arr) != n_rows or len(arr) == 0:
             raise SpecError(f"load_data in {spec.source}: {where} inputs must have the same, non-zero number of rows")
         out[d.name] = np.ascontiguousarray(arr)
+    return out
+
+
+_ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+                "tensor(int32)": "int32", "tensor(bool)": "bool"}
+
+
+def graph_inputs(path: Path) -> list[TensorDecl]:
+    """An ONNX model's inputs as declarations. Integer inputs named like token ids or masks with a
+    dynamic sequence axis get pad 0 (what tokenizers pad with), so rows of different lengths can be
+    batched; declare ``inputs`` in a spec to say otherwise."""
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise SpecError(f"ONNX Runtime cannot load {path}: {first[:300]}") from None
+    out = []
+    for i in sess.get_inputs():
+        if i.type not in _ONNX_DTYPES:
+            raise SpecError(f"{path.name}: input {i.name} has type {i.type}, which Tandem does not serve")
+        shape: list[int | str] = [d if isinstance(d, int) else (d or f"dim{j}") for j, d in enumerate(i.shape)]
+        if not shape or not isinstance(shape[0], str):
+            raise SpecError(f"{path.name}: input {i.name} has no dynamic batch axis (shape {i.shape}); "
+                            "export it with a dynamic first axis")
+        dtype = _ONNX_DTYPES[i.type]
+        tokenish = dtype in ("int64", "int32") and any(k in i.name.lower() for k in ("ids", "mask"))
+        dynamic_rest = any(isinstance(d, str) for d in shape[1:])
+        out.append(TensorDecl(name=i.name, dtype=dtype, shape=shape, pad=0 if tokenish and dynamic_rest else None))  # type: ignore[arg-type]
     return out
 
 
@@ -474,7 +506,7 @@ def load_dataset(spec: BuildSpec, seed: int) -> Dataset:
                 y = y.astype(np.float32)
         splits[split] = Split(inputs, y)
     assert decls is not None
-    if spec.inputs is None:
+    if spec.inputs is None and spec.onnx_teacher is None:
         shapes = {splits[s].x[decls[0].name].shape[1:] for s in _SPLITS}
         if len(shapes) != 1:
             raise SpecError(f"load_data in {spec.source}: the splits have different input shapes {shapes}")

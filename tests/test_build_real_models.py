@@ -142,3 +142,48 @@ def test_spec_errors_name_the_problem(tmp_path: Path) -> None:
     d = write_tokens_spec(tmp_path / "d", extra='{"student": None}')
     with pytest.raises(SpecError, match="edge.kind 'student' needs a student factory"):
         load_spec(d)
+
+
+def test_a_users_onnx_file_becomes_a_bundle_with_one_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from build_support import TOKENS_MODELS
+    from tandem.quantize.export import export_onnx
+    from tandem.shared.cli import main
+
+    namespace: dict = {}
+    exec(TOKENS_MODELS, namespace)
+    model = namespace["wide_teacher"]()
+    ids = np.ones((3, 12), np.int64)
+    onnx_path = export_onnx(model, {"input_ids": ids, "attention_mask": ids}, tmp_path / "my model.onnx",
+                            inputs=_decls(), output_names=["sentence_embedding"])
+    del torch
+    signing.generate_keypair(tmp_path / "keys")
+    code = main(["build", str(onnx_path), "--task", "embedding", "--repository", str(tmp_path / "repo"),
+                 "--key", str(tmp_path / "keys" / "tandem.key"), "--no-progress"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    bundle = load_bundle(tmp_path / "repo" / "my-model" / "1", tmp_path / "keys" / "tandem.pub")
+    m = bundle.manifest
+    assert [(t.name, t.shape, t.pad) for t in m.inputs] == [("input_ids", ["batch", "sequence"], 0.0),
+                                                            ("attention_mask", ["batch", "sequence"], 0.0)]
+    assert m.task.output == "sentence_embedding" and m.task.kind == "embedding"
+    assert m.variant("cloud").precision == "fp32" and m.variant("edge").precision.startswith("int8")
+    assert m.calibration is not None and m.calibration.confidence == "head"
+    assert "my-model:1" in out.out
+
+
+def test_a_broken_onnx_file_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tandem.shared.cli import main
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    code = main(["build", str(bad), "--repository", str(tmp_path / "repo"), "--key", str(tmp_path / "k.key")])
+    assert code == 1
+    assert "error: ONNX Runtime cannot load" in capsys.readouterr().err
+
+
+def _decls():  # type: ignore[no-untyped-def]
+    from tandem.quantize.spec import TensorDecl
+
+    return [TensorDecl(name=n, dtype="int64", shape=["batch", "sequence"], pad=0) for n in ("input_ids", "attention_mask")]
