@@ -187,3 +187,30 @@ def _decls():  # type: ignore[no-untyped-def]
     from tandem.quantize.spec import TensorDecl
 
     return [TensorDecl(name=n, dtype="int64", shape=["batch", "sequence"], pad=0) for n in ("input_ids", "attention_mask")]
+
+
+def test_a_built_two_input_bundle_serves_and_routes_end_to_end(tmp_path: Path, key) -> None:  # type: ignore[no-untyped-def]
+    """build -> tandem serve -> HybridClient, int64 dict inputs of several lengths on every tier."""
+    from edge_support import CloudProcess
+    from tandem.edge import Budget, HybridClient
+
+    path, _ = _build(write_tokens_spec(tmp_path / "spec", extra='{"fp16": False}'), tmp_path, key)
+    bundle = load_bundle(path, key[1])
+    sessions = {role: ort.InferenceSession(str(bundle.variant_path(role)), providers=["CPUExecutionProvider"])
+                for role in ("edge", "cloud")}
+    proc = CloudProcess(tmp_path / "repo", key[1]).start()
+    rng = np.random.default_rng(3)
+    try:
+        with HybridClient(bundle, proc.url) as client:
+            for length in (3, 9, 20, 31):
+                ids = rng.integers(1, 500, size=(2, length)).astype(np.int64)
+                feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+                for policy, role in (("edge-only", "edge"), ("cloud-only", "cloud")):
+                    r = client.infer(feeds, Budget(policy=policy, latency_ms=30_000))
+                    assert r.route.tier == role, r.route
+                    np.testing.assert_allclose(r.outputs["embedding"], sessions[role].run(None, feeds)[0], atol=1e-5)
+                r = client.infer(feeds, Budget(policy="cascade", latency_ms=30_000))
+                assert r.route.tier in ("edge", "cloud") and r.route.confidence is not None
+                assert r.outputs["embedding"].shape == (2, 16)
+    finally:
+        proc.stop()
