@@ -400,9 +400,12 @@ def main() -> int:
                 execs = d.get("tandem_inference_exec_count_total", 0)
                 batch = d.get("tandem_inference_count_total", 0) / execs if execs else 0
                 ratio_n = d.get("tandem_inference_batch_padding_ratio_count", 0)
-                within = d.get("tandem_inference_batch_padding_ratio_bucket{le=1.25}", 0) / ratio_n if ratio_n else 0
+                within = "/".join(
+                    f"{100 * d.get('tandem_inference_batch_padding_ratio_bucket{le=' + le + '}', 0) / ratio_n:.0f}%" if ratio_n else "-"
+                    for le in ("1.0", "1.1", "1.25")
+                )
                 print(f"  a server pads     {rps:9.0f} req/s  mean batch {batch:5.1f}  waste {100 * (1 - sent / computed) if computed else 0:.1f}%"
-                      f"  batches within 1.25x: {100 * within:.0f}%" + (f"  ERRORS {errors}" if errors else ""), flush=True)
+                      f"  batches padded <= 1x/1.1x/1.25x: {within}" + (f"  ERRORS {errors}" if errors else ""), flush=True)
                 rps, errors = load(port, padded, args.concurrency, args.duration)
                 b_runs.append(rps)
                 print(f"  b client pads     {rps:9.0f} req/s  (waste {100 * (1 - mean_len / args.max_len):.1f}%)"

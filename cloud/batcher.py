@@ -378,14 +378,13 @@ class Batcher:
         Why a bound on the ratio, not fixed length buckets: it merges any requests whose lengths
         are close, wherever they fall, and keeps the oldest request in the batch (no request
         waits behind younger ones). Why 1.1: a sequence model's compute grows with the elements
-        it runs on, so padding is paid in full, while a smaller batch costs little once a batch
-        holds a few hundred tokens (on this 2-core VM a token even cost less in batches of 1-2
-        than of 32). bench/padding.py, synthetic encoder, lengths 8-64 from 64 connections, each
-        bound's runs paired with client-side padding to 64 on a shared, busy machine: bound 1.1
-        wasted 8% and served 1.25-2.4x the padded client's req/s (a median of 1.45-2.2 over runs),
-        1.25 wasted 18% and served 0.5-1.6x, 1.5 wasted 21%, no bound wasted 41% (0.8x); 1.0
-        (equal lengths only) and 1.05 measured alike with 1.1, which leaves room to merge more
-        where batches are small.
+        it runs on, so padding is paid in full, while a smaller batch costs little once it holds
+        a few hundred tokens (on a 2-core VM a token even cost less in batches of 2-8 than of 32).
+        Measured with bench/padding.py (lengths 8-64 from 64 connections, 2 cores shared with
+        other work, each run paired with one of the same requests padded to 64 by the client):
+        bound 1.1 wasted 8% and served 1.3-2.4x the padded client's req/s; 1.25 wasted 18% and
+        served 0.5-1.6x; 1.5 wasted 21%; no bound wasted 41% (0.8x). 1.0 (equal lengths only)
+        and 1.05 measured alike with 1.1, which leaves room to merge where batches are small.
         """
         limit = self._max_rows
         key = head.key
