@@ -137,6 +137,34 @@ class ModelRepository:
                 found[mdir.name] = sorted(versions, key=version_key)
         return found
 
+    def strays(self) -> list[str]:
+        """Why each entry of the repository that is not a bundle is not served: a model directory
+        must hold ``<version>/manifest.json``. One line per entry, with the fix."""
+        out: list[str] = []
+        if not self.root.is_dir():
+            return out
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if not entry.is_dir():
+                hint = f"; bundle it with `tandem build {entry}`" if entry.suffix == ".onnx" else ""
+                out.append(f"{entry} is a file, not a model directory (<name>/<version>/manifest.json){hint}")
+                continue
+            children = [c for c in entry.iterdir() if not c.name.startswith(".")]
+            if any((c / MANIFEST_NAME).is_file() for c in children if c.is_dir()):
+                continue
+            if (entry / MANIFEST_NAME).is_file():
+                out.append(f"{entry} holds a bundle directly; a bundle must sit in a version directory: "
+                           f"{entry}/1/{MANIFEST_NAME}")
+                continue
+            onnx_files = [c for c in children if c.suffix == ".onnx"]
+            if onnx_files:
+                out.append(f"{entry} holds ONNX files but no bundle; make one with `tandem build {onnx_files[0]} "
+                           f"--repository {self.root}`")
+            else:
+                out.append(f"{entry} is not a model: no <version>/{MANIFEST_NAME} in it")
+        return out
+
     def loaded(self) -> list[ServedModel]:
         return [m for versions in self._models.values() for m in versions.values()]
 
@@ -188,6 +216,8 @@ class ModelRepository:
 
     async def start(self) -> None:
         """Load every model on disk; failures are logged and leave that version UNAVAILABLE."""
+        for stray in self.strays():
+            _log.error("not served: %s", stray)
         for name in self.scan():
             try:
                 await self.load(name)

@@ -240,3 +240,27 @@ def test_access_lines_skip_the_log_queue_and_everything_is_restored_after() -> N
             assert access.handlers == [mine] and access.propagate
     finally:
         access.removeHandler(mine)
+
+
+def test_entries_that_are_not_bundles_are_named_with_the_fix(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    repo = make_repository(tmp_path / "repo", keys[0], toy_versions=("1",), slow=False, varlen=False)
+    (repo / "raw").mkdir()
+    (repo / "raw" / "model.onnx").write_bytes(b"x")
+    (repo / "flat").mkdir()
+    (repo / "flat" / "manifest.json").write_text("{}")
+    (repo / "notes").mkdir()
+    (repo / "loose.onnx").write_bytes(b"x")
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = _serve(["--repository", str(repo), "--trusted-key", str(keys[1]), "--port", str(port)], stderr=log)
+    try:
+        _wait_ready(proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    text = log.read_text()
+    assert f"not served: {repo / 'raw'} holds ONNX files but no bundle; make one with `tandem build {repo / 'raw' / 'model.onnx'}" in text
+    assert f"not served: {repo / 'flat'} holds a bundle directly; a bundle must sit in a version directory" in text
+    assert f"not served: {repo / 'notes'} is not a model" in text
+    assert f"not served: {repo / 'loose.onnx'} is a file, not a model directory" in text
+    assert "Traceback" not in text
