@@ -50,13 +50,6 @@ from serve import Server, _free_port  # noqa: E402
 from tandem.shared.bundle import load_bundle  # noqa: E402
 from tandem.shared.protocol import CONTENT_TYPE, InferRequest, InferResponse, infer_path  # noqa: E402
 
-#: Starts ``tandem serve`` with another bound on the padding a batch may compute (--padding-ratio).
-_SERVE_WITH_RATIO = (
-    "import sys; import tandem.cloud.batcher as b; b.MAX_PADDING_RATIO = float(sys.argv[1]); "
-    "from tandem.shared.cli import main; sys.exit(main(['serve', *sys.argv[2:]]))"
-)
-
-
 @dataclass
 class Workload:
     name: str
@@ -370,12 +363,10 @@ def main() -> int:
 
         port = _free_port()
         env = {"TANDEM_ACCESS_LOG": "false", "TANDEM_BATCHING__MAX_BATCH_SIZE": str(args.max_batch),
+               **({"TANDEM_BATCHING__MAX_PADDING_RATIO": str(args.padding_ratio)} if args.padding_ratio is not None else {}),
                **dict(kv.split("=", 1) for kv in args.serve_env)}
         serve_args = ["--repository", str(repo), "--port", str(port), *trust]
-        if args.padding_ratio is None:
-            cmd = ["tandem", "serve", *serve_args]
-        else:
-            cmd = [sys.executable, "-c", _SERVE_WITH_RATIO, str(args.padding_ratio), *serve_args]
+        cmd = ["tandem", "serve", *serve_args]
         server = Server("tandem", cmd, port, "/v2/health/ready", tmp / "tandem.log", env)
         a_runs: list[float] = []
         b_runs: list[float] = []

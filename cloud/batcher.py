@@ -372,7 +372,7 @@ class Batcher:
         The rule: among the queued requests that differ from ``head`` only in length (at most
         ``_PAD_WINDOW`` looked at), sorted by length, the batch grows from ``head`` one neighbour
         at a time, shorter or longer, whichever keeps the padding lower, while the batch computes
-        at most ``MAX_PADDING_RATIO`` input elements per element sent (and fits max_batch_size).
+        at most ``max_padding_ratio`` (default ``MAX_PADDING_RATIO``) input elements per element sent (and fits max_batch_size).
         Neighbours further away in the sorted order would only cost more, so it stops there.
 
         Why a bound on the ratio, not fixed length buckets: it merges any requests whose lengths
@@ -443,7 +443,7 @@ class Batcher:
                 below, above = below - 1, above + 1
                 continue
             ratio, side, lens = best
-            if ratio > MAX_PADDING_RATIO:
+            if ratio > self.config.max_padding_ratio:
                 break
             item = candidates[side]
             chosen.append(item)

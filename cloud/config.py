@@ -49,6 +49,10 @@ class BatchingConfig(BaseModel):
     #: Priority levels 1..N, 1 served first; requests without a priority get default_priority_level.
     priority_levels: int = Field(1, ge=1)
     default_priority_level: int | None = None
+    #: For models whose inputs declare a pad value: requests of different lengths share a batch
+    #: while it computes at most this many input elements per element sent (1.0: equal lengths
+    #: only). Higher merges more and wastes more; see the batcher for the measurements behind 1.1.
+    max_padding_ratio: float = Field(1.1, ge=1.0)
 
     @model_validator(mode="after")
     def _check(self) -> "BatchingConfig":

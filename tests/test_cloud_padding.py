@@ -246,7 +246,7 @@ async def test_lengths_too_far_apart_run_in_separate_batches(
 ) -> None:
     # 4 tokens padded to 60 or more would compute over 1.2 elements per element sent: beyond the
     # bound, whichever request comes first; 60-64 padded to 64 compute 1.03.
-    assert MAX_PADDING_RATIO < 1.2
+    assert MAX_PADDING_RATIO == BatchingConfig().max_padding_ratio < 1.2
     requests = [_tokens(1, 64, 0), _tokens(1, 4, 1), _tokens(1, 62, 2), _tokens(1, 60, 3)]
     s = await _server(repo, keys, BatchingConfig(max_batch_size=4, max_queue_delay_us=DELAY_US))
     try:
@@ -256,6 +256,22 @@ async def test_lengths_too_far_apart_run_in_separate_batches(
             _check(session, x, status, got)
         assert _metric(s, "tandem_inference_exec_count_total", "embed") == 2  # {64, 62, 60} and {4}
         assert _metric(s, "tandem_inference_padded_input_elements_total", "embed") == 2 * (3 * 64 + 4)
+    finally:
+        await asyncio.to_thread(s.stop)
+
+
+async def test_a_padding_bound_of_one_batches_equal_lengths_only(
+    repo: Path, keys: tuple[Path, Path], session: ort.InferenceSession
+) -> None:
+    requests = [_tokens(1, 64, 0), _tokens(1, 63, 1), _tokens(1, 64, 2)]
+    s = await _server(repo, keys, BatchingConfig(max_batch_size=3, max_queue_delay_us=DELAY_US, max_padding_ratio=1.0))
+    try:
+        async with aiohttp.ClientSession() as http:
+            results = await asyncio.gather(*(_infer(http, s.url, "embed", x, "native") for x in requests))
+        for x, (status, got) in zip(requests, results):
+            _check(session, x, status, got)
+        assert _metric(s, "tandem_inference_exec_count_total", "embed") == 2  # {64, 64} and {63}
+        assert _metric(s, "tandem_inference_padded_input_elements_total", "embed") == 2 * (64 + 63 + 64)
     finally:
         await asyncio.to_thread(s.stop)
 
