@@ -129,12 +129,31 @@ class ServerConfig(BaseSettings):
     cost_per_call: float | None = Field(None, ge=0)
     #: SQLite file of the feedback store; default <repository>/.feedback.sqlite3.
     feedback_db: Path | None = None
-    #: Seconds a client may leave a request it has started (head or body) without sending a byte.
-    #: Then it is answered 408 and its connection closed: a stalled or deliberately slow client
-    #: (slowloris) holds a socket, a buffer and a handler for at most this long, not forever.
-    #: The clock restarts with every byte, so a slow upload that keeps moving is not cut.
+    #: Seconds a request head may take from its first byte to its last. Then the client is answered
+    #: 408 and its connection closed: a deliberately slow client (slowloris) holds a socket for at
+    #: most this long, however it spaces its bytes.
+    head_timeout_s: float = Field(10.0, gt=0)
+    #: A request body gets ``read_timeout_s`` of grace, and beyond it must keep arriving at
+    #: ``min_body_rate`` bytes/s on average (counted from the end of the head); a body that falls
+    #: behind is answered 408 and its connection closed. A 64 MB body at the default rate may take
+    #: ~18 min; a stalled one is cut after the grace.
     read_timeout_s: float = Field(60.0, gt=0)
-    #: Seconds a graceful shutdown waits for accepted requests.
+    min_body_rate: int = Field(64 * 1024, ge=1)
+    #: Seconds a connection may sit idle between requests before the server closes it, on every
+    #: connection whichever HTTP stack serves it.
+    keepalive_timeout_s: float = Field(75.0, gt=0)
+    #: Open connections per server process; beyond it a new connection is answered 503 with
+    #: ``Connection: close`` and closed (the process's descriptor limit is raised to fit).
+    max_connections: int = Field(10_000, ge=1)
+    #: Pipelined requests one connection may have in flight; the server stops reading that
+    #: connection until answers go out. It also stops reading a connection whose client does not
+    #: read its answers (the socket's write buffer past its high-water mark).
+    max_requests_in_flight: int = Field(128, ge=1)
+    #: Start even when the repository yields no loadable model (models are then loaded on demand
+    #: over /v2/repository). Otherwise such a server exits non-zero naming the reasons.
+    allow_empty: bool = False
+    #: Seconds a graceful shutdown waits for accepted requests (received in full, or in the
+    #: socket's buffer when the shutdown began) to be answered.
     shutdown_timeout_s: float = Field(30.0, gt=0)
     #: Seconds the server keeps serving after SIGTERM before it stops accepting, while
     #: /v2/health/ready answers 503 and every response closes its connection. Load balancers and
