@@ -9,12 +9,14 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from tandem.shared.bundle import NAME_PATTERN
 from tandem.shared.errors import InvalidInput
 
 ENV_PREFIX = "TANDEM_AGENT_"
@@ -29,6 +31,14 @@ class TrackedModel(BaseModel):
 
     name: str
     version: str = "latest"
+
+    @field_validator("name", "version")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        # Both become directory names under data_dir and parts of registry URLs.
+        if not re.fullmatch(NAME_PATTERN, v):
+            raise ValueError(f"{v!r} is not a valid model name or version: it must match {NAME_PATTERN}")
+        return v
 
 
 class AgentConfig(BaseSettings):
@@ -53,6 +63,10 @@ class AgentConfig(BaseSettings):
     unix_socket: bool = True
     #: Binding to anything but loopback must be asked for explicitly.
     allow_remote: bool = False
+    #: When set, every local API call but /v2/health/* must carry it, as ``Authorization: Bearer <token>``
+    #: or ``X-Tandem-Token: <token>``: other local users and programs then cannot use the agent.
+    #: Better set through TANDEM_AGENT_LOCAL_TOKEN than in a file others can read.
+    local_token: str | None = Field(None, min_length=16)
     max_request_bytes: int = Field(64 << 20, gt=0)
     #: Seconds an app may take to send a request body; then it gets 408 (an app that stalls
     #: mid-body would otherwise hold its handler until the agent stops).

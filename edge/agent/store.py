@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import time
@@ -27,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from tandem.shared.bundle import Bundle, load_bundle, version_key
-from tandem.shared.errors import BundleError, TandemError
+from tandem.shared.bundle import NAME_PATTERN, Bundle, load_bundle, version_key
+from tandem.shared.errors import BundleError, TandemError, UnsafePath
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,43 @@ class ProbationFailed(BundleError):
     """The new version's outputs on the bundle's samples differ from the ones recorded at build time."""
 
     code = "probation_failed"
+
+
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+def check_name(value: object, what: str) -> str:
+    """``value`` if it is a valid model name or version, else :class:`UnsafePath`.
+
+    Names and versions come from the registry and become path components under the data directory:
+    anything but a plain name (``/abs``, ``..``, ``%2e%2e%2f``, NUL, backslash, newline) is refused
+    before a path is built from it.
+    """
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+        raise UnsafePath(f"{what} {value!r} is not a valid name: it must match {NAME_PATTERN} "
+                         "(letters, digits, '.', '_', '-'; no path separators)")
+    return value
+
+
+def is_valid_name(value: object) -> bool:
+    return isinstance(value, str) and _NAME_RE.fullmatch(value) is not None
+
+
+def contained(root: Path, *parts: str) -> Path:
+    """``root/part/...``, refusing invalid names and any symlink along the way.
+
+    The agent never creates symlinks in its data directory, so one there was planted: following it
+    could make a removal or a write land anywhere (outside the data directory, or on another version).
+    """
+    for part in parts:
+        check_name(part, "path component")
+    root_resolved = root.resolve()
+    target = root_resolved.joinpath(*parts)
+    real = target.resolve()
+    if real != target:
+        raise UnsafePath(f"{target} leads through a symlink to {real}; the agent does not follow symlinks "
+                         "in its data directory and refuses to touch it")
+    return target
 
 
 def write_json_atomic(path: Path, doc: Any) -> None:
@@ -150,40 +188,64 @@ class ModelStore:
         self.intra_op_threads = intra_op_threads
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for d in (self.models_dir, self.tmp_dir):
+            if d.is_symlink():
+                raise UnsafePath(f"{d} is a symlink (to {d.resolve()}); the agent keeps its models only in real "
+                                 "directories under its data directory")
 
     # --- reading ---------------------------------------------------------------------------------
 
+    # Every path below is built with ``contained``: a name or version that is not a plain name, or a
+    # symlink leading out of the data directory, raises UnsafePath before anything is read or removed.
+
     def model_dir(self, name: str) -> Path:
-        return self.models_dir / name
+        return contained(self.models_dir, check_name(name, "model name"))
+
+    def version_dir(self, name: str, version: str) -> Path:
+        return contained(self.models_dir, check_name(name, "model name"), check_name(version, "version"))
+
+    def _read_model_file(self, name: str, file: str) -> dict[str, Any]:
+        try:
+            path = self.model_dir(name) / file
+        except UnsafePath as e:
+            log.error("%s", e.message)
+            return {}
+        doc = read_json(path, {})
+        return doc if isinstance(doc, dict) else {}
 
     def active_version(self, name: str) -> str | None:
-        doc = read_json(self.model_dir(name) / ACTIVE_NAME, {})
-        return doc.get("version") if isinstance(doc, dict) else None
+        v = self._read_model_file(name, ACTIVE_NAME).get("version")
+        return v if isinstance(v, str) else None
 
     def history(self, name: str) -> list[str]:
-        doc = read_json(self.model_dir(name) / ACTIVE_NAME, {})
-        return list(doc.get("history", [])) if isinstance(doc, dict) else []
+        h = self._read_model_file(name, ACTIVE_NAME).get("history", [])
+        return [v for v in h if isinstance(v, str)] if isinstance(h, list) else []
 
     def active_path(self, name: str) -> Path | None:
         v = self.active_version(name)
-        return self.model_dir(name) / v if v else None
+        return self.version_dir(name, v) if v else None
 
     def installed(self, name: str) -> list[str]:
-        d = self.model_dir(name)
+        """Installed versions: real directories with valid names (a planted symlink is not one)."""
+        try:
+            d = self.model_dir(name)
+        except UnsafePath:
+            return []
         if not d.is_dir():
             return []
-        return sorted((p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")), key=version_key)
+        return sorted((p.name for p in d.iterdir()
+                       if p.is_dir() and not p.is_symlink() and _NAME_RE.fullmatch(p.name)), key=version_key)
 
     def models(self) -> list[str]:
-        return sorted(p.name for p in self.models_dir.iterdir() if p.is_dir())
+        return sorted(p.name for p in self.models_dir.iterdir()
+                      if p.is_dir() and not p.is_symlink() and _NAME_RE.fullmatch(p.name))
 
     def state(self, name: str) -> dict[str, Any]:
-        doc = read_json(self.model_dir(name) / STATE_NAME, {})
-        return doc if isinstance(doc, dict) else {}
+        return self._read_model_file(name, STATE_NAME)
 
     def load(self, name: str, version: str) -> Bundle:
         """The installed version, re-verified (signature and the hashes of the files a device holds)."""
-        return load_bundle(self.model_dir(name) / version, self.trusted_keys, variants=[EDGE_ROLE])
+        return load_bundle(self.version_dir(name, version), self.trusted_keys, variants=[EDGE_ROLE])
 
     # --- state -----------------------------------------------------------------------------------
 
@@ -210,7 +272,7 @@ class ModelStore:
     # --- installing --------------------------------------------------------------------------------
 
     def staging_dir(self, name: str, version: str) -> Path:
-        return self.tmp_dir / name / version
+        return contained(self.tmp_dir, check_name(name, "model name"), check_name(version, "version"))
 
     def install(self, staging: Path, name: str, version: str) -> Activation:
         """Verify a complete download in ``staging``, move it into place, run probation, activate.
@@ -222,7 +284,7 @@ class ModelStore:
             raise BundleError(
                 f"the registry served {bundle.name}:{bundle.version} for {name}:{version}; refusing it"
             )
-        target = self.model_dir(name) / version
+        target = self.version_dir(name, version)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             # A leftover of an earlier crashed or refused attempt; never the active version (the
@@ -237,7 +299,7 @@ class ModelStore:
     def activate(self, name: str, version: str) -> Activation:
         """Probation-test an installed version and make it active; removes it if it fails."""
         crash_point("activate")
-        path = self.model_dir(name) / version
+        path = self.version_dir(name, version)
         try:
             bundle = self.load(name, version)
             summary = probation(bundle, self.intra_op_threads)
@@ -266,8 +328,8 @@ class ModelStore:
                               {"version": v, "history": [h for h in history if h != current],
                                "activated_at": time.time(), "rolled_back_from": current, "reason": reason})
             if current:
-                shutil.rmtree(self.model_dir(name) / current, ignore_errors=True)
-            return Activation(name, v, self.model_dir(name) / v, current)
+                self._remove_version(name, current)
+            return Activation(name, v, self.version_dir(name, v), current)
         return None
 
     def prune(self, name: str) -> None:
@@ -279,11 +341,20 @@ class ModelStore:
             keep.add(active)
         for v in self.installed(name):
             if v not in keep:
-                shutil.rmtree(self.model_dir(name) / v, ignore_errors=True)
+                self._remove_version(name, v)
         if len(history) > len([h for h in history if h in keep]):
             doc = read_json(self.model_dir(name) / ACTIVE_NAME, {})
             doc["history"] = [h for h in history if h in keep]
             write_json_atomic(self.model_dir(name) / ACTIVE_NAME, doc)
+
+    def _remove_version(self, name: str, version: str) -> None:
+        """Delete an installed version, but only a real directory inside the data directory."""
+        try:
+            path = self.version_dir(name, version)
+        except UnsafePath as e:
+            log.error("not removing %s:%s: %s", name, version, e.message)
+            return
+        shutil.rmtree(path, ignore_errors=True)
 
     # --- after a crash ---------------------------------------------------------------------------
 
@@ -300,6 +371,10 @@ class ModelStore:
             if not d.is_dir():
                 continue
             name = d.name
+            if d.is_symlink() or not _NAME_RE.fullmatch(name):
+                # Not something the agent made: never follow it, never delete through it.
+                log.error("ignoring %s: not a model directory the agent created (a symlink or an invalid name)", d)
+                continue
             for leftover in d.glob(".*.tmp"):
                 leftover.unlink(missing_ok=True)
             active = self.active_version(name)
@@ -324,6 +399,6 @@ class ModelStore:
                         continue
                     except TandemError as e:
                         self.record_attempt(name, v, "refused", e.message, e.code)
-                shutil.rmtree(d / v, ignore_errors=True)
+                self._remove_version(name, v)
             result[name] = active
         return result

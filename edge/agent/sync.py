@@ -27,6 +27,7 @@ from tandem.shared.errors import (
     PayloadTooLarge,
     TandemError,
     Unavailable,
+    UnsafePath,
     error_from_body,
 )
 
@@ -36,7 +37,7 @@ _REFUSED = (InvalidInput, PayloadTooLarge)
 
 from .config import AgentConfig
 from .outbox import Outbox
-from .store import EDGE_ROLE, Activation, ModelStore, crash_point
+from .store import EDGE_ROLE, Activation, ModelStore, check_name, crash_point, is_valid_name
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class Updater:
 
     def __init__(self, config: AgentConfig, store: ModelStore, session: aiohttp.ClientSession,
                  on_activate: Callable[[Activation], Awaitable[None]],
-                 on_refuse: Callable[[str, str, str, str], Awaitable[None]] | None = None) -> None:
+                 on_refuse: Callable[[str, str | None, str, str], Awaitable[None]] | None = None) -> None:
         self.config = config
         self.store = store
         self.on_activate = on_activate
@@ -153,17 +154,28 @@ class Updater:
         store = self.store
         version: str | None = None
         try:
+            check_name(name, "model name")
             info = await self.registry.model(name)
             version = str(info.get("latest")) if wanted == "latest" else wanted
             if version is None or version == "None":
                 raise NotFound(f"the registry has no versions of {name}")
+            # The registry's answer becomes a path under the data directory: it must be a plain name.
+            check_name(version, f"the registry's version of {name}")
             if version not in [str(v) for v in info["versions"]]:
                 raise NotFound(f"{name}:{version} is not in the registry (it has {info['versions']})")
             if version == store.active_version(name):
                 store.record_attempt(name, version, "up-to-date")
                 return "up-to-date"
+            # Checked before anything is downloaded: a planted symlink refuses the update, not just the delete.
+            staging = store.staging_dir(name, version)
+            store.version_dir(name, version)
             raw = await self.registry.fetch(name, version, "manifest")
             sig = await self.registry.fetch(name, version, "signature")
+        except UnsafePath as e:
+            # Not the bundle's fault (nothing was downloaded): refused now, asked again next poll.
+            await self._refuse(name, version if is_valid_name(version) else None, e,
+                               message=f"{e.message}; not installing it")
+            return "refused"
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             store.record_attempt(name, version, "offline", f"cloud unreachable: {e}")
             return "offline"
@@ -175,7 +187,6 @@ class Updater:
         manifest_sha = hashlib.sha256(raw).hexdigest()
         if store.is_refused(name, version, manifest_sha):
             return "refused-before"
-        staging = store.staging_dir(name, version)
         try:
             # Nothing from the manifest is trusted (no path opened) before the signature verifies.
             signing.verify(raw, sig, self._keys)
@@ -202,14 +213,33 @@ class Updater:
                 store.record_attempt(name, version, "offline", e.message, e.code)
                 return "offline"
             log.error("refused %s:%s: %s", name, version, e.message)
-            shutil.rmtree(staging, ignore_errors=True)
-            store.record_attempt(name, version, "refused", e.message, e.code, manifest_sha)
-            if self.on_refuse is not None:
-                await self.on_refuse(name, version, e.code, e.message)
+            self._remove_staging(name, version)
+            await self._refuse(name, version, e, manifest_sha)
             return "refused"
         store.record_attempt(name, version, "activated", f"from {activation.previous or 'nothing'}")
         await self.on_activate(activation)
         return "activated"
+
+    def _remove_staging(self, name: str, version: str) -> None:
+        # The path is rebuilt (and re-checked) here: a symlink planted since must not be followed.
+        try:
+            staging = self.store.staging_dir(name, version)
+        except UnsafePath as e:
+            log.error("not removing the download of %s:%s: %s", name, version, e.message)
+            return
+        shutil.rmtree(staging, ignore_errors=True)
+
+    async def _refuse(self, name: str, version: str | None, e: TandemError, manifest_sha: str | None = None,
+                      message: str | None = None) -> None:
+        """Record a refusal in the model's state (if its directory is usable) and report it upstream."""
+        message = message or e.message
+        log.error("refused an update of %r: %s", name, message)
+        try:
+            self.store.record_attempt(name, version, "refused", message, e.code, manifest_sha)
+        except TandemError as e2:  # the model name or its directory itself is unsafe: the log and telemetry say it
+            log.error("cannot record the refusal for %r: %s", name, e2.message)
+        if self.on_refuse is not None:
+            await self.on_refuse(name, version, e.code, message)
 
 
 class Uploader:
