@@ -177,7 +177,7 @@ async def test_an_app_that_stalls_mid_body_gets_408(agent: Agent) -> None:
     host, port = agent.url.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
-        writer.write(b"POST /v1/models/toy/infer HTTP/1.1\r\nHost: a\r\nContent-Type: " + CONTENT_TYPE.encode()
+        writer.write(b"POST /v1/models/toy/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: " + CONTENT_TYPE.encode()
                      + b"\r\nContent-Length: 1000\r\n\r\n" + b"\x81")
         await writer.drain()
         t0 = time.monotonic()

@@ -15,21 +15,38 @@ The call's budget travels in the request's ``parameters`` (``latency_ms``, ``max
 ``X-Tandem-Local-Only``, ``X-Tandem-Policy`` headers; ``X-Tandem-Deadline-Ms`` (or ``deadline_ms``) is
 the latency budget when none is given. Replies carry ``X-Tandem-Tier`` and ``X-Tandem-Route-Reason``.
 Errors are ``{"error", "code"}`` in msgpack on native routes and JSON elsewhere, with a 4xx/5xx status.
+
+Only apps on this device may call it, not web pages open in its browser: a request whose ``Host`` is not
+a loopback name or address (DNS rebinding) or that carries a foreign ``Origin`` (a cross-site request)
+gets 403, and write routes take only their own content types (400 otherwise), so a page cannot post
+through a form or a ``text/plain`` fetch. With ``local_token`` configured every route but
+``/v2/health/*`` needs it (``Authorization: Bearer ...`` or ``X-Tandem-Token``), else 401.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import math
+import socket
+from urllib.parse import urlsplit
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiohttp import web
 
-from tandem.shared.errors import InvalidInput, ModelNotFound, PayloadTooLarge, RequestTimeout, TandemError, Unavailable
+from tandem.shared.errors import (
+    InvalidInput,
+    ModelNotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    TandemError,
+    Unauthorized,
+    Unavailable,
+)
 from tandem.shared.protocol import (
     CONTENT_TYPE,
     HEADER_DEADLINE_MS,
@@ -39,6 +56,7 @@ from tandem.shared.protocol import (
 )
 from tandem.shared.tensors import encode_tensors, packb, unpackb
 
+from .config import is_loopback
 from .routing import BUDGET_FIELDS, budget_from
 
 if TYPE_CHECKING:
@@ -49,11 +67,24 @@ log = logging.getLogger(__name__)
 HEADER_TIER = "X-Tandem-Tier"
 HEADER_ROUTE_REASON = "X-Tandem-Route-Reason"
 
+HEADER_TOKEN = "X-Tandem-Token"
+MSGPACK_TYPES = (CONTENT_TYPE, "application/x-msgpack")
+JSON_TYPE = "application/json"
+
 _AGENT = web.AppKey("agent", object)
 
 
+class Forbidden(TandemError):
+    status = 403
+    code = "forbidden"
+
+
+class UnsupportedMediaType(InvalidInput):
+    code = "unsupported_media_type"
+
+
 def create_app(agent: "Agent") -> web.Application:
-    app = web.Application(client_max_size=agent.config.max_request_bytes, middlewares=[_errors])
+    app = web.Application(client_max_size=agent.config.max_request_bytes, middlewares=[_errors, _guard])
     app[_AGENT] = agent
     app.router.add_post("/v1/models/{model}/infer", _native_infer)
     app.router.add_post("/v1/models/{model}/versions/{version}/infer", _native_infer)
@@ -99,6 +130,72 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
     except Exception as e:  # a bug must still answer with the error shape, not drop the connection
         log.exception("local API handler failed")
         return _error_response(request, 500, f"internal error: {type(e).__name__}: {e}", "internal")
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Who may call: apps on this device, never a web page (checked before the body is read)."""
+    config = _agent(request).config
+    host = request.headers.get("Host")
+    if host is not None and not config.allow_remote and not _via_unix_socket(request) and not _loopback_host(host):
+        raise Forbidden(f"Host {host!r} is not this device's loopback address; the local API answers only "
+                        "127.0.0.1, localhost or [::1] (a web page must not reach it through DNS rebinding)")
+    origin = request.headers.get("Origin")
+    if origin is not None and not _loopback_origin(origin):
+        raise Forbidden(f"requests from the web origin {origin!r} are refused: the local API is for apps on "
+                        "this device, not for web pages")
+    if config.local_token and not request.path.startswith("/v2/health/"):
+        _check_token(request, config.local_token)
+    return await handler(request)
+
+
+def _via_unix_socket(request: web.Request) -> bool:
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    return sock is not None and sock.family == socket.AF_UNIX
+
+
+def _loopback_host(host: str) -> bool:
+    """``127.0.0.1``, ``localhost``, ``[::1]`` (any loopback address), each with or without a port."""
+    if host.startswith("["):
+        name, sep, rest = host[1:].partition("]")
+        if not sep or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return False
+    else:
+        name, sep, port = host.partition(":")
+        if sep and not port.isdigit():
+            return False
+    return is_loopback(name.lower())
+
+
+def _loopback_origin(origin: str) -> bool:
+    try:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or parts.hostname is None:
+            return False  # "null" (sandboxed frames, file://) and other schemes
+        parts.port  # a malformed port raises here
+    except ValueError:
+        return False
+    return is_loopback(parts.hostname)
+
+
+def _check_token(request: web.Request, token: str) -> None:
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get(HEADER_TOKEN)
+    if not given:
+        raise Unauthorized(f"this agent requires its local token: send 'Authorization: Bearer <local_token>' "
+                           f"or '{HEADER_TOKEN}: <local_token>'")
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise Unauthorized("the local token does not match this agent's local_token")
+
+
+def _content_type(request: web.Request, allowed: tuple[str, ...], what: str) -> str:
+    """The request's media type if it is one ``allowed``; else 400 (a form or text/plain post from a page)."""
+    raw = request.headers.get("Content-Type")
+    ctype = raw.split(";")[0].strip().lower() if raw else ""
+    if ctype not in allowed:
+        got = f"Content-Type {ctype}" if ctype else "no Content-Type"
+        raise UnsupportedMediaType(f"{what} takes {' or '.join(allowed)} bodies, got {got}")
+    return ctype
 
 
 def _agent(request: web.Request) -> "Agent":
@@ -147,9 +244,10 @@ def _deadline(request: web.Request, body_deadline: float | None) -> float | None
 
 
 async def _native_infer(request: web.Request) -> web.Response:
-    ctype = request.headers.get("Content-Type", CONTENT_TYPE).split(";")[0].strip().lower()
-    if ctype not in (CONTENT_TYPE, "application/x-msgpack", "application/octet-stream", ""):
-        raise InvalidInput(f"native infer takes {CONTENT_TYPE} bodies, got {ctype}; use /v2/models/.../infer for JSON")
+    ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if ctype == JSON_TYPE:
+        raise UnsupportedMediaType(f"native infer takes {CONTENT_TYPE} bodies, got {ctype}; use /v2/models/.../infer for JSON")
+    _content_type(request, (*MSGPACK_TYPES, "application/octet-stream"), "native infer")
     body = await _read_body(request)
     if not body:
         raise InvalidInput("empty request body: expected a msgpack map with 'inputs'")
@@ -209,6 +307,7 @@ async def _v2_infer(request: web.Request) -> web.Response:
 
 
 async def v2_infer(request: web.Request, v2: Any) -> web.Response:
+    _content_type(request, (v2.JSON_CONTENT_TYPE, v2.BINARY_CONTENT_TYPE), "v2 infer")
     body = await _read_body(request)
     raw_len = request.headers.get(v2.HEADER_LENGTH)
     try:
@@ -231,10 +330,10 @@ async def v2_infer(request: web.Request, v2: Any) -> web.Response:
 
 
 async def _feedback(request: web.Request) -> web.Response:
-    ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
+    ctype = _content_type(request, (JSON_TYPE, *MSGPACK_TYPES), "feedback")
     raw = await _read_body(request)
     try:
-        doc = unpackb(raw) if ctype in (CONTENT_TYPE, "application/x-msgpack") else json.loads(raw)
+        doc = unpackb(raw) if ctype in MSGPACK_TYPES else json.loads(raw)
     except TandemError:
         raise
     except (ValueError, UnicodeDecodeError) as e:
