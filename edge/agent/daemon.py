@@ -4,12 +4,15 @@ telemetry loops, and stops cleanly on SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,7 +21,8 @@ from aiohttp import web
 from tandem.shared import signing
 from tandem.shared.errors import InvalidInput, TandemError
 
-from .config import AgentConfig
+from .config import AgentConfig, is_loopback
+from .lock import DataDirLock
 from .local_api import to_plain, create_app
 from .outbox import Outbox
 from .routing import Router, RouterSlot
@@ -29,6 +33,9 @@ log = logging.getLogger(__name__)
 
 RUNTIME_NAME = "agent.json"
 OUTBOX_NAME = "outbox.sqlite"
+class AddressInUse(TandemError):
+    status = 409
+    code = "address_in_use"
 
 
 class Agent:
@@ -40,8 +47,14 @@ class Agent:
         self.config = config
         self.tracked = [m.name for m in config.models]
         self.keys = [signing.load_public_key(k) for k in config.trusted_keys]
-        self.store = ModelStore(config.data_dir, self.keys, config.keep_versions, config.intra_op_threads)
-        self.outbox = Outbox(config.data_dir / OUTBOX_NAME, config.outbox_max_rows, config.outbox_max_age_s)
+        # Before anything in the data directory is opened: a second agent must touch nothing.
+        self._lock = DataDirLock(config.data_dir)
+        self._lock.acquire()
+        try:
+            self._open()
+        except BaseException:
+            self._lock.release()
+            raise
         self.routers: dict[str, RouterSlot] = {}
         self.url: str | None = None
         self._runner: web.AppRunner | None = None
@@ -50,6 +63,12 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self.updater: Updater | None = None
         self.uploader: Uploader | None = None
+        self._stopped = False
+
+    def _open(self) -> None:
+        config = self.config
+        self.store = ModelStore(config.data_dir, self.keys, config.keep_versions, config.intra_op_threads)
+        self.outbox = Outbox(config.data_dir / OUTBOX_NAME, config.outbox_max_rows, config.outbox_max_age_s)
 
     async def start(self, run_loops: bool = True) -> None:
         """Recover, serve, and (``run_loops``) start polling/uploading; without loops the caller
@@ -80,19 +99,27 @@ class Agent:
         self._runner = web.AppRunner(create_app(self), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            raise AddressInUse(
+                f"the local API cannot listen on {cfg.host}:{cfg.port}: another process is using that address; "
+                "set port (config file, TANDEM_AGENT_PORT or --port) to a free port, or 0 for any free one"
+            ) from None
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://{cfg.host}:{port}"
+        if not is_loopback(cfg.host) and not cfg.local_token:
+            log.warning("the local API listens on %s without a local_token: anyone who can reach it can call it",
+                        cfg.host)
         if cfg.unix_socket:
-            if len(os.fsencode(cfg.socket_path)) > 100:  # sun_path holds 104-108 bytes depending on the OS
-                raise InvalidInput(f"{cfg.socket_path} is too long for a Unix socket path; use a shorter "
-                                   "data_dir or set unix_socket: false")
-            # A stale socket from a killed agent would make the bind fail.
-            cfg.socket_path.unlink(missing_ok=True)
-            await web.UnixSite(self._runner, str(cfg.socket_path)).start()
-            os.chmod(cfg.socket_path, 0o660)
+            await web.SockSite(self._runner, _bind_unix_socket(cfg.socket_path)).start()
 
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
         for t in self._tasks:
             t.cancel()
@@ -104,9 +131,11 @@ class Agent:
         if self._session is not None:
             await self._session.close()
         self.outbox.close()
+        # Safe to remove: the lock proves these are this agent's, not another one's.
         (self.config.data_dir / RUNTIME_NAME).unlink(missing_ok=True)
         if self.config.unix_socket:
             self.config.socket_path.unlink(missing_ok=True)
+        self._lock.release()
 
     async def _load_router(self, name: str, version: str) -> None:
         bundle = await asyncio.to_thread(self.store.load, name, version)
@@ -132,7 +161,7 @@ class Agent:
             await self.enqueue([{"kind": "telemetry", "model": activation.name, "version": activation.version,
                                  "payload": {"event": "activated", "previous": activation.previous}}])
 
-    async def _on_refuse(self, name: str, version: str, code: str, message: str) -> None:
+    async def _on_refuse(self, name: str, version: str | None, code: str, message: str) -> None:
         await self.enqueue([{"kind": "telemetry", "model": name, "version": version,
                              "payload": {"event": "update_refused", "code": code, "message": message,
                                          "active": self.store.active_version(name)}}])
@@ -167,6 +196,31 @@ class Agent:
             await self.enqueue(records)
 
 
+def _bind_unix_socket(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path`` that is owner/group-only (0660) from the moment it exists.
+
+    The umask is set around bind() itself: a chmod after bind would leave a window in which any local
+    user could connect.
+    """
+    if len(os.fsencode(path)) > 100:  # sun_path holds 104-108 bytes depending on the OS
+        raise InvalidInput(f"{path} is too long for a Unix socket path; use a shorter data_dir or set unix_socket: false")
+    # A stale socket from a killed agent would make the bind fail; the data directory lock says it is not in use.
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o117)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def run_agent(config: AgentConfig) -> None:
     """Run until SIGTERM/SIGINT."""
     agent = Agent(config)
@@ -174,7 +228,11 @@ async def run_agent(config: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await agent.start()
+    try:
+        await agent.start()
+    except BaseException:
+        await agent.stop()
+        raise
     print(json.dumps({"event": "ready", "url": agent.url,
                       "socket": str(config.socket_path) if config.unix_socket else None}), flush=True)
     try:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .lock import lock_holder
 from .outbox import read_stats
 from .store import ACTIVE_NAME, STATE_NAME, read_json
 
@@ -33,8 +34,13 @@ def collect(data_dir: str | Path) -> dict[str, Any]:
         total = outbox["route_edge"] + outbox["route_cloud"] + outbox["route_failed"]
         mix = {"edge": outbox["route_edge"], "cloud": outbox["route_cloud"], "failed": outbox["route_failed"],
                "cloud_share": (outbox["route_cloud"] / total) if total else None}
-    return {"data_dir": str(d), "running": _alive(runtime), "agent": runtime, "models": models,
-            "outbox": outbox, "route_mix": mix}
+    holder = lock_holder(d)
+    # The lock says whether an agent is there at all; agent.json, whether it is serving yet (it is
+    # written once the store is recovered and the sockets are bound).
+    running = holder is not None and _alive(runtime)
+    starting = holder is not None and not running
+    return {"data_dir": str(d), "running": running, "starting": starting,
+            "starting_pid": holder if starting else None, "agent": runtime, "models": models, "outbox": outbox, "route_mix": mix}
 
 
 def _alive(runtime: Any) -> bool:
@@ -51,7 +57,13 @@ def _alive(runtime: Any) -> bool:
 
 
 def format_status(s: dict[str, Any]) -> str:
-    lines = [f"agent data: {s['data_dir']}  ({'running at ' + s['agent']['url'] if s['running'] else 'not running'})"]
+    if s["running"]:
+        state = f"running at {s['agent']['url']}"
+    elif s.get("starting"):
+        state = f"starting, pid {s['starting_pid'] or '?'}"
+    else:
+        state = "not running"
+    lines = [f"agent data: {s['data_dir']}  ({state})"]
     if not s["models"]:
         lines.append("no models installed")
     for name, m in s["models"].items():
