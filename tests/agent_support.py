@@ -211,3 +211,67 @@ async def wait_for(predicate: Any, timeout: float, what: str, interval: float = 
             return
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class HostileRegistry:
+    """A registry on 127.0.0.1 that lies: ``latest`` is whatever the test sets (absolute paths, ``..``,
+    encoded separators...), and every manifest and signature it serves is garbage that fails the
+    signature check. ``requests`` lists every path asked for, undecoded."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        self.latest: Any = "1"
+        self.requests: list[str] = []
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(request.raw_path)
+        parts = request.raw_path.split("/")
+        if request.raw_path.startswith("/v1/registry/models/") and len(parts) == 5:
+            return web.json_response({"name": parts[4], "latest": self.latest, "versions": [self.latest]})
+        if "/versions/" in request.raw_path:
+            return web.Response(body=b'{"not": "a manifest"}' if request.raw_path.endswith("manifest") else b"\0" * 64)
+        return web.json_response({"accepted": 0, "ids": []})
+
+    def fetched_bundle_files(self) -> list[str]:
+        return [p for p in self.requests if "/versions/" in p]
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+
+def tree_snapshot(root: Path, skip: Path | None = None) -> dict[str, str]:
+    """Every path under ``root`` (not following symlinks, ``skip`` left out) with a digest of what it is."""
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        d = Path(dirpath)
+        if skip is not None and (d == skip or skip in d.parents):
+            dirnames[:] = []
+            continue
+        for n in dirnames + filenames:
+            p = d / n
+            if skip is not None and p == skip:
+                continue
+            if p.is_symlink():
+                out[str(p)] = "link:" + os.readlink(p)
+            elif p.is_dir():
+                out[str(p)] = "dir"
+            else:
+                out[str(p)] = "file:" + p.read_bytes().hex()[:64]
+    return out
+
+
+def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``tandem ARGS`` as a subprocess (TANDEM_AGENT_* from the environment left out)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_AGENT_")}
+    return subprocess.run([sys.executable, "-m", "tandem.shared.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
