@@ -44,6 +44,23 @@ class BatchingConfig(BaseModel):
     preferred_batch_sizes: list[int] = Field(default_factory=list)
     #: Requests waiting beyond this are refused at once with 503 + Retry-After.
     max_queue_size: int = Field(1024, ge=1)
+    #: Most rows one request may carry; a request with more is refused with 400 naming the limit.
+    #: None (default): max_batch_size, as Triton refuses a request larger than its max_batch_size.
+    #: Raised above max_batch_size, a larger request runs as a batch of its own (the instance
+    #: computes nothing else meanwhile), and the instance's onnxruntime memory arena gives back
+    #: what that batch took once it is answered.
+    max_request_rows: int | None = Field(None, ge=1)
+    #: Rows waiting, all requests together, beyond which a request is refused at once with 503 +
+    #: Retry-After. max_queue_size counts requests, whatever their size: this bounds the memory
+    #: the queue holds. A request finding the queue empty is always taken (within max_request_rows).
+    max_queue_rows: int = Field(8192, ge=1)
+    #: Longest a request may wait in the queue, in ms. A request still queued after that long is
+    #: answered 503 + Retry-After and leaves the queue, and a request the queue already holds more
+    #: work than that for (its rows ahead, in batches, times the recent batch compute time) is
+    #: refused on arrival: under overload admitted requests wait at most about this long, while
+    #: the queue stays full enough to keep every instance computing. Set it above the model's
+    #: compute time for a full batch. None (default, as Triton's queue policy): no bound.
+    max_queue_wait_ms: float | None = Field(None, gt=0)
     #: Deadline applied to requests that give none (a request may lower it, never raise it).
     default_timeout_ms: float | None = Field(None, gt=0)
     #: Priority levels 1..N, 1 served first; requests without a priority get default_priority_level.
@@ -63,6 +80,11 @@ class BatchingConfig(BaseModel):
         if any(s < 1 or s > self.max_batch_size for s in self.preferred_batch_sizes):
             raise ValueError("preferred_batch_sizes must lie within 1..max_batch_size")
         return self
+
+    @property
+    def request_rows(self) -> int:
+        """The most rows one request may carry (max_request_rows, else max_batch_size)."""
+        return self.max_request_rows if self.max_request_rows is not None else self.max_batch_size
 
 
 class ServerConfig(BaseSettings):
