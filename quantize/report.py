@@ -97,6 +97,8 @@ def _markdown(
         m = c.metrics
         size = c.size_bytes
         verdict = f"**rejected**: {c.reason}" if c.config is not None and not c.accepted else c.reason
+        if c.notes:  # e.g. why ONNX Runtime's pre-processing was skipped or reduced
+            verdict += " (" + "; ".join(c.notes) + ")"
         if m is None:
             out.append(f"| {c.name} | - | {c.precision} | - | - | - | - | - | - | - | - | **rejected**: {c.reason} |")
             continue
