@@ -44,6 +44,11 @@ def test_embedding_model_with_two_int64_inputs_and_dynamic_sequence(tmp_path: Pa
     assert m.outputs[0].name == "embedding" and m.outputs[0].shape == ["batch", 16]
     assert (m.task.kind, m.task.metric, m.task.tolerance, m.task.output) == ("embedding", "cosine", 0.9, "embedding")
     assert m.schema_version == 2
+    # fp16 converted despite the mask's Cast to float, measured, and shipped for GPUs on its quality.
+    gpu = bundle.variant("cloud-gpu")
+    assert gpu.precision == "fp16" and gpu.metrics.quality > 0.99  # type: ignore[union-attr]
+    # ONNX Runtime's pre-processing ran on these graphs (a note would say why not).
+    assert all("quant_pre_process" not in (v.notes or "") for v in m.variants)
     edge, cloud = bundle.variant("edge"), bundle.variant("cloud")
     assert edge.metrics.quality is not None and "top10_overlap" in edge.metrics.metrics  # type: ignore[union-attr]
     assert cloud.metrics.quality > 0.99  # type: ignore[union-attr]
@@ -214,3 +219,24 @@ def test_a_built_two_input_bundle_serves_and_routes_end_to_end(tmp_path: Path, k
                 assert r.outputs["embedding"].shape == (2, 16)
     finally:
         proc.stop()
+
+
+def test_an_fp16_variant_is_judged_on_quality_not_cpu_speed() -> None:
+    from tandem.quantize.evaluate import hardware_info
+    from tandem.quantize.quantize import Candidate, judge
+    from tandem.quantize.spec import Budgets
+    from tandem.shared.bundle import VariantMetrics
+
+    hw = hardware_info()
+
+    def metrics(q: float, p50: float) -> VariantMetrics:
+        return VariantMetrics(quality=q, n_eval=10, latency_p50_ms=p50, latency_p99_ms=p50, throughput_per_s=1.0,
+                              throughput_batch_size=8, intra_op_threads=1, provider="CPUExecutionProvider", hardware=hw)
+
+    parent = metrics(1.0, 1.0)
+    slow_but_good = Candidate("cloud-fp16", None, Path("x"), "cloud-fp32", "fp16", metrics=metrics(0.999, 5.0))
+    judge(slow_but_good, parent, Budgets(), "cosine", gpu=True)
+    assert slow_but_good.accepted and "speed not judged" in slow_but_good.reason
+    broken = Candidate("cloud-fp16", None, Path("x"), "cloud-fp32", "fp16", metrics=metrics(0.55, 0.5))
+    judge(broken, parent, Budgets(), "cosine", gpu=True)
+    assert not broken.accepted and broken.reason == "cosine drop 0.4500 > budget 0.0100 (0.5500 vs fp32 1.0000)"
