@@ -32,6 +32,7 @@ from tandem.shared.errors import (
     RequestTimeout,
     TandemError,
 )
+from .body import MIN_RATE_KEY, responded
 from .config import ServerConfig
 from .control import ModelControl
 from .feedback import FeedbackStore
@@ -49,6 +50,7 @@ __all__ = ["create_app", "ServerState", "STATE", "HEADER_WORKER"]
 _PENDING_REFRESH_S = 0.05
 
 _log = logging.getLogger("tandem.cloud")
+_VERSIONS = ((1, 0), (1, 1))
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -101,7 +103,17 @@ def _middleware(gate: Gate) -> Any:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         start = time.perf_counter()
         rid = request[REQUEST_ID_KEY] = gate.request_id(request.headers.get(p.HEADER_REQUEST_ID))
+        # RFC 9112: an HTTP/1.1 request with no Host or several is answered 400, and so is a
+        # version other than 1.0 and 1.1 (the front door's framing refuses the same, so both
+        # stacks answer alike).
+        version_ok = request.version in _VERSIONS
+        bad_host = not version_ok or (request.version >= (1, 1) and len(request.headers.getall("Host", ())) != 1)
         try:
+            if bad_host:
+                raise InvalidInput(
+                    "malformed HTTP request: an HTTP/1.1 request needs exactly one Host header" if version_ok
+                    else f"malformed HTTP request: HTTP/{request.version.major}.{request.version.minor} is not supported"
+                )
             gate.check_auth(request.path, request.headers.get("Authorization"))
             response = await handler(request)
         except TandemError as e:
@@ -130,8 +142,9 @@ def _middleware(gate: Gate) -> Any:
                 rid, request.method, request.path, response.status, (time.perf_counter() - start) * 1e3,
                 request.get(MODEL_KEY), request.remote,
             )
-        if gate.draining:
+        if gate.draining or bad_host:
             response.force_close()
+        responded(request, response)
         if response.status == RequestTimeout.status:
             # The client stopped sending mid-body: answer and close now. Left to aiohttp, the
             # connection would linger 10 s reading the rest of a body that is not coming.
@@ -169,6 +182,7 @@ def create_app(config: ServerConfig) -> web.Application:
         handler_args={"auto_decompress": False},
     )
     app[STATE] = state
+    app[MIN_RATE_KEY] = config.min_body_rate
 
     NativeAPI(inference, config.max_body_bytes, config.read_timeout_s).add_routes(app)
     V2API(

@@ -1,4 +1,4 @@
-"""The front door: a lean HTTP/1.1 protocol serves the infer routes, aiohttp serves everything else.
+"""The front door: every connection is framed by llhttp; infer requests are answered here, the rest by aiohttp.
 
 Why: aiohttp spends ~40 µs of Python on every request (request object, router, middleware,
 response object), and a full handler path cost ~100 µs here. On two cores that shared the
@@ -7,18 +7,30 @@ event loop with onnxruntime, it held ``tandem serve`` to ~38% of the digits CNN'
 a few microseconds of Python, with no task per request: it queues the call on the model's batcher
 and finishes on the future's callback.
 
-How: every connection starts here. A request is taken only if it is *plain*: ``POST`` to
-``/v1|v2/models/{m}[/versions/{v}]/infer``, ``HTTP/1.1``, ASCII headers within aiohttp's size
-limits, exactly one ``Content-Length`` within ``max_body_bytes``, and no ``Transfer-Encoding``,
-``Content-Encoding``, ``Expect``, ``Upgrade``, ``Connection: close``, query string or
-percent-encoding (and, on v2, no ``Accept-Encoding`` asking for compression). Anything else goes,
-as its exact bytes and with the rest of the connection, to aiohttp's own protocol for the same
-app: the connection changes hands once, at a message boundary, after the front door has written
-every response it owes on it. So every unusual request gets aiohttp's full, strict treatment,
-and both stacks share one policy (:class:`~tandem.cloud.gate.Gate`) and one inference core.
+How: llhttp (through ``httptools``, the parser uvicorn uses and aiohttp's C parser is built on)
+frames every message with strict RFC 9112 rules: conflicting or malformed lengths, bytes that are
+not allowed in names or values, obs-fold, bare CR or LF and unknown versions are answered 400 and
+the connection closed, and so is a request without exactly one ``Host``. A request is taken here
+only if it is *plain*: ``POST`` to ``/v1|v2/models/{m}[/versions/{v}]/infer``, ``HTTP/1.1``, one
+``Content-Length`` within ``max_body_bytes``, and no ``Transfer-Encoding``, ``Content-Encoding``,
+``Expect``, ``Upgrade``, query string or percent-encoding (and, on v2, no ``Accept-Encoding``
+asking for compression). Anything else goes, as its exact bytes and with the rest of the
+connection, to aiohttp's own protocol for the same app: the connection changes hands once, at a
+message boundary, after the front door has written every response it owes on it. Both stacks
+share one policy (:class:`~tandem.cloud.gate.Gate`) and one inference core. Pipelined requests are
+answered in order. Set ``front_door = false`` to serve with aiohttp alone.
 
-A connection remembers its previous request head: the same head bytes again (the common case: a
-client repeats one request layout) are not parsed again. Pipelined requests are answered in order. Set ``front_door = false`` to serve with aiohttp alone.
+Limits, on every connection whichever stack serves it: a head must complete within
+``head_timeout_s`` of its first byte; a body gets ``read_timeout_s`` of grace and must then keep
+``min_body_rate``; an idle connection closes after ``keepalive_timeout_s``; beyond
+``max_connections`` a new connection is answered 503 and closed. The front door stops reading a
+connection with ``max_requests_in_flight`` requests unanswered, or whose client does not read (the
+transport's write buffer above its high-water mark).
+
+Drain (:meth:`FrontDoor.close`): stop accepting; each connection goes on reading until it has
+taken every byte that sat in its socket's receive buffer when the drain began (and the message
+those bytes start), answers every request it took, marks the last answer ``Connection: close``,
+then shuts its side and closes.
 """
 
 from __future__ import annotations
@@ -26,161 +38,119 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import fcntl
 import http
 import json
 import logging
 import re
+import struct
+import termios
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import httptools
 from aiohttp import web
 
 from tandem.shared import protocol as p
-from tandem.shared import v2 as v2codec
 from tandem.shared.errors import InvalidInput, RequestTimeout, TandemError, Unavailable
 
 from . import native, v2
 from .app import STATE
+from .body import forget, half_closed
+from .config import ServerConfig
 from .inference import header_lines
 
-__all__ = ["FrontDoor", "listen"]
+__all__ = ["FrontDoor", "listen", "make_runner"]
 
 _log = logging.getLogger("tandem.cloud")
 
-#: Largest request head taken here; aiohttp's limits are 8190 bytes per line and per field.
-_MAX_HEAD = 8190
-#: Pipelined requests one connection may have in flight before the front door stops reading it.
-_MAX_IN_FLIGHT = 128
-#: Seconds a connection may sit idle before it is closed (aiohttp's keep-alive default).
-_KEEPALIVE_S = 75.0
-_INFER = re.compile(rb"/(v1|v2)/models/([^/]+)(?:/versions/([^/]+))?/infer")
-_HEAD_END = b"\r\n\r\n"
-_HANDOFF = object()  # _frame's answer for a message the front door does not take
+#: Largest request line or header field, as aiohttp's limits; and the largest head in all.
+_MAX_FIELD = 8190
+_MAX_HEAD = 64 * 1024
+#: Seconds an answered connection that is closing keeps reading (and dropping) what the client
+#: still sends, so that closing does not reset the connection before the client read its answer.
+_LINGER_S = 2.0
+#: Seconds a connection that owes nothing at the start of a drain waits for a request already on
+#: its way (a busy client sends its next request within this); the answer to it closes.
+_DRAIN_IDLE_S = 0.5
+_INFER = re.compile(rb"/(v1|v2)/models/([^/?#%]+)(?:/versions/([^/?#%]+))?/infer")
 #: Request headers whose presence alone sends the message to aiohttp.
 _NOT_PLAIN = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer"})
-#: Request headers the front door reads (everything else is checked, then ignored, as aiohttp would).
+#: Request headers the front door reads (everything else is checked by llhttp, then ignored).
 _KEEP = frozenset({b"x-request-id", b"authorization", b"x-tandem-priority", b"x-tandem-deadline-ms", b"inference-header-content-length"})
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 
 
-class _Head:
-    """What the front door needs from one request head (immutable: cached and shared by the
-    requests of a connection that repeat the same head bytes)."""
-
-    __slots__ = ("protocol", "model", "version", "path", "headers", "length")
-
-    def __init__(self, protocol: str, model: str, version: str | None, path: str, headers: dict[str, str], length: int) -> None:
-        self.protocol = protocol  # "v1" (native msgpack) or "v2"
-        self.model = model
-        self.version = version
-        self.path = path
-        self.headers = headers  # lower-case names; the first value of each
-        self.length = length  # of the body
+class _HandOff(Exception):
+    """Raised from a parser callback: the message is not one the front door takes."""
 
 
-def _parse_head(head: bytes, max_body: int) -> _Head | None:
-    """The head of a plain infer request, or None when the message is not one the front door takes."""
-    if not head.isascii() or b"\0" in head:
-        return None
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
-        return None
-    match = _INFER.fullmatch(parts[1])
-    if match is None or b"%" in parts[1]:
-        return None
-    n = len(lines) - 1
-    if head.count(b"\n") != n or head.count(b"\r") != n:
-        return None  # a bare CR or LF: aiohttp answers that
-    headers: dict[str, str] = {}  # only the ones the front door reads; the first value of each
-    length = None
-    protocol = match.group(1)
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or b" " in name or b"\t" in name:
-            return None  # obs-fold, malformed names: aiohttp answers those
-        key = name.lower()
-        if key == b"content-length":
-            value = value.strip(b" \t")
-            if length is not None or not value.isdigit():
-                return None
-            length = int(value)
-        elif key in _NOT_PLAIN:
-            return None
-        elif key in _KEEP:
-            headers.setdefault(key.decode(), value.strip(b" \t").decode())
-        elif key == b"content-encoding":
-            if value.strip(b" \t").lower() != b"identity":
-                return None
-        elif key == b"connection":
-            if b"close" in value.lower():
-                return None
-        elif key == b"accept-encoding" and protocol == b"v2":
-            v = value.lower()
-            if b"gzip" in v or b"deflate" in v:
-                return None  # aiohttp compresses large v2 responses for clients that ask
-    if length is None or length > max_body:
-        return None
-    version = match.group(3)
-    return _Head(
-        protocol.decode(), match.group(2).decode(), version.decode() if version is not None else None, parts[1].decode(), headers, length
-    )
+class _Stop(Exception):
+    """Raised from a parser callback: nothing after this message is read (drain, Connection: close)."""
 
 
-def _frame(buf: bytes | bytearray, pos: int, max_body: int, last: list[Any]) -> tuple[_Head, Any, int] | object | None:
-    """(head, body, offset just past it) of the plain infer request starting at ``buf[pos]``; None
-    when more bytes are needed; ``_HANDOFF`` when the message is not one the front door takes.
-
-    ``last`` is the connection's [head bytes, _Head] of its previous request: clients repeat the
-    same head request after request, and a repeated head is not parsed again."""
-    end = buf.find(_HEAD_END, pos, pos + _MAX_HEAD + 4)
-    if end < 0:
-        return _HANDOFF if len(buf) - pos > _MAX_HEAD else None
-    raw = bytes(buf[pos:end])
-    if raw == last[0]:
-        head = last[1]
-    else:
-        head = _parse_head(raw, max_body)
-        if head is None:
-            return _HANDOFF
-        last[0], last[1] = raw, head
-    start = end + 4
-    stop = start + head.length
-    if len(buf) < stop:
-        return None
-    body = memoryview(buf)[start:stop] if isinstance(buf, bytes) else bytes(buf[start:stop])
-    return head, body, stop
+class _Reject(Exception):
+    """Raised from a parser callback: answer 400 and close."""
 
 
 class _Slot:
     """One request's place in its connection's response order."""
 
-    __slots__ = ("rid", "path", "start", "data", "status", "served")
+    __slots__ = ("rid", "path", "start", "head", "body", "status", "served")
 
     def __init__(self, rid: str, path: str, start: float) -> None:
         self.rid = rid
         self.path = path
         self.start = start
-        self.data: bytes | None = None  # the encoded response, once ready
+        self.head: str | None = None  # the response's status line and headers but the last, once ready
+        self.body = b""
         self.status = 0
         self.served: Any = None
 
 
+def _pending_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes waiting in the socket's receive buffer (0 when that cannot be told)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        out = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, AttributeError, ValueError):
+        return 0
+    return int(struct.unpack("i", out)[0])
+
+
 class _Connection(asyncio.Protocol):
+    """One client connection framed by llhttp; infer requests answered from the batch's callback."""
+
     def __init__(self, door: FrontDoor) -> None:
         self._door = door
         self._transport: asyncio.Transport | None = None
-        self._buf = bytearray()  # bytes of a message not complete yet
+        self._parser = httptools.HttpRequestParser(self)
+        self._buf: bytes | bytearray = b""  # bytes from the start of the message being framed
+        self._pos = 0  # where the next message starts in _buf (only inside data_received)
+        self._seen = 0  # bytes received on the connection
+        self._now = time.monotonic()  # when the current chunk arrived
+        self.last_active = self._now
         self._slots: deque[_Slot] = deque()
-        self._handoff: bytearray | None = None  # bytes waiting for aiohttp once our responses are out
-        self._last_head: list[Any] = [None, None]  # the previous request's head bytes and _Head
+        self._handoff = False
         self._paused = False
+        self._write_paused = False
+        self._stopped = False  # reads nothing more: the last slot's answer closes the connection
+        self._lingering = False
         self._eof = False
-        self._timed_out = False  # answered 408: close once that answer is written, read nothing more
+        self._drain_at: int | None = None  # drain: the stream offset every byte before which is served
+        self._drain_seen = 0
         self._remote: str | None = None
-        self.last_active = time.monotonic()
+        # The message being framed:
+        self._head_at: float | None = None  # when its first byte came; None between messages
+        self._body_at: float | None = None  # when its head completed
+        self._url = b""
+        self._hosts = 0
+        self._length: int | None = None
+        self._headers: dict[bytes, bytes] = {}
+        self._veto = False
+        self._match: re.Match[bytes] | None = None
 
     # --- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -188,10 +158,10 @@ class _Connection(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self._remote = peer[0] if isinstance(peer, tuple) else None
-        if self._door._closing:
-            transport.close()  # accepted just before the door closed: nothing was asked yet
-            return
-        self._door._connections.add(self)
+        if self._door._admit(transport):
+            self._door._connections.add(self)
+        else:
+            self._stopped = self._lingering = True  # the door answered 503 and closes
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._door._connections.discard(self)
@@ -200,91 +170,170 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self._eof = True
-        # Keep the socket open for the responses still owed (a client may half-close after sending).
+        if self._lingering:
+            return None
+        if self._handoff:
+            return True  # aiohttp is told once it has the connection
+        # A message left half-sent never completes; answers still owed are written, then close.
+        self._stop()
         return True if self._slots else None
 
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
     def data_received(self, data: bytes) -> None:
-        self.last_active = time.monotonic()
-        if self._timed_out:
-            return
-        if self._handoff is not None:
-            self._handoff += data
-            return
+        self._now = self.last_active = time.monotonic()
+        self._seen += len(data)
+        if self._stopped or self._handoff:
+            if self._handoff and not self._stopped:
+                self._buf = bytes(self._buf) + data  # for aiohttp, once our answers are out
+            return  # a closing connection drops what the client still sends
+        if self._buf:
+            if isinstance(self._buf, bytes):
+                self._buf = bytearray(self._buf)
+            self._buf += data
+        else:
+            self._buf = data
+        self._pos = 0
         try:
-            if self._buf:
-                self._buf += data
-                buf: bytes | bytearray = self._buf
-            else:
-                buf = data
-            pos = self._consume(buf)
-            if self._handoff is not None:
-                self._handoff += buf[pos:]
-                self._buf = bytearray()
-                self._maybe_hand_off()
-            elif buf is self._buf:
-                del self._buf[:pos]
-            else:
-                self._buf = bytearray(data[pos:]) if pos < len(data) else bytearray()
-        except Exception:  # noqa: BLE001 - a bug here must not take down the loop's other connections
-            _log.exception("front door: dropping a connection after an internal error")
-            self._door.internal_errors += 1
-            self._door._metrics.front_errors.inc()
-            self.close()
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, _HandOff):
+                self._start_handoff()
+                return
+            if isinstance(cause, _Reject):
+                self._reject(str(cause))
+            elif not isinstance(cause, _Stop):
+                self._internal_error(cause)
+                return
+        except httptools.HttpParserError as e:
+            self._reject(" ".join(str(e).split()) or type(e).__name__)
+        except Exception as e:  # noqa: BLE001 - a bug here must not take down the loop's other connections
+            self._internal_error(e)
+            return
+        if self._stopped:
+            self._buf = b""
+        else:
+            buf, pos = self._buf, self._pos
+            if pos:  # (a body arriving over many reads is not copied at each)
+                self._buf = buf[pos:] if pos < len(buf) else b""
+            if self._head_at is not None and self._body_at is None and len(self._buf) > _MAX_HEAD:
+                self._reject(f"request head larger than {_MAX_HEAD} bytes")
+        self._update_reading()
 
-    # --- internals ------------------------------------------------------------------------------
+    # --- llhttp callbacks ----------------------------------------------------------------------
 
-    def _consume(self, buf: bytes | bytearray) -> int:
-        """Serve every complete plain request in ``buf``; returns the offset of what is left."""
-        pos = 0
-        max_body = self._door._max_body
-        while pos < len(buf):
-            framed = _frame(buf, pos, max_body, self._last_head)
-            if framed is None:
-                break
-            if framed is _HANDOFF:
-                self._handoff = bytearray()
-                break
-            head, body, pos = framed  # type: ignore[misc]
-            self._serve(head, body)
-            if len(self._slots) >= _MAX_IN_FLIGHT and not self._paused and self._transport is not None:
-                self._paused = True
-                self._transport.pause_reading()
-        return pos
+    def on_message_begin(self) -> None:
+        self._head_at = self._now
+        self._body_at = None
+        self._url = b""
+        self._hosts = 0
+        self._length = None
+        self._headers = {}
+        self._veto = False
 
-    def _serve(self, request: _Head, body: Any) -> None:
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > _MAX_FIELD:
+            raise _Reject(f"request target longer than {_MAX_FIELD} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > _MAX_FIELD:
+            raise _Reject(f"header field longer than {_MAX_FIELD} bytes")
+        key = name.lower()
+        if key in _KEEP:
+            self._headers.setdefault(key, value)
+        elif key == b"host":
+            self._hosts += 1
+        elif key == b"content-length":
+            self._length = int(value)  # llhttp accepts digits only, and one Content-Length
+        elif key in _NOT_PLAIN:
+            self._veto = True
+        elif key == b"content-encoding":
+            self._veto |= value.strip(b" \t").lower() != b"identity"
+        elif key == b"accept-encoding" and self._url.startswith(b"/v2/"):
+            v = value.lower()
+            self._veto |= b"gzip" in v or b"deflate" in v  # aiohttp compresses large v2 answers
+
+    def on_headers_complete(self) -> None:
+        self._body_at = self._now
+        parser = self._parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise _Reject(f"HTTP/{version} is not supported")  # llhttp takes 0.9 and 2.0 heads
+        if self._hosts != 1 and version == "1.1":
+            raise _Reject("an HTTP/1.1 request needs exactly one Host header" if self._hosts else "Host header missing")
+        match = _INFER.fullmatch(self._url)
+        if (
+            self._veto or match is None or self._length is None or self._length > self._door._max_body
+            or version != "1.1" or parser.get_method() != b"POST"
+        ):
+            raise _HandOff
+        self._match = match
+
+    def on_message_complete(self) -> None:
+        # The message is Content-Length framed and llhttp accepted it: its head ends at the first
+        # blank line after any empty lines before the request line, and its body follows.
+        buf, pos = self._buf, self._pos
+        while buf[pos] in (13, 10):
+            pos += 1
+        start = buf.find(b"\r\n\r\n", pos) + 4
+        stop = start + (self._length or 0)
+        if start < 4 or stop > len(buf):
+            raise RuntimeError("the framed message does not fit the bytes received")
+        body = memoryview(buf)[start:stop] if isinstance(buf, bytes) else bytes(buf[start:stop])
+        self._pos = stop
+        self._head_at = None
+        last = not self._parser.should_keep_alive() or self._door._gate.draining or (
+            self._drain_at is not None and self._seen - len(buf) + stop >= self._drain_at
+        )
+        self._serve(self._match, body)  # type: ignore[arg-type]
+        if last:
+            self._stop()
+            raise _Stop
+
+    # --- serving ----------------------------------------------------------------------------------
+
+    def _serve(self, match: re.Match[bytes], body: Any) -> None:
         door = self._door
         gate, inference = door._gate, door._inference
-        h = request.headers
-        slot = _Slot(gate.request_id(h.get("x-request-id")), request.path, time.perf_counter())
+        h = self._headers
+        protocol, model, version = match.group(1), match.group(2).decode(), match.group(3)
+        version_s = version.decode() if version is not None else None
+        path = self._url.decode()
+        rid = h.get(b"x-request-id")
+        slot = _Slot(gate.request_id(rid.decode("latin-1") if rid is not None else None), path, time.perf_counter())
         self._slots.append(slot)
         door.served += 1  # published by FrontDoor._sync_metrics, not counted here (hot path)
+        deadline = _text(h.get(b"x-tandem-deadline-ms"))
         try:
-            gate.check_auth(request.path, h.get("authorization"))
-            if request.protocol == "v1":
-                call, req = native.start(
-                    inference, request.model, request.version, body, h.get("x-tandem-priority"), h.get("x-tandem-deadline-ms")
-                )
+            gate.check_auth(path, _text(h.get(b"authorization")))
+            if protocol == b"v1":
+                call, req = native.start(inference, model, version_s, body, _text(h.get(b"x-tandem-priority")), deadline)
             else:
-                call, req = v2.start(
-                    inference, request.model, request.version, body, h.get(v2codec.HEADER_LENGTH.lower()),
-                    h.get("x-tandem-deadline-ms"),
-                )
+                call, req = v2.start(inference, model, version_s, body, _text(h.get(b"inference-header-content-length")), deadline)
         except Exception as e:  # noqa: BLE001 - one broken request must not take the server down
             if not isinstance(e, TandemError):
-                _log.exception("unhandled error on POST %s", request.path)
+                _log.exception("unhandled error on POST %s", path)
                 e = TandemError(f"internal error: {type(e).__name__}")
             # Only a refused request needs the model looked up here (for its error headers and log).
             with contextlib.suppress(TandemError):
-                slot.served = inference.resolve(request.model, request.version)
+                slot.served = inference.resolve(model, version_s)
             self._fail(slot, e)
             return
         slot.served = call.served
         if call.future is None or call.future.done():
-            self._finish(slot, request.protocol, call, req)
+            self._finish(slot, protocol, call, req)
         else:
-            call.future.add_done_callback(lambda _f: self._finish(slot, request.protocol, call, req))
+            call.future.add_done_callback(lambda _f: self._finish(slot, protocol, call, req))
 
-    def _finish(self, slot: _Slot, protocol: str, call: Any, req: Any) -> None:
+    def _finish(self, slot: _Slot, protocol: bytes, call: Any, req: Any) -> None:
         inference = self._door._inference
         try:
             try:
@@ -292,7 +341,7 @@ class _Connection(asyncio.Protocol):
             except asyncio.CancelledError:
                 raise Unavailable("the request was cancelled before it ran (model unloading)") from None
             slot.served = outcome.model
-            if protocol == "v1":
+            if protocol == b"v1":
                 head, body = native.reply_text(inference, outcome, req, slot.rid)
             else:
                 body, head = v2.reply_text(inference, outcome, req)
@@ -308,50 +357,120 @@ class _Connection(asyncio.Protocol):
         self._ready(slot, status, header_lines(headers), body)
 
     def _ready(self, slot: _Slot, status: int, head: str, body: bytes) -> None:
-        """Queue a response; ``head`` holds its own header lines, each ending in CRLF."""
-        door = self._door
-        slot.data = (
+        """Queue a response; ``head`` holds its own header lines, each ending in CRLF. The last
+        lines (and whether they close the connection) are written when it goes out."""
+        slot.head = (
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n{head}{p.HEADER_REQUEST_ID}: {slot.rid}\r\n"
-            f"Content-Length: {len(body)}\r\nDate: {door.date()}\r\n{door._closing_tail if self._timed_out or door._gate.draining else door._tail}"
-        ).encode() + body
+            f"Content-Length: {len(body)}\r\nDate: {self._door.date()}\r\n"
+        )
+        slot.body = body
         slot.status = status
         self._flush()
 
     def _flush(self) -> None:
         """Write every ready response at the head of the order, then hand off or close if due."""
-        gate = self._door._gate
+        door = self._door
+        gate = door._gate
         slots, transport = self._slots, self._transport
         log = gate.logs_access
-        while slots and slots[0].data is not None:
+        if gate.draining and not self._stopped:
+            self._stop()  # the shutdown delay: every answer closes its connection
+        while slots and slots[0].head is not None:
             slot = slots.popleft()
             if transport is not None and not transport.is_closing():
-                transport.write(slot.data)  # type: ignore[arg-type]
+                closes = self._stopped and not slots
+                transport.write((slot.head + (door._closing_tail if closes else door._tail)).encode() + slot.body)  # type: ignore[operator]
             if log:
                 ms = (time.perf_counter() - slot.start) * 1e3
                 gate.log_access(slot.rid, "POST", slot.path, slot.status, ms, slot.served, self._remote)
-        if self._paused and len(slots) < _MAX_IN_FLIGHT // 2 and self._handoff is None and transport is not None:
+        if not slots and transport is not None:
+            if self._stopped:
+                self._linger()
+            elif self._handoff:
+                self._hand_off()
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or self._lingering:
+            return
+        pause = self._write_paused or self._stopped or self._handoff or len(self._slots) >= self._door._max_in_flight
+        if pause != self._paused:
+            self._paused = pause
+            if pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    def _stop(self) -> None:
+        """Read no more: answer what was taken, the last answer says ``Connection: close``."""
+        self._stopped = True
+        self._head_at = None
+        self._buf = b""
+        if not self._slots:
+            self._linger()
+
+    def _linger(self) -> None:
+        """Close gracefully: shut our side, then drop what the client still sends for a while
+        (closing with unread bytes would reset the connection and could destroy the answers in
+        flight), and close when the client does or at the end of the grace."""
+        transport = self._transport
+        if transport is None or self._lingering or self._slots:
+            return
+        self._stopped = self._lingering = True
+        if self._eof or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        if self._paused:
             self._paused = False
             transport.resume_reading()
-        if not slots:
-            if self._handoff is not None:
-                self._maybe_hand_off()
-            elif (self._eof or self._timed_out or self._door._gate.draining) and transport is not None:
-                transport.close()
+        asyncio.get_running_loop().call_later(_LINGER_S, transport.close)
 
-    def _maybe_hand_off(self) -> None:
+    def _reject(self, reason: str) -> None:
+        """Answer a message llhttp (or a limit) refuses with 400 after the answers owed, and close."""
+        _log.info("malformed HTTP request from %s: %s", self._remote, reason)
+        self._answer_and_close(InvalidInput(f"malformed HTTP request: {reason}"), self._url.decode("latin-1") or "/", json_body=True)
+
+    def _answer_and_close(self, error: TandemError, path: str, json_body: bool = False) -> None:
+        self._buf = b""
+        self._stopped = True
+        self._head_at = None
+        slot = _Slot(self._door._gate.request_id(None), path, time.perf_counter())
+        self._slots.append(slot)
+        if json_body:
+            self._ready(slot, error.status, "Content-Type: application/json\r\n", json.dumps(error.to_dict()).encode())
+        else:
+            status, headers, body = self._door._gate.error_reply(error, path, None)
+            self._ready(slot, status, header_lines(headers), body)
+
+    def _internal_error(self, e: BaseException | None) -> None:
+        _log.error("front door: dropping a connection after an internal error", exc_info=e)
+        self._door.internal_errors += 1
+        self._door._metrics.front_errors.inc()
+        self.close()
+
+    def _start_handoff(self) -> None:
+        """The message at ``_pos`` goes to aiohttp, with everything after it, once our answers are out."""
+        self._handoff = True
+        self._buf = self._buf[self._pos :]
+        self._head_at = None
+        if not self._slots:
+            self._hand_off()
+        else:
+            self._update_reading()
+
+    def _hand_off(self) -> None:
         """Give the connection to aiohttp, with the bytes from the first request it must answer."""
         transport = self._transport
-        if transport is None or self._slots:
-            if transport is not None and not self._paused:
-                self._paused = True
-                transport.pause_reading()  # until our responses are written
+        if transport is None:
             return
-        data, self._handoff = bytes(self._handoff or b""), None
+        data, self._buf = bytes(self._buf), b""
         door = self._door
         door.handed_off += 1
         door._metrics.front_handoffs.inc()
         door._connections.discard(self)
-        handler = _HalfCloseGuard(door._aiohttp())
+        handler = _AiohttpConnection(door, door._aiohttp())
         transport.set_protocol(handler)
         handler.connection_made(transport)
         if self._paused:
@@ -365,67 +484,145 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
-    def expire(self, now: float, read_timeout: float) -> None:
-        """Close the connection if it sat idle past the keep-alive time, or answer 408 if the
-        client left a request half-sent past ``read_timeout`` (the sweeper calls this)."""
-        if self._slots or self._handoff is not None or self._timed_out:
-            return  # we owe answers (or aiohttp is about to take over): the client is not the one stalling
-        quiet = now - self.last_active
-        if self._buf:
-            if quiet > read_timeout:
-                self._time_out(read_timeout)
-        elif quiet > _KEEPALIVE_S:
+    # --- timers and drain (the door's sweeper and close call these) ------------------------------
+
+    def expire(self, now: float) -> None:
+        """Enforce the head deadline, the body rate and the keep-alive time."""
+        door = self._door
+        if self._lingering or self._handoff:
+            return
+        if self._head_at is not None and not self._stopped:
+            if self._body_at is None:
+                if now - self._head_at > door._head_timeout:
+                    self._time_out(f"the request head was not complete {door._head_timeout:g} s after its first byte")
+            elif now - self._body_at > door._read_timeout + len(self._buf) / door._min_rate:
+                self._time_out(f"the request body arrived slower than {door._min_rate} bytes/s ({len(self._buf)} bytes received)")
+        elif self._slots:
+            if self._write_paused and now - self.last_active > door._keepalive:
+                self.close()  # answers owed to a client that reads none of them
+        elif self._drain_at is None and now - self.last_active > door._keepalive:
             self.close()
 
-    def _time_out(self, read_timeout: float) -> None:
-        request_line = bytes(self._buf[: self._buf.find(b"\r\n")]).split(b" ")
-        path = request_line[1].decode("ascii", "replace") if len(request_line) > 1 else "/"
-        received = len(self._buf)
-        self._buf = bytearray()
-        self._timed_out = True
-        slot = _Slot(self._door._gate.request_id(None), path, time.perf_counter())
-        self._slots.append(slot)
-        error = RequestTimeout(f"the client sent no byte of its request for {read_timeout:g} s ({received} bytes received)")
-        status, headers, body = self._door._gate.error_reply(error, path, None)
-        self._ready(slot, status, header_lines(headers), body)
+    def _time_out(self, reason: str) -> None:
+        door = self._door
+        door.timed_out += 1
+        self._answer_and_close(RequestTimeout(reason), self._url.decode("latin-1") or "/")
+
+    def drain(self) -> None:
+        """Serve what the client sent before now (in our buffer and the socket's), close after it."""
+        if self._transport is None or self._lingering or self._handoff:
+            return
+        self._drain_at = self._seen + _pending_bytes(self._transport)
+        if self._stopped:
+            return
+        if self._drain_at == self._seen and not self._buf and self._slots:
+            self._stop()  # nothing more was sent: the answer owed last closes
+            return
+        # Bytes still to come in (the socket's, or the rest of a half-read message), or nothing
+        # owed: wait for them while they keep coming (on_message_complete stops at the first
+        # message ending past the socket's bytes); a client that sends nothing for a while has
+        # sent all it will before the drain.
+        self._drain_seen = self._seen
+        asyncio.get_running_loop().call_later(_DRAIN_IDLE_S, self._drain_quiet)
+
+    def _drain_quiet(self) -> None:
+        if self._stopped or self._transport is None:
+            return
+        if self._seen > self._drain_seen:
+            self._drain_seen = self._seen
+            asyncio.get_running_loop().call_later(_DRAIN_IDLE_S, self._drain_quiet)
+        else:
+            self._stop()  # a message left half-sent was never accepted: dropped
 
     @property
     def owed(self) -> bool:
-        """Answers are still due on this connection."""
-        return bool(self._slots)
+        """The connection still has answers or a drain to finish."""
+        return bool(self._slots) or (self._drain_at is not None and not self._stopped)
 
 
-class _HalfCloseGuard(asyncio.Protocol):
-    """aiohttp's protocol for one connection, except that a client who half-closes still gets its answer.
+def _text(value: bytes | None) -> str | None:
+    return value.decode("latin-1").strip(" \t") if value is not None else None
 
-    Why: aiohttp's handler returns None from ``eof_received``, so the transport closes at a
-    client's half-close (``shutdown(SHUT_WR)`` right after its request, as ``nc -N`` does) and
-    the answer is lost (aiohttp#3659). Here, when a request is owed, the transport stays open and
-    aiohttp is told to close the connection once it has answered; a request cut short by the
-    half-close is answered 400. Whatever else stays open closes after the keep-alive time."""
 
-    def __init__(self, handler: asyncio.Protocol) -> None:
+class _Watch:
+    """Watches the bytes a connection served by aiohttp sends, with its own llhttp parser, for the
+    limits aiohttp does not apply itself: the head deadline and the body rate of every request."""
+
+    def __init__(self) -> None:
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self.head_at: float | None = None
+        self.body_at: float | None = None
+        self.body = 0  # bytes of the body received
+        self.messages = 0
+        self.now = 0.0
+
+    def feed(self, data: bytes, now: float) -> None:
+        if self.parser is None:
+            return
+        self.now = now
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self.parser = None  # aiohttp answers (or takes the connection); nothing more to time
+
+    def on_message_begin(self) -> None:
+        self.head_at, self.body_at, self.body = self.now, None, 0
+
+    def on_headers_complete(self) -> None:
+        self.body_at = self.now
+
+    def on_body(self, body: bytes) -> None:
+        self.body += len(body)
+
+    def on_message_complete(self) -> None:
+        self.head_at = self.body_at = None
+        self.messages += 1
+
+    @property
+    def mid_message(self) -> bool:
+        return self.head_at is not None
+
+
+class _AiohttpConnection(asyncio.Protocol):
+    """aiohttp's protocol for one connection, with the limits of every connection, and an answer
+    for a client that half-closes.
+
+    Why: aiohttp applies no deadline to a request head nor a rate to a body nobody reads yet, and
+    its handler returns None from ``eof_received``, so the transport closes at a client's
+    half-close (``shutdown(SHUT_WR)`` right after its request, as ``nc -N`` does) and the answer
+    is lost (aiohttp#3659). Here, at a half-close the transport stays open until the last answer
+    owed (the app's middleware marks it ``Connection: close``, see body.py); a request body cut
+    short by the half-close fails its reader at once (the app answers 400)."""
+
+    def __init__(self, door: FrontDoor, handler: asyncio.Protocol, *, fresh: bool = False) -> None:
+        self._door = door
+        self._fresh = fresh  # a new connection (not one the front door hands over): counts against the cap
         self._handler = handler
         self._transport: asyncio.BaseTransport | None = None
-        self._deadline: asyncio.TimerHandle | None = None
-        self._bodies: list[Any] = []  # request bodies aiohttp is still receiving (its StreamReaders)
+        self._watch = _Watch()
+        self.last_active = time.monotonic()
+        self._eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._fresh and not self._door._admit(transport):
+            return
         self._transport = transport
         self._handler.connection_made(transport)
+        self._door._connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-        self._handler.connection_lost(exc)
+        self._door._connections.discard(self)
+        if self._transport is not None:
+            self._handler.connection_lost(exc)
+            forget(self._transport)
+        self._transport = None
 
     def data_received(self, data: bytes) -> None:
-        handler: Any = self._handler
-        handler.data_received(data)
-        # Requests it just framed are still queued here (its task takes them later): note their bodies.
-        bodies = [b for b in self._bodies if not b.is_eof()]
-        bodies += [b for _, b in getattr(handler, "_messages", ()) if not b.is_eof() and b not in bodies]
-        self._bodies = bodies
+        if self._transport is None:
+            return  # refused
+        self.last_active = now = time.monotonic()
+        self._watch.feed(data, now)
+        self._handler.data_received(data)
 
     def pause_writing(self) -> None:
         self._handler.pause_writing()
@@ -434,28 +631,41 @@ class _HalfCloseGuard(asyncio.Protocol):
         self._handler.resume_writing()
 
     def eof_received(self) -> bool | None:
-        handler: Any = self._handler
-        handler.eof_received()
-        if _owes_nothing(handler) or self._transport is None:
-            return None  # close now, as aiohttp would
-        handler.close()  # aiohttp's: close the connection after answering the requests it has
-        # A body still incomplete never will be: its reader fails now (the app answers 400)
-        # instead of waiting for bytes that cannot come.
-        for body in self._bodies:
-            if not body.is_eof():
-                body.set_exception(ConnectionResetError("the client closed its side before sending the whole body"))
-        self._bodies = []
-        self._deadline = asyncio.get_running_loop().call_later(_KEEPALIVE_S, self._transport.close)
-        return True
+        self._eof = True
+        transport, watch = self._transport, self._watch
+        if transport is None or watch.parser is None:
+            return None  # refused, or aiohttp answers a malformed message and closes
+        # The request whose head is complete is aiohttp's too (its body reader now fails: 400).
+        if half_closed(transport, watch.messages + (watch.body_at is not None)):
+            return None  # nothing owed: close now, as aiohttp would
+        return True  # the last answer owed closes the connection
 
+    def expire(self, now: float) -> None:
+        door, watch = self._door, self._watch
+        if self._transport is None or self._eof:
+            return
+        if watch.head_at is not None:
+            if watch.body_at is None:
+                late = now - watch.head_at > door._head_timeout
+            else:
+                # A second more than the app's own reader allows, so that its 408 goes out first.
+                late = now - watch.body_at > door._read_timeout + 1 + watch.body / door._min_rate
+            if late:
+                door.timed_out += 1
+                self._transport.close()
+        elif watch.messages == 0 and now - self.last_active > door._keepalive:
+            self._transport.close()  # never sent a request (aiohttp times out only after one)
 
-def _owes_nothing(handler: Any) -> bool:
-    """True when aiohttp's handler waits for a request and has none: nothing to answer. Reads its
-    internals (aiohttp 3.14, checked by tests); without them, True: aiohttp's own behaviour."""
-    messages, waiter = getattr(handler, "_messages", None), getattr(handler, "_waiter", None)
-    if messages is None:
-        return True
-    return not messages and waiter is not None and not waiter.done()
+    def drain(self) -> None:
+        """aiohttp's own shutdown (runner.cleanup) answers the request in hand and closes."""
+
+    @property
+    def owed(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
 
 
 class FrontDoor:
@@ -463,13 +673,20 @@ class FrontDoor:
 
     def __init__(self, runner: web.AppRunner) -> None:
         state = runner.app[STATE]
+        config: ServerConfig = state.config
         self._gate = state.gate
         self._inference = state.inference
         self._metrics = state.metrics
-        self._max_body = state.config.max_body_bytes
-        self._read_timeout = state.config.read_timeout_s
+        self.fast = config.front_door
+        self._max_body = config.max_body_bytes
+        self._head_timeout = config.head_timeout_s
+        self._read_timeout = config.read_timeout_s
+        self._min_rate = config.min_body_rate
+        self._keepalive = config.keepalive_timeout_s
+        self._max_connections = config.max_connections
+        self._max_in_flight = config.max_requests_in_flight
         self._aiohttp = _aiohttp_protocols(runner)
-        self._connections: set[_Connection] = set()
+        self._connections: set[_Connection | _AiohttpConnection] = set()
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
@@ -477,10 +694,20 @@ class FrontDoor:
         self._date_at = 0
         # The end of every response head: headers that never change, then the blank line.
         self._tail = "".join(f"{k}: {v}\r\n" for k, v in self._gate.extra_headers) + "Server: tandem\r\n\r\n"
-        self._closing_tail = "Connection: close\r\n" + self._tail  # while the server drains (Gate.draining)
-        #: Requests the front door answered itself, and connections it handed to aiohttp.
+        self._closing_tail = "Connection: close\r\n" + self._tail
+        refused = InvalidInput("too many open connections; retry later")
+        refused.status = 503
+        refused.code = "unavailable"
+        self._refusal = (
+            f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+            f"Content-Length: {len(json.dumps(refused.to_dict()))}\r\nConnection: close\r\n\r\n{json.dumps(refused.to_dict())}"
+        ).encode()
+        #: Requests the front door answered itself, connections it handed to aiohttp, connections
+        #: refused beyond max_connections, and requests cut by the head deadline or body rate.
         self.served = 0
         self.handed_off = 0
+        self.refused = 0
+        self.timed_out = 0
         self._served_published = 0
         self._metrics.on_refresh(self._sync_metrics)
         #: Connections dropped because the front door itself failed (a bug; logged with its traceback).
@@ -491,17 +718,41 @@ class FrontDoor:
         assert self._server is not None
         return self._server.sockets[0].getsockname()[1]
 
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
     def date(self) -> str:
         now = int(time.time())
         if now != self._date_at:
             self._date_at, self._date = now, email.utils.formatdate(now, usegmt=True)
         return self._date
 
+    def _protocol(self) -> asyncio.Protocol:
+        if self.fast:
+            return _Connection(self)
+        return _AiohttpConnection(self, self._aiohttp(), fresh=True)
+
+    def _admit(self, transport: asyncio.BaseTransport) -> bool:
+        """Whether a new connection is taken; else it is answered 503 (or, draining, closed)."""
+        if self._closing:
+            transport.close()  # accepted just before the door closed: nothing was asked yet
+            return False
+        if len(self._connections) < self._max_connections:
+            return True
+        self.refused += 1
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(self._refusal)
+        if transport.can_write_eof():
+            transport.write_eof()  # and let the client close, so that the answer is not reset
+            asyncio.get_running_loop().call_later(_LINGER_S, transport.close)
+        else:
+            transport.close()
+        return False
+
     async def _start(self, host: str, port: int, reuse_port: bool, backlog: int) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, backlog=backlog, reuse_port=reuse_port or None
-        )
+        self._server = await loop.create_server(self._protocol, host, port, backlog=backlog, reuse_port=reuse_port or None)
         self._sweeper = loop.create_task(self._sweep())
 
     def _sync_metrics(self) -> None:
@@ -514,46 +765,36 @@ class FrontDoor:
             self._served_published += new
 
     async def _sweep(self) -> None:
+        period = min(1.0, self._head_timeout / 4, self._read_timeout / 4, self._keepalive / 4)
         while True:
-            await asyncio.sleep(min(_KEEPALIVE_S, self._read_timeout) / 5)
+            await asyncio.sleep(period)
             now = time.monotonic()
             for conn in list(self._connections):
-                conn.expire(now, self._read_timeout)
+                conn.expire(now)
 
     async def close(self, timeout: float) -> None:
-        """Stop accepting, answer what the front door accepted (up to ``timeout``), close its connections."""
+        """Stop accepting; answer every request received, and those whose bytes were in the socket
+        buffers when the drain began (up to ``timeout``); close the front door's connections."""
+        if self._closing:
+            return
         self._closing = True
         if self._server is not None:
             self._server.close()
+        for conn in list(self._connections):
+            conn.drain()
+        deadline = time.monotonic() + timeout
+        while any(c.owed for c in self._connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        # Linger-closing ones close themselves; anything still open now ran out of time.
+        await asyncio.sleep(0)
+        for conn in list(self._connections):
+            if isinstance(conn, _Connection) and not conn._lingering:
+                conn.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        # A connection owed no answer closes now, a half-sent request included (it was never
-        # accepted); the others close once their answers are written, or at the deadline.
-        deadline = time.monotonic() + timeout
-        while any(c.owed for c in self._connections) and time.monotonic() < deadline:
-            for conn in [c for c in self._connections if not c.owed]:
-                conn.close()
-            await asyncio.sleep(0.01)
-        for conn in list(self._connections):
-            conn.close()
         self._sync_metrics()
-
-
-class _AiohttpOnly:
-    """``front_door = false``: aiohttp serves every connection, behind the same interface."""
-
-    def __init__(self, server: asyncio.AbstractServer) -> None:
-        self._server = server
-        self.served = self.handed_off = 0
-
-    @property
-    def port(self) -> int:
-        return self._server.sockets[0].getsockname()[1]
-
-    async def close(self, timeout: float) -> None:
-        self._server.close()  # accepted requests are answered by runner.cleanup()'s shutdown
 
 
 class _RequestHandler(web.RequestHandler):
@@ -584,30 +825,36 @@ class _RequestHandler(web.RequestHandler):
         return response
 
 
-def _aiohttp_protocols(runner: web.AppRunner) -> Callable[[], asyncio.Protocol]:
-    """Makes aiohttp's protocol for one connection of the app (with :class:`_RequestHandler`'s errors)."""
+def _aiohttp_protocols(runner: web.AppRunner) -> Callable[[], web.RequestHandler]:
+    """Makes aiohttp's protocol for one connection of the app, with :class:`_RequestHandler`'s
+    errors: the runner's own protocol, made a :class:`_RequestHandler` (a subclass that adds no
+    state, so the object's class can change; aiohttp's constructor is left to aiohttp)."""
     server = runner.server
     if server is None:
         raise RuntimeError("call runner.setup() before listen()")
-    try:  # what web.Server.__call__ does, with the subclass
-        loop, kwargs = server._loop, server._kwargs  # type: ignore[attr-defined]
-    except AttributeError:
-        return server
-    return lambda: _RequestHandler(server, loop=loop, **kwargs)
+
+    def make() -> web.RequestHandler:
+        handler = server()
+        handler.__class__ = _RequestHandler
+        return handler
+
+    return make
 
 
-async def listen(
-    runner: web.AppRunner, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024
-) -> FrontDoor | _AiohttpOnly:
+def make_runner(app: web.Application) -> web.AppRunner:
+    """The aiohttp runner of a Tandem app: its keep-alive the server's, no access log of its own
+    (the app's middleware writes it), signals left to the caller."""
+    config: ServerConfig = app[STATE].config
+    return web.AppRunner(
+        app, access_log=None, shutdown_timeout=config.shutdown_timeout_s, handle_signals=False,
+        keepalive_timeout=config.keepalive_timeout_s,
+    )
+
+
+async def listen(runner: web.AppRunner, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> FrontDoor:
     """Serve ``runner``'s app (set up already) on host:port: through the front door, or through
     aiohttp alone when the app's config says ``front_door = false``. Stop with ``await x.close(t)``
     before ``runner.cleanup()``."""
-    if not runner.app[STATE].config.front_door:
-        aiohttp = _aiohttp_protocols(runner)
-        server = await asyncio.get_running_loop().create_server(
-            lambda: _HalfCloseGuard(aiohttp()), host, port, backlog=backlog, reuse_port=reuse_port or None
-        )
-        return _AiohttpOnly(server)
     door = FrontDoor(runner)
     await door._start(host, port, reuse_port, backlog)
     return door

@@ -172,14 +172,13 @@ class ServerThread:
         return self.app[STATE]
 
     def start(self) -> "ServerThread":
-        from aiohttp import web
 
-        from tandem.cloud.front import listen
+        from tandem.cloud.front import listen, make_runner
 
         self._thread.start()
 
         async def start() -> None:
-            self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=10)
+            self._runner = make_runner(self.app)
             await self._runner.setup()
             self.door = await listen(self._runner, "127.0.0.1", self.port)
 
