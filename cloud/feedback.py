@@ -48,6 +48,11 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20
 MAX_RECORDS_PER_REQUEST = 10_000
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
+#: Deepest nesting of lists and maps a label or payload may have. Stored as JSON and read back
+#: into responses, a deeper one (~1000 levels) exceeds the JSON codec's recursion limit.
+MAX_NESTING = 64
+#: Largest ``after`` sequence number (SQLite's INTEGER is 64-bit signed).
+_MAX_SEQ = 2**63 - 1
 _FIELDS = {"id", "kind", "model", "version", "request_id", "label", "payload", "created_at"}
 _JSON = "application/json"
 
@@ -147,7 +152,7 @@ class FeedbackStore:
             if kind is not None and kind not in KINDS:
                 raise InvalidInput(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
             limit = _int_param(q, "limit", DEFAULT_LIST_LIMIT, 1, MAX_LIST_LIMIT)
-            after = _int_param(q, "after", 0, 0, None)
+            after = _int_param(q, "after", 0, 0, _MAX_SEQ)
             records = await self.query(model=q.get("model"), kind=kind, after=after, limit=limit)
         except TandemError as e:
             return _respond(e.to_dict(), as_msgpack, e.status)
@@ -253,14 +258,14 @@ def _validate(rec: Any, i: int) -> tuple[Any, ...]:
     except ValueError:
         raise _bad(i, "id", f"{rid[:64]!r} is not a UUID") from None
     if rec["kind"] not in KINDS:
-        raise _bad(i, "kind", f"must be one of {', '.join(KINDS)}, not {str(rec['kind'])[:64]!r}")
+        raise _bad(i, "kind", f"must be one of {', '.join(KINDS)}, not {_short(rec['kind'])}")
     model = _string(rec, "model", i, required=True)
     version = _string(rec, "version", i)
     request_id = _string(rec, "request_id", i)
 
     created = rec["created_at"]
-    if isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created):
-        raise _bad(i, "created_at", f"must be unix seconds (a finite number), not {str(created)[:64]!r}")
+    if isinstance(created, bool) or not isinstance(created, (int, float)) or not _finite(created):
+        raise _bad(i, "created_at", f"must be unix seconds (a finite number), not {_short(created)}")
 
     payload = rec.get("payload")
     if payload is not None and not isinstance(payload, Mapping):
@@ -278,11 +283,59 @@ def _string(rec: Mapping[str, Any], field: str, i: int, required: bool = False) 
         return None
     if not isinstance(v, str) or (required and not v):
         raise _bad(i, field, f"must be a {'non-empty ' if required else ''}string, not {type(v).__name__}")
+    if not _utf8(v):
+        raise _bad(i, field, "must be valid Unicode (it holds a lone surrogate, e.g. an unpaired \\ud800 escape)")
     return v
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+def _short(value: Any) -> str:
+    """A value for an error message, cut to a readable length."""
+    if isinstance(value, int) and value.bit_length() >= 1000:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
+def _check_value(value: Any, i: int, field: str) -> None:
+    """Refuse a label or payload that could not be stored and read back in both wire formats:
+    nested deeper than MAX_NESTING, or holding a string that is not valid Unicode (msgpack
+    cannot encode it). Walks without recursion, so no depth can exhaust the stack here."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            if not _utf8(v):
+                raise _bad(i, field, "holds a string that is not valid Unicode (a lone surrogate)")
+            continue
+        if isinstance(v, Mapping):
+            children: list[Any] = [*v.keys(), *v.values()]
+        elif isinstance(v, (list, tuple)):
+            children = list(v)
+        else:
+            continue
+        if depth > MAX_NESTING:
+            raise _bad(i, field, f"is nested more than {MAX_NESTING} levels deep")
+        stack.extend((c, depth + 1) for c in children)
 
 
 def _to_json(value: Any, i: int, field: str) -> str:
     # Stored as JSON so that every record reads back the same in either wire format.
+    _check_value(value, i, field)
     try:
         # NaN/Infinity pass (as Python's json writes and reads them): devices serialise with defaults.
         return json.dumps(value, separators=(",", ":"))
@@ -304,8 +357,10 @@ def _is_msgpack(content_type: str) -> bool:
 def _json_loads(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # ValueError: also an integer of too many digits
         raise InvalidInput(f"feedback body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidInput("feedback body is nested too deeply") from None
 
 
 def _int_param(q: Mapping[str, str], name: str, default: int, lo: int, hi: int | None) -> int:

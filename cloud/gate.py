@@ -79,13 +79,21 @@ class Gate:
         the model's queue state when known, and ``Retry-After`` on 503/429."""
         headers = self._inference.error_headers(served)
         if isinstance(error, Overloaded) or error.status in (429, 503):
-            retry = getattr(error, "retry_after", 1.0)
-            headers[p.HEADER_RETRY_AFTER] = str(max(1, math.ceil(retry)))
+            headers[p.HEADER_RETRY_AFTER] = str(retry_after_seconds(getattr(error, "retry_after", 1.0)))
+        doc = error.to_dict()
         if is_native(path):
             headers["Content-Type"] = p.CONTENT_TYPE
-            return error.status, headers, packb(error.to_dict())
+            try:
+                body = packb(doc)
+            except (TypeError, ValueError, OverflowError):  # details a client put there that msgpack cannot carry
+                body = packb({"error": error.message, "code": error.code})
+            return error.status, headers, body
         headers["Content-Type"] = "application/json"
-        return error.status, headers, json.dumps(error.to_dict()).encode()
+        try:
+            text = json.dumps(doc)
+        except (TypeError, ValueError, RecursionError):
+            text = json.dumps({"error": error.message, "code": error.code})
+        return error.status, headers, text.encode()
 
     @property
     def logs_access(self) -> bool:
@@ -102,6 +110,23 @@ class Gate:
     def close(self) -> None:
         """Write every queued access-log line (at shutdown)."""
         self._access_log.flush()
+
+
+#: The longest Retry-After sent, in seconds: an estimate beyond it says nothing more useful.
+MAX_RETRY_AFTER_S = 3600
+
+
+def retry_after_seconds(estimate: Any) -> int:
+    """Whole seconds for Retry-After: at least 1, at most MAX_RETRY_AFTER_S (NaN or garbage: 1)."""
+    try:
+        value = float(estimate)
+    except OverflowError:  # an int beyond any float
+        return MAX_RETRY_AFTER_S
+    except (TypeError, ValueError):
+        return 1
+    if not value > 1:  # NaN too
+        return 1
+    return MAX_RETRY_AFTER_S if value >= MAX_RETRY_AFTER_S else math.ceil(value)
 
 
 _encode_str: Any = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]

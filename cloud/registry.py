@@ -290,17 +290,32 @@ def _byte_range(request: web.Request, etag: str, size: int) -> tuple[int, int]:
         return 0, size
     m = _RANGE_RE.match("bytes=" + ranges.strip())  # the unit, checked above, is case-insensitive (RFC 9110)
     if m is None:
-        raise _RangeNotSatisfiable(f"Range {header!r} is not supported: send one 'bytes=start-end' range")
+        raise _RangeNotSatisfiable(f"Range {_cut(header)!r} is not supported: send one 'bytes=start-end' range")
     first, last = m.groups()
     if not first and not last:
-        raise InvalidInput(f"Range {header!r} names no bytes")
+        raise InvalidInput(f"Range {_cut(header)!r} names no bytes")
     if not first:  # suffix: the last N bytes
-        n = int(last)
+        n = _position(last)
         if n == 0:
-            raise _RangeNotSatisfiable(f"Range {header!r} asks for zero bytes", size=size)
+            raise _RangeNotSatisfiable(f"Range {_cut(header)!r} asks for zero bytes", size=size)
         return max(0, size - n), size
-    start = int(first)
-    end = min(int(last) + 1, size) if last else size
+    start = _position(first)
+    end = min(_position(last) + 1, size) if last else size
     if start >= size or end <= start:
-        raise _RangeNotSatisfiable(f"Range {header!r} is outside the file's {size} bytes", size=size)
+        raise _RangeNotSatisfiable(f"Range {_cut(header)!r} is outside the file's {size} bytes", size=size)
     return start, end
+
+
+#: Digits beyond which a byte position lies past any file (2**63 has 19).
+_MAX_DIGITS = 19
+
+
+def _position(digits: str) -> int:
+    """A byte position of a Range header; one of more digits than any file has bytes counts as
+    2**63 (int() refuses strings of more than 4300 digits)."""
+    significant = digits.lstrip("0")
+    return int(significant or "0") if len(significant) <= _MAX_DIGITS else 2**63
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -40,8 +40,10 @@ async def _json_body(request: web.Request, timeout_s: float) -> dict[str, Any]:
         return {}
     try:
         doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # ValueError: also an integer of too many digits
         raise InvalidInput(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidInput("request body is nested too deeply") from None
     if not isinstance(doc, dict):
         raise InvalidInput("request body must be a JSON object")
     return doc

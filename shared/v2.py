@@ -82,7 +82,7 @@ class V2Request:
         """The ``priority`` request parameter (0 = default)."""
         p = self.parameters.get("priority", 0)
         if isinstance(p, bool) or not isinstance(p, int) or p < 0:
-            raise InvalidInput(f"parameter 'priority' must be a non-negative integer, got {p!r}")
+            raise InvalidInput(f"parameter 'priority' must be a non-negative integer, got {_short(p)}")
         return p
 
     def timeout_us(self) -> float | None:
@@ -91,8 +91,17 @@ class V2Request:
         if t is None:
             return None
         if isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0:
-            raise InvalidInput(f"parameter 'timeout' must be a non-negative number of microseconds, got {t!r}")
-        return float(t)
+            raise InvalidInput(f"parameter 'timeout' must be a non-negative number of microseconds, got {_short(t)}")
+        try:
+            return float(t)
+        except OverflowError:  # an int beyond any float: no deadline worth keeping
+            return math.inf
+
+
+def _short(value: Any) -> str:
+    """A value for an error message, cut to a readable length (a request may send megabytes)."""
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 1000 else f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _parameters(obj: Any, what: str) -> dict[str, Any]:
@@ -106,7 +115,9 @@ def _parameters(obj: Any, what: str) -> dict[str, Any]:
 def _json_header(raw: bytes | memoryview) -> dict[str, Any]:
     try:
         doc = json.loads(bytes(raw).decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:
+        # ValueError: JSONDecodeError, and an integer of more digits than Python converts
+        # (sys.get_int_max_str_digits, 4300 by default).
         raise InvalidInput(f"request header is not valid JSON: {e}") from None
     except RecursionError:
         raise InvalidInput("request header is nested too deeply") from None
