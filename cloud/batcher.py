@@ -2,15 +2,26 @@
 
 Mechanism (one, like Ray Serve's ``@serve.batch`` or Triton's dynamic batcher):
 
-* :meth:`Batcher.submit` (on the event loop) validates nothing (the caller did), refuses at once
-  when the queue is full (:class:`Overloaded`, 503 + Retry-After) or the deadline has already
-  passed, else appends the request to the deque of its priority level and returns an asyncio
-  future. No task is created.
+* :meth:`Batcher.submit` (on the event loop) checks the request's size against
+  ``max_request_rows`` (400), refuses at once when the queue is full in requests or in rows
+  (:class:`Overloaded`, 503 + Retry-After), when the deadline has already passed, or when the work
+  queued ahead would outlast its deadline or ``max_queue_wait_ms`` (503 + Retry-After), else
+  appends the request to the deque of its priority level and returns an asyncio future. No task
+  is created.
+* A request with a deadline (or under ``max_queue_wait_ms``) gets one loop timer: when it fires
+  while the request still waits, the request is answered (504, or 503 for the queue bound) and
+  leaves the queue's counts at once; the deque entry it leaves behind (a tombstone) is skipped
+  by the threads, and the deques are compacted when tombstones make up half of them.
 * Each instance (one onnxruntime session) has a thread that takes its own batches: the oldest live
   request of the best priority level and every queued request with the same *signature* (input
   names, dtypes and non-batch dimensions) up to ``max_batch_size`` rows. Requests whose deadline
   has passed are answered with :class:`DeadlineExceeded` before any compute. Requests with other
-  signatures stay queued for the next batch, so mixed shapes are all answered.
+  signatures stay queued for the next batch, so mixed shapes are all answered. A batch of more
+  rows than the instance was warmed with (only possible with ``max_request_rows`` above
+  ``max_batch_size``) hands its requests copies of its outputs and is followed by a one-row
+  run that shrinks onnxruntime's memory arena:
+  without it the arena kept what the large batch took (a 100,000-row batch of a small CNN took
+  RSS from 58 MB to 871 MB, and it stayed there; with it, back to 58 MB).
 * The thread takes its next batch the moment it finishes one, without waiting for the event loop:
   under load the session never idles while the loop is busy writing responses (it did, ~30% of
   the time, when the loop dispatched every batch). The loop hears back once per batch.
@@ -42,7 +53,15 @@ from typing import Any
 
 import numpy as np
 
-from tandem.shared.errors import DeadlineExceeded, InferenceFailed, Overloaded, TandemError, Unavailable
+from tandem.shared.errors import (
+    DeadlineExceeded,
+    DeadlineUnreachable,
+    InferenceFailed,
+    InvalidInput,
+    Overloaded,
+    TandemError,
+    Unavailable,
+)
 
 from .config import BatchingConfig
 from .engine import ModelEngine, lower_thread_priority
@@ -61,6 +80,17 @@ MAX_PADDING_RATIO = 1.1
 #: Queued requests a padded batch is chosen from: the oldest and up to this many after it (a
 #: bound on the work done under the queue's lock; deeper requests wait for a later batch).
 _PAD_WINDOW = 256
+
+#: A deadline further away than this (seconds) is no deadline: no timer is set for it.
+_FOREVER_S = 7 * 24 * 3600.0
+
+#: Tombstones (requests answered by their timer while queued) a queue keeps before it is compacted.
+_MIN_TOMBSTONES = 64
+
+# The states of a queued request, changed under the batcher's lock.
+_QUEUED = 0
+_TAKEN = 1  # taken off the queue by a thread (into a batch, or dropped)
+_TIMED_OUT = 2  # answered by its timer while queued: a tombstone in its deque
 
 
 @dataclass(slots=True)
@@ -86,7 +116,7 @@ class BatchObserver:
 
 
 class _Pending:
-    __slots__ = ("inputs", "rows", "key", "future", "deadline", "enqueued", "lens", "size")
+    __slots__ = ("inputs", "rows", "key", "future", "deadline", "enqueued", "lens", "size", "level", "state", "timer", "shed")
 
     def __init__(
         self, inputs: Mapping[str, np.ndarray], rows: int, key: tuple[Any, ...], future: asyncio.Future[BatchResult],
@@ -96,10 +126,29 @@ class _Pending:
         self.rows = rows
         self.key = key
         self.future = future
-        self.deadline = deadline  # time.monotonic() seconds
+        #: time.monotonic() seconds when it expires: its own deadline or the queue bound, the earlier
+        self.deadline = deadline
         self.enqueued = enqueued  # time.perf_counter() seconds
         self.lens = lens  # length along each axis the model may pad (ModelEngine.pad_symbols)
         self.size = size  # input elements sent (models that pad)
+        self.level = 0  # index of its priority level's deque
+        self.state = _QUEUED
+        self.timer: asyncio.TimerHandle | None = None
+        self.shed = False  # it expires at max_queue_wait_ms (503), not at its own deadline (504)
+
+
+def _owned(outcome: list[Any]) -> list[Any]:
+    """A batch's outcome with every output array copied into memory of its own."""
+    def own(outputs: Any) -> Any:
+        return {name: np.array(arr) for name, arr in outputs.items()} if isinstance(outputs, dict) else outputs
+
+    results, compute_us, per_item, *rest = outcome
+    return [
+        [own(r) for r in results] if results is not None else None,
+        compute_us,
+        [own(r) for r in per_item] if per_item is not None else None,
+        *rest,
+    ]
 
 
 def _signature(inputs: Mapping[str, np.ndarray]) -> tuple[Any, ...]:
@@ -122,6 +171,8 @@ class Batcher:
         self.name = name
         self._observer = observer or BatchObserver()
         self._max_rows = config.max_batch_size if engine.batchable else 1
+        self._request_rows = config.request_rows if engine.batchable else 1
+        self._max_wait_s = config.max_queue_wait_ms / 1000 if config.max_queue_wait_ms is not None else None
         self._preferred = frozenset(config.preferred_batch_sizes)
         self._delay_s = config.max_queue_delay_us / 1e6
         self._fill_wait_s = config.fill_wait_us / 1e6
@@ -136,9 +187,11 @@ class Batcher:
         self._waiting = 0  # threads waiting on _work (under the lock): no notify() when none does
         self._depth = 0  # queued requests (under the lock)
         self._rows = 0  # queued rows (under the lock)
+        self._level_rows = [0] * config.priority_levels  # queued rows of each level (under the lock)
+        self._tombstones = 0  # entries of the deques answered by their timer (under the lock)
         self._inflight = 0  # requests taken and not yet answered (loop side)
         self._running: set[tuple[_Pending, ...]] = set()  # batches computing (loop side)
-        self._batch_s = 0.0  # moving average of one batch's compute time, for Retry-After
+        self._batch_s = 0.0  # moving average of one batch's compute time, for Retry-After and admission
         self._closing = False
         self._stopped = False  # threads exit (under the lock)
         self._loop = asyncio.get_running_loop()
@@ -179,32 +232,84 @@ class Batcher:
         """Queue one request; the future resolves to a :class:`BatchResult` or raises a TandemError."""
         if self._closing:
             raise Unavailable(f"model {self.name} is shutting down")
+        if rows > self._request_rows:
+            raise InvalidInput(
+                f"model {self.name}: a request may carry at most {self._request_rows} rows (max_request_rows), "
+                f"this one has {rows}: send it as requests of at most {self._request_rows} rows"
+            )
         if self._depth >= self.config.max_queue_size:
             raise Overloaded(
                 f"model {self.name}: queue is full ({self.config.max_queue_size} requests waiting)",
+                retry_after=self._retry_after(),
+            )
+        if self._rows and self._rows + rows > self.config.max_queue_rows:
+            raise Overloaded(
+                f"model {self.name}: queue is full ({self._rows} rows waiting, at most {self.config.max_queue_rows})",
                 retry_after=self._retry_after(),
             )
         level = self.priority_level(priority)
         default = self.config.default_timeout_ms
         if default is not None:
             timeout_s = default / 1000 if timeout_s is None else min(timeout_s, default / 1000)
-        if timeout_s is not None and timeout_s <= 0:
-            raise DeadlineExceeded(f"model {self.name}: the request's deadline had passed on arrival")
-        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
-        fut: asyncio.Future[BatchResult] = self._loop.create_future()
+        if timeout_s is not None:
+            if timeout_s <= 0:
+                raise DeadlineExceeded(f"model {self.name}: the request's deadline had passed on arrival")
+            if not timeout_s < _FOREVER_S:  # inf: no deadline (NaN never gets here)
+                timeout_s = None
+        expires_s = timeout_s
+        if self._max_wait_s is not None or timeout_s is not None:
+            self._admit(level, timeout_s)
+            if self._max_wait_s is not None and (timeout_s is None or self._max_wait_s < timeout_s):
+                expires_s = self._max_wait_s
+        loop = self._loop
+        fut: asyncio.Future[BatchResult] = loop.create_future()
+        deadline = time.monotonic() + expires_s if expires_s is not None else None
         if self._pads:
             key, lens, size = self.engine.batch_key(inputs)
             item = _Pending(inputs, rows, key, fut, deadline, time.perf_counter(), lens, size)
         else:
             item = _Pending(inputs, rows, _signature(inputs) if self._signatures_vary else (), fut, deadline, time.perf_counter())
+        item.level = level - 1
+        if expires_s is not None:
+            item.shed = expires_s != timeout_s
+            # Answered when it expires, wherever it waits (not only when a thread reaches it).
+            item.timer = loop.call_later(expires_s, self._time_out, item)
         self._idle.clear()
         with self._lock:
             self._queues[level - 1].append(item)
             self._depth += 1
             self._rows += rows
+            self._level_rows[level - 1] += rows
             if self._waiting:  # under load every thread is computing: skip Condition's Python
                 self._work.notify()
         return fut
+
+    def queue_estimate(self, level: int = 1) -> float:
+        """Seconds a request of priority ``level`` (1..N) arriving now would likely wait: the rows
+        queued at its level and above, in batches of max_batch_size, times the recent compute time
+        of a batch, shared among the instances. 0 before any batch ran. Not counted: what the
+        instances are computing now, so it errs short (a request it admits in error is still
+        answered at its deadline by its timer)."""
+        ahead = sum(self._level_rows[:level])
+        return ahead / self._max_rows * self._batch_s / self.engine.instances
+
+    def _admit(self, level: int, timeout_s: float | None) -> None:
+        """Refuse a request whose deadline (or max_queue_wait_ms) the queue ahead would outlast."""
+        wait = self.queue_estimate(level)
+        if not wait:
+            return
+        if timeout_s is not None and wait > timeout_s:
+            raise DeadlineUnreachable(
+                f"model {self.name}: the queue ahead holds about {wait * 1e3:.0f} ms of work, "
+                f"more than the request's deadline of {timeout_s * 1e3:.0f} ms",
+                retry_after=wait,
+            )
+        if self._max_wait_s is not None and wait > self._max_wait_s:
+            raise Overloaded(
+                f"model {self.name}: queue is full (about {wait * 1e3:.0f} ms of work waiting, "
+                f"max_queue_wait_ms is {self._max_wait_s * 1e3:.0f})",
+                retry_after=wait,
+            )
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Refuse new requests and wait until every accepted one is answered. True if all were."""
@@ -221,14 +326,19 @@ class Batcher:
         drained = await self.drain(timeout)
         with self._lock:
             self._stopped = True
-            left = [item for q in self._queues for item in q]
+            left = [item for q in self._queues for item in q if item.state == _QUEUED]
+            for item in left:
+                item.state = _TAKEN
             for q in self._queues:
                 q.clear()
-            self._depth = self._rows = 0
+            self._depth = self._rows = self._tombstones = 0
+            self._level_rows = [0] * len(self._queues)
             self._work.notify_all()
         if not drained:
             error = Unavailable(f"model {self.name} was unloaded before this request ran")
             for item in left:
+                if item.timer is not None:
+                    item.timer.cancel()
                 if not item.future.done():
                     item.future.set_exception(error)
             # A batch still computing is answered now; its late result is dropped.
@@ -257,6 +367,8 @@ class Batcher:
                     return
                 if self._delay_s and self._max_rows > 1:
                     self._wait_for_fill()
+                if not self._depth:
+                    continue  # what was queued timed out meanwhile
                 if self._fill_wait_s and answered:
                     self._wait_for_rows(time.perf_counter() + self._fill_wait_s, self._fill_target(answered))
                 batch, dropped = self._take()
@@ -270,14 +382,21 @@ class Batcher:
                 continue
             started = time.perf_counter()
             try:
-                results, compute_us, computed = self._execute(instance, batch)
-                outcome: list[Any] = [results, compute_us, None, computed]
+                outcome: list[Any] = self._execute(instance, batch)
             except Exception as e:  # noqa: BLE001 - a thread must survive anything a batch throws
                 outcome = self._isolate(instance, batch, e)
+            rows = sum(item.rows for item in batch)
+            large = rows > self._max_rows  # larger than any batch the instance was warmed with
+            if large:
+                # onnxruntime's outputs are views into its arena, which cannot give back a region
+                # still in use: the requests get copies, and the arena shrinks below.
+                outcome = _owned(outcome)
             # Load is present if requests queued while this batch ran (read before its clients are
             # answered, so a lone client's next request never waits for company).
-            answered = sum(item.rows for item in batch) if self._fill_wait_s and self._depth else 0
+            answered = rows if self._fill_wait_s and self._depth else 0
             self._to_loop(self._deliver, batch, started, outcome)
+            if large:
+                self.engine.release_memory(instance)  # see the module docstring
 
     def _to_loop(self, fn: Any, *args: Any) -> None:
         try:
@@ -314,9 +433,19 @@ class Batcher:
 
     def _head_locked(self) -> _Pending | None:
         for q in self._queues:
+            while q and q[0].state != _QUEUED:
+                q.popleft()
+                self._tombstones -= 1
             if q:
                 return q[0]
         return None
+
+    def _unqueue(self, item: _Pending) -> None:
+        """Under the lock: ``item`` (queued) leaves the queue's counts."""
+        item.state = _TAKEN
+        self._depth -= 1
+        self._rows -= item.rows
+        self._level_rows[item.level] -= item.rows
 
     def _take(self) -> tuple[list[_Pending], list[_Pending]]:
         """Under the lock: (the next batch, requests to expire). Cancelled ones are skipped."""
@@ -326,10 +455,13 @@ class Batcher:
         for q in self._queues:  # the oldest live request of the best level sets the signature
             while q:
                 item = q[0]
+                if item.state != _QUEUED:
+                    q.popleft()
+                    self._tombstones -= 1
+                    continue
                 if item.future.done() or (item.deadline is not None and item.deadline <= now):
                     q.popleft()
-                    self._depth -= 1
-                    self._rows -= item.rows
+                    self._unqueue(item)
                     if not item.future.done():
                         dropped.append(item)
                     continue
@@ -350,16 +482,16 @@ class Batcher:
             kept: list[_Pending] = []
             while q and rows < limit:
                 item = q.popleft()
-                if item.future.done() or (item.deadline is not None and item.deadline <= now):
-                    self._depth -= 1
-                    self._rows -= item.rows
+                if item.state != _QUEUED:
+                    self._tombstones -= 1
+                elif item.future.done() or (item.deadline is not None and item.deadline <= now):
+                    self._unqueue(item)
                     if not item.future.done():
                         dropped.append(item)
                 elif item.key == key and (not batch or rows + item.rows <= limit):
                     batch.append(item)
                     rows += item.rows
-                    self._depth -= 1
-                    self._rows -= item.rows
+                    self._unqueue(item)
                 else:
                     kept.append(item)
             if kept:
@@ -396,9 +528,11 @@ class Batcher:
             while q and budget:
                 item = q.popleft()
                 budget -= 1
+                if item.state != _QUEUED:
+                    self._tombstones -= 1
+                    continue
                 if item.future.done() or (item.deadline is not None and item.deadline <= now):
-                    self._depth -= 1
-                    self._rows -= item.rows
+                    self._unqueue(item)
                     if not item.future.done():
                         dropped.append(item)
                     continue
@@ -413,8 +547,7 @@ class Batcher:
         for q, looked in zip(self._queues, seen):
             q.extendleft(reversed([item for item in looked if id(item) not in chosen]))
         for item in batch:
-            self._depth -= 1
-            self._rows -= item.rows
+            self._unqueue(item)
         return batch
 
     def _choose(self, head: _Pending, candidates: list[_Pending], limit: int) -> list[_Pending]:
@@ -485,7 +618,7 @@ class Batcher:
         total_us = 0.0
         for item in batch:
             try:
-                (outputs,), compute_us, _ = self._execute(instance, [item])
+                (outputs,), compute_us, _ = self._run_batch(instance, [item])
                 per_item.append(outputs)
                 total_us += compute_us
             except Exception as e:  # noqa: BLE001
@@ -495,21 +628,60 @@ class Batcher:
     # --- back on the loop -------------------------------------------------------------------------
 
     def _expire(self, dropped: list[_Pending]) -> None:
+        """On the loop: answer requests a thread found expired (their timer had not fired yet)."""
         for item in dropped:
+            if item.timer is not None:
+                item.timer.cancel()
             if not item.future.done():
-                item.future.set_exception(
-                    DeadlineExceeded(f"model {self.name}: deadline passed after {(time.perf_counter() - item.enqueued) * 1e3:.1f} ms in the queue")
-                )
+                item.future.set_exception(self._expired(item))
         self._check_idle()
+
+    def _time_out(self, item: _Pending) -> None:
+        """On the loop, at ``item``'s expiry: if it still waits, answer it and free its place."""
+        with self._lock:
+            if item.state != _QUEUED:
+                return  # taken into a batch (or dropped) meanwhile: the thread answers it
+            self._unqueue(item)
+            item.state = _TIMED_OUT
+            self._tombstones += 1
+            if self._tombstones >= _MIN_TOMBSTONES and 2 * self._tombstones >= sum(map(len, self._queues)):
+                self._compact()
+            idle = not self._depth and not self._inflight
+        item.inputs = {}  # its arrays may be large: the tombstone need not hold them
+        if not item.future.done():
+            item.future.set_exception(self._expired(item))
+        if idle:
+            self._idle.set()
+
+    def _compact(self) -> None:
+        """Under the lock: drop every tombstone from the deques (threads hold no reference to them)."""
+        self._queues[:] = [deque(item for item in q if item.state == _QUEUED) for q in self._queues]
+        self._tombstones = 0
+
+    def _expired(self, item: _Pending) -> TandemError:
+        waited_ms = (time.perf_counter() - item.enqueued) * 1e3
+        if item.shed:
+            return Overloaded(
+                f"model {self.name}: waited {waited_ms:.0f} ms in the queue, the most max_queue_wait_ms allows; "
+                "the server is overloaded",
+                retry_after=self._retry_after(),
+            )
+        return DeadlineExceeded(f"model {self.name}: deadline passed after {waited_ms:.1f} ms in the queue")
 
     def _deliver(self, batch: list[_Pending], started: float, outcome: list[Any]) -> None:
         with self._lock:
             self._running.discard(tuple(batch))
             self._inflight -= len(batch)
+        for item in batch:
+            if item.timer is not None:
+                item.timer.cancel()
         results, compute_us = outcome[0], outcome[1]
         rows = sum(item.rows for item in batch)
         if results is not None:
-            self._batch_s += 0.1 * (compute_us / 1e6 - self._batch_s)
+            if self._batch_s:
+                self._batch_s += 0.1 * (compute_us / 1e6 - self._batch_s)
+            else:  # the first batch: no average to move from 0 yet
+                self._batch_s = compute_us / 1e6
             queue_us = [(started - item.enqueued) * 1e6 for item in batch]
             answered = 0
             for item, outputs, q_us in zip(batch, results, queue_us):
@@ -549,10 +721,15 @@ class Batcher:
         batches = self._rows / self._max_rows + 1
         return max(1.0, batches * self._batch_s / self.engine.instances)
 
-    def _execute(self, instance: int, batch: list[_Pending]) -> tuple[list[dict[str, np.ndarray]], float, int]:
+    def _execute(self, instance: int, batch: list[_Pending]) -> list[Any]:
         """Concatenate (padding if the requests' lengths differ), run, slice: the whole batch in
-        one executor hop (runs in a worker thread). Returns (outputs per request, compute µs,
-        input elements computed: models that pad only, else 0)."""
+        one executor hop (runs in a worker thread). Returns the outcome [outputs per request,
+        compute µs, None (no per-request errors), input elements computed: models that pad only,
+        else 0]."""
+        results, compute_us, computed = self._run_batch(instance, batch)
+        return [results, compute_us, None, computed]
+
+    def _run_batch(self, instance: int, batch: list[_Pending]) -> tuple[list[dict[str, np.ndarray]], float, int]:
         t0 = time.perf_counter()
         if self._pads:
             return self._execute_padded(instance, batch, t0)

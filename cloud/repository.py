@@ -97,6 +97,10 @@ class ServedModel:
             "parameters": {
                 "providers": list(self.engine.providers),
                 "intra_op_threads": self.engine.intra_op_threads,
+                # Admission limits beyond Triton's fields (see BatchingConfig).
+                "max_request_rows": batching.request_rows if batched else 1,
+                "max_queue_rows": batching.max_queue_rows,
+                "max_queue_wait_ms": batching.max_queue_wait_ms,
                 "variant": self.bundle.variant("cloud").name,
                 "precision": self.bundle.variant("cloud").precision,
             },

@@ -99,6 +99,12 @@ class Overloaded(TandemError):
         self.retry_after = retry_after
 
 
+class DeadlineUnreachable(Overloaded):
+    """Refused on arrival: the work already queued would outlast the request's deadline."""
+
+    code = "deadline_unreachable"
+
+
 class Unavailable(TandemError):
     """The model or server cannot serve right now (not ready, shutting down, unreachable)."""
 
