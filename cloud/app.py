@@ -63,7 +63,10 @@ class ServerState:
     metrics: Metrics
     repository: ModelRepository
     inference: Inference
+    #: Started (and, with --workers N, told by the supervisor that every worker is): see is_ready.
     ready: bool = False
+    #: The models found in the repository at start-up: ready only while each has a version loaded.
+    expected: set[str] = field(default_factory=set)
     gate: Gate = field(init=False)
     extras: list[Any] = field(default_factory=list)  # registry, feedback store
     #: Model load/unload: the repository itself, or with --workers N a WorkerControl (control.py).
@@ -71,6 +74,18 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.control = self.repository
+
+    def is_ready(self) -> bool:
+        """What /v2/health/ready says: started, and every model found at start-up loaded."""
+        return self.ready and all(self.repository.versions(name) for name in self.expected)
+
+    def not_served(self) -> list[str]:
+        """Why each model found at start-up (and each entry that is not a bundle) is not served."""
+        reasons = list(self.repository.strays())
+        for row in self.repository.index():
+            if row["name"] in self.expected and not self.repository.versions(row["name"]) and row["state"] != "READY":
+                reasons.append(f"model {row['name']} version {row['version']}: {row['reason'] or row['state']}")
+        return reasons
 
 
 STATE = web.AppKey("tandem_state", ServerState)
@@ -186,7 +201,7 @@ def create_app(config: ServerConfig) -> web.Application:
 
     NativeAPI(inference, config.max_body_bytes, config.read_timeout_s).add_routes(app)
     V2API(
-        inference, repository, lambda: state.ready, config.max_body_bytes, config.read_timeout_s, state.metrics,
+        inference, repository, state.is_ready, config.max_body_bytes, config.read_timeout_s, state.metrics,
         control=lambda: state.control,
     ).add_routes(app)
 
@@ -205,6 +220,7 @@ def create_app(config: ServerConfig) -> web.Application:
             await asyncio.sleep(_PENDING_REFRESH_S)
 
     async def on_startup(app: web.Application) -> None:
+        state.expected = set(repository.scan())
         await repository.start()
         if metrics.multiprocess:
             refresher.append(asyncio.create_task(refresh_pending()))

@@ -12,12 +12,12 @@ the worker's stdio:
   the ``tandem-control`` / ``tandem-applied`` lines of a model load or unload (control.py);
 * supervisor -> worker (stdin): ``go`` once every worker listens (until then a worker's
   ``/v2/health/ready`` says 503: any worker may answer a health check, so one ready worker must
-  not make the whole server look ready); the ``apply`` / ``result`` lines of a model change, which
+  not make the whole server look ready), which the worker answers ``serving`` once it says ready; the ``apply`` / ``result`` lines of a model change, which
   reaches every worker (the unloads standing are applied before ``go``); end of file means the
   supervisor is gone, and the worker drains and exits (no orphans serving a port after a
   ``kill -9`` of the supervisor).
 
-The supervisor prints the usual ``ready`` line when all workers are ready, forwards SIGTERM/SIGINT
+The supervisor prints the usual ``ready`` line when every worker answered ``serving``, forwards SIGTERM/SIGINT
 (each worker drains as a single server does) and exits 0 when all exited 0. A worker that dies
 otherwise is logged and restarted, at most ``MAX_RESTARTS`` times in ``RESTART_WINDOW_S``; beyond
 that the supervisor stops the others and exits 1. Metrics use prometheus_client's multiprocess mode
@@ -46,11 +46,13 @@ from pathlib import Path
 from .config import ServerConfig
 from .control import APPLIED, CONTROL, Broadcasts
 
-__all__ = ["supervise", "follow_supervisor", "MAX_RESTARTS", "RESTART_WINDOW_S"]
+__all__ = ["supervise", "follow_supervisor", "MAX_RESTARTS", "RESTART_WINDOW_S", "SERVING"]
 
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
 _GO = "go"
+#: A worker's answer to ``go``: it now says ready.
+SERVING = "serving"
 _POLL_S = 0.1
 _log = logging.getLogger("tandem.cloud.workers")
 
@@ -84,14 +86,20 @@ def follow_supervisor(loop: asyncio.AbstractEventLoop, on_line: Callable[[str], 
 
 
 def _worker_main(argv: list[str]) -> int:
-    from .cli import _serve, run_loop
+    from tandem.shared.errors import TandemError
+
+    from .server import run
 
     config_path, port = argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     doc = json.loads(Path(config_path).read_text())
     doc["port"] = int(port)
     config = ServerConfig(**doc)
-    return run_loop(config, _serve(config, worker=True))
+    try:
+        return run(config, worker=True)
+    except TandemError as e:
+        print(f"error: {e.message}", file=sys.stderr, flush=True)
+        return 1
 
 
 # --- supervisor side -------------------------------------------------------------------------------
@@ -101,7 +109,8 @@ def _worker_main(argv: list[str]) -> int:
 class _Worker:
     index: int
     proc: subprocess.Popen[bytes]
-    ready: bool = False
+    ready: bool = False  # listening
+    serving: bool = False  # told ``go``, and says ready
 
 
 @dataclass
@@ -187,6 +196,8 @@ class _Supervisor:
             elif line.startswith(APPLIED):
                 for target in self.broadcasts.applied(index, pid, line):
                     self.send(*target)
+            elif line == SERVING:
+                worker.serving = True
             elif line.startswith("ready "):
                 worker.ready = True
                 if not self.port:
@@ -240,7 +251,7 @@ class _Supervisor:
         self.port = self.config.port
         # Port 0: the first worker picks the port, the others then join it.
         self.workers.append(self.start(0))
-        announced = False
+        announced = gone = False
         while True:
             if self.signalled and not self.stopping:
                 self.stopping = True
@@ -256,9 +267,12 @@ class _Supervisor:
                 continue
             if len(self.workers) < self.config.workers and self.port:
                 self.workers.extend(self.start(i) for i in range(len(self.workers), self.config.workers))
-            if not announced and len(self.workers) == self.config.workers and all(w.ready for w in self.workers):
+            if not gone and len(self.workers) == self.config.workers and all(w.ready for w in self.workers):
                 for w in self.workers:
                     self.go(w)
+                gone = True
+            # Ready once every worker says it is (a restarted one is told go while starting).
+            if gone and not announced and all(w.serving for w in self.workers):
                 host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
                 print(f"  workers={self.config.workers}  pids={','.join(str(w.proc.pid) for w in self.workers)}", flush=True)
                 print(f"ready http://{host}:{self.port}", flush=True)

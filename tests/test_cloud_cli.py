@@ -224,7 +224,7 @@ def test_the_reference_config_loads_and_serves(tmp_path: Path, keys: tuple[Path,
 def test_access_lines_skip_the_log_queue_and_everything_is_restored_after() -> None:
     import logging
 
-    from tandem.cloud.cli import _log_off_the_loop
+    from tandem.cloud.server import _log_off_the_loop
 
     root, access = logging.getLogger(), logging.getLogger("tandem.cloud.access")
     before = list(root.handlers)

@@ -1,0 +1,203 @@
+"""The server's lifecycle: start (load, check, listen), serve until SIGTERM/SIGINT, drain, stop.
+
+``tandem serve`` (cli.py) only parses arguments and calls :func:`run`; each ``--workers N`` worker
+(workers.py) calls it too, talking to its supervisor over stdin/stdout.
+
+Start-up refuses, with one line naming the cause and a non-zero exit, what would otherwise be a
+server that looks ready while every request fails: a repository that does not exist (a typo; it is
+never created), one that yields no loadable model (each reason named: entries that are not bundles,
+bundles that fail their signature, hash or ONNX checks; ``allow_empty`` starts anyway, for models
+loaded on demand), and a port already in use. ``/v2/health/ready`` answers 200 only while every
+model found at start-up has a version loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import logging.handlers
+import queue
+import resource
+import signal
+import sys
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+from tandem.shared.errors import InvalidInput, TandemError
+
+from .config import ServerConfig
+
+__all__ = ["run", "serve", "check_repository"]
+
+_log = logging.getLogger("tandem.cloud")
+
+
+def run(config: ServerConfig, *, worker: bool = False) -> int:
+    """Serve ``config`` on the event loop it asks for (uvloop when "auto" finds it) until a signal."""
+    return run_loop(config, serve(config, worker=worker))
+
+
+def run_loop(config: ServerConfig, main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on the event loop the config asks for."""
+    if config.event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if config.event_loop == "uvloop":
+                main.close()
+                raise InvalidInput("event_loop = uvloop, but uvloop is not installed (pip install uvloop)") from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
+def check_repository(config: ServerConfig) -> None:
+    """Refuse a repository path that is not a directory (it is never created: a typo would give a
+    server with no model and a stray feedback database)."""
+    root = Path(config.repository)
+    if not root.is_dir():
+        raise InvalidInput(f"the repository {root} does not exist or is not a directory")
+
+
+def _raise_descriptor_limit(connections: int) -> None:
+    """Let the process hold ``connections`` sockets (and its files) if the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+async def serve(config: ServerConfig, worker: bool = False) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; 0 once every accepted request was answered."""
+    with _log_off_the_loop():
+        return await _serve(config, worker)
+
+
+@contextlib.contextmanager
+def _log_off_the_loop() -> Iterator[None]:
+    """Route every log record through a queue to a thread that does the writing.
+
+    One access-log line per request goes to stderr; when whoever reads stderr falls behind (a full
+    pipe), a direct write would block the event loop and with it every request. Access lines are
+    the exception: their own thread writes them (gate._AccessLog), never the loop, so they go to
+    the handlers directly; the queue's extra hop cost each ~4 of its ~10 us of CPU.
+    """
+    root = logging.getLogger()
+    handlers = root.handlers
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, *handlers, respect_handler_level=True)
+    root.handlers = [logging.handlers.QueueHandler(records)]
+    access = logging.getLogger("tandem.cloud.access")
+    direct = bool(handlers) and not access.handlers and access.propagate  # unless the app configured it itself
+    if direct:
+        access.handlers, access.propagate = list(handlers), False
+    listener.start()
+    try:
+        yield
+    finally:
+        listener.stop()
+        root.handlers = handlers
+        if direct:
+            access.handlers, access.propagate = [], True
+
+
+async def _serve(config: ServerConfig, worker: bool) -> int:
+    from .app import STATE, create_app, describe_models
+    from .front import listen, make_runner
+
+    check_repository(config)
+    _raise_descriptor_limit(config.max_connections)
+    app = create_app(config)
+    state = app[STATE]
+    runner = make_runner(app)
+    await runner.setup()  # loads and warms every model
+    try:
+        if not state.repository.loaded() and not config.allow_empty:
+            reasons = state.not_served() or [f"no bundle in {config.repository} (<name>/<version>/manifest.json)"]
+            raise InvalidInput(
+                "no model can be served: " + "; ".join(reasons) + " (--allow-empty starts anyway, to load models on demand)"
+            )
+        for reason in state.not_served():
+            _log.error("not served: %s", reason)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        control = None
+        if worker:
+            control = _follow_supervisor(state, loop, stop)
+        try:
+            door = await listen(runner, config.host, config.port, reuse_port=worker, backlog=1024)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise InvalidInput(f"cannot listen on {config.host}:{config.port}: the address is already in use") from None
+            raise InvalidInput(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
+    except TandemError:
+        await runner.cleanup()
+        raise
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    print(f"  cores={config.available_cores()}", flush=True)
+    for line in describe_models(app):
+        print(f"  {line}", flush=True)
+    print(f"ready http://{host}:{door.port}", flush=True)
+    await stop.wait()
+    if worker:
+        # A worker gets the signal twice when sent to the whole process group (Ctrl-C, systemd,
+        # timeout) and forwarded by the supervisor: the second must not kill it mid-drain or
+        # mid-exit (asyncio would restore the default handlers as the loop closes).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
+    if config.shutdown_delay_s > 0:
+        await _shutdown_delay(state, config.shutdown_delay_s, stop)
+    _log.info("draining: no new connections; answering accepted requests")
+    # Stop listening and answer what the front door accepted (and what sat in the sockets'
+    # buffers); then cleanup() waits for aiohttp's in-flight handlers (shutdown_timeout), and
+    # on_cleanup drains every batcher and releases the sessions.
+    if control is not None:
+        control.drain()  # a model change waiting on the other workers would hold up cleanup()
+    await door.close(config.shutdown_timeout_s)
+    await runner.cleanup()
+    if control is not None:
+        await control.close()
+    _log.info("stopped")
+    return 0
+
+
+def _follow_supervisor(state: Any, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Any:
+    """A worker of ``--workers N``: not ready until the supervisor says every worker is (any
+    worker may answer a health check); model load/unload reaches every worker through the
+    supervisor (control.py); the end of its stdin means the supervisor is gone: drain and exit."""
+    from .control import WorkerControl
+    from .workers import SERVING, follow_supervisor
+
+    def send(line: str) -> None:  # to the supervisor, which reads our stdout line by line
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    def go() -> None:
+        state.ready = True
+        send(SERVING)  # the supervisor prints ready once every worker said this
+
+    state.ready = False
+    state.control = control = WorkerControl(state.repository, send, on_go=go)
+    follow_supervisor(loop, on_line=control.command, on_eof=stop.set)
+    return control
+
+
+async def _shutdown_delay(state: Any, delay: float, stop: asyncio.Event) -> None:
+    """Serve on for ``delay`` seconds, saying not ready and closing every answered connection, so
+    that load balancers and clients' connection pools move on before the listener closes.
+
+    A second signal ends the wait early (one process: a worker ignores repeated signals)."""
+    state.ready = False
+    state.gate.draining = True
+    _log.info("shutting down in %g s: /v2/health/ready answers 503 and responses close their connections meanwhile", delay)
+    stop.clear()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), delay)
