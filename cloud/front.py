@@ -81,6 +81,8 @@ _NOT_PLAIN = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"te", b"tr
 #: Request headers the front door reads (everything else is checked by llhttp, then ignored).
 _KEEP = frozenset({b"x-request-id", b"authorization", b"x-tandem-priority", b"x-tandem-deadline-ms", b"inference-header-content-length"})
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
+#: Errors a decoder raises for input it cannot take (the app's middleware answers them 400 too).
+_MALFORMED = (ValueError, TypeError, KeyError, RecursionError)
 
 
 class _HandOff(Exception):
@@ -319,7 +321,9 @@ class _Connection(asyncio.Protocol):
             else:
                 call, req = v2.start(inference, model, version_s, body, _text(h.get(b"inference-header-content-length")), deadline)
         except Exception as e:  # noqa: BLE001 - one broken request must not take the server down
-            if not isinstance(e, TandemError):
+            if isinstance(e, _MALFORMED):  # as the app's middleware: e.g. a JSON integer over 4300 digits
+                e = InvalidInput(f"malformed request: {e}")
+            elif not isinstance(e, TandemError):
                 _log.exception("unhandled error on POST %s", path)
                 e = TandemError(f"internal error: {type(e).__name__}")
             # Only a refused request needs the model looked up here (for its error headers and log).

@@ -174,3 +174,11 @@ def test_a_smuggled_request_never_runs(stacks: dict[str, ServerThread]) -> None:
         got, open_, ids = ask(s, raw)
         assert (got, open_) == (400, False) and b"smuggled" not in ids
         assert s.state.metrics.render().decode().count("smuggled") == before
+
+
+def test_a_json_integer_beyond_python_s_limit_is_a_400_on_both_stacks(stacks: dict[str, ServerThread]) -> None:
+    doc = b'{"inputs": [{"name": "input", "shape": [1, 1], "datatype": "INT64", "data": [' + b"9" * 5000 + b"]}]}"
+    raw = _msg(HOST, _cl(len(doc)), b"Content-Type: application/json", line=b"POST /v2/models/toy/infer HTTP/1.1\r\n", body=doc)
+    for s in stacks.values():
+        got, _, _ = ask(s, raw)
+        assert got == 400
