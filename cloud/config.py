@@ -57,9 +57,10 @@ class BatchingConfig(BaseModel):
     #: Longest a request may wait in the queue, in ms. A request still queued after that long is
     #: answered 503 + Retry-After and leaves the queue, and a request the queue already holds more
     #: work than that for (its rows ahead, in batches, times the recent batch compute time) is
-    #: refused on arrival: under overload admitted requests wait at most about this long, while
-    #: the queue stays full enough to keep every instance computing. Set it above the model's
-    #: compute time for a full batch. None (default, as Triton's queue policy): no bound.
+    #: refused on arrival (counting one batch computing ahead of it too): under overload admitted
+    #: requests wait at most this long. The queue then holds this bound less one batch's time of
+    #: work: set it to at least twice a full batch's compute time (under load), or batches run
+    #: less than full and throughput drops. None (default, as Triton's queue policy): no bound.
     max_queue_wait_ms: float | None = Field(None, gt=0)
     #: Deadline applied to requests that give none (a request may lower it, never raise it).
     default_timeout_ms: float | None = Field(None, gt=0)
