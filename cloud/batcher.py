@@ -304,7 +304,11 @@ class Batcher:
                 f"more than the request's deadline of {timeout_s * 1e3:.0f} ms",
                 retry_after=wait,
             )
-        if self._max_wait_s is not None and wait > self._max_wait_s:
+        # Behind the queue, a request also waits for a batch computing now (up to one batch's
+        # time): admitted only if it would still start within the bound, it is rarely shed after
+        # waiting for it, and the queue keeps (bound - one batch) of work: full batches when the
+        # bound is at least two batches' time.
+        if self._max_wait_s is not None and wait + self._batch_s / self.engine.instances > self._max_wait_s:
             raise Overloaded(
                 f"model {self.name}: queue is full (about {wait * 1e3:.0f} ms of work waiting, "
                 f"max_queue_wait_ms is {self._max_wait_s * 1e3:.0f})",
