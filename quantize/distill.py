@@ -241,6 +241,28 @@ def predict(
     return result
 
 
+def predict_hidden(model: Any, x: dict[str, np.ndarray], names: list[str], *, padding: Any, batch_size: int = 128) -> list[np.ndarray]:
+    """``model.hidden_states`` per row, each cut to its real length and kept in float16 (a corpus
+    of token states is large)."""
+    import torch
+
+    model.eval()
+    n = len(x[names[0]])
+    lengths = padding.row_lengths(x) if padding else np.full(n, x[names[0]].shape[1])
+    order = np.argsort(lengths, kind="stable")
+    out: list[np.ndarray] = [np.empty(0)] * n
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            feeds = {k: v[idx] for k, v in x.items()}
+            if padding:
+                feeds = padding.trim(feeds)
+            h = model.hidden_states(*(torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in names)).float().numpy()
+            for j, row in zip(idx, h):
+                out[j] = row[: max(1, int(lengths[j]))].astype(np.float16)
+    return out
+
+
 def fit(
     model: Any,
     x: dict[str, np.ndarray],
@@ -262,10 +284,13 @@ def fit(
     threads: int = 1,
     desc: str = "train",
     progress: bool = True,
+    hidden: list[np.ndarray] | None = None,
+    hidden_weight: float = 0.0,
 ) -> TrainResult:
     """Train ``model`` (Adam, cosine schedule) on named inputs with the given loss; ``val_score``
     reads the model and returns its validation quality (higher is better); the best epoch's
-    weights are kept."""
+    weights are kept. With ``hidden`` (the teacher's token states per row), the student's
+    ``hidden_states`` also learn them, weighted by ``hidden_weight``."""
     import time
 
     import torch
@@ -316,6 +341,8 @@ def fit(
                 else:
                     assert tt is not None
                     value = F.mse_loss(out, tt[it])
+                if hidden is not None and hidden_weight > 0:
+                    value = value + hidden_weight * _hidden_loss(model, feeds, names, [hidden[j] for j in idx])
                 opt.zero_grad()
                 value.backward()
                 opt.step()
@@ -336,6 +363,25 @@ def fit(
     model.eval()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _hidden_loss(model: Any, feeds: dict[str, np.ndarray], names: list[str], targets: list[np.ndarray]) -> Any:
+    """Squared error between the student's token states and the teacher's on real tokens, each
+    token's error divided by the teacher token's squared norm (so long and short sentences, and
+    loud and quiet tokens, weigh alike)."""
+    import torch
+
+    states = model.hidden_states(*(torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in names))
+    length = states.shape[1]
+    target = np.zeros((len(targets), length, states.shape[2]), np.float32)
+    mask = np.zeros((len(targets), length), np.float32)
+    for i, t in enumerate(targets):
+        k = min(len(t), length)
+        target[i, :k] = t[:k]
+        mask[i, :k] = 1.0
+    tt, mm = torch.from_numpy(target), torch.from_numpy(mask)
+    err = ((states - tt) ** 2).sum(-1) / ((tt**2).sum(-1) + 1e-6)
+    return (err * mm).sum() / mm.sum().clamp(min=1.0)
 
 
 def truncate(teacher: Any, layers: int) -> Any:

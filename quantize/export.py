@@ -234,5 +234,5 @@ def verify_export(
                     )
             elif not np.array_equal(g, e):
                 raise ExportMismatch(f"{Path(path).name}: ONNX output {out_name} differs from torch at {what}")
-    log.info("export %s matches torch (max abs diff %.2e)", Path(path).name, worst)
+    log.debug("export %s matches torch (max abs diff %.2e)", Path(path).name, worst)
     return worst

@@ -39,7 +39,7 @@ from tandem.shared.errors import ManifestError
 
 from . import report
 from .calibration import calibrate, calibrate_task
-from .distill import TrainResult, fit, predict, predict_logits, train, truncate
+from .distill import TrainResult, fit, predict, predict_hidden, predict_logits, train, truncate
 from .errors import BudgetError, BuildError, SpecError
 from .evaluate import Padding, evaluate_variants, hardware_info, make_session, n_rows, run_batched, tool_versions
 from .export import export_onnx, verify_export
@@ -112,7 +112,7 @@ def build(
     training = spec.effective_training(quick)
     search = spec.effective_search(quick)
     ev = spec.effective_evaluation(quick)
-    data = load_dataset(spec, seed) if spec.load_data is not None else generated_dataset(spec, seed)
+    data = load_dataset(spec, seed, quick) if spec.load_data is not None else generated_dataset(spec, seed)
 
     model_dir = Path(repository).resolve() / spec.name
     version = version or next_version(model_dir)
@@ -196,7 +196,8 @@ def _make_models(
     teacher = _call_factory(spec.teacher, "teacher", spec.source)  # type: ignore[arg-type]
     export(teacher, teacher_path)
     student = None
-    if spec.edge.kind == "student":
+    late_student = spec.edge.kind == "student" and bool(_factory_wants(spec.student))
+    if spec.edge.kind == "student" and not late_student:
         student = _call_factory(spec.student, "student", spec.source)  # type: ignore[arg-type]
     elif spec.edge.kind == "truncate":
         try:
@@ -235,10 +236,20 @@ def _make_models(
     test_scores: dict[str, float] = {}
     choice = "the edge variant is the teacher at lower precision"
     edge_path: Path | None = None
+    train_x = data.train.x
+    if data.unlabelled:
+        train_x = {k: _concat_padded(v, data.unlabelled[k], data.pads().get(k)) for k, v in train_x.items()}
+    hidden: list[np.ndarray] | None = None
+    wants = _factory_wants(spec.student) if late_student else set()
+    if (training.hidden_weight > 0 or "teacher_hidden" in wants) and hasattr(teacher, "hidden_states"):
+        hidden = predict_hidden(teacher, train_x, names, padding=pad)
+    if late_student:
+        # The factory builds the student from the trained teacher (and its states on the training
+        # inputs); its export is checked now, still before the student's training.
+        offered = {"teacher": teacher, "inputs": train_x, "teacher_hidden": hidden}
+        student = _call_factory(lambda: spec.student(**{k: offered[k] for k in wants}), "student", spec.source)  # type: ignore[misc]
+        export(student, edge_target)
     if student is not None:
-        train_x = data.train.x
-        if data.unlabelled:
-            train_x = {k: _concat_padded(v, data.unlabelled[k], data.pads().get(k)) for k, v in train_x.items()}
         targets = predict(teacher, train_x, names, output_index=out_index, padding=pad)
         val_ref = predict(teacher, data.val.x, names, output_index=out_index, padding=pad)
         labels = data.train.y if task.kind == "classification" and not data.unlabelled else None
@@ -248,7 +259,9 @@ def _make_models(
             val_score=scorer(val_ref, val_labels), epochs=training.student_epochs, lr=training.student_lr,
             batch_size=training.batch_size, weight_decay=training.weight_decay, seed=seed,
             temperature=training.temperature, alpha=training.alpha if labels is not None else 1.0, padding=pad,
-            output_index=out_index, threads=training.threads, desc="edge", progress=progress)
+            output_index=out_index, threads=training.threads, desc="edge", progress=progress,
+            hidden=hidden if training.hidden_weight > 0 and hasattr(student, "hidden_states") else None,
+            hidden_weight=training.hidden_weight)
         test_ref = predict(teacher, data.test.x, names, output_index=out_index, padding=pad)
         test_labels = data.test.y if task.kind == "classification" else None
         for what, model in (("teacher (torch)", teacher), (f"edge {spec.edge.kind} (torch)", student)):
@@ -260,6 +273,24 @@ def _make_models(
         echo(choice)
         step("train edge model")
     return _Models(teacher_path, edge_path, histories, test_scores, choice)
+
+
+_FACTORY_ARGS = ("teacher", "inputs", "teacher_hidden")
+
+
+def _factory_wants(factory: Any) -> set[str]:
+    """Which of the build's offerings a student factory takes by name: ``teacher`` (the trained
+    teacher module), ``inputs`` (the training inputs) and ``teacher_hidden`` (the teacher's
+    ``hidden_states`` per training row, when it has that method)."""
+    import inspect
+
+    if factory is None:
+        return set()
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return set()
+    return {n for n in _FACTORY_ARGS if n in params}
 
 
 def _concat_padded(a: np.ndarray, b: np.ndarray, pad: float | None) -> np.ndarray:
@@ -422,7 +453,7 @@ def _finish(
     step("evaluate")
 
     # Accept/reject and pick the roles.
-    budgets = spec.budgets
+    budgets = spec.effective_budgets(quick)
     if fp16_row is not None and fp16_row.metrics is not None:
         judge(fp16_row, metrics[CLOUD_FP32], budgets, metric_name, gpu=True)
     for c in cloud_cands:
@@ -446,7 +477,7 @@ def _finish(
         fp16_row.role = "cloud-gpu"
     if cloud is not base_rows[0]:
         base_rows[0].role = "reference"
-    edge_checks = _edge_checks(edge, cloud, spec)
+    edge_checks = _edge_checks(edge, cloud, budgets)
     failed = [f"{what} {value:.3f} < required {need:.3f}" for what, value, need, ok in edge_checks if not ok]
     if failed:
         pool = [edge_row, *edge_cands] if edge_row else cloud_cands
@@ -548,9 +579,9 @@ def generated_dataset(spec: BuildSpec, seed: int, rows: int = 256) -> Dataset:
     return Dataset(Split(make(rows), None), Split(make(rows), None), Split(make(rows), None), None, None, decls)
 
 
-def _edge_checks(edge: Candidate, cloud: Candidate, spec: BuildSpec) -> list[tuple[str, float, float, bool]]:
+def _edge_checks(edge: Candidate, cloud: Candidate, b: Any) -> list[tuple[str, float, float, bool]]:
     """(what, measured, required, ok) for the edge variant against the cloud variant."""
-    e, c, b = edge.metrics, cloud.metrics, spec.budgets
+    e, c = edge.metrics, cloud.metrics
     assert e is not None and c is not None
     rel_acc = (quality(e) or 0.0) / (quality(c) or 1.0)
     speedup = c.latency_p50_ms / e.latency_p50_ms
