@@ -76,10 +76,17 @@ _LINGER_S = 2.0
 #: its way (a busy client sends its next request within this); the answer to it closes.
 _DRAIN_IDLE_S = 0.5
 _INFER = re.compile(rb"/(v1|v2)/models/([^/?#%]+)(?:/versions/([^/?#%]+))?/infer")
-#: Request headers whose presence alone sends the message to aiohttp.
-_NOT_PLAIN = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer"})
-#: Request headers the front door reads (everything else is checked by llhttp, then ignored).
-_KEEP = frozenset({b"x-request-id", b"authorization", b"x-tandem-priority", b"x-tandem-deadline-ms", b"inference-header-content-length"})
+#: What the front door does with a request header (any other is checked by llhttp, then ignored):
+#: keep its value, count it, take the length, send the message to aiohttp for its presence alone,
+#: or look at its value.
+_KEEP, _HOST, _LENGTH, _NOT_PLAIN, _ENCODING, _ACCEPT = (object() for _ in range(6))
+_HEADERS: dict[bytes, object] = {
+    **dict.fromkeys((b"x-request-id", b"authorization", b"x-tandem-priority", b"x-tandem-deadline-ms", b"inference-header-content-length"), _KEEP),
+    **dict.fromkeys((b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer"), _NOT_PLAIN),
+    b"host": _HOST, b"content-length": _LENGTH, b"content-encoding": _ENCODING, b"accept-encoding": _ACCEPT,
+}
+#: Routes of infer targets seen (target -> protocol, model, version, path), at most this many.
+_MAX_ROUTES = 4096
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 #: Errors a decoder raises for input it cannot take (the app's middleware answers them 400 too).
 _MALFORMED = (ValueError, TypeError, KeyError, RecursionError)
@@ -152,7 +159,7 @@ class _Connection(asyncio.Protocol):
         self._length: int | None = None
         self._headers: dict[bytes, bytes] = {}
         self._veto = False
-        self._match: re.Match[bytes] | None = None
+        self._route: _Route | None = None
 
     # --- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -249,17 +256,20 @@ class _Connection(asyncio.Protocol):
         if len(name) + len(value) > _MAX_FIELD:
             raise _Reject(f"header field longer than {_MAX_FIELD} bytes")
         key = name.lower()
-        if key in _KEEP:
+        kind = _HEADERS.get(key)
+        if kind is None:
+            return  # checked by llhttp, not read here
+        if kind is _KEEP:
             self._headers.setdefault(key, value)
-        elif key == b"host":
+        elif kind is _HOST:
             self._hosts += 1
-        elif key == b"content-length":
+        elif kind is _LENGTH:
             self._length = int(value)  # llhttp accepts digits only, and one Content-Length
-        elif key in _NOT_PLAIN:
+        elif kind is _NOT_PLAIN:
             self._veto = True
-        elif key == b"content-encoding":
+        elif kind is _ENCODING:
             self._veto |= value.strip(b" \t").lower() != b"identity"
-        elif key == b"accept-encoding" and self._url.startswith(b"/v2/"):
+        elif self._url.startswith(b"/v2/"):  # Accept-Encoding
             v = value.lower()
             self._veto |= b"gzip" in v or b"deflate" in v  # aiohttp compresses large v2 answers
 
@@ -271,13 +281,13 @@ class _Connection(asyncio.Protocol):
             raise _Reject(f"HTTP/{version} is not supported")  # llhttp takes 0.9 and 2.0 heads
         if self._hosts != 1 and version == "1.1":
             raise _Reject("an HTTP/1.1 request needs exactly one Host header" if self._hosts else "Host header missing")
-        match = _INFER.fullmatch(self._url)
+        route = _route(self._door._routes, self._url)
         if (
-            self._veto or match is None or self._length is None or self._length > self._door._max_body
+            self._veto or route is None or self._length is None or self._length > self._door._max_body
             or version != "1.1" or parser.get_method() != b"POST"
         ):
             raise _HandOff
-        self._match = match
+        self._route = route
 
     def on_message_complete(self) -> None:
         # The message is Content-Length framed and llhttp accepted it: its head ends at the first
@@ -295,20 +305,18 @@ class _Connection(asyncio.Protocol):
         last = not self._parser.should_keep_alive() or self._door._gate.draining or (
             self._drain_at is not None and self._seen - len(buf) + stop >= self._drain_at
         )
-        self._serve(self._match, body)  # type: ignore[arg-type]
+        self._serve(self._route, body)  # type: ignore[arg-type]
         if last:
             self._stop()
             raise _Stop
 
     # --- serving ----------------------------------------------------------------------------------
 
-    def _serve(self, match: re.Match[bytes], body: Any) -> None:
+    def _serve(self, route: _Route, body: Any) -> None:
         door = self._door
         gate, inference = door._gate, door._inference
         h = self._headers
-        protocol, model, version = match.group(1), match.group(2).decode(), match.group(3)
-        version_s = version.decode() if version is not None else None
-        path = self._url.decode()
+        protocol, model, version_s, path = route
         rid = h.get(b"x-request-id")
         slot = _Slot(gate.request_id(rid.decode("latin-1") if rid is not None else None), path, time.perf_counter())
         self._slots.append(slot)
@@ -544,6 +552,26 @@ class _Connection(asyncio.Protocol):
         return bool(self._slots) or (self._drain_at is not None and not self._stopped)
 
 
+_Route = tuple[bytes, str, "str | None", str]
+
+
+def _route(routes: dict[bytes, _Route | None], target: bytes) -> _Route | None:
+    """(protocol, model, version, path) of an infer target, None for any other; remembered."""
+    try:
+        return routes[target]
+    except KeyError:
+        pass
+    match = _INFER.fullmatch(target)
+    route = None
+    if match is not None:
+        version = match.group(3)
+        route = (match.group(1), match.group(2).decode(), version.decode() if version is not None else None, target.decode())
+    if len(routes) >= _MAX_ROUTES:
+        routes.clear()
+    routes[target] = route
+    return route
+
+
 def _text(value: bytes | None) -> str | None:
     return value.decode("latin-1").strip(" \t") if value is not None else None
 
@@ -691,6 +719,7 @@ class FrontDoor:
         self._max_in_flight = config.max_requests_in_flight
         self._aiohttp = _aiohttp_protocols(runner)
         self._connections: set[_Connection | _AiohttpConnection] = set()
+        self._routes: dict[bytes, _Route | None] = {}
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
