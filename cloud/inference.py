@@ -17,7 +17,7 @@ from aiohttp import web
 
 from tandem.shared import protocol as p
 from tandem.shared.errors import InvalidInput, TandemError
-from tandem.shared.layout import RequestDecoder, ResponseEncoder, V2RequestDecoder, V2ResponseEncoder
+from .layout import RequestDecoder, ResponseEncoder, V2RequestDecoder, V2ResponseEncoder
 
 from .batcher import BatchResult
 from .body import read_body

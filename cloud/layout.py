@@ -23,7 +23,10 @@ well under half of that.
   a response's JSON header depends only on the outputs' names, datatypes and shapes (and the id).
   Requests with JSON tensor data, BOOL or BYTES inputs always take the full path.
 
-None is thread-safe: use one per event loop.
+None is thread-safe: use one per event loop. Only the server uses them (the wire contract itself,
+and every client, is tandem.shared.protocol / tandem.shared.v2). They earn their keep: with the
+plain codecs in their place, bench/loop_cost.py measured ~26.6 against ~19-22 us of loop CPU per
+request on the digits model.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from . import v2
-from .protocol import InferRequest, InferResponse
-from .tensors import DATATYPE_TO_DTYPE, datatype_of, packb
+from tandem.shared import v2
+from tandem.shared.protocol import InferRequest, InferResponse
+from tandem.shared.tensors import DATATYPE_TO_DTYPE, datatype_of, packb
 
 __all__ = ["RequestDecoder", "ResponseEncoder", "V2RequestDecoder", "V2ResponseEncoder"]
 

@@ -1,4 +1,4 @@
-"""The native codec's fast paths (shared/layout.py) against the full codec they stand in for."""
+"""The codecs' fast paths (cloud/layout.py) against the full codec they stand in for."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 
 from tandem.shared import v2
 from tandem.shared.errors import TandemError
-from tandem.shared.layout import RequestDecoder, ResponseEncoder, V2RequestDecoder, V2ResponseEncoder
+from tandem.cloud.layout import RequestDecoder, ResponseEncoder, V2RequestDecoder, V2ResponseEncoder
 from tandem.shared.protocol import InferRequest, InferResponse
 
 _dtypes = st.sampled_from([np.float32, np.float16, np.int64, np.uint8, np.bool_, np.float64])
