@@ -421,15 +421,43 @@ def run_demo(work: Path, *, quick: bool = False, rebuild: bool = False, cloud_la
     def _interrupted(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
+    async def main() -> int | None:
+        # While the event loop runs, SIGTERM and SIGINT cancel the demo's task: an exception raised
+        # by a signal handler at an arbitrary point of the loop's own code can leave it unable to
+        # stop cleanly. None means "interrupted".
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        interrupted: list[int] = []
+
+        def stop() -> None:
+            if not interrupted:
+                interrupted.append(1)
+                task.cancel()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)
+        try:
+            return await _demo(work, quick, rebuild, cloud_latency_ms, procs)
+        except asyncio.CancelledError:
+            if interrupted:
+                return None
+            raise
+
     # SIGTERM (a supervisor, `timeout`) must clean up like Ctrl-C does: no orphaned servers.
     previous = signal.signal(signal.SIGTERM, _interrupted)
     try:
-        return asyncio.run(_demo(work, quick, rebuild, cloud_latency_ms, procs))
+        code = asyncio.run(main())
+        if code is None:
+            raise KeyboardInterrupt
+        return code
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # The loop's handlers are gone once it closed; stopping the children must not be cut short.
+        signal.signal(signal.SIGTERM, _interrupted)
         with contextlib.suppress(KeyboardInterrupt):
             procs.stop_all()
+        signal.signal(signal.SIGTERM, previous)
         _say(f"stopped every process; demo took {time.monotonic() - t0:.0f} s (work dir {work})")
