@@ -66,9 +66,12 @@ def preprocess(fp32: Path, out: Path) -> tuple[Path, str | None]:
     # Symbolic shape inference is the step that fails on transformer graphs (it does not know every
     # op the exporter emits); ONNX's own shape inference plus the graph optimisation still apply.
     errors = []
+    fp32, out = fp32.resolve(), out.resolve()
     for skip_symbolic in (False, True):
         try:
-            with _quiet():
+            # A failed symbolic pass leaves a copy of the weights (uuid-named .data) in the working
+            # directory: run it where that copy is thrown away with the rest.
+            with _quiet(), tempfile.TemporaryDirectory(prefix="tandem-preprocess-") as scratch, contextlib.chdir(scratch):
                 quant_pre_process(str(fp32), str(out), skip_symbolic_shape=skip_symbolic)
             note = None if not errors else f"pre-processed without symbolic shape inference ({errors[0]})"
             return out, note
