@@ -158,7 +158,11 @@ def _bucket(module: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "little") / 2**64
 
 
-def split_sentences(seed: int = 0) -> dict[str, list[str]]:
+#: What a quick build (``tandem build --quick``, CI) samples of each split.
+QUICK_CAPS = {"train": 1_500, "val": 300, "test": 300}
+
+
+def split_sentences(seed: int = 0, quick: bool = False) -> dict[str, list[str]]:
     """The sentences of each split, split by module, deterministic for ``seed``."""
     groups: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for module, sent in corpus():
@@ -166,7 +170,7 @@ def split_sentences(seed: int = 0) -> dict[str, list[str]]:
         r = _bucket(module if module.startswith("pydoc_data") else module.split(".")[0], seed)
         groups["test" if r < TEST_FRACTION else "val" if r < TEST_FRACTION + VAL_FRACTION else "train"].append(sent)
     rng = np.random.default_rng(seed)
-    caps = {"train": MAX_TRAIN, "val": MAX_VAL, "test": MAX_TEST}
+    caps = QUICK_CAPS if quick else {"train": MAX_TRAIN, "val": MAX_VAL, "test": MAX_TEST}
     out = {}
     for name, sents in groups.items():
         keep = rng.permutation(len(sents))[: caps[name]]
@@ -181,7 +185,7 @@ def encode(texts: list[str]) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in enc.items()}
 
 
-def load_data(seed: int = 0) -> dict[str, Any]:
+def load_data(seed: int = 0, quick: bool = False) -> dict[str, Any]:
     """``{"train"|"val"|"test": {"input_ids": int64 [n, L], "attention_mask": int64 [n, L]}}``.
     The sentences themselves are :func:`split_sentences` (same seed, same order)."""
-    return {name: encode(s) for name, s in split_sentences(seed).items()}
+    return {name: encode(s) for name, s in split_sentences(seed, quick).items()}

@@ -146,6 +146,10 @@ class MiniLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return _mean_pool(self.encode(input_ids, attention_mask), attention_mask)
 
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What the build distils token by token (``training.hidden_weight``): the last layer."""
+        return self.encode(input_ids, attention_mask)
+
 
 def _layer_state(sd: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
     p = f"encoder.layer.{i}."
@@ -221,6 +225,9 @@ class StudentEncoder(nn.Module):
         static = self.static_up(_lookup(self.word, input_ids))
         return static + self.proj(self.encode(input_ids, attention_mask))
 
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.token_states(input_ids, attention_mask)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         x = self.encode(input_ids, attention_mask)
         m = attention_mask.unsqueeze(-1).to(x.dtype)
@@ -285,6 +292,13 @@ def contextual_token_table(input_ids: np.ndarray, states: list[np.ndarray], min_
     return table.float()
 
 
-def student() -> nn.Module:
-    """The edge model: factorised embeddings + 3 layers of width 192 (see :class:`StudentEncoder`)."""
-    return init_from_teacher(StudentEncoder())
+def student(inputs: dict[str, np.ndarray] | None = None, teacher_hidden: list[np.ndarray] | None = None) -> nn.Module:
+    """The edge model: factorised embeddings + 3 layers of width 192 (see :class:`StudentEncoder`).
+
+    ``tandem build`` passes the training inputs and the teacher's last-layer states on them; the
+    token table then holds what each token means in context (:func:`contextual_token_table`), a
+    better start than the teacher's input embeddings."""
+    table = None
+    if inputs is not None and teacher_hidden is not None:
+        table = contextual_token_table(inputs["input_ids"], teacher_hidden)
+    return init_from_teacher(StudentEncoder(), table)

@@ -40,6 +40,8 @@ AREAS: dict[str, tuple[str, ...]] = {
 }
 LABELS = list(AREAS)
 MAX_PER_CLASS = {"train": 400, "val": 60, "test": 120}
+#: A quick build (``tandem build --quick``, CI) samples fewer.
+QUICK_PER_CLASS = {"train": 80, "val": 30, "test": 40}
 SPLIT = (0.7, 0.15)  # train, val fractions of the modules; the rest is test
 
 
@@ -65,7 +67,7 @@ def _draw(module: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "little") / 2**64
 
 
-def split_sentences(seed: int = 0) -> dict[str, tuple[list[str], np.ndarray]]:
+def split_sentences(seed: int = 0, quick: bool = False) -> dict[str, tuple[list[str], np.ndarray]]:
     """``{split: (sentences, labels)}``, split by (full dotted) module name, balanced by capping."""
     per: dict[str, list[list[str]]] = {s: [[] for _ in LABELS] for s in ("train", "val", "test")}
     for module, sent in _minilm("data").corpus():
@@ -81,7 +83,7 @@ def split_sentences(seed: int = 0) -> dict[str, tuple[list[str], np.ndarray]]:
         texts: list[str] = []
         labels: list[int] = []
         for label, sents in enumerate(classes):
-            keep = sorted(rng.permutation(len(sents))[: MAX_PER_CLASS[split]])
+            keep = sorted(rng.permutation(len(sents))[: (QUICK_PER_CLASS if quick else MAX_PER_CLASS)[split]])
             texts += [sents[i] for i in keep]
             labels += [label] * len(keep)
         order = rng.permutation(len(texts))
@@ -89,10 +91,10 @@ def split_sentences(seed: int = 0) -> dict[str, tuple[list[str], np.ndarray]]:
     return out
 
 
-def load_data(seed: int = 0) -> dict[str, Any]:
+def load_data(seed: int = 0, quick: bool = False) -> dict[str, Any]:
     """``{"train"|"val"|"test": ({"input_ids", "attention_mask"}: int64 [n, L] padded with 0, labels
     int64 [n]), "labels": [area names]}``."""
     tokenize = _minilm("models").tokenize
-    out: dict[str, Any] = {split: (tokenize(texts), labels) for split, (texts, labels) in split_sentences(seed).items()}
+    out: dict[str, Any] = {split: (tokenize(texts), labels) for split, (texts, labels) in split_sentences(seed, quick).items()}
     out["labels"] = LABELS
     return out

