@@ -30,6 +30,9 @@ def _serve(repo: Path, public_key: Path, port: int, log: Path, tmp: Path) -> sub
         "TANDEM_WARMUP_BATCH_SIZES": "[1]",
         "TANDEM_MODEL_BATCHING": json.dumps({"slow": {"max_batch_size": 1}}),
         "TMPDIR": str(tmp),  # where the supervisor puts its metrics directory (checked: removed at exit)
+        # Draining 16 slow requests takes a few seconds here, but on a loaded machine more than the
+        # default 30 s; past it the drain closes what is left, which these tests would take for a loss.
+        "TANDEM_SHUTDOWN_TIMEOUT_S": "180",
     }
     # The log goes to a file: an undrained pipe would stall the workers (see test_cloud_cli.py).
     return subprocess.Popen(
@@ -170,16 +173,18 @@ def test_sigterm_drains_every_worker_then_exits_0(tmp_path: Path, keys: tuple[Pa
         body = p.InferRequest(slow_inputs(2500)).to_wire()
         n = 16
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
-            futures = [pool.submit(request, url, "POST", p.infer_path("slow"), body, None, 60) for _ in range(n)]
+            # Each takes ~0.5 s alone but ~10 s on a machine whose cores other processes keep busy
+            # (the compute threads run at a lower priority, see compute_nice): wait long enough.
+            futures = [pool.submit(request, url, "POST", p.infer_path("slow"), body, None, 300) for _ in range(n)]
             # All n accepted: the pending gauge summed over both workers says so.
             _wait_for(lambda: _metric(url, "tandem_inference_pending_request_count", "slow") == n, 10, "all requests accepted")
             proc.send_signal(signal.SIGTERM)
-            results = [f.result(timeout=60) for f in futures]
+            results = [f.result(timeout=300) for f in futures]
         assert [status for status, _, _ in results] == [200] * n
         assert {int(h[WORKER]) for _, h, _ in results} == set(pids)  # both workers had some to drain
         for _, _, raw in results:
             np.testing.assert_array_equal(p.InferResponse.from_wire(raw).outputs["y"], np.full((1, 8), 2, np.float32))
-        assert proc.wait(30) == 0
+        assert proc.wait(60) == 0
         text = log.read_text()
         assert text.count("draining") == 2 and "workers exited: 0, 0" in text
         assert not _serve_dirs(tmp)  # ... removed at exit
