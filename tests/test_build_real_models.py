@@ -240,3 +240,31 @@ def test_an_fp16_variant_is_judged_on_quality_not_cpu_speed() -> None:
     broken = Candidate("cloud-fp16", None, Path("x"), "cloud-fp32", "fp16", metrics=metrics(0.55, 0.5))
     judge(broken, parent, Budgets(), "cosine", gpu=True)
     assert not broken.accepted and broken.reason == "cosine drop 0.4500 > budget 0.0100 (0.5500 vs fp32 1.0000)"
+
+
+# These tests are about the task's path (metric, verdict, calibration), not how good a tiny student gets.
+_ANY_EDGE = '{"fp16": False, "budgets": {"edge_min_relative_accuracy": 0.0, "edge_min_speedup": 0.0}}'
+
+
+def test_regression_and_a_users_own_metric(tmp_path: Path, key) -> None:  # type: ignore[no-untyped-def]
+    spec = write_tokens_spec(tmp_path / "r", task='{"kind": "regression", "tolerance": 0.2}', teacher="regression_teacher",
+                             student="regression_student", output="value", extra=_ANY_EDGE)
+    m = load_bundle(_build(spec, tmp_path, key)[0], key[1]).manifest
+    assert (m.task.kind, m.task.metric, m.task.tolerance) == ("regression", "rel_quality", 0.2)
+    assert "rel_error" in m.variant("edge").metrics.metrics  # type: ignore[union-attr]
+    assert m.calibration is not None and m.calibration.metric == "rel_error<=0.2" and m.calibration.confidence == "head"
+    spec = write_tokens_spec(tmp_path / "c", task='{"kind": "custom", "metric": close_enough, "metric_name": "closeness", "tolerance": 0.9}',
+                             teacher="regression_teacher", student="regression_student", output="value",
+                             extra=_ANY_EDGE)
+    m = load_bundle(_build(spec, tmp_path / "c2", key)[0], key[1]).manifest
+    assert (m.task.kind, m.task.metric) == ("custom", "closeness")
+    assert m.variant("cloud").metrics.quality > 0.9  # type: ignore[union-attr]
+    assert m.calibration is not None and m.calibration.metric == "closeness>=0.9"
+
+
+def test_the_student_learns_from_unlabelled_inputs_too(tmp_path: Path, key) -> None:  # type: ignore[no-untyped-def]
+    lines: list[str] = []
+    spec = write_tokens_spec(tmp_path / "spec", data="with_unlabelled", extra='{"fp16": False}')
+    result = build(load_spec(spec), tmp_path / "repo", key[0], progress=False, echo=lines.append)
+    assert any("1200 train / 300 val / 300 test + 500 unlabelled" in line for line in lines), lines
+    assert load_bundle(result.bundle_path, key[1]).manifest.variant("edge").metrics.quality > 0.5  # type: ignore[union-attr]
