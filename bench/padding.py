@@ -60,6 +60,9 @@ class Workload:
     outputs: list[str]  # the outputs asked for (those without the sequence axis)
     lengths: list[int]
     requests: list[dict[str, np.ndarray]]
+    #: Dynamic int8: activations are quantized with one scale per batch, so an answer depends on
+    #: what shares its batch (padding included) and is checked by cosine, not element by element.
+    batch_dependent: bool = False
     results: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -178,7 +181,7 @@ def workload(bundle_dir: Path, args: argparse.Namespace) -> Workload:
                 inputs[name] = rng.integers(1, 1000, (1, n), dtype=np.int64)
         requests.append(inputs)
     return Workload(m.name, bundle_dir, bundle.variant_path("cloud"), names, {t.name: float(t.pad or 0) for t in m.inputs},
-                    outputs, lengths, requests)
+                    outputs, lengths, requests, batch_dependent=bundle.variant("cloud").precision == "int8-dynamic")
 
 
 def pad_to(inputs: dict[str, np.ndarray], length: int, pads: dict[str, float]) -> dict[str, np.ndarray]:
@@ -295,8 +298,17 @@ def check_answers(w: Workload, port: int, sess, count: int = 24) -> None:  # typ
             with urllib.request.urlopen(req, timeout=30) as r:
                 got = InferResponse.from_wire(r.read()).outputs
             for name in w.outputs:
-                if not np.allclose(got[name], want[name], rtol=1e-3, atol=1e-4):
+                if not _same(w, got[name], want[name]):
                     raise RuntimeError(f"{name}: the server answered {got[name].ravel()[:4]}, onnxruntime {want[name].ravel()[:4]}")
+
+
+def _same(w: Workload, got: np.ndarray, want: np.ndarray) -> bool:
+    if w.batch_dependent:
+        # Measured on MiniLM int8: alone vs padded to 64 tokens or in a batch of 40, cosine >= 0.977
+        # (mean 0.991), with the same cosine to fp32 (0.993) every way.
+        a, b = got.ravel().astype(np.float64), want.ravel().astype(np.float64)
+        return float(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12) >= 0.95
+    return bool(np.allclose(got, want, rtol=1e-3, atol=1e-4))
 
 
 async def _concurrent_check(port: int, w: Workload, sess) -> None:  # type: ignore[no-untyped-def]
@@ -311,7 +323,7 @@ async def _concurrent_check(port: int, w: Workload, sess) -> None:  # type: igno
         got = await asyncio.gather(*(one(x) for x in w.requests[:64]))
     for inputs, out in zip(w.requests[:64], got):
         for name, want in zip(w.outputs, sess.run(w.outputs, inputs)):
-            if not np.allclose(out[name], want, rtol=1e-3, atol=1e-4):
+            if not _same(w, out[name], want):
                 raise RuntimeError(f"{name}: a batched answer differs from onnxruntime alone")
 
 
