@@ -8,7 +8,7 @@ weights of its best validation epoch, and returns per-epoch metrics for the repo
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,6 +212,24 @@ def _batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, shu
     return out
 
 
+def _by_length(
+    x: dict[str, np.ndarray], names: list[str], padding: Any, batch_size: int
+) -> Iterator[tuple[np.ndarray, tuple[Any, ...]]]:
+    """(row indices, input tensors in ``names`` order) per batch of rows of similar length, each
+    batch cut to its longest real row."""
+    import torch
+
+    n = len(x[names[0]])
+    lengths = padding.row_lengths(x) if padding else np.zeros(n, dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")
+    for i in range(0, n, batch_size):
+        idx = order[i : i + batch_size]
+        feeds = {k: v[idx] for k, v in x.items()}
+        if padding:
+            feeds = padding.trim(feeds)
+        yield idx, tuple(torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in names)
+
+
 def predict(
     model: Any, x: dict[str, np.ndarray], names: list[str], *, output_index: int = 0, padding: Any = None,
     batch_size: int = 256,
@@ -221,23 +239,16 @@ def predict(
     import torch
 
     model.eval()
-    n = len(x[names[0]])
-    lengths = padding.row_lengths(x) if padding else np.zeros(n, dtype=np.int64)
-    order = np.argsort(lengths, kind="stable")
-    parts = []
+    indices, parts = [], []
     with torch.no_grad():
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            feeds = {k: v[idx] for k, v in x.items()}
-            if padding:
-                feeds = padding.trim(feeds)
-            out = _select(model(*(torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in names)), output_index)
-            parts.append(out.detach().float().numpy())
+        for idx, args in _by_length(x, names, padding, batch_size):
+            indices.append(idx)
+            parts.append(_select(model(*args), output_index).detach().float().numpy())
     if len({p.shape[1:] for p in parts}) > 1:
         raise ValueError("the task output has a padded axis; name an output without one as task.output")
     out_all = np.concatenate(parts)
     result = np.empty_like(out_all)
-    result[order] = out_all
+    result[np.concatenate(indices)] = out_all
     return result
 
 
@@ -249,15 +260,10 @@ def predict_hidden(model: Any, x: dict[str, np.ndarray], names: list[str], *, pa
     model.eval()
     n = len(x[names[0]])
     lengths = padding.row_lengths(x) if padding else np.full(n, x[names[0]].shape[1])
-    order = np.argsort(lengths, kind="stable")
     out: list[np.ndarray] = [np.empty(0)] * n
     with torch.no_grad():
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            feeds = {k: v[idx] for k, v in x.items()}
-            if padding:
-                feeds = padding.trim(feeds)
-            h = model.hidden_states(*(torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in names)).float().numpy()
+        for idx, args in _by_length(x, names, padding, batch_size):
+            h = model.hidden_states(*args).float().numpy()
             for j, row in zip(idx, h):
                 out[j] = row[: max(1, int(lengths[j]))].astype(np.float16)
     return out
