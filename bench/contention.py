@@ -1,7 +1,7 @@
 """What does a busy event loop cost onnxruntime on the same cores?
 
 ``tandem serve`` runs its event loop beside the model's session on the same cores. On the 2-core
-box the session's batch took ~3.2 ms in the server against ~2.3 ms alone, while the machine sat
+box the onnxruntime session's batch took ~3.2 ms in the server against ~2.3 ms alone, while the machine sat
 ~13% idle: onnxruntime splits each operator between its threads and waits for the slowest, so a
 thread sharing its core with the loop holds the other one up. This script measures that in
 isolation: one session with ``--threads`` intra-op threads runs a fixed batch while a plain
@@ -80,7 +80,7 @@ def main() -> None:
     for duty in args.duties:
         ms = batch_ms(sess, feeds, duty, args.runs)
         base = base or ms
-        # The busy thread takes duty of one core out of `cores`: the session's fair share is the rest.
+        # The busy thread takes duty of one core out of `cores`: the onnxruntime session's fair share is the rest.
         ideal = base * cores / (cores - duty) if args.threads >= cores else base
         print(f"  busy thread {duty:4.0%} of a core: {ms:6.2f} ms per batch  {ms / base:4.2f}x alone  {ms / ideal:4.2f}x ideal")
 

@@ -21,7 +21,7 @@ Models: ``digits`` (the cloud variant of ``tandem build examples/digits``, from 
 (64-4096-4096-4096-10, ~34 M multiply-adds per sample, bound by streaming its weights: its limit
 is at batch 128), ``conv`` (a 12-layer 256-channel CNN on the input as an 8x8 image, ~415 M
 multiply-adds per sample at any batch size: compute dominates) and ``conv64`` (the same with 64
-channels, ~26 M multiply-adds: a CNN with the raw limit issue 3 quotes for its reference model).
+channels, ~26 M multiply-adds per sample: the size of a typical reference CNN).
 
     apt-get install -y wrk                      # Debian/Ubuntu
     python bench/serve.py [--repository artifacts/repository] [--models digits,mlp,wide]
@@ -143,7 +143,7 @@ def _case(repository: Path, name: str, describe: str) -> ModelCase:
 _MLPS = {"mlp": (128, 128), "wide": (2048, 2048), "heavy": (4096, 4096, 4096)}
 # (channels, layers) of the generated CNNs: "conv" (~415 M multiply-adds per sample, 26 MB of
 # weights) is where compute dominates: ~4.3 ms of a core per sample at any batch size. "conv64"
-# (~26 M multiply-adds per sample) has the raw limit issue 3 quotes for its reference CNN on these
+# (~26 M multiply-adds per sample) has the raw limit of the reference CNN on these
 # 2 cores (~7.8k samples/s, flat from batch 8; 8.2-8.8k measured): the digits teacher here is
 # lighter (~17k samples/s, still rising at batch 128), so the same per-request cost is a larger share.
 _CNNS = {"conv": (256, 12), "conv64": (64, 12)}
