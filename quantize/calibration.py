@@ -68,22 +68,6 @@ def _quantile_grid(conf: np.ndarray, n: int = 41) -> np.ndarray:
     return np.unique(np.concatenate([grid, [np.nextafter(conf.max(), np.inf)]]))
 
 
-def _features(rows: np.ndarray, kinds: list[str]) -> np.ndarray:
-    head = ConfidenceHead(output="x", features=kinds, mean=[0.0], scale=[1.0], weights=[0.0], bias=0.0)  # type: ignore[arg-type]
-    z = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
-    parts = []
-    for f in head.features:
-        if f == "output":
-            parts.append(z)
-        elif f == "norm":
-            parts.append(np.linalg.norm(z, axis=1, keepdims=True))
-        else:
-            p = softmax(z)
-            top = -np.sort(-p, axis=1)
-            parts.append(top[:, :1] if f == "max_softmax" else top[:, :1] - top[:, 1:2])
-    return np.concatenate(parts, axis=1)
-
-
 def fit_head(edge_out: np.ndarray, edge_ok: np.ndarray, output: str, *, seed: int = 0) -> tuple[ConfidenceHead, np.ndarray]:
     """(head, out-of-fold confidence per row): a logistic regression predicting ``edge_ok`` from
     the edge output row and its norm."""
@@ -91,7 +75,7 @@ def fit_head(edge_out: np.ndarray, edge_ok: np.ndarray, output: str, *, seed: in
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     kinds = ["output", "norm"]
-    x = _features(edge_out, kinds)
+    x = ConfidenceHead.features_of(edge_out, kinds)
     mean, scale = x.mean(0), x.std(0)
     scale[scale < 1e-12] = 1.0
     xs = (x - mean) / scale

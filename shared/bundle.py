@@ -194,11 +194,12 @@ class ConfidenceHead(_Model):
     weights: list[float]
     bias: float
 
-    def score(self, rows: np.ndarray) -> np.ndarray:
-        """Confidence per row of ``rows`` ([batch, ...] output), in [0, 1]."""
+    @staticmethod
+    def features_of(rows: np.ndarray, features: Sequence[str]) -> np.ndarray:
+        """The head's input: ``features`` of each row of ``rows`` ([batch, ...]), side by side."""
         z = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
         parts: list[np.ndarray] = []
-        for f in self.features:
+        for f in features:
             if f == "output":
                 parts.append(z)
             elif f == "norm":
@@ -208,7 +209,11 @@ class ConfidenceHead(_Model):
                 p /= p.sum(axis=1, keepdims=True)
                 top = -np.sort(-p, axis=1)
                 parts.append(top[:, :1] if f == "max_softmax" else top[:, :1] - top[:, 1:2])
-        x = np.concatenate(parts, axis=1)
+        return np.concatenate(parts, axis=1)
+
+    def score(self, rows: np.ndarray) -> np.ndarray:
+        """Confidence per row of ``rows`` ([batch, ...] output), in [0, 1]."""
+        x = self.features_of(rows, self.features)
         if x.shape[1] != len(self.weights):
             raise ValueError(f"confidence head expects {len(self.weights)} features from {self.output}, got {x.shape[1]}")
         logit = ((x - np.asarray(self.mean)) / np.asarray(self.scale)) @ np.asarray(self.weights) + self.bias
