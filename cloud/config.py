@@ -19,7 +19,7 @@ from tandem.shared.errors import InvalidInput
 
 from .cores import available_cores
 
-__all__ = ["BatchingConfig", "ServerConfig", "load_config"]
+__all__ = ["BatchingConfig", "JobsConfig", "ServerConfig", "load_config"]
 
 
 class BatchingConfig(BaseModel):
@@ -88,6 +88,40 @@ class BatchingConfig(BaseModel):
         return self.max_request_rows if self.max_request_rows is not None else self.max_batch_size
 
 
+class JobsConfig(BaseModel):
+    """Asynchronous jobs (``Prefer: respond-async`` submits, ``/v1/jobs``): see docs/queue.md."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: "embedded" (default): a SQLite queue inside ``tandem serve`` that runs the jobs itself; or
+    #: ``redis://host:port/db``: serve only submits, ``tandem worker`` processes run the jobs.
+    queue: str = "embedded"
+    #: SQLite file of the embedded queue; default <repository>/.jobs.sqlite3 (beside the feedback store).
+    store_path: Path | None = None
+    #: Seconds a finished job's status and result are kept, then forgotten (404).
+    result_ttl_s: float = Field(24 * 3600.0, gt=0)
+    #: Unfinished jobs (queued or running) beyond which a submit is refused with 503 + Retry-After.
+    max_queued: int = Field(100_000, ge=1)
+    #: Largest request body a job may carry (bytes, after decoding); larger: 413.
+    max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    #: Redis: seconds a claimed job may stay unacknowledged before another worker reclaims it
+    #: (XAUTOCLAIM): longer than the slowest batch, short enough to retry a dead worker's jobs soon.
+    claim_timeout_s: float = Field(60.0, gt=0)
+    #: Redis key prefix (several deployments may share one Redis).
+    redis_prefix: str = Field("tandem", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    #: Attempts (first included) at POSTing the final status document to a job's callback URL.
+    callback_attempts: int = Field(3, ge=1, le=10)
+    #: Seconds one callback attempt may take.
+    callback_timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_url(cls, v: str) -> str:
+        if v != "embedded" and not (v.startswith("redis://") or v.startswith("rediss://") or v.startswith("unix://")):
+            raise ValueError("jobs.queue must be 'embedded' or a redis:// (rediss://, unix://) URL")
+        return v
+
+
 class ServerConfig(BaseSettings):
     """Everything ``tandem serve`` can be told. See the module docstring for sources."""
 
@@ -152,6 +186,8 @@ class ServerConfig(BaseSettings):
     cost_per_call: float | None = Field(None, ge=0)
     #: SQLite file of the feedback store; default <repository>/.feedback.sqlite3.
     feedback_db: Path | None = None
+    #: Asynchronous jobs: queue engine, store, result TTL, limits (see JobsConfig).
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
     #: Seconds a request head may take from its first byte to its last. Then the client is answered
     #: 408 and its connection closed: a deliberately slow client (slowloris) holds a socket for at
     #: most this long, however it spaces its bytes.
@@ -221,6 +257,10 @@ class ServerConfig(BaseSettings):
 
     def feedback_path(self) -> Path:
         return self.feedback_db if self.feedback_db is not None else Path(self.repository) / ".feedback.sqlite3"
+
+    def jobs_path(self) -> Path:
+        """The embedded job queue's SQLite file (beside the feedback store by default)."""
+        return self.jobs.store_path if self.jobs.store_path is not None else Path(self.repository) / ".jobs.sqlite3"
 
 
 #: fill_wait_us for batching configs that leave it unset when the server runs several workers.
