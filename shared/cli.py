@@ -10,14 +10,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from importlib.metadata import entry_points
 
 from . import __version__
 from .errors import TandemError
 
 GROUP = "tandem.commands"
+DISTRIBUTION = "tandem"
+
+#: The extras (pyproject.toml's optional-dependencies) a command cannot run without. Checked before
+#: the command starts, so a missing extra gives one message instead of a traceback minutes into a build.
+COMMAND_EXTRAS: dict[str, tuple[str, ...]] = {
+    "build": ("build",),
+    "demo": ("build", "cloud"),
+    "serve": ("cloud",),
+}
+
+#: Import names that differ from their distribution's normalised name.
+_DIST_OF_MODULE = {"sklearn": "scikit-learn"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,11 +56,64 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _unavailable(name: str, error: ImportError):  # type: ignore[no-untyped-def]
     def run(args: argparse.Namespace) -> int:
-        hint = " (building needs the build extra: pip install 'tandem[build]')" if name == "build" else ""
-        print(f"tandem {name} is unavailable here: {error}{hint}", file=sys.stderr)
+        extra = extra_of_module(error.name or "")
+        print(needs_extras_message(name, [extra]) if extra else f"tandem {name} is unavailable here: {error}", file=sys.stderr)
         return 2
 
     return run
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def extras_requirements() -> dict[str, list[str]]:
+    """{extra: [distribution names]} from the installed tandem's metadata (empty when not installed)."""
+    try:
+        requires = metadata.requires(DISTRIBUTION) or []
+    except metadata.PackageNotFoundError:
+        return {}
+    out: dict[str, list[str]] = {}
+    for req in requires:
+        spec, _, marker = req.partition(";")
+        extra = re.search(r"extra\s*==\s*[\"']([^\"']+)[\"']", marker)
+        name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", spec.strip())
+        if not extra or not name:
+            continue
+        if "win32" in marker and sys.platform == "win32":
+            continue  # e.g. uvloop, which the server does without on Windows
+        out.setdefault(extra.group(1), []).append(_normalise(name.group(0)))
+    return out
+
+
+def _installed(dist: str) -> bool:
+    try:
+        metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def missing_extras(command: str) -> list[str]:
+    """The extras ``command`` needs (COMMAND_EXTRAS) of which some distribution is not installed."""
+    table = extras_requirements()
+    return [e for e in COMMAND_EXTRAS.get(command, ()) if not all(_installed(d) for d in table.get(e, []))]
+
+
+def extra_of_module(module: str) -> str | None:
+    """The extra whose distribution provides the top-level module ``module``, if any."""
+    top = module.split(".")[0]
+    dist = _normalise(_DIST_OF_MODULE.get(top, top))
+    for extra, dists in extras_requirements().items():
+        if dist in dists:
+            return extra
+    return None
+
+
+def needs_extras_message(command: str, extras: Sequence[str]) -> str:
+    names = " and ".join(extras)
+    noun = "extra" if len(extras) == 1 else "extras"
+    return f"tandem {command} needs the {names} {noun}: pip install 'tandem[{','.join(extras)}]'"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,8 +127,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if run is None:
         parser.print_help()
         return 2
+    missing = missing_extras(args.command)
+    if missing:
+        print(needs_extras_message(args.command, missing), file=sys.stderr)
+        return 2
     try:
         return int(run(args) or 0)
+    except ModuleNotFoundError as e:
+        # An optional dependency imported deep inside a command: name the extra that brings it.
+        extra = extra_of_module(e.name or "")
+        if extra is None:
+            raise
+        print(needs_extras_message(args.command, [extra]), file=sys.stderr)
+        return 2
     except TandemError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 1
