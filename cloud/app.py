@@ -38,6 +38,7 @@ from .control import ModelControl
 from .feedback import FeedbackStore
 from .gate import HEADER_WORKER, Gate
 from .inference import MODEL_KEY, REQUEST_ID_KEY, Inference
+from .job_routes import attach_jobs
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .native import NativeAPI
 from .registry import Registry
@@ -181,6 +182,8 @@ def _attach_extras(app: web.Application, state: ServerState) -> None:
     store = FeedbackStore(config.feedback_path(), max_body_bytes=config.max_body_bytes, read_timeout_s=config.read_timeout_s)
     store.add_routes(app)
     state.extras.append(store)
+    # Asynchronous jobs (Prefer: respond-async, /v1/jobs): see job_routes.py.
+    attach_jobs(app, config, state.inference, state.is_ready)
 
 
 def create_app(config: ServerConfig) -> web.Application:

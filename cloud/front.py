@@ -79,11 +79,12 @@ _INFER = re.compile(rb"/(v1|v2)/models/([^/?#%]+)(?:/versions/([^/?#%]+))?/infer
 #: What the front door does with a request header (any other is checked by llhttp, then ignored):
 #: keep its value, count it, take the length, send the message to aiohttp for its presence alone,
 #: or look at its value.
-_KEEP, _HOST, _LENGTH, _NOT_PLAIN, _ENCODING, _ACCEPT = (object() for _ in range(6))
+_KEEP, _HOST, _LENGTH, _NOT_PLAIN, _ENCODING, _ACCEPT, _PREFER = (object() for _ in range(7))
 _HEADERS: dict[bytes, object] = {
     **dict.fromkeys((b"x-request-id", b"authorization", b"x-tandem-priority", b"x-tandem-deadline-ms", b"inference-header-content-length"), _KEEP),
     **dict.fromkeys((b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer"), _NOT_PLAIN),
     b"host": _HOST, b"content-length": _LENGTH, b"content-encoding": _ENCODING, b"accept-encoding": _ACCEPT,
+    b"prefer": _PREFER,  # Prefer: respond-async submits a job: aiohttp's job middleware takes it
 }
 #: Routes of infer targets seen (target -> protocol, model, version, path), at most this many.
 _MAX_ROUTES = 4096
@@ -269,6 +270,8 @@ class _Connection(asyncio.Protocol):
             self._veto = True
         elif kind is _ENCODING:
             self._veto |= value.strip(b" \t").lower() != b"identity"
+        elif kind is _PREFER:
+            self._veto |= b"respond-async" in value.lower()
         elif self._url.startswith(b"/v2/"):  # Accept-Encoding
             v = value.lower()
             self._veto |= b"gzip" in v or b"deflate" in v  # aiohttp compresses large v2 answers
