@@ -24,13 +24,33 @@ DEFAULT_PORT = 8765
 SOCKET_NAME = "agent.sock"
 
 
+Policy = Literal["edge-only", "cloud-only", "constrained", "cascade", "hedged"]
+
+#: ``package.module:function`` — where an app's confidence function lives (importable by the agent).
+_CONFIDENCE_REF = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+
+
 class TrackedModel(BaseModel):
-    """A model the agent keeps installed: ``version`` is ``"latest"`` or a pinned version."""
+    """A model the agent keeps installed: ``version`` is ``"latest"`` or a pinned version.
+
+    ``policy`` overrides the agent's policy for this model. ``confidence`` names the function the
+    cascade scores the edge's answers with (``package.module:function``; it takes a dict of edge
+    outputs, name -> array, and returns a confidence per row): a bundle whose calibration says its
+    confidence is ``custom`` needs one to run under the cascade."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
     version: str = "latest"
+    policy: Policy | None = None
+    confidence: str | None = None
+
+    @field_validator("confidence")
+    @classmethod
+    def _import_path(cls, v: str | None) -> str | None:
+        if v is not None and not _CONFIDENCE_REF.fullmatch(v):
+            raise ValueError(f"{v!r} is not a function reference: expected package.module:function")
+        return v
 
     @field_validator("name", "version")
     @classmethod
@@ -73,7 +93,7 @@ class AgentConfig(BaseSettings):
     read_timeout_s: float = Field(60.0, gt=0)
 
     # Router.
-    policy: Literal["edge-only", "cloud-only", "constrained", "cascade", "hedged"] = "cascade"
+    policy: Policy = "cascade"
     #: onnxruntime intra-op threads per local session (2-core devices: 1 leaves a core for I/O).
     intra_op_threads: int = Field(1, ge=1)
     #: Extra keyword arguments for the router (HybridClient ``config``), passed through unchanged.
@@ -105,6 +125,9 @@ class AgentConfig(BaseSettings):
                 "Set allow_remote: true to expose it on the network knowingly."
             )
         return self
+
+    def tracked(self, name: str) -> TrackedModel | None:
+        return next((m for m in self.models if m.name == name), None)
 
     @property
     def socket_path(self) -> Path:

@@ -152,7 +152,10 @@ class Agent:
         try:
             await self._load_router(activation.name, activation.version)
         except Exception as e:  # the new version verified but will not serve: go back, keep serving
-            log.exception("serving %s:%s failed; rolling back", activation.name, activation.version)
+            if isinstance(e, TandemError):  # says what is wrong (e.g. no confidence for the cascade)
+                log.error("serving %s:%s failed, rolling back: %s", activation.name, activation.version, e)
+            else:
+                log.exception("serving %s:%s failed; rolling back", activation.name, activation.version)
             back = self.store.rollback(activation.name, f"router failed to start: {e}")
             self.store.record_attempt(activation.name, activation.version, "rolled-back", str(e), "router_failed")
             if back is not None and (slot := self.routers.get(activation.name)) and slot.router.version != back.version:

@@ -9,6 +9,7 @@ closed once the last of them returns (so an update never fails a call).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -33,12 +34,15 @@ class Router:
 
         self.name = bundle.name
         self.version = bundle.version
+        tracked = config.tracked(bundle.name)
+        ref = tracked.confidence if tracked else None
         self._client = HybridClient(
             bundle,  # already verified by the store
             config.cloud_url,
             api_key=config.api_key,
-            policy=config.policy,
+            policy=(tracked.policy if tracked and tracked.policy else config.policy),
             config={"intra_op_threads": config.intra_op_threads, **config.router},
+            confidence=load_confidence(ref) if ref else None,
         )
 
     async def infer(self, inputs: Mapping[str, np.ndarray], budget: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -49,6 +53,19 @@ class Router:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def load_confidence(ref: str) -> Any:
+    """The function ``package.module:function`` names; :class:`InvalidInput` saying what is wrong."""
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or whatever the module raises while importing
+        raise InvalidInput(f"confidence {ref!r}: module {module_name!r} cannot be imported: {e}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise InvalidInput(f"confidence {ref!r}: {module_name} has no function {attr!r}")
+    return fn
 
 
 class RouterSlot:
