@@ -1,0 +1,347 @@
+"""The scale-out job queue engine: Redis Streams with one consumer group.
+
+Layout (``P`` is the configured key prefix, default ``tandem``):
+
+- ``P:job:{id}``: a hash per job: the request as received (``meta`` JSON, ``body``), its state
+  (``status``, ``started``, ``finished``, ``expires``, ``served_version``) and, once finished, its
+  result (``error``, ``result_status``, ``result_headers``, ``result_body``). It gets a TTL of
+  ``jobs.result_ttl_s`` when the job finishes; Redis forgets it then.
+- ``P:stream:{n}``: one stream per job priority ``n`` (0..9), each entry ``{"id": job id}``, read
+  by the consumer group ``P-workers``. Workers read the highest priority first.
+- ``P:idem:{model}:{key}``: an Idempotency-Key's job id (the same TTL as its job once finished).
+
+A submit writes the hash and the stream entry in one MULTI/EXEC, and is answered 202 only after
+Redis took both (with ``appendonly yes`` they survive a Redis restart; ``appendfsync always``
+makes that true of a power cut too). A worker reads entries with XREADGROUP, runs them, stores each
+result with a script that writes only while the job is unfinished (a job run twice keeps its
+first result), and only then XACKs (and XDELs) the entry. Entries a worker claimed and did not
+acknowledge within ``claim_timeout_s`` (it died, or hangs) are taken over by another worker with
+XAUTOCLAIM: delivery is at-least-once, results are once per job id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+from typing import Any
+
+from tandem.shared.errors import InvalidInput, Overloaded, Unavailable
+from tandem.shared.jobs import MAX_PRIORITY, MIN_PRIORITY, JobConflict, TERMINAL_STATUSES
+
+from .job_queue import Completion, JobRecord
+
+__all__ = ["RedisJobQueue", "import_redis"]
+
+_META = ("model", "version", "protocol", "header_length", "rows", "priority", "created", "body_hash", "idempotency_key", "callback")
+#: Seconds a blocking read waits at most at once (then the caller's loop looks at its stop flag).
+_MAX_BLOCK_S = 1.0
+
+# Mark a claimed job running unless it was deleted or already finished. KEYS: job; ARGV: now.
+_MARK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local s = redis.call('HGET', KEYS[1], 'status')
+if s == 'succeeded' or s == 'failed' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started', ARGV[1])
+return 1
+"""
+# Store a result once. KEYS: job, idempotency key (or the job key again); ARGV: status, finished,
+# ttl ms, error, result_status, result_headers, result_body, served_version ('' = keep), started.
+_COMPLETE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local s = redis.call('HGET', KEYS[1], 'status')
+if s == 'succeeded' or s == 'failed' then return 0 end
+local expires = tonumber(ARGV[2]) + tonumber(ARGV[3]) / 1000
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished', ARGV[2], 'expires', tostring(expires),
+  'error', ARGV[4], 'result_status', ARGV[5], 'result_headers', ARGV[6], 'result_body', ARGV[7])
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'served_version', ARGV[8]) end
+if redis.call('HEXISTS', KEYS[1], 'started') == 0 then redis.call('HSET', KEYS[1], 'started', ARGV[9]) end
+redis.call('HDEL', KEYS[1], 'body')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if KEYS[2] ~= KEYS[1] then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
+return 1
+"""
+
+
+def import_redis() -> Any:
+    """The ``redis`` client package (``redis>=5``), or an error saying how to install it."""
+    try:
+        import redis.asyncio as aioredis
+    except ImportError:
+        raise InvalidInput(
+            "the Redis job queue needs the redis client: pip install 'redis>=5' (or tandem[cloud])"
+        ) from None
+    return aioredis
+
+
+def _text(v: Any) -> str | None:
+    if v is None:
+        return None
+    return v.decode() if isinstance(v, (bytes, bytearray)) else str(v)
+
+
+def _float(v: Any) -> float | None:
+    t = _text(v)
+    return float(t) if t not in (None, "") else None
+
+
+class RedisJobQueue:
+    """A :class:`~.job_queue.JobQueue` on Redis Streams (see the module docstring)."""
+
+    def __init__(self, url: str, *, prefix: str = "tandem", claim_timeout_s: float = 60.0, consumer: str | None = None) -> None:
+        aioredis = import_redis()
+        from redis import exceptions
+
+        self._errors = (exceptions.ConnectionError, exceptions.TimeoutError, OSError)
+        self._response_error = exceptions.ResponseError
+        try:
+            self._redis = aioredis.Redis.from_url(
+                url, socket_connect_timeout=2.0, socket_timeout=_MAX_BLOCK_S + 10.0, health_check_interval=30,
+            )
+        except ValueError as e:
+            raise InvalidInput(f"bad Redis URL {url!r}: {e}") from None
+        self.url = url
+        self.prefix = prefix
+        self.group = f"{prefix}-workers"
+        self.claim_timeout_s = claim_timeout_s
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self._streams = [self._stream(p) for p in range(MAX_PRIORITY, MIN_PRIORITY - 1, -1)]  # best first
+        self._groups_ready = False
+        self._reclaimed_at = 0.0
+        self._mark = self._redis.register_script(_MARK)
+        self._complete = self._redis.register_script(_COMPLETE)
+
+    # --- keys -----------------------------------------------------------------------------------
+
+    def _job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def _stream(self, priority: int) -> str:
+        return f"{self.prefix}:stream:{priority}"
+
+    def _idem(self, model: str, key: str) -> str:
+        return f"{self.prefix}:idem:{len(model)}:{model}:{key}"
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except self._errors as e:
+            raise Unavailable(f"the job queue (Redis at {self._where()}) is unreachable: {e}") from None
+
+    def _where(self) -> str:
+        kw = self._redis.connection_pool.connection_kwargs
+        return f"{kw.get('host', '?')}:{kw.get('port', '?')}" if "host" in kw else self.url.split("@")[-1]
+
+    async def _ensure_groups(self) -> None:
+        if self._groups_ready:
+            return
+        async def create(stream: str) -> None:
+            try:
+                await self._redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+            except self._response_error as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+        await self._call(asyncio.gather(*(create(s) for s in self._streams)))
+        self._groups_ready = True
+
+    def _record(self, job_id: str, h: dict[bytes, bytes]) -> JobRecord | None:
+        if not h or b"meta" not in h:
+            return None
+        meta = json.loads(h[b"meta"])
+        status = _text(h.get(b"status")) or "queued"
+        err = _text(h.get(b"error"))
+        rs = _text(h.get(b"result_status"))
+        rh = _text(h.get(b"result_headers"))
+        return JobRecord(
+            id=job_id, model=meta["model"], version=meta["version"], protocol=meta["protocol"],
+            body=h.get(b"body", b""), header_length=meta["header_length"], rows=meta["rows"],
+            priority=meta["priority"], created=meta["created"], body_hash=meta["body_hash"],
+            idempotency_key=meta["idempotency_key"], callback=meta["callback"], status=status,
+            started=_float(h.get(b"started")), finished=_float(h.get(b"finished")), expires=_float(h.get(b"expires")),
+            served_version=_text(h.get(b"served_version")) or None, error=json.loads(err) if err else None,
+            result_status=int(rs) if rs else None, result_headers=json.loads(rh) if rh else {},
+            result_body=h.get(b"result_body") if rs else None,
+        )
+
+    # --- JobQueue -------------------------------------------------------------------------------
+
+    async def put(self, job: JobRecord, max_queued: int) -> tuple[JobRecord, bool]:
+        await self._ensure_groups()
+        r = self._redis
+        idem = self._idem(job.model, job.idempotency_key) if job.idempotency_key else None
+        if idem is not None:
+            for _ in range(3):  # the key's job may expire between the two reads: look again
+                if await self._call(r.set(idem, job.id, nx=True)):
+                    break
+                found_id = _text(await self._call(r.get(idem)))
+                found = await self.get(found_id) if found_id else None
+                if found is None:
+                    await self._call(r.delete(idem))
+                    continue
+                if found.body_hash != job.body_hash:
+                    raise JobConflict(
+                        f"Idempotency-Key {job.idempotency_key!r} already names job {found.id} of model "
+                        f"{job.model!r}, submitted with a different request"
+                    )
+                return found, False
+            else:
+                raise Unavailable("the idempotency key's job kept expiring while it was read; retry")
+        try:
+            async with r.pipeline(transaction=False) as pipe:
+                for s in self._streams:
+                    pipe.xlen(s)
+                lengths = await self._call(pipe.execute())
+            unfinished = sum(lengths)
+            if unfinished >= max_queued:
+                raise Overloaded(f"the job queue is full ({unfinished} jobs unfinished, at most {max_queued})", retry_after=5.0)
+            meta = {k: getattr(job, k) for k in _META}
+            async with r.pipeline(transaction=True) as pipe:
+                pipe.hset(self._job(job.id), mapping={
+                    "meta": json.dumps(meta), "body": job.body, "status": "queued",
+                    "served_version": job.served_version or "",
+                })
+                pipe.xadd(self._stream(job.priority), {"id": job.id})
+                await self._call(pipe.execute())
+        except BaseException:
+            if idem is not None:
+                try:
+                    await r.delete(idem)
+                except Exception:  # noqa: BLE001 - Redis is down: the key expires with nothing to name
+                    pass
+            raise
+        return job, True
+
+    async def claim(self, limit: int, wait_s: float) -> list[JobRecord]:
+        """Reclaimed entries of dead workers first, then new ones, best priority first."""
+        await self._ensure_groups()
+        r = self._redis
+        entries: list[tuple[str, bytes, bytes]] = []  # (stream, entry id, job id)
+        now = time.monotonic()
+        if now - self._reclaimed_at >= max(0.2, self.claim_timeout_s / 4):
+            self._reclaimed_at = now
+            for s in self._streams:
+                got = await self._call(r.xautoclaim(s, self.group, self.consumer, int(self.claim_timeout_s * 1000), "0-0", count=limit))
+                for eid, fields in got[1]:
+                    if fields and b"id" in fields:
+                        entries.append((s, eid, fields[b"id"]))
+                    else:  # trimmed away meanwhile
+                        await self._call(r.xack(s, self.group, eid))
+                if len(entries) >= limit:
+                    break
+        for s in self._streams:
+            if len(entries) >= limit:
+                break
+            got = await self._call(r.xreadgroup(self.group, self.consumer, {s: ">"}, count=limit - len(entries)))
+            for _, items in got or []:
+                entries.extend((s, eid, fields[b"id"]) for eid, fields in items)
+        if not entries and wait_s > 0:
+            got = await self._call(r.xreadgroup(
+                self.group, self.consumer, {s: ">" for s in self._streams}, count=limit,
+                block=max(1, int(min(wait_s, _MAX_BLOCK_S) * 1000)),
+            ))
+            for stream, items in got or []:
+                entries.extend((_text(stream), eid, fields[b"id"]) for eid, fields in items)
+        if not entries:
+            return []
+        async with r.pipeline(transaction=False) as pipe:
+            for _, _, jid in entries:
+                pipe.hgetall(self._job(_text(jid)))
+            hashes = await self._call(pipe.execute())
+        jobs: list[JobRecord] = []
+        stale: list[tuple[str, bytes]] = []
+        started = time.time()
+        for (stream, eid, jid), h in zip(entries, hashes):
+            job = self._record(_text(jid), h)
+            if job is None or job.status in TERMINAL_STATUSES:
+                stale.append((stream, eid))  # deleted, expired or already answered: nothing to run
+                continue
+            if not await self._call(self._mark(keys=[self._job(job.id)], args=[repr(started)])):
+                stale.append((stream, eid))
+                continue
+            job.status, job.started, job.receipt = "running", started, (stream, eid)
+            jobs.append(job)
+        if stale:
+            await self._ack(stale)
+        return jobs
+
+    async def _ack(self, entries: list[tuple[str, Any]]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for stream, eid in entries:
+                pipe.xack(stream, self.group, eid)
+                pipe.xdel(stream, eid)
+            await self._call(pipe.execute())
+
+    async def complete(self, completions: list[Completion], ttl_s: float) -> list[JobRecord]:
+        """Store each result (once per job id), then acknowledge the stream entries."""
+        if not completions:
+            return []
+        now = time.time()
+        ttl_ms = max(1, int(ttl_s * 1000))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for c in completions:
+                pipe.hget(self._job(c.job_id), "meta")
+            metas = await self._call(pipe.execute())
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for c, meta in zip(completions, metas):
+                key = self._job(c.job_id)
+                idem_key = json.loads(meta).get("idempotency_key") if meta else None
+                model = json.loads(meta)["model"] if meta else ""
+                idem = self._idem(model, idem_key) if idem_key else key
+                await self._complete(
+                    keys=[key, idem],
+                    args=[c.status, repr(now), ttl_ms, json.dumps(c.error) if c.error else "", c.result_status,
+                          json.dumps(c.result_headers), c.result_body, c.served_version or "", repr(c.started or now)],
+                    client=pipe,
+                )
+            stored = await self._call(pipe.execute())
+        receipts = [c.receipt for c in completions if c.receipt is not None]
+        if receipts:
+            await self._ack(receipts)
+        finished = [c.job_id for c, ok in zip(completions, stored) if ok]
+        if not finished:
+            return []
+        return [j for j in [await self.get(i) for i in finished] if j is not None]
+
+    async def release(self, jobs: list[JobRecord]) -> None:
+        """Queue the jobs again (a new stream entry each), then acknowledge their old entries."""
+        if not jobs:
+            return
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for job in jobs:
+                pipe.hset(self._job(job.id), "status", "queued")
+                pipe.xadd(self._stream(job.priority), {"id": job.id})
+            await self._call(pipe.execute())
+        await self._ack([j.receipt for j in jobs if j.receipt is not None])
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        h = await self._call(self._redis.hgetall(self._job(job_id)))
+        return self._record(job_id, h)
+
+    async def delete(self, job_id: str) -> bool:
+        """Forget the job; its stream entry, if still there, is dropped by the worker that reads it."""
+        job = await self.get(job_id)
+        if job is None:
+            return False
+        keys = [self._job(job_id)]
+        if job.idempotency_key:
+            idem = self._idem(job.model, job.idempotency_key)
+            if _text(await self._call(self._redis.get(idem))) == job_id:
+                keys.append(idem)
+        return bool(await self._call(self._redis.delete(*keys)))
+
+    async def recover(self) -> int:
+        """Nothing to do here: entries a dead worker held are reclaimed by XAUTOCLAIM."""
+        return 0
+
+    async def ping(self) -> None:
+        await self._call(self._redis.ping())
+
+    async def close(self) -> None:
+        try:
+            await self._redis.aclose()
+        except Exception:  # noqa: BLE001 - closing a client whose server is gone
+            pass
