@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import signing
+from .profile import ReferenceProfile
 from .errors import (
     BundleError,
     BundleNotFound,
@@ -268,6 +269,10 @@ class Manifest(_Model):
     calibration: Calibration | None = None
     samples: Samples | None = None
     provenance: Provenance
+    #: What the inputs and outputs looked like on the validation split (:mod:`.profile`): what
+    #: the tiers' drift monitors compare live traffic with. Optional; a manifest without it omits
+    #: the key, so its bytes are those of a manifest from before the field existed.
+    profile: ReferenceProfile | None = None
 
     @field_validator("name", "version")
     @classmethod
@@ -296,7 +301,8 @@ class Manifest(_Model):
             yield self.samples.file, self.samples.sha256, self.samples.size_bytes
 
     def to_json(self) -> bytes:
-        return (self.model_dump_json(indent=2, exclude_none=False) + "\n").encode()
+        exclude = {"profile"} if self.profile is None else None
+        return (self.model_dump_json(indent=2, exclude_none=False, exclude=exclude) + "\n").encode()
 
 
 class Bundle:
@@ -579,5 +585,9 @@ def describe(bundle: Bundle | Manifest) -> str:
                   f"(confidence {c.confidence}, rows judged by {c.metric})\n")
     if m.samples:
         out.write(f"  samples: {m.samples.count} in {m.samples.file}\n")
+    if m.profile:
+        pr = m.profile
+        out.write(f"  profile: {len(pr.inputs)} input features, outputs of {', '.join(sorted(pr.outputs)) or 'none'} "
+                  f"on {pr.n} {pr.split} inputs\n")
     out.write(f"  built {m.provenance.created_at} from {m.provenance.source}\n")
     return out.getvalue()
