@@ -1,9 +1,15 @@
-"""deploy/: the Dockerfile and the Kubernetes / KServe manifests parse, hang together, and name only
-ports, paths, flags, settings and metrics that the real server has.
+"""deploy/: the Dockerfiles and the Kubernetes / KServe manifests parse, validate, hang together, and
+name only ports, paths, flags, settings, files and metrics that the real server has.
 
-No Docker engine or cluster runs here, so the live half starts the real ``tandem serve`` (as the
+No Docker engine or cluster runs here. The Dockerfiles are parsed (every COPY source exists and gets
+through the ignore file, the pinned versions are the ones the tests run); the Kubernetes objects are
+validated against the Kubernetes schemas (kubernetes-validate, strict); the custom resources it has
+no schema for (KServe InferenceService, KEDA ScaledObject, Kustomization, the prometheus-adapter
+values) have their required structure checked here, and the pod template inside the
+InferenceService is validated as a Pod. The live half starts the real ``tandem serve`` (as the
 image's ENTRYPOINT would, with the image's ENV) on 127.0.0.1 and checks every probe path and metric
-name the manifests mention against it.
+name the manifests mention against it, and runs examples/cloud/run_local.sh's three cases.
+The metric queries run against a real Prometheus in tests/test_autoscale_queries.py.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from tandem.shared.protocol import CONTENT_TYPE, InferRequest, infer_path
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
+DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cpu"]
+CONSTRAINTS = DEPLOY / "constraints.txt"
 YAML_FILES = sorted(DEPLOY.rglob("*.yaml"))
 PORT = 8000  # the port every manifest must agree on
 METRIC_RE = re.compile(r"\btandem_[a-z0-9_]+\b")
@@ -133,8 +141,8 @@ def probe_paths() -> set[str]:
     return paths
 
 
-def healthcheck_cmd() -> list[str]:
-    health = one(dockerfile_instructions(), "HEALTHCHECK")
+def healthcheck_cmd(dockerfile: Path = DOCKERFILE) -> list[str]:
+    health = one(dockerfile_instructions(dockerfile), "HEALTHCHECK")
     return json.loads(health[health.index("CMD") + 3 :])
 
 
@@ -222,40 +230,52 @@ def test_every_port_is_the_one_the_server_listens_on() -> None:
         for k, v in walk(doc):
             if k in ("containerPort", "prometheus.io/port") or (k == "port" and isinstance(v, (int, str)) and str(v).isdigit()):
                 seen.append((path.name, k, int(v)))
-    instructions = dockerfile_instructions()
-    seen.append(("Dockerfile", "EXPOSE", int(one(instructions, "EXPOSE"))))
-    assert healthcheck_cmd()[0] == "tandem-healthcheck"
+    for dockerfile in DOCKERFILES:
+        instructions = dockerfile_instructions(dockerfile)
+        seen.append((dockerfile.name, "EXPOSE", int(one(instructions, "EXPOSE"))))
+        assert healthcheck_cmd(dockerfile)[0] == "tandem-healthcheck"
+        entry = json.loads(one(instructions, "ENTRYPOINT"))
+        seen.append((dockerfile.name, "ENTRYPOINT", int(entry[entry.index("--port") + 1])))
     default = re.search(r'os\.environ\.get\("TANDEM_PORT", "(\d+)"\)', (DEPLOY / "healthcheck.py").read_text())
     assert default, "deploy/healthcheck.py should default to TANDEM_PORT or a literal port"
     seen.append(("healthcheck.py", "TANDEM_PORT default", int(default.group(1))))
-    entry = json.loads(one(instructions, "ENTRYPOINT"))
-    seen.append(("Dockerfile", "ENTRYPOINT", int(entry[entry.index("--port") + 1])))
-    assert len(seen) >= 8
+    assert len(seen) >= 10
     assert {p for *_, p in seen} == {PORT}, seen
 
 
-def test_dockerfile_builds_the_gpu_image_as_specified() -> None:
-    ins = dockerfile_instructions()
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_builds_the_image_as_specified(dockerfile: Path) -> None:
+    ins = dockerfile_instructions(dockerfile)
     assert ins[0] == ("FROM", "python:3.11-slim")
     runs = "\n".join(rest for k, rest in ins if k == "RUN")
     assert "pip install --no-deps ." in runs
-    assert "onnxruntime-gpu" in runs
     assert "grep -c '^onnxruntime'" in runs and "-eq 1" in runs, "the image must assert exactly one onnxruntime"
-    assert re.search(r"pip install -r /tmp/requirements.txt", runs)
+    # The dependency layer installs the tested versions: every pip install of requirements is constrained.
+    installs = re.findall(r"pip install (?!--no-deps)[^&]*", runs)
+    assert installs and all("-c constraints.txt" in i for i in installs), installs
+    assert any("-r /tmp/requirements.txt" in i for i in installs)
+    copies = [rest for k, rest in ins if k == "COPY"]
+    assert any("deploy/constraints.txt" in c.split() for c in copies), "the image must COPY deploy/constraints.txt"
+    if dockerfile.name == "Dockerfile":
+        assert "onnxruntime-gpu" in runs and "--without onnxruntime" in runs
+    else:
+        assert "onnxruntime-gpu" not in runs and "--without" not in runs and "pip check" in runs
+        assert dockerfile_env(ins)["TANDEM_PROVIDERS"] == '["CPUExecutionProvider"]'
 
     user = one(ins, "USER").split(":")[0]
     assert user not in ("root", "0"), "the image must run as a non-root user"
     assert re.search(rf"useradd .*--uid {user}\b", runs), "USER must name the user the image creates"
 
-    assert healthcheck_path(healthcheck_cmd()) == "/v2/health/ready"
+    assert healthcheck_path(healthcheck_cmd(dockerfile)) == "/v2/health/ready"
     assert any(k == "COPY" and rest.split()[-1] == "/usr/local/bin/tandem-healthcheck" for k, rest in ins)
     entry = json.loads(one(ins, "ENTRYPOINT"))
     assert entry[:2] == ["tandem", "serve"]
     assert entry[entry.index("--host") + 1] == "0.0.0.0"
     assert entry[entry.index("--repository") + 1] == "/models"
 
-    # Everything COPY'd exists and is let through by the build's ignore file.
-    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    # Everything COPY'd exists and is let through by the build's ignore file (BuildKit reads
+    # <Dockerfile>.dockerignore next to the Dockerfile).
+    ignore = dockerfile.with_name(dockerfile.name + ".dockerignore").read_text().splitlines()
     allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
     for k, rest in ins:
         if k == "COPY":
@@ -270,17 +290,152 @@ def test_dockerfile_builds_the_gpu_image_as_specified() -> None:
         assert folder in copied, f"package folder {folder}/ is not copied into the image"
 
 
-def test_runtime_requirements_are_pyproject_minus_onnxruntime() -> None:
-    out = subprocess.run(
-        [sys.executable, str(DEPLOY / "runtime_requirements.py"), str(ROOT / "pyproject.toml")],
-        capture_output=True, text=True, check=True, timeout=60,
-    ).stdout.splitlines()
+def test_runtime_requirements_are_the_base_and_cloud_dependencies() -> None:
+    def run(*extra: str) -> list[str]:
+        return subprocess.run(
+            [sys.executable, str(DEPLOY / "runtime_requirements.py"), str(ROOT / "pyproject.toml"), *extra],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout.splitlines()
+
     import tomllib
 
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + project["optional-dependencies"]["cloud"]
+    assert sorted(run()) == sorted(deps)
+    gpu = run("--without", "onnxruntime")
     ort = [d for d in deps if d.startswith("onnxruntime")]
-    assert ort and not any(o.startswith("onnxruntime") for o in out)
-    assert sorted(out + ort) == sorted(deps)
+    assert ort and not any(o.startswith("onnxruntime") for o in gpu)
+    assert sorted(gpu + ort) == sorted(deps)
+
+
+def _constraint_pins() -> dict[str, str]:
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert name and version, f"constraints.txt: {line!r} is not NAME==VERSION"
+            pins[name] = version
+    return pins
+
+
+def test_constraints_are_the_versions_the_tests_run() -> None:
+    """deploy/constraints.txt is what deploy/constraints.py writes in this environment: every runtime
+    distribution of tandem[cloud], at the version these tests import."""
+    import onnxruntime
+
+    spec = importlib.util.spec_from_file_location("deploy_constraints", DEPLOY / "constraints.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert CONSTRAINTS.read_text() == module.render(module.pinned()), (
+        "deploy/constraints.txt is stale: python deploy/constraints.py > deploy/constraints.txt"
+    )
+    pins = _constraint_pins()
+    for needed in ("onnxruntime", "numpy", "aiohttp", "httptools", "prometheus-client", "uvloop", "redis", "pydantic"):
+        assert needed in pins, f"constraints.txt does not pin {needed}"
+    for build_only in ("torch", "onnx", "scikit-learn", "scipy", "matplotlib", "tqdm"):
+        assert build_only not in pins, f"{build_only} is not a runtime dependency of the cloud image"
+    assert pins["onnxruntime"] == onnxruntime.__version__
+
+
+def test_both_images_run_the_onnxruntime_the_tests_run() -> None:
+    import onnxruntime
+
+    gpu = dict(a.partition("=")[::2] for k, a in dockerfile_instructions(DEPLOY / "Dockerfile") if k == "ARG")
+    assert gpu["ORT_GPU_VERSION"] == onnxruntime.__version__, (
+        f"the GPU image pins onnxruntime-gpu {gpu['ORT_GPU_VERSION']}, the tests run {onnxruntime.__version__}"
+    )
+    # The CPU image takes onnxruntime from constraints.txt (checked above) and asserts it at build time.
+    cpu_runs = "\n".join(rest for k, rest in dockerfile_instructions(DEPLOY / "Dockerfile.cpu") if k == "RUN")
+    assert "sed -n 's/^onnxruntime==//p' constraints.txt" in cpu_runs
+    assert not re.search(r"pip install[^&]*onnxruntime", cpu_runs), "the CPU image must not pin onnxruntime apart from constraints.txt"
+
+
+# --- Kubernetes schemas --------------------------------------------------------------------------
+
+#: kinds kubernetes-validate has no schema for; their structure is checked by the tests below.
+CUSTOM_KINDS = {"InferenceService", "ScaledObject", "Kustomization"}
+
+
+def _validate(doc: dict[str, Any]) -> None:
+    import kubernetes_validate
+
+    kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_every_kubernetes_object_validates_against_the_schemas() -> None:
+    import kubernetes_validate
+
+    validated = []
+    for path, doc in k8s_objects():
+        if doc["kind"] in CUSTOM_KINDS:
+            continue
+        try:
+            _validate(doc)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{path.name}: {doc['kind']} does not validate: {e.message} at {list(e.path)}")
+        validated.append(doc["kind"])
+    assert sorted(validated) == sorted(["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Namespace",
+                                        "PersistentVolumeClaim", "Service"]), validated
+    # The validation is strict: an unknown field is an error, not a warning.
+    deployment = next(d for _, d in k8s_objects() if d["kind"] == "Deployment")
+    broken = json.loads(json.dumps(deployment))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _validate(broken)
+
+
+def test_inferenceservice_pod_validates_and_has_kserves_required_structure() -> None:
+    """KServe's PredictorSpec inlines a PodSpec: its containers and volumes are validated as a Pod's;
+    the rest (apiVersion, predictor, replicas, scale metric, deployment mode) is checked here."""
+    (doc,) = [d for _, d in k8s_objects() if d["kind"] == "InferenceService"]
+    assert doc["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert doc["metadata"]["name"] and doc["metadata"]["namespace"]
+    predictor = doc["spec"]["predictor"]
+    pod_fields = {k: v for k, v in predictor.items() if k in ("containers", "volumes")}
+    _validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"}, "spec": pod_fields})
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"  # what KServe's custom predictors are named
+    assert 0 <= predictor["minReplicas"] <= predictor["maxReplicas"]
+    assert predictor["scaleMetric"] in {"concurrency", "rps", "cpu", "memory"}
+    assert isinstance(predictor["scaleTarget"], int) and predictor["scaleTarget"] > 0
+    mode = doc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"]
+    assert mode in {"Serverless", "RawDeployment", "ModelMesh"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["STORAGE_URI"]["value"].startswith("pvc://")
+    assert container["args"][container["args"].index("--repository") + 1] == "/mnt/models"
+
+
+def test_keda_scaledobject_has_kedas_required_structure() -> None:
+    (doc,) = [d for _, d in k8s_objects() if d["kind"] == "ScaledObject"]
+    assert doc["apiVersion"] == "keda.sh/v1alpha1"
+    spec = doc["spec"]
+    assert set(spec["scaleTargetRef"]) <= {"apiVersion", "kind", "name", "envSourceContainerName"}
+    assert spec["scaleTargetRef"]["name"]
+    assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+    for key in ("pollingInterval", "cooldownPeriod"):
+        assert isinstance(spec[key], int) and spec[key] > 0
+    assert spec["triggers"]
+    for trigger in spec["triggers"]:
+        assert trigger["type"] == "prometheus"
+        meta = trigger["metadata"]
+        # KEDA's prometheus scaler requires these three; its metadata values are strings.
+        assert {"serverAddress", "query", "threshold"} <= set(meta)
+        assert all(isinstance(v, str) for v in meta.values()), meta
+        assert meta["serverAddress"].startswith(("http://", "https://"))
+        assert float(meta["threshold"]) > 0
+
+
+def test_kustomization_and_adapter_values_have_the_required_structure() -> None:
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    assert kustomization["apiVersion"] == "kustomize.config.k8s.io/v1beta1" and kustomization["kind"] == "Kustomization"
+    assert set(kustomization) <= {"apiVersion", "kind", "resources", "namespace", "images", "labels", "commonLabels"}
+    adapter = yaml.safe_load((DEPLOY / "k8s" / "prometheus-adapter-values.yaml").read_text())
+    assert adapter["prometheus"]["url"].startswith("http") and isinstance(adapter["prometheus"]["port"], int)
+    for rule in adapter["rules"]["custom"]:
+        assert {"seriesQuery", "resources", "name", "metricsQuery"} <= set(rule)
+        assert "<<.Series>>" in rule["metricsQuery"] and "<<.LabelMatchers>>" in rule["metricsQuery"]
+        assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
 
 
 def test_readme_explains_build_run_and_scale() -> None:
