@@ -6,8 +6,9 @@ Cheap to import: aiohttp, onnxruntime and the server modules are imported inside
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-__all__ = ["serve"]
+__all__ = ["serve", "worker"]
 
 
 def serve(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +30,11 @@ def serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-empty", action="store_true", default=None,
         help="start even if the repository yields no loadable model (load models later over /v2/repository)",
+    )
+    parser.add_argument(
+        "--jobs-queue", default=None, metavar="URL",
+        help="queue of asynchronous jobs: 'embedded' (default: SQLite beside the repository, run here) or "
+        "redis://host:port/db (run by tandem worker processes)",
     )
     parser.epilog = (
         "Every other setting (batching per model, timeouts, shutdown delay, cache, canary, ...) comes from --config "
@@ -53,6 +59,7 @@ def _run(args: argparse.Namespace) -> int:
         allow_empty=args.allow_empty,
         providers=[s.strip() for s in args.providers.split(",") if s.strip()] if args.providers else None,
     )
+    config = _with_jobs_queue(config, args.jobs_queue)
     if not config.insecure_skip_signature and not config.trusted_keys:
         from tandem.shared.errors import InvalidInput
 
@@ -65,3 +72,50 @@ def _run(args: argparse.Namespace) -> int:
 
         return supervise(config)
     return run(config)
+
+
+def _with_jobs_queue(config: Any, url: str | None) -> Any:
+    """``config`` with ``jobs.queue`` set to ``url`` (checked like the config file's), if given."""
+    if url is None:
+        return config
+    from pydantic import ValidationError
+
+    from tandem.shared.errors import InvalidInput
+
+    from .config import JobsConfig
+
+    try:
+        jobs = JobsConfig.model_validate({**config.jobs.model_dump(), "queue": url})
+    except ValidationError as e:
+        raise InvalidInput(f"--jobs-queue / --queue: {e.errors()[0]['msg']}") from None
+    return config.model_copy(update={"jobs": jobs})
+
+
+def worker(parser: argparse.ArgumentParser) -> None:
+    """Run the jobs of a Redis job queue with the models of a repository (any number of workers, any machines)."""
+    parser.add_argument("--queue", required=True, metavar="URL", help="the job queue: redis://host:port/db")
+    parser.add_argument("--repository", required=False, help="model repository: REPO/<model>/<version>/ bundles")
+    parser.add_argument("--trusted-key", action="append", dest="trusted_keys", metavar="PUB.pem", help="public key that may sign bundles (repeatable)")
+    parser.add_argument("--insecure-skip-signature", action="store_true", default=None, help="load bundles without checking signatures (hashes are still checked)")
+    parser.add_argument("--name", default=None, help="consumer name in the queue's group (default: host-pid); unique per live worker")
+    parser.add_argument("--config", default=None, help="config file (.toml, .yaml, .json): batching, instances, jobs.* (claim timeout, result TTL)")
+    parser.add_argument("--instances", type=int, default=None, help="onnxruntime sessions per model version")
+    parser.add_argument("--claim", type=int, default=16, help="jobs claimed from the queue at once (default 16)")
+    parser.set_defaults(run=_worker)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    config = load_config(
+        args.config, repository=args.repository, trusted_keys=args.trusted_keys,
+        insecure_skip_signature=args.insecure_skip_signature, instances=args.instances,
+    )
+    config = _with_jobs_queue(config, args.queue)
+    if not config.insecure_skip_signature and not config.trusted_keys:
+        from tandem.shared.errors import InvalidInput
+
+        raise InvalidInput("give --trusted-key PUB.pem (or --insecure-skip-signature to load unsigned bundles knowingly)")
+    from .worker import run_worker
+
+    return run_worker(config, config.jobs.queue, name=args.name, claim=args.claim)
