@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-__all__ = ["serve", "worker"]
+__all__ = ["serve", "batch", "worker"]
 
 
 def serve(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +72,45 @@ def _run(args: argparse.Namespace) -> int:
 
         return supervise(config)
     return run(config)
+
+
+def batch(parser: argparse.ArgumentParser) -> None:
+    """Run a model over a file of inputs offline, resumably (.npy, .npz, Parquet, JSONL)."""
+    parser.add_argument(
+        "model", metavar="MODEL",
+        help="a bundle directory, or with --repository: NAME or NAME:VERSION in it (with --queue: the served model)",
+    )
+    parser.add_argument("input", metavar="INPUT", help="rows to run: .npy, .npz, .jsonl/.ndjson or .parquet/.pq")
+    parser.add_argument(
+        "output", metavar="OUTPUT",
+        help="results in input order: .npy/.npz for array inputs, .jsonl/.parquet for table inputs",
+    )
+    parser.add_argument("--repository", default=None, help="model repository: REPO/<model>/<version>/ bundles")
+    parser.add_argument("--trusted-key", action="append", dest="trusted_keys", metavar="PUB.pem", default=[],
+                        help="public key that may sign the bundle (repeatable)")
+    parser.add_argument("--insecure-skip-signature", action="store_true",
+                        help="load the bundle without checking its signature (hashes are still checked)")
+    parser.add_argument("--variant", default="cloud", help="the bundle variant to run: a role or a name (default cloud)")
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per inference call or job (default 64)")
+    parser.add_argument("--chunk-rows", type=int, default=8192,
+                        help="rows per saved chunk: the most an interrupted run computes again (default 8192)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="onnxruntime intra-op threads (default: the cores this process may use)")
+    parser.add_argument("--work-dir", default=None, help="where chunks and the journal live (default .OUTPUT.tandem-batch)")
+    parser.add_argument("--restart", action="store_true", help="discard an unfinished run's work and start over")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    parser.add_argument("--queue", default=None, metavar="URL",
+                        help="submit the rows as jobs to the tandem serve at URL instead of running them here")
+    parser.add_argument("--api-key", default=None, help="bearer token for --queue")
+    parser.add_argument("--priority", type=int, default=None, help="job priority with --queue (0..9)")
+    parser.set_defaults(run=_batch)
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from .batch import main
+
+    return main(args)
 
 
 def _with_jobs_queue(config: Any, url: str | None) -> Any:
