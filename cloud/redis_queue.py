@@ -9,6 +9,7 @@ Layout (``P`` is the configured key prefix, default ``tandem``):
 - ``P:stream:{n}``: one stream per job priority ``n`` (0..9), each entry ``{"id": job id}``, read
   by the consumer group ``P-workers``. Workers read the highest priority first.
 - ``P:idem:{model}:{key}``: an Idempotency-Key's job id (the same TTL as its job once finished).
+- ``P:stats``: counters: results stored, results dropped because their job had one already.
 
 A submit writes the hash and the stream entry in one MULTI/EXEC, and is answered 202 only after
 Redis took both (with ``appendonly yes`` they survive a Redis restart; ``appendfsync always``
@@ -47,12 +48,14 @@ if s == 'succeeded' or s == 'failed' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started', ARGV[1])
 return 1
 """
-# Store a result once. KEYS: job, idempotency key (or the job key again); ARGV: status, finished,
-# ttl ms, error, result_status, result_headers, result_body, served_version ('' = keep), started.
+# Store a result once. KEYS: job, idempotency key (or the job key again), stats; ARGV: status,
+# finished, ttl ms, error, result_status, result_headers, result_body, served_version ('' = keep),
+# started. The stats hash counts results stored and results dropped because the job had one.
 _COMPLETE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('HINCRBY', KEYS[3], 'forgotten', 1) return 0 end
 local s = redis.call('HGET', KEYS[1], 'status')
-if s == 'succeeded' or s == 'failed' then return 0 end
+if s == 'succeeded' or s == 'failed' then redis.call('HINCRBY', KEYS[3], 'repeats', 1) return 0 end
+redis.call('HINCRBY', KEYS[3], 'results', 1)
 local expires = tonumber(ARGV[2]) + tonumber(ARGV[3]) / 1000
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished', ARGV[2], 'expires', tostring(expires),
   'error', ARGV[4], 'result_status', ARGV[5], 'result_headers', ARGV[6], 'result_body', ARGV[7])
@@ -107,6 +110,9 @@ class RedisJobQueue:
         self.group = f"{prefix}-workers"
         self.claim_timeout_s = claim_timeout_s
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        #: Counters of stored results ("results"), results of jobs that already had one ("repeats":
+        #: a job run again after its worker was presumed dead) and of jobs deleted meanwhile ("forgotten").
+        self.stats_key = f"{prefix}:stats"
         self._streams = [self._stream(p) for p in range(MAX_PRIORITY, MIN_PRIORITY - 1, -1)]  # best first
         self._groups_ready = False
         self._reclaimed_at = 0.0
@@ -292,7 +298,7 @@ class RedisJobQueue:
                 model = json.loads(meta)["model"] if meta else ""
                 idem = self._idem(model, idem_key) if idem_key else key
                 await self._complete(
-                    keys=[key, idem],
+                    keys=[key, idem, self.stats_key],
                     args=[c.status, repr(now), ttl_ms, json.dumps(c.error) if c.error else "", c.result_status,
                           json.dumps(c.result_headers), c.result_body, c.served_version or "", repr(c.started or now)],
                     client=pipe,

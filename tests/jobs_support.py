@@ -4,6 +4,8 @@ submits over real HTTP, and polling a job until it finishes (generous deadlines,
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -86,3 +88,36 @@ def wait_for(condition: Any, timeout: float = 120.0, what: str = "condition") ->
             raise AssertionError(f"{what} not reached within {timeout} s")
         time.sleep(delay)
         delay = min(delay * 1.5, 0.5)
+
+
+# --- processes -------------------------------------------------------------------------------------
+
+
+def start_tandem(args: list[str], log: Path) -> "subprocess.Popen[bytes]":
+    """``tandem ARGS`` as a real process; stdout and stderr go to ``log`` (never a pipe nobody reads)."""
+    out = open(log, "ab")  # noqa: SIM115 - the process holds it; closed when the test's tmp dir goes
+    return subprocess.Popen([sys.executable, "-m", "tandem.shared.cli", *args], stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_line(proc: "subprocess.Popen[bytes]", log: Path, prefix: str, timeout: float = 120.0) -> str:
+    """The first line of ``log`` starting with ``prefix``; fails if the process exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith(prefix):
+                return line
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} before {prefix!r}: {log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"no line {prefix!r} within {timeout} s: {log.read_text()[-3000:]}")
+
+
+def stop(proc: "subprocess.Popen[bytes]", timeout: float = 60.0) -> int:
+    """SIGTERM, wait; SIGKILL if it does not stop. The exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait(30)
