@@ -36,6 +36,7 @@ from tandem.shared.bundle import (
     write_samples,
 )
 from tandem.shared.errors import ManifestError
+from tandem.shared.profile import ReferenceProfile
 
 from . import report
 from .calibration import calibrate, calibrate_task
@@ -43,6 +44,7 @@ from .distill import TrainResult, fit, predict, predict_hidden, predict_logits, 
 from .errors import BudgetError, BuildError, SpecError
 from .evaluate import Padding, evaluate_variants, hardware_info, make_session, n_rows, run_batched, tool_versions
 from .export import export_onnx, verify_export
+from .profile import reference_profile
 from .quality import measure, verdict_name
 from .quantize import Candidate, best, convert_fp16, judge, make_candidates, quality, summary
 from .spec import NAME_PATTERN, BuildSpec, Dataset, load_dataset
@@ -498,10 +500,12 @@ def _finish(
         cal = calibrate_task(edge_val, edge_q.ok, cloud_q.ok, edge_variant=edge.name, cloud_variant=cloud.name,
                              metric=verdict_name(task, val_y is not None), kind=task.kind, output=output or "",
                              confidence=spec.confidence, seed=seed)
+        edge_ok, cloud_ok = edge_q.ok, cloud_q.ok
     else:
         assert data.val.y is not None
-        cal = calibrate(run_batched(edge_sess, val_x), run_batched(cloud_sess, val_x), data.val.y,
-                        edge_variant=edge.name, cloud_variant=cloud.name)
+        edge_val, cloud_val, val_y, edge_ok, cloud_ok = run_batched(edge_sess, val_x), run_batched(cloud_sess, val_x), data.val.y, None, None
+        cal = calibrate(edge_val, cloud_val, val_y, edge_variant=edge.name, cloud_variant=cloud.name)
+    profile = _reference_profile(spec, data, val_x, input_name, output, edge_val, cloud_val, val_y, edge_ok, cloud_ok, echo)
     # The fp32 teacher is either the cloud variant itself or its reference: never listed twice.
     shipped = list({id(c): c for c in [cloud, base_rows[0], *([fp16_row] if fp16_row else []), edge] if c.role}.values())
     for c in shipped:
@@ -512,7 +516,7 @@ def _finish(
     shutil.rmtree(cand_dir, ignore_errors=True)
     manifest = _manifest(spec, version, data, teacher_path, shipped, cal, n_rows(sample_x),
                          quick=quick, seed=seed, training=training.model_dump(), choice=models.choice,
-                         candidates=[summary(c) for c in cloud_cands + edge_cands])
+                         candidates=[summary(c) for c in cloud_cands + edge_cands], profile=profile)
     try:
         manifest = seal_bundle(work, manifest, private_key)
     except ManifestError as e:
@@ -530,6 +534,24 @@ def _finish(
         total_seconds=time.perf_counter() - started, calibration=cal,
     )
     return BuildResult(final, manifest, md, png, [r for r in all_rows if r is not None], time.perf_counter() - started, steps)
+
+
+def _reference_profile(
+    spec: BuildSpec, data: Dataset, val_x: Any, input_name: str, output: str | None, edge_val: np.ndarray,
+    cloud_val: np.ndarray, val_y: np.ndarray | None, edge_ok: Any, cloud_ok: Any, echo: Callable[[str], None],
+) -> ReferenceProfile | None:
+    """The validation split's reference profile for the manifest; a bundle without one still
+    serves (its tiers then monitor nothing), so a failure here is a warning, not a failed build."""
+    try:
+        return reference_profile(
+            val_x if isinstance(val_x, dict) else {input_name: val_x},
+            {"cloud": {output or spec.output_name: cloud_val}, "edge": {output or spec.output_name: edge_val}},
+            task_kind=spec.task.kind, output_is_logits=spec.task.output_is_logits, labels=val_y,
+            edge_ok=edge_ok, cloud_ok=cloud_ok, decls=data.inputs,
+        )
+    except Exception as e:  # noqa: BLE001 - monitoring is optional; the bundle is not
+        echo(f"warning: no reference profile in this bundle: {type(e).__name__}: {_first_line(e)}")
+        return None
 
 
 def _task_output(spec: BuildSpec, teacher_path: Path) -> str:
@@ -617,7 +639,7 @@ def _io_specs(path: Path, decls: list[Any]) -> tuple[list[TensorSpec], list[Tens
 def _manifest(
     spec: BuildSpec, version: str, data: Dataset, teacher_path: Path, shipped: list[Candidate],
     cal: Any, n_samples: int, *, quick: bool, seed: int, training: dict[str, Any], choice: str,
-    candidates: list[dict[str, Any]],
+    candidates: list[dict[str, Any]], profile: ReferenceProfile | None = None,
 ) -> Manifest:
     inputs, outputs = _io_specs(teacher_path, data.inputs)
     variants = []
@@ -652,6 +674,7 @@ def _manifest(
             tool_versions=tool_versions(),
             hardware=hardware_info(),
         ),
+        profile=profile,
     )
 
 

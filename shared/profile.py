@@ -299,6 +299,8 @@ class Featurizer:
             key = (source, tensor)
             if key not in flat:
                 src = inputs if source == "input" else outputs
+                if tensor not in src:
+                    raise ValueError(f"the batch has no {source} {tensor!r}, which the profile monitors")
                 flat[key] = _as_rows(src[tensor])
             return flat[key]
 
