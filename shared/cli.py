@@ -28,6 +28,7 @@ COMMAND_EXTRAS: dict[str, tuple[str, ...]] = {
     "build": ("build",),
     "demo": ("build", "cloud"),
     "serve": ("cloud",),
+    "worker": ("cloud",),
 }
 
 #: Import names that differ from their distribution's normalised name.
