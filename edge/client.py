@@ -35,6 +35,7 @@ from tandem.shared.errors import DeadlineExceeded, InvalidInput, TandemError
 from .budget import Budget
 from .cloud_client import CloudClient, CloudReply
 from .estimates import Estimates
+from .jobs import JobClient, JobHandle
 from .policies import Decision, Policy
 from .router import Router, RouterConfig, is_retryable
 from .runtime import ConfidenceFn, EdgeRuntime, run_error
@@ -84,7 +85,8 @@ class HybridClient:
 
     ``bundle``: a loaded :class:`Bundle` or a bundle directory (only the edge variant's file needs to
     be present; it is verified against ``trusted_keys`` unless ``verify_signature=False``).
-    ``cloud_url``: the ``tandem serve`` endpoint, or None for edge only. ``model``: the cloud's name
+    ``cloud_url``: the ``tandem serve`` endpoint, or None for edge only. ``agent_url``/``agent_token``:
+    the device agent's local API, where :meth:`submit` leaves a deferred job while the cloud is away. ``model``: the cloud's name
     for it (default: the bundle's). ``policy``: a policy name or object. ``config``: a
     :class:`RouterConfig` or a dict of its fields. ``confidence``: the cascade's confidence as a
     function of the edge outputs (:data:`~tandem.edge.runtime.ConfidenceFn`: a dict name → array in,
@@ -111,6 +113,8 @@ class HybridClient:
         policy: str | Policy = "cascade",
         config: RouterConfig | dict[str, Any] | None = None,
         confidence: ConfidenceFn | None = None,
+        agent_url: str | None = None,
+        agent_token: str | None = None,
     ) -> None:
         if not isinstance(bundle, Bundle):
             bundle = load_bundle(Path(bundle), trusted_keys, verify_signature=verify_signature, variants=["edge"])
@@ -143,6 +147,9 @@ class HybridClient:
         self._api_key = api_key
         if cloud_url is not None:
             CloudClient(cloud_url, self.model)  # validate the URL now, not on the first call
+        # Deferrable jobs (submit/asubmit): the cloud's job API, else the device agent's outbox.
+        self._jobs = JobClient(self.model, cloud_url=cloud_url, api_key=api_key, agent_url=agent_url,
+                               agent_token=agent_token, loop=self._background_loop)
         self._out_names = self.runtime.output_names
         self._fast_dtype = self.runtime.fast_dtype
         self._first_input = self.runtime.input_names[0]
@@ -261,6 +268,30 @@ class HybridClient:
         # How long the answer took to reach this thread: part of every deadline's margin.
         self.router.handoff_slip.add((_perf() - done_at) * 1000.0)
         return result
+
+    def submit(self, inputs: Any, *, defer: bool = False, **job: Any) -> JobHandle:
+        """Submit ``inputs`` as a cloud job and return its :class:`~tandem.edge.jobs.JobHandle`
+        (``status()``, ``result()``). With ``defer=True``, a job the cloud cannot take now waits in
+        the device agent's outbox (``agent_url``) and is submitted when the cloud returns. ``job``:
+        ``version``, ``priority`` (0..9), ``callback`` (an http(s) URL), ``job_id`` (a UUID: the
+        same id and inputs find the same job again). See :mod:`tandem.edge.jobs`."""
+        feeds = self._job_feeds(inputs)
+        return self._on_jobs_loop(self._jobs.asubmit(feeds, defer=defer, **job))
+
+    async def asubmit(self, inputs: Any, *, defer: bool = False, **job: Any) -> JobHandle:
+        """The async twin of :meth:`submit` (the handle's async methods are ``astatus``/``aresult``)."""
+        return await self._jobs.asubmit(self._job_feeds(inputs), defer=defer, **job)
+
+    def _job_feeds(self, inputs: Any) -> dict[str, np.ndarray]:
+        if self._closed:
+            raise InvalidInput("client is closed")
+        return self.runtime.feeds(inputs)
+
+    def _on_jobs_loop(self, coro: Any) -> Any:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise InvalidInput("submit() was called from the client's own loop thread: use asubmit()")
+        return asyncio.run_coroutine_threadsafe(coro, self._background_loop()).result()
 
     async def ainfer(self, inputs: Any, budget: Budget | None = None) -> Result:
         """The async twin of :meth:`infer`; edge inference runs in the client's thread pool."""

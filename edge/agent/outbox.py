@@ -1,4 +1,4 @@
-"""Store-and-forward: a bounded outbox in SQLite for route records, telemetry and feedback.
+"""Store-and-forward: a bounded outbox in SQLite for route records, telemetry, feedback and deferred jobs.
 
 Records follow the cloud's feedback contract (``{"id", "kind", "model", "version"?, "request_id"?,
 "label"?, "payload"?, "created_at"}``). Each gets a uuid ``id`` on append, the cloud's idempotency key,
@@ -6,13 +6,21 @@ so a batch re-sent after a crash between upload and delete is never stored twice
 insertion order and are deleted only once the cloud acknowledged them. The outbox is capped by row
 count and age; what a cap drops is counted (persisted) and reported, never silently lost.
 
+A ``job`` record is an inference job an app deferred while the cloud was unreachable
+(:mod:`tandem.edge.jobs`): its ``id`` is the job's id, which the uploader sends as the
+``Idempotency-Key`` of the submit, so a submit retried after a crash never makes a second job. Its
+payload is ``{"body": base64 of the native msgpack request, "priority"?: 0..9, "callback"?: url}``.
+
 WAL mode lets ``tandem agent status`` read while the agent writes.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
+import re
 import os
 import sqlite3
 import threading
@@ -24,7 +32,10 @@ from typing import Any
 
 from tandem.shared.errors import InvalidInput
 
-KINDS = ("feedback", "route", "telemetry")
+KINDS = ("feedback", "route", "telemetry", "job")
+#: A job record's model and version become a URL path on the cloud: plain names only.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_JOB_PAYLOAD = {"body", "priority", "callback"}
 _FIELDS = {"id", "kind", "model", "version", "request_id", "label", "payload", "created_at"}
 _COUNTERS = ("appended", "uploaded", "dropped_full", "dropped_age", "dropped_refused", "route_edge", "route_cloud", "route_failed")
 
@@ -65,6 +76,8 @@ def validate_record(rec: Any) -> dict[str, Any]:
         except ValueError:
             raise InvalidInput(f"record 'id' {rid!r} is not a uuid") from None
         out["id"] = str(rid)
+    if out["kind"] == "job":
+        _validate_job(out)
     ts = out.get("created_at")
     if ts is None:
         out["created_at"] = time.time()
@@ -77,6 +90,34 @@ def validate_record(rec: Any) -> dict[str, Any]:
     except (TypeError, ValueError) as e:
         raise InvalidInput(f"record is not JSON-serialisable: {e}") from None
     return out
+
+
+def _validate_job(rec: dict[str, Any]) -> None:
+    """A job record's extra rules: a plain model (and version) name, a base64 msgpack body, a
+    priority in the job range and an http(s) callback (see :mod:`tandem.shared.jobs`)."""
+    from tandem.shared.jobs import check_callback_url, parse_priority
+
+    for key in ("model", "version"):
+        v = rec.get(key)
+        if v is not None and not _PLAIN_NAME.fullmatch(v):
+            raise InvalidInput(f"job record {key!r} must be a plain name ([A-Za-z0-9._-], up to 128), got {v[:40]!r}")
+    payload = rec.get("payload")
+    if not isinstance(payload, Mapping) or not isinstance(payload.get("body"), str):
+        raise InvalidInput("job record 'payload' must hold 'body': the base64 of the native msgpack request")
+    unknown = set(payload) - _JOB_PAYLOAD
+    if unknown:
+        raise InvalidInput(f"unknown job payload field(s): {', '.join(sorted(map(str, unknown)))}")
+    try:
+        if not base64.b64decode(payload["body"], validate=True):
+            raise InvalidInput("job record body is empty")
+    except (binascii.Error, ValueError):
+        raise InvalidInput("job record 'body' is not base64") from None
+    priority = payload.get("priority")
+    if priority is not None:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidInput("job record 'priority' must be an integer")
+        parse_priority(str(priority))
+    check_callback_url(payload.get("callback"))
 
 
 class Outbox:
@@ -171,10 +212,16 @@ class Outbox:
         (count,) = self._db.execute("SELECT COUNT(*) FROM records").fetchone()
         excess = count - self.max_rows
         if excess > 0:
-            # The oldest go first: the newest records describe the device's current state.
-            self._db.execute(
-                "DELETE FROM records WHERE seq IN (SELECT seq FROM records ORDER BY seq LIMIT ?)", (excess,)
-            )
+            # The oldest go first: the newest records describe the device's current state. Deferred
+            # jobs are work an app handed over, not a report: they go only if nothing else is left.
+            n = self._db.execute(
+                "DELETE FROM records WHERE seq IN (SELECT seq FROM records "
+                "WHERE json_extract(body, '$.kind') IS NOT 'job' ORDER BY seq LIMIT ?)", (excess,)
+            ).rowcount
+            if n < excess:
+                self._db.execute(
+                    "DELETE FROM records WHERE seq IN (SELECT seq FROM records ORDER BY seq LIMIT ?)", (excess - n,)
+                )
             self._bump("dropped_full", excess)
 
     def _bump(self, name: str, n: int) -> None:

@@ -1,5 +1,5 @@
-"""Talking to the cloud tier: polling the registry for new versions (with resumable downloads) and
-forwarding the outbox to the feedback endpoint.
+"""Talking to the cloud tier: polling the registry for new versions (with resumable downloads),
+forwarding the outbox to the feedback endpoint, and submitting the jobs apps deferred.
 
 Every network failure is an expected state on a device ("offline"): the updater records it and the
 agent keeps serving what it has; the uploader keeps records in the outbox and retries with backoff.
@@ -8,6 +8,7 @@ agent keeps serving what it has; the uploader keeps records in the outbox and re
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import logging
 import os
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 _CHUNK = 64 << 10
 #: A partitioned link is silence, not an error: give up on one upload after this long.
 _UPLOAD_TIMEOUT_S = 10.0
+#: What a job submit answered when the cloud will never take it as sent (malformed, unknown model,
+#: too large, its Idempotency-Key used by another request): retrying would block the outbox forever.
+_JOB_REFUSED = frozenset({400, 404, 409, 413, 422})
 
 
 class RegistryClient:
@@ -261,6 +265,16 @@ class Uploader:
             batch = await asyncio.to_thread(self.outbox.peek, self.config.upload_batch)
             if not batch:
                 return sent
+            if batch[0][1].get("kind") == "job":
+                # Deferred jobs go to the job API one by one, in their place in the outbox's order.
+                seq, rec = batch[0]
+                if await self._submit_job(rec):
+                    await asyncio.to_thread(self.outbox.ack, seq)
+                else:
+                    await asyncio.to_thread(self.outbox.reject, seq)
+                sent += 1
+                continue
+            batch = batch[: next((i for i, (_, r) in enumerate(batch) if r.get("kind") == "job"), len(batch))]
             try:
                 await self._post([r for _, r in batch])
             except _REFUSED:
@@ -278,6 +292,40 @@ class Uploader:
             # The cloud stored them (duplicates included: ids are idempotency keys), so drop them.
             await asyncio.to_thread(self.outbox.ack, batch[-1][0])
             sent += len(batch)
+
+    async def _submit_job(self, rec: dict[str, Any]) -> bool:
+        """Submit one deferred job (``Prefer: respond-async``, ``Idempotency-Key`` = the job's id):
+        True once the cloud has it (202 new, 200 already there: a retry after a crash), False when it
+        refuses it for good (dropped, counted); raises while the cloud is unreachable or failing."""
+        from tandem.shared.jobs import (
+            CALLBACK_HEADER, IDEMPOTENCY_KEY_HEADER, PREFER_HEADER, PREFERENCE_APPLIED_HEADER, PRIORITY_HEADER,
+            RESPOND_ASYNC,
+        )
+        from tandem.shared.protocol import CONTENT_TYPE, infer_path
+
+        payload = rec.get("payload") or {}
+        headers = {**self._headers, "Content-Type": CONTENT_TYPE, PREFER_HEADER: RESPOND_ASYNC,
+                   IDEMPOTENCY_KEY_HEADER: str(rec["id"])}
+        if payload.get("priority") is not None:
+            headers[PRIORITY_HEADER] = str(payload["priority"])
+        if payload.get("callback"):
+            headers[CALLBACK_HEADER] = str(payload["callback"])
+        url = (self.config.cloud_url or "") + infer_path(rec["model"], rec.get("version"))
+        async with self._session.post(url, data=base64.b64decode(payload["body"]), headers=headers,
+                                      timeout=aiohttp.ClientTimeout(total=_UPLOAD_TIMEOUT_S)) as r:
+            if r.status in (200, 202) and RESPOND_ASYNC in r.headers.get(PREFERENCE_APPLIED_HEADER, ""):
+                await r.read()
+                log.info("deferred job %s submitted to the cloud (%d)", rec["id"], r.status)
+                return True
+            if r.status in (200, 202):  # answered at once, as a plain call: the result would be lost
+                raise Unavailable(f"{url} does not take jobs (no {PREFERENCE_APPLIED_HEADER}: {RESPOND_ASYNC})")
+            if r.status in _JOB_REFUSED:
+                raw = await r.read()
+                log.error("the cloud refused deferred job %s (HTTP %d: %s); dropping it", rec["id"], r.status,
+                          raw[:200].decode("utf-8", "replace"))
+                return False
+            await _raise_for(r)
+            raise Unavailable(f"job submit answered HTTP {r.status}")
 
     async def _post(self, records: list[dict[str, Any]]) -> None:
         async with self._session.post(self._url, json={"records": records}, headers=self._headers,
