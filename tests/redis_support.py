@@ -26,8 +26,9 @@ def redis_available() -> bool:
 class RedisServer:
     """One redis-server process; ``restart()`` keeps its port and its data directory (AOF)."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, appendfsync: str = "always") -> None:
         self.directory = directory
+        self.appendfsync = appendfsync
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -38,7 +39,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [
                 REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory),
-                "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "yes",
+                "--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", "", "--protected-mode", "yes",
                 "--logfile", str(self.log), "--daemonize", "no",
             ],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -1,0 +1,266 @@
+"""What does the Redis job queue cost per row, against running the same batches directly?
+
+In one run, for each job size (rows per job = the batch the worker runs, the model's
+max_batch_size) and each number of ``tandem worker`` processes on this machine (1, 2, 4):
+
+* **queue**: a real redis-server (AOF on, ``--appendfsync`` as given), N ``tandem worker``
+  processes (each session with cores // N intra-op threads). The workers are started and warmed
+  up, then paused (SIGSTOP) while ``--jobs`` native msgpack jobs are stored in the queue (the same
+  MULTI/EXEC a ``tandem serve`` submit does); the clock runs from resuming them (SIGCONT) until
+  every result is stored (the queue's result counter). What is measured: claiming, decoding,
+  batching, computing, encoding, storing and acknowledging.
+* **direct**: N processes, each an onnxruntime session of the same variant with the same thread
+  settings as a worker's, running its share of the same batches with ``session.run`` (inputs
+  already in memory), started together; the clock runs until the last one finishes.
+
+Prints rows/s of both, their ratio, and the overhead per row (queue time / direct time - 1), for
+``--repeat`` direct/queue pairs run alternately, then the median ratio per configuration.
+
+    python bench/queue.py [--repository REPO --trusted-key PUB.pem | --insecure-skip-signature]
+                          [--model digits] [--rows 32,64] [--workers 1,2,4] [--jobs 800]
+                          [--repeat 3] [--appendfsync everysec]
+
+Without ``--repository`` the model is tests/support's MLP bundle (64-128-128-10): nearly no
+compute, so the figures are then the queue's overhead against almost nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this file's directory comes first on sys.path, where this module's name would
+# hide the standard library's queue module from everything imported after (redis, logging).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # support.py (bundles), redis_support.py (redis-server)
+
+
+def _direct_child(args: argparse.Namespace) -> int:
+    """One direct process: build the session, warm up, wait for 'go' on stdin, run, print seconds."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(args.direct, so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    rng = np.random.default_rng(args.seed)
+    batches = [rng.standard_normal((args.rows, 64)).astype(np.float32) for _ in range(min(args.batches, 64))]
+    for b in batches[:4]:
+        sess.run(None, {name: b})
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t0 = time.perf_counter()
+    for i in range(args.batches):
+        sess.run(None, {name: batches[i % len(batches)]})
+    print(f"{time.perf_counter() - t0:.6f}", flush=True)
+    return 0
+
+
+def _direct(model_file: Path, rows: int, jobs: int, workers: int, threads: int) -> float:
+    """Seconds N direct processes take to run ``jobs`` batches of ``rows`` rows between them."""
+    share = [jobs // workers + (1 if i < jobs % workers else 0) for i in range(workers)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--direct", str(model_file), "--rows", str(rows), "--batches", str(n),
+             "--threads", str(threads), "--seed", str(i)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        for i, n in enumerate(share)
+    ]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    t0 = time.perf_counter()
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    for p in procs:
+        assert p.stdout is not None
+        p.stdout.readline()
+        p.wait(600)
+    return time.perf_counter() - t0
+
+
+async def _fill(url: str, prefix: str, model: str, rows: int, jobs: int, seed: int) -> None:
+    """Store ``jobs`` native jobs as a ``tandem serve`` submit does (hash + stream entry, MULTI/EXEC)."""
+    from tandem.cloud.job_queue import JobRecord, request_hash
+    from tandem.cloud.redis_queue import RedisJobQueue
+    from tandem.shared import protocol as p
+    from tandem.shared.jobs import new_job_id
+
+    q = RedisJobQueue(url, prefix=prefix)
+    rng = np.random.default_rng(seed)
+    bodies = [p.InferRequest({"input": rng.standard_normal((rows, 64)).astype(np.float32)}).to_wire() for _ in range(64)]
+    try:
+        for i in range(jobs):
+            body = bodies[i % len(bodies)]
+            job = JobRecord(
+                id=new_job_id(), model=model, version=None, protocol="v1", body=body, header_length=None, rows=rows,
+                priority=0, created=time.time(), body_hash=request_hash("v1", model, None, None, body),
+            )
+            await q.put(job, jobs + 1)
+    finally:
+        await q.close()
+
+
+def _results(r: object, prefix: str) -> int:
+    v = r.hget(f"{prefix}:stats", "results")  # type: ignore[attr-defined]
+    return int(v) if v else 0
+
+
+def _wait_results(r: object, prefix: str, n: int, timeout: float = 900.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _results(r, prefix) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {_results(r, prefix)} of {n} results after {timeout} s")
+        time.sleep(0.002)
+
+
+def _queue(
+    args: argparse.Namespace, redis_url: str, tmp: Path, rows: int, workers: int, threads: int, trust: list[str]
+) -> float:
+    """Seconds N workers take to run ``args.jobs`` jobs of ``rows`` rows from a filled queue."""
+    import redis
+
+    prefix = f"bench{rows}x{workers}"
+    config = tmp / f"{prefix}.json"
+    config.write_text(json.dumps({
+        "batching": {"max_batch_size": rows}, "warmup_batch_sizes": [rows], "intra_op_threads": threads,
+        "jobs": {"redis_prefix": prefix, "claim_timeout_s": 600},
+    }))
+    procs = []
+    logs = []
+    for i in range(workers):
+        log = tmp / f"{prefix}-{i}.log"
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tandem.shared.cli", "worker", "--queue", redis_url, "--repository", str(args.repository),
+             *trust, "--name", f"w{i}", "--config", str(config), "--claim", str(args.claim)],
+            stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115 - closed with the process
+        ))
+    r = redis.Redis.from_url(redis_url)
+    try:
+        for proc, log in zip(procs, logs):
+            deadline = time.monotonic() + 300
+            while "worker " not in log.read_text():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"worker did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.05)
+        warm = 4 * workers
+        asyncio.run(_fill(redis_url, prefix, args.model, rows, warm, 99))
+        _wait_results(r, prefix, warm)
+        for proc in procs:
+            proc.send_signal(signal.SIGSTOP)
+        asyncio.run(_fill(redis_url, prefix, args.model, rows, args.jobs, 0))
+        t0 = time.perf_counter()
+        for proc in procs:
+            proc.send_signal(signal.SIGCONT)
+        _wait_results(r, prefix, warm + args.jobs)
+        return time.perf_counter() - t0
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        r.close()
+
+
+def _model_file(repository: Path, model: str) -> tuple[Path, str]:
+    """The cloud variant's ONNX file of the model's latest version, and the version."""
+    versions = sorted((d for d in (repository / model).iterdir() if (d / "manifest.json").exists()), key=lambda d: d.name)
+    d = versions[-1]
+    manifest = json.loads((d / "manifest.json").read_text())
+    variant = next(v for v in manifest["variants"] if v["role"] == "cloud")
+    return d / variant["file"], d.name
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repository", type=Path, default=None)
+    ap.add_argument("--trusted-key", default=None)
+    ap.add_argument("--insecure-skip-signature", action="store_true")
+    ap.add_argument("--model", default="digits")
+    ap.add_argument("--rows", default="32,64", help="rows per job (= the batch each job runs)")
+    ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument("--jobs", type=int, default=800)
+    ap.add_argument("--claim", type=int, default=16, help="jobs a worker claims at once")
+    ap.add_argument("--repeat", type=int, default=3, help="direct/queue pairs per configuration (alternated)")
+    ap.add_argument("--appendfsync", default="everysec", choices=["always", "everysec", "no"])
+    ap.add_argument("--direct", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--batches", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.direct:
+        args.rows = int(args.rows)
+        return _direct_child(args)
+
+    from redis_support import RedisServer
+    from support import make_bundle, make_keys
+
+    from tandem.cloud.cores import available_cores
+
+    cores = available_cores()
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-queue-") as tmpdir:
+        tmp = Path(tmpdir)
+        if args.repository is None:
+            private, public = make_keys(tmp / "keys")
+            make_bundle(tmp / "repo" / args.model / "1", private, name=args.model, version="1")
+            args.repository, trust = tmp / "repo", ["--trusted-key", str(public)]
+        elif args.insecure_skip_signature:
+            trust = ["--insecure-skip-signature"]
+        elif args.trusted_key:
+            trust = ["--trusted-key", args.trusted_key]
+        else:
+            ap.error("with --repository, give --trusted-key PUB.pem or --insecure-skip-signature")
+        model_file, version = _model_file(args.repository, args.model)
+        redis = RedisServer(tmp / "redis", appendfsync=args.appendfsync).start()
+        try:
+            print(f"model {args.model}:{version} ({model_file.name}), {cores} cores, {args.jobs} jobs per run, "
+                  f"claim {args.claim}, redis appendonly yes appendfsync {args.appendfsync}")
+            print(f"{'rows/job':>8} {'workers':>7} {'threads':>7} {'direct rows/s':>14} {'queue rows/s':>13} {'queue/direct':>12} {'overhead/row':>12}")
+            summary = []
+            for rows in [int(x) for x in args.rows.split(",")]:
+                for n in [int(x) for x in args.workers.split(",")]:
+                    threads = max(1, cores // n)
+                    total = rows * args.jobs
+                    ratios = []
+                    for _ in range(args.repeat):  # alternated, so both see the same machine
+                        direct_s = _direct(model_file, rows, args.jobs, n, threads)
+                        queue_s = _queue(args, redis.url, tmp, rows, n, threads, trust)
+                        ratios.append(direct_s / queue_s)
+                        print(f"{rows:>8} {n:>7} {threads:>7} {total / direct_s:>14,.0f} {total / queue_s:>13,.0f} "
+                              f"{direct_s / queue_s:>12.2f} {queue_s / direct_s - 1:>12.1%}", flush=True)
+                    summary.append((rows, n, statistics.median(ratios)))
+            print("\nmedian over the repeats (queue rows/s / direct rows/s; overhead per row = direct/queue - 1):")
+            for rows, n, ratio in summary:
+                print(f"  {rows} rows/job, {n} worker(s): ratio {ratio:.2f}, overhead per row {1 / ratio - 1:+.1%}")
+        finally:
+            redis.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
