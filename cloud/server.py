@@ -95,7 +95,7 @@ def _log_off_the_loop() -> Iterator[None]:
     access = logging.getLogger("tandem.cloud.access")
     direct = bool(handlers) and not access.handlers and access.propagate  # unless the app configured it itself
     if direct:
-        access.handlers, access.propagate = list(handlers), False
+        access.handlers, access.propagate = [_message_only(h) for h in handlers], False
     listener.start()
     try:
         yield
@@ -104,6 +104,24 @@ def _log_off_the_loop() -> Iterator[None]:
         root.handlers = handlers
         if direct:
             access.handlers, access.propagate = [], True
+
+
+def _message_only(handler: logging.Handler) -> logging.Handler:
+    """``handler``'s destination for access lines, without its format's prefix (time, level, logger).
+
+    Access lines are JSON objects, one per line, so that a log shipper parses each line as it is.
+    Only the plain stream and file handlers ``logging.basicConfig`` makes are re-targeted; any other
+    handler was the app's choice and is used as it is.
+    """
+    if type(handler) not in (logging.StreamHandler, logging.FileHandler) or getattr(handler, "stream", None) is None:
+        return handler
+    plain = logging.StreamHandler(handler.stream)  # type: ignore[attr-defined]
+    plain.setLevel(handler.level)
+    for f in handler.filters:
+        plain.addFilter(f)
+    plain.setFormatter(logging.Formatter("%(message)s"))
+    plain.lock = handler.lock  # one lock per stream: an access line and another record never interleave
+    return plain
 
 
 async def _serve(config: ServerConfig, worker: bool) -> int:

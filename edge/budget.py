@@ -11,12 +11,11 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tandem.shared.errors import InvalidInput
 
-if TYPE_CHECKING:
-    from .router import Policy
+from .policies import POLICIES, Policy
 
 
 @dataclass(slots=True, frozen=True)
@@ -25,7 +24,8 @@ class Budget:
 
     ``latency_ms``: the call's deadline, covering every attempt on every tier. ``max_cost``: the most
     this call may be charged (a cloud call costing more goes to the edge). ``local_only``: never leave
-    the device (privacy); no connection is opened. ``policy``: a policy name or object overriding the
+    the device (privacy); no connection is opened. ``policy``: a policy name (one of
+    :data:`~tandem.edge.policies.POLICIES`; any other name raises here) or object overriding the
     client's. ``target_accuracy``: the quality the cascade calibrates its threshold for.
     """
 
@@ -42,6 +42,19 @@ class Budget:
             raise InvalidInput(f"Budget.max_cost must be a non-negative number, got {self.max_cost!r}")
         if self.target_accuracy is not None and not (_is_num(self.target_accuracy) and 0 <= self.target_accuracy <= 1):
             raise InvalidInput(f"Budget.target_accuracy must be in [0, 1], got {self.target_accuracy!r}")
+        if self.policy is not None:
+            _check_policy(self.policy)
+
+
+def _check_policy(policy: Any) -> None:
+    """A misspelt policy name fails where the budget is made, not at the first call that uses it."""
+    if isinstance(policy, str):
+        if policy not in POLICIES:
+            raise InvalidInput(f"Budget.policy {policy!r} is not a policy; expected one of {', '.join(POLICIES)} "
+                               "(or an object with .name and .decide())")
+    elif not isinstance(policy, Policy):
+        raise InvalidInput(f"Budget.policy must be a policy name or an object with .name and .decide(), "
+                           f"got {type(policy).__name__}")
 
 
 def _is_num(v: Any) -> bool:

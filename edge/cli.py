@@ -26,23 +26,137 @@ def agent(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(run=_status)
 
 
+#: Written by ``tandem agent run`` before anything slow (imports, the store's recovery), so that
+#: ``tandem agent status`` says "starting" from the first moment: the agent's own signs of life
+#: (its lock, then agent.json) come a second or more later. Holds the pid; removed on exit.
+STARTING_NAME = "agent.starting"
+#: A marker older than this whose pid is alive belongs to a reused pid, not to a starting agent.
+_STARTING_MAX_AGE_S = 300.0
+
+
 def _run(args: argparse.Namespace) -> int:
-    import asyncio
+    marker = _mark_starting(args.data) if args.data is not None else None
+    try:
+        import asyncio
 
-    from .agent.config import load_config
-    from .agent.daemon import run_agent
+        from .agent.config import load_config
 
-    cfg = load_config(args.config, data_dir=args.data, port=args.port, cloud_url=args.cloud_url)
-    asyncio.run(run_agent(cfg))
-    return 0
+        cfg = load_config(args.config, data_dir=args.data, port=args.port, cloud_url=args.cloud_url)
+        if marker is None:
+            marker = _mark_starting(cfg.data_dir)
+        from .agent.daemon import run_agent
+
+        asyncio.run(run_agent(cfg))
+        return 0
+    finally:
+        if marker is not None:
+            _unmark_starting(marker)
+
+
+def _mark_starting(data_dir: Path) -> Path | None:
+    """Write DATA/agent.starting with this pid; None if the data directory cannot be written (the
+    agent then reports why itself)."""
+    import os
+
+    marker = Path(data_dir) / STARTING_NAME
+    tmp = marker.with_name(f".{STARTING_NAME}.{os.getpid()}")
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, marker)
+    except OSError:
+        return None
+    return marker
+
+
+def _unmark_starting(marker: Path) -> None:
+    import contextlib
+    import os
+
+    # Only our own: a second agent refused on a busy data directory must not remove the first's.
+    if _read_pid(marker) == os.getpid():
+        with contextlib.suppress(OSError):
+            marker.unlink()
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _starting_pid(data_dir: Path) -> int | None:
+    """The pid of an agent started on ``data_dir`` that has not taken its lock yet, else None."""
+    import os
+    import time
+
+    marker = Path(data_dir) / STARTING_NAME
+    pid = _read_pid(marker)
+    if pid is None or pid <= 0:
+        return None
+    try:
+        if time.time() - marker.stat().st_mtime > _STARTING_MAX_AGE_S:
+            return None
+        os.kill(pid, 0)
+    except (OSError, ProcessLookupError):
+        return None  # gone (killed before it could clean up), or not ours to signal
+    return pid
+
+
+def _launching_agents(data_dir: Path) -> list[int]:
+    """Processes running ``tandem agent run`` that may be for ``data_dir`` (Linux: from /proc)."""
+    import os
+
+    mine = data_dir.resolve()
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if not any(a.endswith("tandem") or a == "tandem.shared.cli" for a in argv):
+            continue
+        try:
+            i = argv.index("agent")
+        except ValueError:
+            continue
+        if argv[i + 1:i + 2] != ["run"]:
+            continue
+        data = argv[argv.index("--data") + 1] if "--data" in argv[:-1] else None
+        if data is not None and Path(data).resolve() != mine:
+            continue  # another data directory
+        found.append(int(entry))
+    return found
 
 
 def _status(args: argparse.Namespace) -> int:
+    import time
+
     from .agent.config import load_config
     from .agent.status import collect, format_status
 
     data = args.data if args.data is not None else load_config(args.config).data_dir
     s = collect(data)
+    if not s["running"] and not s["starting"]:
+        pid = _starting_pid(Path(data))
+        if pid is None and _launching_agents(Path(data)):
+            # `tandem agent run &` then `tandem agent status` start together: the agent may not
+            # have reached the point where it writes its marker yet. Give it that moment (bounded).
+            deadline = time.monotonic() + 3.0
+            while pid is None and not (s["running"] or s["starting"]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                s = collect(data)
+                pid = _starting_pid(Path(data))
+        if pid is not None and not (s["running"] or s["starting"]):
+            s.update(starting=True, starting_pid=pid)
     print(json.dumps(s, indent=2, default=str) if args.json else format_status(s), end="\n" if args.json else "")
     return 0
 

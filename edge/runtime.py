@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -173,7 +174,7 @@ class EdgeRuntime:
         try:
             outs = self._run(self.output_names, feeds, None)
         except Exception as e:
-            raise run_error(e) from None
+            raise run_error(e, feeds, self._input_shapes) from None
         self.record(feeds[self._first_input].shape, (_perf() - t0) * 1000.0)
         return outs
 
@@ -242,11 +243,32 @@ class EdgeRuntime:
             self._run(self.output_names, feeds, None)
 
 
-def run_error(e: BaseException) -> Exception:
-    """onnxruntime's exception as Tandem's: the caller's fault (shape, rank, type) or the model's."""
-    if type(e).__name__ in ("InvalidArgument", "Fail") or "Invalid" in str(e)[:200]:
-        return InvalidInput(f"edge model rejected the inputs: {_first_line(e)}")
-    return InferenceFailed(f"edge inference failed: {_first_line(e)}")
+def run_error(
+    e: BaseException, feeds: Mapping[str, np.ndarray] | None = None, declared: Mapping[str, Sequence[Any]] | None = None
+) -> Exception:
+    """onnxruntime's exception as Tandem's: the caller's fault (shape, rank, type) or the model's.
+
+    With the ``feeds`` and the model's ``declared`` input shapes, a wrong shape is named as such
+    (input, shape given, shape expected); otherwise onnxruntime's whole message, on one line.
+    """
+    text = _ort_message(e)
+    if type(e).__name__ in ("InvalidArgument", "Fail") or "Invalid" in text[:200]:
+        mismatch = _shape_mismatch(feeds, declared) if feeds is not None and declared is not None else None
+        return InvalidInput(f"edge model rejected the inputs: {mismatch or text}")
+    return InferenceFailed(f"edge inference failed: {text}")
+
+
+def _shape_mismatch(feeds: Mapping[str, np.ndarray], declared: Mapping[str, Sequence[Any]]) -> str | None:
+    """``input 'x' has shape [1, 63]; the model expects [N, 64]`` for the first input that does not fit."""
+    for name, arr in feeds.items():
+        want = declared.get(name)
+        if want is None:
+            continue
+        fits = len(want) == arr.ndim and all(not isinstance(w, int) or w <= 0 or w == g for w, g in zip(want, arr.shape))
+        if not fits:
+            shown = ", ".join(str(w) if isinstance(w, int) and w > 0 else (w if isinstance(w, str) and w else "?") for w in want)
+            return f"input {name!r} has shape {list(arr.shape)}; the model expects [{shown}]"
+    return None
 
 
 def _lowest(value: Any, what: str) -> float:
@@ -285,5 +307,13 @@ def _numpy_dtype(onnx_type: str) -> np.dtype:
     return DATATYPE_TO_DTYPE[dt]
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+#: onnxruntime's prefix ("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ") and closing advice carry nothing.
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+_ORT_ADVICE = " Please fix either the inputs/outputs or the model."
+
+
+def _ort_message(e: BaseException) -> str:
+    """onnxruntime's message on one line: the details it puts on later lines (which index, got what,
+    expected what) are the useful part."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return _ORT_PREFIX.sub("", text).replace(_ORT_ADVICE, "").strip()[:500]

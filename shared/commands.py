@@ -28,24 +28,40 @@ def bundle(parser: argparse.ArgumentParser) -> None:
     """Inspect, verify, pack or unpack a bundle."""
     sub = parser.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
 
-    p = sub.add_parser("inspect", help="print a bundle's manifest summary (or --json)")
-    p.add_argument("path")
+    p = sub.add_parser(
+        "inspect", help="print a bundle's manifest summary (or --json)",
+        description="Print what a bundle holds: its name and version, task, inputs and outputs, each "
+                    "variant's role, precision, size, quality and latency, and its calibration. Reads the "
+                    "manifest only; the signature is not checked (`tandem bundle verify` does that).")
+    p.add_argument("path", help="a bundle directory (REPO/<name>/<version>) holding manifest.json")
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     p.set_defaults(run=_inspect)
 
-    p = sub.add_parser("verify", help="check the signature and every file's sha256")
-    p.add_argument("path")
-    p.add_argument("--key", required=True, action="append", help="trusted public key (repeatable)")
+    p = sub.add_parser(
+        "verify", help="check the signature and every file's sha256",
+        description="Check that a bundle was signed by one of the trusted keys and that every file it lists "
+                    "matches its sha256, as servers and devices do before loading it. Exits 1 naming the "
+                    "first problem found.")
+    p.add_argument("path", help="a bundle directory (REPO/<name>/<version>; unpack a .tandem archive first)")
+    p.add_argument("--key", required=True, action="append",
+                   help="a trusted Ed25519 public key file, e.g. tandem.pub from `tandem keygen` (repeatable)")
     p.set_defaults(run=_verify)
 
-    p = sub.add_parser("pack", help="write a bundle directory as one .tandem archive")
-    p.add_argument("path")
-    p.add_argument("--out", default=None)
+    p = sub.add_parser(
+        "pack", help="write a bundle directory as one .tandem archive",
+        description="Write a bundle directory as one .tandem archive (to copy or upload as a single file); "
+                    "prints the archive's path. The signature travels inside it, so the unpacked directory "
+                    "verifies as the original does.")
+    p.add_argument("path", help="the bundle directory to pack")
+    p.add_argument("--out", default=None, help="the archive to write (default: <name>-<version>.tandem beside the bundle)")
     p.set_defaults(run=lambda a: print(pack_archive(a.path, a.out)) or 0)
 
-    p = sub.add_parser("unpack", help="unpack a .tandem archive into a directory")
-    p.add_argument("archive")
-    p.add_argument("dest")
+    p = sub.add_parser(
+        "unpack", help="unpack a .tandem archive into a directory",
+        description="Unpack a .tandem archive into DEST (created; refused if it is not empty) and print its "
+                    "path. Members that are not regular files or would land outside DEST are refused.")
+    p.add_argument("archive", help="the .tandem archive")
+    p.add_argument("dest", help="the directory to unpack into (new or empty)")
     p.set_defaults(run=lambda a: print(unpack_archive(a.archive, a.dest)) or 0)
 
 
