@@ -63,8 +63,11 @@ def _direct_child(args: argparse.Namespace) -> int:
     name = sess.get_inputs()[0].name
     rng = np.random.default_rng(args.seed)
     batches = [rng.standard_normal((args.rows, 64)).astype(np.float32) for _ in range(min(args.batches, 64))]
-    for b in batches[:4]:
-        sess.run(None, {name: b})
+    warm_until = time.perf_counter() + 1.0  # as long as a worker's warm-up and first jobs
+    i = 0
+    while time.perf_counter() < warm_until:
+        sess.run(None, {name: batches[i % len(batches)]})
+        i += 1
     print("ready", flush=True)
     sys.stdin.readline()
     t0 = time.perf_counter()
@@ -116,7 +119,7 @@ async def _fill(url: str, prefix: str, model: str, rows: int, jobs: int, seed: i
                 id=new_job_id(), model=model, version=None, protocol="v1", body=body, header_length=None, rows=rows,
                 priority=0, created=time.time(), body_hash=request_hash("v1", model, None, None, body),
             )
-            await q.put(job, jobs + 1)
+            await q.put(job, 1 << 30)
     finally:
         await q.close()
 
@@ -134,13 +137,17 @@ def _wait_results(r: object, prefix: str, n: int, timeout: float = 900.0) -> Non
         time.sleep(0.002)
 
 
+_RUNS: list[None] = []
+
+
 def _queue(
     args: argparse.Namespace, redis_url: str, tmp: Path, rows: int, workers: int, threads: int, trust: list[str]
 ) -> float:
     """Seconds N workers take to run ``args.jobs`` jobs of ``rows`` rows from a filled queue."""
     import redis
 
-    prefix = f"bench{rows}x{workers}"
+    _RUNS.append(None)
+    prefix = f"bench{rows}x{workers}r{len(_RUNS)}"  # fresh keys and counters per run
     config = tmp / f"{prefix}.json"
     config.write_text(json.dumps({
         "batching": {"max_batch_size": rows}, "warmup_batch_sizes": [rows], "intra_op_threads": threads,
@@ -170,6 +177,9 @@ def _queue(
         for proc in procs:
             proc.send_signal(signal.SIGSTOP)
         asyncio.run(_fill(redis_url, prefix, args.model, rows, args.jobs, 0))
+        early = _results(r, prefix) - warm
+        if early:
+            raise RuntimeError(f"{early} jobs ran while the workers were paused")
         t0 = time.perf_counter()
         for proc in procs:
             proc.send_signal(signal.SIGCONT)

@@ -125,7 +125,7 @@ class JobQueue(Protocol):
 
     async def complete(self, completions: list[Completion], ttl_s: float) -> list[JobRecord]:
         """Store results; a job already finished or forgotten keeps what it has. Returns the jobs
-        this call finished (with their callbacks), for notification."""
+        this call finished that have a callback URL (to notify)."""
         ...
 
     async def release(self, jobs: list[JobRecord]) -> None:
@@ -373,7 +373,7 @@ class SqliteJobQueue:
                      json.dumps(c.result_headers), c.result_body, c.served_version, c.started or now, c.job_id),
                 )
                 if cur.rowcount:
-                    row = db.execute(f"{_SELECT} WHERE id = ?", (c.job_id,)).fetchone()
+                    row = db.execute(f"{_SELECT} WHERE id = ? AND callback IS NOT NULL", (c.job_id,)).fetchone()
                     if row is not None:
                         done.append(_row_to_job(row))
             db.execute("COMMIT")

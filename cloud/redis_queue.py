@@ -238,12 +238,20 @@ class RedisJobQueue:
                         await self._call(r.xack(s, self.group, eid))
                 if len(entries) >= limit:
                     break
-        for s in self._streams:
-            if len(entries) >= limit:
-                break
-            got = await self._call(r.xreadgroup(self.group, self.consumer, {s: ">"}, count=limit - len(entries)))
-            for _, items in got or []:
-                entries.extend((s, eid, fields[b"id"]) for eid, fields in items)
+        if len(entries) < limit:
+            # One round trip says which priorities have entries; then read those, best first.
+            async with r.pipeline(transaction=False) as pipe:
+                for s in self._streams:
+                    pipe.xlen(s)
+                lengths = await self._call(pipe.execute())
+            for s, n in zip(self._streams, lengths):
+                if len(entries) >= limit:
+                    break
+                if not n:
+                    continue
+                got = await self._call(r.xreadgroup(self.group, self.consumer, {s: ">"}, count=limit - len(entries)))
+                for _, items in got or []:
+                    entries.extend((s, eid, fields[b"id"]) for eid, fields in items)
         if not entries and wait_s > 0:
             got = await self._call(r.xreadgroup(
                 self.group, self.consumer, {s: ">" for s in self._streams}, count=limit,
@@ -257,7 +265,7 @@ class RedisJobQueue:
             for _, _, jid in entries:
                 pipe.hgetall(self._job(_text(jid)))
             hashes = await self._call(pipe.execute())
-        jobs: list[JobRecord] = []
+        candidates: list[JobRecord] = []
         stale: list[tuple[str, bytes]] = []
         started = time.time()
         for (stream, eid, jid), h in zip(entries, hashes):
@@ -265,11 +273,20 @@ class RedisJobQueue:
             if job is None or job.status in TERMINAL_STATUSES:
                 stale.append((stream, eid))  # deleted, expired or already answered: nothing to run
                 continue
-            if not await self._call(self._mark(keys=[self._job(job.id)], args=[repr(started)])):
-                stale.append((stream, eid))
-                continue
-            job.status, job.started, job.receipt = "running", started, (stream, eid)
-            jobs.append(job)
+            job.receipt = (stream, eid)
+            candidates.append(job)
+        jobs: list[JobRecord] = []
+        if candidates:
+            async with r.pipeline(transaction=False) as pipe:
+                for job in candidates:
+                    await self._mark(keys=[self._job(job.id)], args=[repr(started)], client=pipe)
+                marked = await self._call(pipe.execute())
+            for job, ok in zip(candidates, marked):
+                if ok:
+                    job.status, job.started = "running", started
+                    jobs.append(job)
+                else:  # deleted or answered between the two reads
+                    stale.append(job.receipt)
         if stale:
             await self._ack(stale)
         return jobs
@@ -307,10 +324,9 @@ class RedisJobQueue:
         receipts = [c.receipt for c in completions if c.receipt is not None]
         if receipts:
             await self._ack(receipts)
-        finished = [c.job_id for c, ok in zip(completions, stored) if ok]
-        if not finished:
-            return []
-        return [j for j in [await self.get(i) for i in finished] if j is not None]
+        # Only jobs with a callback are read back (for their final status document).
+        notify = [c.job_id for c, ok, meta in zip(completions, stored, metas) if ok and meta and json.loads(meta).get("callback")]
+        return [j for j in [await self.get(i) for i in notify] if j is not None]
 
     async def release(self, jobs: list[JobRecord]) -> None:
         """Queue the jobs again (a new stream entry each), then acknowledge their old entries."""

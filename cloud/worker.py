@@ -118,7 +118,7 @@ class Worker:
         else:
             _log.error("gave up storing %d result(s); their jobs will be reclaimed and run again", len(done))
             return
-        self.completed += len(finished)
+        self.completed += len(done)
         self.callbacks.notify(finished)
         if back:
             with contextlib.suppress(Unavailable):
