@@ -40,6 +40,7 @@ from .gate import HEADER_WORKER, Gate
 from .inference import MODEL_KEY, REQUEST_ID_KEY, Inference
 from .job_routes import attach_jobs
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .monitor import Monitoring
 from .native import NativeAPI
 from .registry import Registry
 from .repository import ModelRepository
@@ -213,6 +214,9 @@ def create_app(config: ServerConfig) -> web.Application:
 
     app.router.add_get("/metrics", metrics_handler)
     _attach_extras(app, state)
+    # Drift and live quality (cloud/monitor.py): reads the feedback store _attach_extras made.
+    monitoring = Monitoring(config.monitoring, repository, metrics, next((e for e in state.extras if isinstance(e, FeedbackStore)), None))
+    monitoring.add_routes(app)
 
     refresher: list[asyncio.Task[None]] = []
 
@@ -225,6 +229,7 @@ def create_app(config: ServerConfig) -> web.Application:
     async def on_startup(app: web.Application) -> None:
         state.expected = set(repository.scan())
         await repository.start()
+        await monitoring.start()
         if metrics.multiprocess:
             refresher.append(asyncio.create_task(refresh_pending()))
         state.ready = True
@@ -236,6 +241,7 @@ def create_app(config: ServerConfig) -> web.Application:
 
     async def on_cleanup(app: web.Application) -> None:
         state.ready = False
+        await monitoring.close()
         await repository.close(config.shutdown_timeout_s)
         state.gate.close()
         for task in refresher:

@@ -114,6 +114,10 @@ class BatchObserver:
         """A batch of a model whose requests may be padded ran: its requests sent ``sent`` input
         elements, the model computed on ``computed`` (padding included)."""
 
+    def on_answered(self, inputs: Sequence[Mapping[str, np.ndarray]], outputs: Sequence[Mapping[str, np.ndarray]]) -> None:
+        """A batch's answers are on their way to the loop: each request's inputs and outputs.
+        Called in the instance thread, before it takes its next batch (the drift monitor)."""
+
 
 class _Pending:
     __slots__ = ("inputs", "rows", "key", "future", "deadline", "enqueued", "lens", "size", "level", "state", "timer", "shed")
@@ -399,6 +403,8 @@ class Batcher:
             # answered, so a lone client's next request never waits for company).
             answered = rows if self._fill_wait_s and self._depth else 0
             self._to_loop(self._deliver, batch, started, outcome)
+            if outcome[0] is not None:
+                self._observer.on_answered([item.inputs for item in batch], outcome[0])
             if large:
                 self.engine.release_memory(instance)  # see the module docstring
 

@@ -19,7 +19,7 @@ from tandem.shared.errors import InvalidInput
 
 from .cores import available_cores
 
-__all__ = ["BatchingConfig", "JobsConfig", "ServerConfig", "load_config"]
+__all__ = ["BatchingConfig", "MonitoringConfig", "JobsConfig", "ServerConfig", "load_config"]
 
 
 class BatchingConfig(BaseModel):
@@ -122,6 +122,41 @@ class JobsConfig(BaseModel):
         return v
 
 
+class MonitoringConfig(BaseModel):
+    """Data drift and live quality monitoring of every served model (see docs/monitoring.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Profile what each model serves and score it against its bundle's reference profile.
+    enabled: bool = True
+    #: A model is drifting when its summary score (the largest per-feature PSI) reaches this.
+    threshold: float = Field(0.25, gt=0)
+    #: Rows the running profile covers (the most recent ones profiled).
+    window: int = Field(1000, ge=10)
+    #: No score (and never "drifting") before the window holds this many rows.
+    min_rows: int = Field(500, ge=1)
+    #: At most this many rows of each executed batch are profiled (its first requests').
+    rows_per_batch: int = Field(16, ge=1)
+    #: Share of one core the profiling of one model may take; batches beyond it are skipped.
+    max_cpu_share: float = Field(0.01, gt=0, le=1)
+    #: How often scores are recomputed, gauges set, feedback read and the webhook considered (s).
+    interval_s: float = Field(1.0, gt=0)
+    #: Called with a JSON POST when a model starts drifting (and when it stops).
+    webhook_url: str | None = Field(None, pattern=r"^https?://")
+    webhook_attempts: int = Field(3, ge=1, le=10)
+    webhook_timeout_s: float = Field(5.0, gt=0)
+    #: Per model, the most drifted features given their own gauge (bounds label cardinality).
+    top_features: int = Field(5, ge=0, le=50)
+    #: Labelled answers (feedback) and escalations (route records) the live quality covers.
+    quality_window: int = Field(1000, ge=10)
+
+    @model_validator(mode="after")
+    def _check(self) -> "MonitoringConfig":
+        if self.min_rows > self.window:
+            raise ValueError(f"monitoring.min_rows ({self.min_rows}) cannot exceed monitoring.window ({self.window})")
+        return self
+
+
 class ServerConfig(BaseSettings):
     """Everything ``tandem serve`` can be told. See the module docstring for sources."""
 
@@ -188,6 +223,8 @@ class ServerConfig(BaseSettings):
     feedback_db: Path | None = None
     #: Asynchronous jobs: queue engine, store, result TTL, limits (see JobsConfig).
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    #: Data drift and live quality monitoring (see MonitoringConfig).
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     #: Seconds a request head may take from its first byte to its last. Then the client is answered
     #: 408 and its connection closed: a deliberately slow client (slowloris) holds a socket for at
     #: most this long, however it spaces its bytes.

@@ -98,6 +98,31 @@ class Metrics:
             buckets=_PADDING_BUCKETS, registry=r,
         )
         self.cache_hits = Counter("tandem_response_cache_hits", "Requests answered from the response cache", _LABELS, registry=r)
+        # Data drift and live quality (cloud/monitor.py); with --workers N each worker profiles its
+        # own share of the traffic, and the worst worker's score is the one shown.
+        self.drift_score = Gauge(
+            "tandem_drift_score", "Largest per-feature PSI of the served traffic against the bundle's reference profile",
+            _LABELS, registry=r, multiprocess_mode="max",
+        )
+        self.drift_drifting = Gauge(
+            "tandem_drift_drifting", "1 when the drift score is at or above monitoring.threshold", _LABELS, registry=r,
+            multiprocess_mode="max",
+        )
+        self.drift_feature = Gauge(
+            "tandem_drift_feature_psi", "PSI of each of the monitoring.top_features most drifted features (others not shown)",
+            (*_LABELS, "feature"), registry=r, multiprocess_mode="max",
+        )
+        self.drift_rows = Gauge(
+            "tandem_drift_window_rows", "Rows in the running profile's window", _LABELS, registry=r, multiprocess_mode="livesum",
+        )
+        self.input_quality = Gauge(
+            "tandem_input_quality_rows", "Rows profiled (check=rows) and rows failing each input-quality check since the version loaded",
+            (*_LABELS, "check"), registry=r, multiprocess_mode="livesum",
+        )
+        self.live_quality = Gauge(
+            "tandem_live_quality", "Rolling quality: accuracy on labelled feedback, edge-vs-cloud agreement on escalations",
+            (*_LABELS, "measure"), registry=r, multiprocess_mode="max",
+        )
         # The HTTP front door (cloud/front.py): what share of the traffic takes the fast path.
         self.front_requests = Counter("tandem_front_door_requests", "Infer requests the front door answered itself", registry=r)
         self.front_handoffs = Counter(
@@ -191,6 +216,8 @@ class ModelMetrics(BatchObserver):
         self._padded_elements = metrics.padded_input_elements.labels(model, version)
         self._padding_ratio = metrics.padding_ratio.labels(model, version)
         self._providers: list[str] = []
+        #: The model's drift monitor (cloud/monitor.py), set once it is attached; None: off.
+        self.monitor: Any = None
 
     def attach(self, pending: Callable[[], float], providers: Sequence[str], instances: int) -> None:
         """Publish the live pending count and the instances per provider really in use."""
@@ -241,6 +268,11 @@ class ModelMetrics(BatchObserver):
         self._batch.observe(rows)
         self._last.set(time.time() * 1e3)
         observe_all(self._queue, queue_us)
+
+    def on_answered(self, inputs: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]]) -> None:
+        monitor = self.monitor
+        if monitor is not None:
+            monitor.observe(inputs, outputs)
 
     def on_padding(self, sent: int, computed: int) -> None:
         self._input_elements.inc(sent)

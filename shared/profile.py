@@ -140,7 +140,9 @@ class ReferenceProfile(_Model):
 
 def _as_rows(arr: np.ndarray) -> np.ndarray:
     a = np.asarray(arr)
-    return a.reshape(len(a), -1) if a.ndim != 1 else a.reshape(len(a), 1)
+    if a.ndim == 1:
+        return a.reshape(len(a), 1)
+    return a.reshape(len(a), int(np.prod(a.shape[1:])))
 
 
 def feature_plan(
@@ -505,6 +507,7 @@ class RunningProfile:
                 body = np.where(real, z, r.min)
             # Two reductions per row: NaN propagates into min and max, and so does an infinity.
             lo, hi = body.min(1), body.max(1)
+            finite = None
             if z.dtype.kind == "f":
                 finite = np.isfinite(lo) & np.isfinite(hi)
                 counts["nonfinite"] += len(finite) - int(finite.sum())
@@ -513,7 +516,8 @@ class RunningProfile:
                 continue
             tol = 1e-6 * max(1.0, abs(r.max - r.min))
             with np.errstate(invalid="ignore"):
-                counts["out_of_range"] += int(((lo < r.min - tol) | (hi > r.max + tol)).sum())
+                out = (lo < r.min - tol) | (hi > r.max + tol)
+            counts["out_of_range"] += int((out & finite).sum() if finite is not None else out.sum())
             cats = self._cats.get(name)
             if cats is not None:
                 counts["unseen_category"] += int((~np.isin(z, cats)).any(1).sum())
@@ -522,10 +526,14 @@ class RunningProfile:
     def observe(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None = None) -> int:
         """Add a batch (inputs and the outputs this role's variant gave). Rows with NaN/Inf inputs
         are counted, not profiled. Returns the rows profiled."""
+        if _rows_of(inputs, {}) == 0:
+            return 0
         ok, quality = self.quality_of(inputs)
-        values = self.featurizer.compute(inputs, outputs or {})
-        if not ok.all():
-            values = values[ok]
+        outputs = outputs or {}
+        if not ok.all():  # rows with NaN/Inf inputs are counted above, not profiled
+            inputs = {k: np.asarray(v)[ok] for k, v in inputs.items()}
+            outputs = {k: np.asarray(v)[ok] for k, v in outputs.items()}
+        values = self.featurizer.compute(inputs, outputs) if ok.any() else np.zeros((0, len(self.features)))
         n = len(values)
         counts = self._binner.counts(_no_nan(values))
         sums = values.sum(0)
