@@ -462,7 +462,7 @@ def _get(url: str) -> tuple[int, bytes]:
 
 
 @contextlib.contextmanager
-def run_serve(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
+def run_serve(tmp: Path, extra_env: dict[str, str] | None = None, dockerfile: Path = DOCKERFILE) -> Iterator[tuple[str, int]]:
     """`tandem serve` as the image runs it: ENTRYPOINT flags (with loopback host/port and a temp
     repository), the Deployment's args, the image's ENV. Yields (base URL, port) once ready."""
     from support import make_keys
@@ -470,7 +470,7 @@ def run_serve(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterator[tu
     private, public = make_keys(tmp / "keys")
     make_bundle(tmp / "repo" / "toy" / "1", private, name="toy", version="1")
     port = _free_port()
-    entry = json.loads(one(dockerfile_instructions(), "ENTRYPOINT"))
+    entry = json.loads(one(dockerfile_instructions(dockerfile), "ENTRYPOINT"))
     args = list(entry[2:])
     args[args.index("--host") + 1] = "127.0.0.1"
     args[args.index("--port") + 1] = str(port)
@@ -480,8 +480,11 @@ def run_serve(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterator[tu
     extra[extra.index("--trusted-key") + 1] = str(public)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
-    env.update(dockerfile_env(dockerfile_instructions()))
-    env["TANDEM_FEEDBACK_DB"] = str(tmp / "state" / "feedback.sqlite3")
+    env.update(dockerfile_env(dockerfile_instructions(dockerfile)))
+    # The image's state paths (/var/lib/tandem/...) moved into the test's own directory.
+    for key, value in list(env.items()):
+        if value.startswith("/var/lib/tandem/"):
+            env[key] = str(tmp / "state" / value.removeprefix("/var/lib/tandem/"))
     env["TANDEM_INTRA_OP_THREADS"] = "1"
     env["TANDEM_WARMUP_BATCH_SIZES"] = "[1]"
     env.update(extra_env or {})
@@ -546,16 +549,26 @@ def test_image_and_manifest_flags_are_real_serve_flags() -> None:
         for c in containers(doc):
             args = parser.parse_args(entry + list(c.get("args", [])))
             assert args.host == "0.0.0.0" and int(args.port) == PORT
-    env = dockerfile_env(dockerfile_instructions())
-    names = set(ServerConfig.model_fields)
-    for key in env:
-        if key.startswith("TANDEM_"):
-            assert key.removeprefix("TANDEM_").lower() in names, f"Dockerfile sets {key}, which the server does not read"
+    def known(key: str) -> bool:
+        """TANDEM_A__B is field b of the model in field a (pydantic-settings' nested delimiter)."""
+        model: Any = ServerConfig
+        for part in key.removeprefix("TANDEM_").lower().split("__"):
+            fields = getattr(model, "model_fields", {})
+            if part not in fields:
+                return False
+            model = fields[part].annotation
+        return True
+
+    for dockerfile in DOCKERFILES:
+        for key in dockerfile_env(dockerfile_instructions(dockerfile)):
+            if key.startswith("TANDEM_"):
+                assert known(key), f"{dockerfile.name} sets {key}, which the server does not read"
+    assert not known("TANDEM_JOBS__NO_SUCH_FIELD") and not known("TANDEM_NO_SUCH_FIELD")
     for _, doc in k8s_objects():
         for c in containers(doc):
             for e in c.get("env", []):
                 if e["name"].startswith("TANDEM_"):
-                    assert e["name"].removeprefix("TANDEM_").lower() in names, f"{doc['kind']} sets unknown {e['name']}"
+                    assert known(e["name"]), f"{doc['kind']} sets unknown {e['name']}"
 
 
 def test_the_grace_period_outlasts_the_drain() -> None:
@@ -573,6 +586,27 @@ def test_the_grace_period_outlasts_the_drain() -> None:
             drain = float(env.get("TANDEM_SHUTDOWN_TIMEOUT_S") or ServerConfig.model_fields["shutdown_timeout_s"].default)
             assert delay > 0, "without a shutdown delay, connections sent while the endpoints update are refused"
             assert pod.get("terminationGracePeriodSeconds", 30) >= delay + drain
+
+
+@needs_server
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_image_writes_nothing_into_the_read_only_repository(dockerfile: Path, tmp_path: Path) -> None:
+    """The manifests mount the repository read-only: with the image's ENV, every file the server
+    writes (feedback, jobs, ...) goes to the state volume, none into the repository."""
+    def files(root: Path) -> set[str]:
+        return {str(p.relative_to(root)) for p in root.rglob("*")} if root.exists() else set()
+
+    def written(root: Path) -> set[str]:
+        return {f for f in files(root) if f.split("/")[0] != "toy"}  # the bundle is repo/toy/1
+
+    with run_serve(tmp_path, dockerfile=dockerfile) as (base, _port):
+        body = InferRequest({"input": np.zeros((1, 64), np.float32)}).to_wire()
+        req = urllib.request.Request(base + infer_path("toy"), data=body, headers={"Content-Type": CONTENT_TYPE}, method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+        assert not written(tmp_path / "repo"), f"written into the repository: {written(tmp_path / 'repo')}"
+    assert not written(tmp_path / "repo"), f"written into the repository: {written(tmp_path / 'repo')}"
+    assert files(tmp_path / "state"), "the state volume holds the server's databases"
 
 
 @needs_server
@@ -623,3 +657,110 @@ def test_readiness_check_works_with_api_keys_on(tmp_path: Path) -> None:
         assert _healthcheck(port, json.dumps(["wrong"])) == 1
         assert _healthcheck(port, keys, "/v2/health/live") == 0
     assert _healthcheck(port, keys) == 1  # server gone: unhealthy, not a hang
+
+
+# --- examples/cloud/run_local.sh: the same steps without a container ------------------------------
+
+RUN_LOCAL = ROOT / "examples" / "cloud" / "run_local.sh"
+
+
+def _run_local(repo: Path, keys: Path, port: int, log: Path, build_flags: str = "") -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
+    env.update(TANDEM_KEYS=str(keys), TANDEM_INTRA_OP_THREADS="1", TANDEM_WARMUP_BATCH_SIZES="[1]", BUILD_FLAGS=build_flags)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.Popen(["bash", str(RUN_LOCAL), str(repo), str(port)], env=env, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, cwd=log.parent, start_new_session=True)
+
+
+def _wait_models(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"run_local.sh exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if _get(f"http://127.0.0.1:{port}/v2/health/ready")[0] == 200:
+                return [m["name"] for m in json.loads(_get(f"http://127.0.0.1:{port}/v1/registry/models")[1])["models"]]
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"run_local.sh did not serve within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.25)
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=10)
+
+
+@pytest.mark.timeout(900)
+def test_run_local_builds_with_the_key_it_makes_and_serves_what_that_key_signed(tmp_path: Path) -> None:
+    """From nothing: a fresh key pair, the digits bundle signed with it, served and ready."""
+    repo, keys, port = tmp_path / "repo", tmp_path / "keys", _free_port()
+    proc = _run_local(repo, keys, port, tmp_path / "run_local.log", build_flags="--quick")
+    try:
+        assert _wait_models(proc, port, tmp_path / "run_local.log", timeout=800) == ["digits"]
+    finally:
+        _stop_group(proc)
+    assert (keys / "tandem.key").is_file() and (keys / "tandem.pub").is_file()
+    assert proc.returncode == 0, (tmp_path / "run_local.log").read_text()[-2000:]
+
+
+def test_run_local_serves_a_repository_its_key_signed(tmp_path: Path) -> None:
+    from support import make_keys
+
+    private, _ = make_keys(tmp_path / "keys")
+    make_bundle(tmp_path / "repo" / "toy" / "1", private, name="toy", version="1")
+    port = _free_port()
+    proc = _run_local(tmp_path / "repo", tmp_path / "keys", port, tmp_path / "run_local.log")
+    try:
+        assert _wait_models(proc, port, tmp_path / "run_local.log", timeout=120) == ["toy"]
+    finally:
+        _stop_group(proc)
+
+
+def test_run_local_refuses_bundles_its_key_did_not_sign(tmp_path: Path) -> None:
+    """A repository signed by another key, or with no key pair at all, stops with the reason
+    before any server starts; no key pair is made up for bundles that already exist."""
+    from support import make_keys
+
+    private, _ = make_keys(tmp_path / "publisher")
+    make_bundle(tmp_path / "repo" / "toy" / "1", private, name="toy", version="1")
+    make_keys(tmp_path / "other")
+    for keys, code, says in [
+        (tmp_path / "none", 2, "holds bundles but"),
+        (tmp_path / "other", 1, "does not verify with"),
+    ]:
+        log = tmp_path / f"{keys.name}.log"
+        proc = _run_local(tmp_path / "repo", keys, _free_port(), log)
+        try:
+            proc.wait(timeout=120)
+        finally:
+            _stop_group(proc)
+        assert proc.returncode == code, log.read_text()
+        assert says in log.read_text() and "serving" not in log.read_text(), log.read_text()
+    assert not (tmp_path / "none").exists(), "run_local.sh made a key pair that signed nothing it serves"
+
+
+def test_deploy_readme_commands_are_real_commands(tmp_path: Path) -> None:
+    """The `tandem` lines of deploy/README.md parse with the real CLI, and the key files they name are
+    the ones `tandem keygen` writes."""
+    from tandem.shared.cli import build_parser
+
+    text = (DEPLOY / "README.md").read_text()
+    lines = [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()]
+    commands = [shlex.split(line)[1:] for line in lines if line.startswith("tandem ")]
+    assert len(commands) >= 2
+    parser = build_parser()
+    for argv in commands:
+        parser.parse_args(argv)
+    subprocess.run([sys.executable, "-m", "tandem.shared.cli", "keygen", "--out", str(tmp_path / "keys")], check=True,
+                   capture_output=True, timeout=60)
+    written = {p.name for p in (tmp_path / "keys").iterdir()}
+    named = set(re.findall(r"keys/([\w.-]+)", text)) | set(re.findall(r"keys/([\w.-]+)", (DEPLOY / "k8s" / "trusted-keys.yaml").read_text()))
+    assert named and named <= written, f"deploy/ names key files {named - written} that tandem keygen does not write ({written})"
+    assert "--key keys/tandem.key" in text, "the Docker section must sign the bundles with the key the server trusts"
