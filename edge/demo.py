@@ -23,6 +23,8 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,9 @@ import numpy as np
 from tandem.shared.errors import TandemError, Unavailable
 
 MODEL = "digits"
+#: What the demo's agent is told one cloud call costs, in US dollars (an example price: the router
+#: only compares it with budgets and sums it; the unit is whatever the operator configures).
+PRICE = 0.001
 
 
 @dataclass
@@ -87,6 +92,12 @@ class _Processes:
         self.procs.append((name, proc, log))
         return proc
 
+    def start_piped(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        """A child whose output the caller reads from ``proc.stdout`` (and copies to its log itself)."""
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.procs.append((name, proc, None))
+        return proc
+
     def log_tail(self, name: str, n: int = 30) -> str:
         try:
             lines = (self.logs / f"{name}.log").read_text(errors="replace").splitlines()
@@ -109,7 +120,8 @@ class _Processes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
-            log.close()
+            if log is not None:
+                log.close()
         self.procs.clear()
 
 
@@ -121,7 +133,12 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _ensure_bundle(work: Path, checkout: Path, quick: bool, rebuild: bool, procs: _Processes) -> tuple[Path, Path]:
+def _say_wrapped(msg: str, indent: str = "      ") -> None:
+    """A long line wrapped to the terminal's usual width; paths and URLs are never split."""
+    _say(textwrap.fill(msg, width=110, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False))
+
+
+async def _ensure_bundle(work: Path, checkout: Path, quick: bool, rebuild: bool, procs: _Processes) -> tuple[Path, Path]:
     keys, repo = work / "keys", work / "repository"
     priv, pub = keys / "tandem.key", keys / "tandem.pub"
     if not priv.exists():
@@ -130,16 +147,108 @@ def _ensure_bundle(work: Path, checkout: Path, quick: bool, rebuild: bool, procs
     if existing and not rebuild:
         _say(f"[1/5] bundle: using {existing[-1].parent} (built before; --rebuild to build again)")
         return repo, pub
-    _say(f"[1/5] bundle: building {MODEL} with `tandem build examples/digits{' --quick' if quick else ''}` "
-         f"(log: {procs.logs / 'build.log'}) ...")
+    _say_wrapped(f"[1/5] bundle: building {MODEL} with `tandem build examples/digits{' --quick' if quick else ''}`: train a CNN "
+         "(the cloud's model) and a small MLP (the edge's), quantize, measure, calibrate the cascade, sign. "
+         f"Once only; {'about a minute' if quick else 'a few minutes'} on 2 cores (log: {procs.logs / 'build.log'})")
     t0 = time.monotonic()
-    argv = _tandem("build", str(checkout / "examples" / "digits"), "--repository", str(repo), "--key", str(priv),
-                   "--no-progress") + (["--quick"] if quick else [])
-    proc = procs.start("build", argv)
-    if proc.wait() != 0:
-        raise TandemError(f"tandem build failed (exit {proc.returncode}); its log ends:\n" + procs.log_tail("build"))
+    argv = _tandem("build", str(checkout / "examples" / "digits"), "--repository", str(repo), "--key", str(priv)) \
+        + (["--quick"] if quick else [])
+    proc = procs.start_piped("build", argv)
+    code = await _follow(proc, procs.logs / "build.log", _BuildProgress(sys.stdout.isatty()))
+    if code != 0:
+        raise TandemError(f"tandem build failed (exit {code}); its log ends:\n" + procs.log_tail("build"))
     _say(f"      built in {time.monotonic() - t0:.0f} s")
     return repo, pub
+
+
+class _BuildProgress:
+    """Turns the build's output (step lines and tqdm's epoch bars) into a few lines for a person.
+
+    On a terminal the current epoch is one line rewritten in place; elsewhere (a log, a pipe) a bar
+    prints at most four lines, at each quarter of its epochs.
+    """
+
+    _STEP = re.compile(r"^\[\s*([\d.]+)s\] (.+) done$")
+    # "teacher:  30%|███       | 3/10 [00:01<00:03,  2.00epoch/s, loss=0.21, train=0.93, val=0.95]"
+    _BAR = re.compile(r"^(?P<desc>[^:|]+):\s*\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s*\[(?P<info>[^\]]*)\]")
+    _WHAT = {"train teacher": "trained the cloud's model (teacher CNN)",
+             "teacher": "trained the cloud's model (teacher CNN)",
+             "train students": "trained the edge's model (student MLP, with and without distillation)",
+             "train edge model": "trained the edge's model",
+             "export + check": "exported both to ONNX and checked them against torch",
+             "export check": "exported both to ONNX and checked them against torch",
+             "quantize": "made the int8 / fp16 variants",
+             "evaluate": "measured every variant's accuracy and latency on the test split",
+             "calibrate + seal": "calibrated the cascade's confidence threshold, signed the bundle"}
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self._quarter: dict[str, int] = {}
+        self._open = False  # a progress line is on the terminal, not yet ended
+
+    def __call__(self, fragment: str) -> None:
+        text = fragment.strip()
+        bar = self._BAR.match(text)
+        if bar:
+            n, total = int(bar["n"]), int(bar["total"])
+            val = re.search(r"val=([\d.]+)", bar["info"])
+            line = f"      {bar['desc'].strip()}: epoch {n}/{total}" + (f", validation accuracy {val[1]}" if val else "")
+            if self.tty:
+                sys.stdout.write("\r" + line.ljust(78)[:100])
+                sys.stdout.flush()
+                self._open = True
+            elif total and n * 4 // total > self._quarter.get(bar["desc"], 0):
+                self._quarter[bar["desc"]] = n * 4 // total
+                _say(line)
+            return
+        step = self._STEP.match(text)
+        if step or text.startswith(("warning:", "error:")):
+            if self._open:
+                sys.stdout.write("\r" + " " * 100 + "\r")
+                self._open = False
+            if step:
+                name = step[2]
+                _say(f"      {float(step[1]):5.0f} s  {self._WHAT.get(name, name)}")
+            else:
+                _say(f"      {text}")
+
+
+async def _follow(proc: subprocess.Popen[bytes], log_path: Path, show: Any) -> int:
+    """Copy a child's output to its log and hand each line (or ``\\r``-separated update) to ``show``,
+    without blocking the event loop (so Ctrl-C or SIGTERM still stop the demo mid-build)."""
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[None] = loop.create_future()
+
+    def done() -> None:
+        if not finished.done():
+            finished.set_result(None)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        pending = b""
+        try:
+            with open(log_path, "wb") as log:
+                while chunk := proc.stdout.read1(65536):
+                    log.write(chunk)
+                    log.flush()
+                    pending += chunk
+                    *parts, pending = re.split(rb"[\r\n]", pending)
+                    for part in parts:
+                        if part.strip():
+                            show(part.decode("utf-8", "replace"))
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is gone when the demo was interrupted
+                loop.call_soon_threadsafe(done)
+
+    # A daemon thread: an interrupted demo's loop must not wait for it (the build is stopped after).
+    threading.Thread(target=pump, name="demo-build-output", daemon=True).start()
+    await finished
+    deadline = time.monotonic() + 60  # its output is closed: it is exiting
+    while proc.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if proc.returncode is None:
+        raise TandemError(f"the build closed its output but did not exit within 60 s (log: {log_path})")
+    return proc.returncode
 
 
 async def _wait_http(url: str, proc: subprocess.Popen[bytes], name: str, procs: _Processes, timeout: float) -> None:
@@ -205,7 +314,8 @@ async def _workload(agent_url: str, proxy: Any, phases: list[Phase], x: np.ndarr
                 await _post_feedback(s, agent_url, feedback)
 
         for phase in phases:
-            _say(f"      phase {phase.name:<16} {phase.description}")
+            _say(textwrap.fill(phase.description, width=110, initial_indent=f"      phase {phase.name:<16} ",
+                               subsequent_indent=" " * 29, break_long_words=False, break_on_hyphens=False))
             if not phase.outage:
                 for i in range(len(x)):
                     await call(phase, i, False)
@@ -258,51 +368,170 @@ async def _count_cloud_feedback(cloud_url: str) -> int:
             after = doc["next_after"]
 
 
-def _best_cascade_accuracy(repo: Path) -> float:
-    """The best accuracy the cascade reached in calibration (the demo asks for it)."""
+@dataclass
+class _BundleFacts:
+    """What the phase descriptions quote from the bundle's manifest."""
+
+    target: float  # the accuracy the cascade phases ask for
+    threshold: float  # the confidence threshold calibration gives for it
+    keep_share: float  # the share of calibration inputs kept on the edge at that threshold
+    confidence: str  # how the edge scores its answers (max_softmax, margin, head)
+    calibration: str  # "359 validation inputs"
+    edge_accuracy: float | None
+    cloud_accuracy: float | None
+    n_eval: int | None
+
+
+def _bundle_facts(repo: Path) -> _BundleFacts:
+    """The cascade's target (the best accuracy its calibration reached) and what it means."""
     from tandem.shared.bundle import read_manifest, version_key
 
     versions = sorted((p.parent.name for p in (repo / MODEL).glob("*/manifest.json")), key=version_key)
     _, m = read_manifest(repo / MODEL / versions[-1])
-    if m.calibration is None:
-        return 0.9
-    return max(p.cascade_accuracy for p in m.calibration.points)
+
+    def quality(role: str) -> tuple[float | None, int | None]:
+        v = next((v for v in m.variants if v.role == role and v.metrics is not None), None)
+        if v is None or v.metrics is None:
+            return None, None
+        q = v.metrics.quality if v.metrics.quality is not None else v.metrics.accuracy
+        return q, v.metrics.n_eval
+
+    (edge_acc, n_eval), (cloud_acc, _) = quality("edge"), quality("cloud")
+    cal = m.calibration
+    if cal is None or not cal.points:
+        return _BundleFacts(0.9, float("nan"), float("nan"), "max_softmax", "no calibration", edge_acc, cloud_acc, n_eval)
+    target = max(p.cascade_accuracy for p in cal.points)
+    point = cal.threshold_for(target - 1e-12)  # the same choice the router makes for this target
+    assert point is not None
+    return _BundleFacts(target, point.threshold, point.keep_share, cal.confidence, f"{cal.n} {cal.split} inputs",
+                        edge_acc, cloud_acc, n_eval)
+
+
+def _money(v: float) -> str:
+    return f"${v:.3f}" if v >= 0.01 or v == 0 else f"${v:g}"
+
+
+def _phases(f: _BundleFacts, slo: float, outage_s: float) -> list[Phase]:
+    """The workload's phases, each described by what its policy really does with this bundle."""
+
+    def acc(v: float | None) -> str:
+        return "unknown" if v is None else f"{v:.3f}"
+
+    if f.threshold != f.threshold:  # NaN: not calibrated
+        cascade = f"edge first; unsure answers go to the cloud (target accuracy {f.target:.3f}; the bundle has no calibration)"
+    elif f.keep_share >= 0.999:
+        cascade = (f"edge first: an answer goes to the cloud when the edge's confidence ({f.confidence.replace('_', ' ')}) is "
+                   f"below a calibrated threshold. On the bundle's {f.calibration} the edge alone was the most accurate "
+                   f"choice ({f.target:.3f}; sending its least sure answers to the cloud did not improve on it), so the "
+                   f"threshold is {f.threshold:.3f} and every answer stays on the edge.")
+    else:
+        cascade = (f"edge first: the edge's answer is kept when its confidence ({f.confidence.replace('_', ' ')}) is at "
+                   f"least {f.threshold:.3f}, else the call goes to the cloud. That threshold is calibrated for an accuracy "
+                   f"of {f.target:.3f} for the whole cascade: on the bundle's {f.calibration} it kept {f.keep_share:.0%} of "
+                   f"the answers on the edge and reached {f.target:.3f} (the best any threshold did). The test inputs here "
+                   "are other inputs, so the accuracy below comes close to it, not to the digit.")
+    better = "cloud" if (f.cloud_accuracy or 0) > (f.edge_accuracy or 0) else "edge"
+    constrained = (f"the tier with the best expected accuracy that fits the call's budget ({slo:g} ms deadline, at most "
+                   f"{_money(PRICE)} per call). The bundle's evaluation on {f.n_eval or '?'} test inputs rates the cloud "
+                   f"{acc(f.cloud_accuracy)} and the edge {acc(f.edge_accuracy)}, so calls go to the {better}"
+                   + (" while its p95 latency fits the deadline and its price fits the budget, else to the edge."
+                      if better == "cloud" else "."))
+    return [
+        Phase("edge-only", {"policy": "edge-only"}, f"every call answered on the device (edge model, accuracy "
+              f"{acc(f.edge_accuracy)} in the bundle's evaluation)"),
+        Phase("cloud-only", {"policy": "cloud-only", "latency_ms": 2000}, f"every call answered by the cloud (its model's "
+              f"accuracy: {acc(f.cloud_accuracy)}); the edge answers only if the cloud fails"),
+        Phase("cascade", {"policy": "cascade", "target_accuracy": f.target}, cascade),
+        Phase("constrained", {"policy": "constrained", "latency_ms": slo, "max_cost": PRICE}, constrained),
+        Phase("cascade+outage", {"policy": "cascade", "target_accuracy": f.target, "latency_ms": slo},
+              f"the cascade with a deadline of {slo:g} ms per call; the link to the cloud is cut (a network partition) for "
+              f"{outage_s:g} s in the middle: answers the cascade would send to the cloud are given by the edge instead",
+              outage=True),
+    ]
 
 
 def _pct(v: list[float], q: float) -> float:
     return float(np.percentile(v, q)) if v else float("nan")
 
 
-def _report(phases: list[Phase], outage: dict[str, Any], delivered: tuple[int, int], out_png: Path) -> str:
-    rows = [f"{'phase':<24}{'calls':>6}{'accuracy':>10}{'cloud':>8}{'cost':>9}{'p50 ms':>9}{'p99 ms':>9}{'failed':>8}"]
+#: Fallback reasons (edge/router.py, edge/client.py) in words, without the numbers that differ per call.
+_WHY = [
+    (re.compile(r"ms left < .* needed"), "too little of the deadline left for a cloud call"),
+    (re.compile(r"^cloud deadline_exceeded\b"), "the cloud call timed out"),
+    (re.compile(r"^cloud (\w+):"), "the cloud call failed ({0})"),
+    (re.compile(r"^circuit open"), "circuit breaker open (the cloud had failed repeatedly)"),
+    (re.compile(r"^cloud asked to retry"), "the cloud asked to retry later"),
+    (re.compile(r"^cloud cost .* > max_cost"), "the cloud's price is above max_cost"),
+    (re.compile(r"^cloud late"), "the cloud was late, the edge answered first"),
+]
+
+
+def _why(reason: str) -> str:
+    for pattern, words in _WHY:
+        m = pattern.search(reason)
+        if m:
+            return words.format(*m.groups())
+    return reason[:80]
+
+
+def _phase_stats(p: Phase) -> dict[str, float]:
+    ok = [c for c in p.calls if c.status == 200]
+    lat = [c.latency_ms for c in p.calls]
+    return {"calls": len(p.calls), "ok": len(ok),
+            "accuracy": float(np.mean([c.correct for c in ok])) if ok else float("nan"),
+            "cloud": float(np.mean([c.tier == "cloud" for c in ok])) if ok else float("nan"),
+            "cost": sum(c.cost for c in ok), "p50": _pct(lat, 50), "p99": _pct(lat, 99)}
+
+
+def _report(phases: list[Phase], outage: dict[str, Any], delivered: tuple[int, int], out_png: Path,
+            cloud_latency_ms: float) -> str:
+    rows = [f"{'phase':<24}{'calls':>6}{'accuracy':>10}{'cloud':>8}{'cost $':>9}{'p50 ms':>9}{'p99 ms':>9}{'failed':>8}"]
     for p in phases:
-        ok = [c for c in p.calls if c.status == 200]
-        acc = np.mean([c.correct for c in ok]) if ok else float("nan")
-        cloud = np.mean([c.tier == "cloud" for c in ok]) if ok else float("nan")
-        lat = [c.latency_ms for c in p.calls]
-        rows.append(f"{p.name:<24}{len(p.calls):>6}{acc:>10.3f}{cloud:>8.1%}{sum(c.cost for c in ok):>9.3f}"
-                     f"{_pct(lat, 50):>9.1f}{_pct(lat, 99):>9.1f}{len(p.calls) - len(ok):>8}")
+        st = _phase_stats(p)
+        rows.append(f"{p.name:<24}{st['calls']:>6}{st['accuracy']:>10.3f}{st['cloud']:>8.1%}{st['cost']:>9.3f}"
+                    f"{st['p50']:>9.1f}{st['p99']:>9.1f}{st['calls'] - st['ok']:>8}")
+    lines = ["", "\n".join(rows), "",
+             textwrap.fill(f"accuracy: share of answers that were right (the digits' true labels); cloud: share of calls "
+                           f"the cloud answered; cost $: what the phase's cloud calls cost at {_money(PRICE)} each; "
+                           f"p50/p99 ms: latency as the app sees it through the agent, the cloud link adding "
+                           f"{cloud_latency_ms:g} ms; failed: calls without an answer.", width=110), ""]
     during = [c for p in phases for c in p.calls if c.outage]
-    lines = ["", "\n".join(rows), ""]
     if during:
         tiers = {t: sum(c.tier == t for c in during) for t in ("edge", "cloud", "failed")}
         fell_back = [c for c in during if c.fallbacks]
         why: dict[str, int] = {}
         for c in fell_back:
-            for f in c.fallbacks:
-                f = re.sub(r"\d+(\.\d+)?", "N", f)  # "77.8 ms left < 89.0 ms needed" and the like, grouped
+            for f in dict.fromkeys(_why(f) for f in c.fallbacks):  # each reason once per call
                 why[f] = why.get(f, 0) + 1
-        top = "; ".join(f"{k} ×{v}" for k, v in sorted(why.items(), key=lambda kv: -kv[1])[:3]) or "-"
+        top = "; ".join(f"{k}: {v} calls" for k, v in sorted(why.items(), key=lambda kv: -kv[1])[:3]) or "-"
         lines.append(f"outage: the cloud was partitioned for {outage['end'] - outage['start']:.1f} s while {len(during)} calls "
                      f"came in: {tiers['edge']} answered on the edge, {tiers['cloud']} by the cloud, {tiers['failed']} failed "
                      f"(p99 {_pct([c.latency_ms for c in during], 99):.0f} ms).")
-        lines.append(f"        {len(fell_back)} calls the router sent to the cloud fell back to the edge within their budget "
-                     f"(why: {top}).")
+        if fell_back:
+            lines.append(f"        {len(fell_back)} of them the cascade tried to send to the cloud; the edge answered them "
+                         f"within their deadline instead (why: {top}). Those calls keep the edge's less sure answer, so "
+                         "expect this phase's accuracy to be below the cascade's.")
+        else:
+            lines.append("        None of them was unsure enough for the cascade to try the cloud.")
         lines.append(f"        The agent's outbox held up to {outage.get('max_outbox_depth', 0)} records (routes, telemetry, "
                      f"feedback) meanwhile; {delivered[0]}/{delivered[1]} feedback records of this run reached the cloud after it came back.")
     lines.append(f"plot: {out_png}")
     _plot(phases, outage, out_png)
     return "\n".join(lines)
+
+
+_TIER_STYLE = {"edge": ("tab:green", "o", "answered on the edge"), "cloud": ("tab:blue", "o", "answered by the cloud"),
+               "failed": ("tab:red", "x", "failed")}
+
+
+def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% interval of a share (Wilson): how far a phase's accuracy may be from the model's by chance."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return mid - half, mid + half
 
 
 def _plot(phases: list[Phase], outage: dict[str, Any], out_png: Path) -> None:
@@ -311,33 +540,89 @@ def _plot(phases: list[Phase], outage: dict[str, Any], out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 2]})
+    fig = plt.figure(figsize=(14, 9.5))
+    grid = fig.add_gridspec(2, 3, height_ratios=[1, 1.15], hspace=0.5, wspace=0.32)
+    ax_acc, ax_share, ax_lat = (fig.add_subplot(grid[0, i]) for i in range(3))
+    ax_out = fig.add_subplot(grid[1, :])
     names = [p.name for p in phases]
-    accs = [np.mean([c.correct for c in p.calls if c.status == 200] or [np.nan]) for p in phases]
-    shares = [np.mean([c.tier == "cloud" for c in p.calls if c.status == 200] or [np.nan]) for p in phases]
-    xs = np.arange(len(names))
-    ax1.bar(xs - 0.2, accs, 0.4, label="accuracy")
-    ax1.bar(xs + 0.2, shares, 0.4, label="cloud share")
-    ax1.set_xticks(xs, names, rotation=25, ha="right")
-    ax1.set_ylim(0, 1.05)
-    ax1.legend(loc="lower right")
-    ax1.set_title("per phase")
-    colors = {"edge": "tab:green", "cloud": "tab:blue", "failed": "tab:red"}
-    for tier, color in colors.items():
-        pts = [(c.t, c.latency_ms) for p in phases for c in p.calls if c.tier == tier]
+    xs = np.arange(len(phases))
+    stats = [_phase_stats(p) for p in phases]
+
+    # Accuracy, zoomed to where the phases differ, with the 95% interval of each share.
+    accs = np.array([st["accuracy"] for st in stats])
+    cis = [_wilson(sum(c.correct for c in p.calls if c.status == 200), int(st["ok"])) for p, st in zip(phases, stats)]
+    lo = np.array([a - c[0] for a, c in zip(accs, cis)])
+    hi = np.array([c[1] - a for a, c in zip(accs, cis)])
+    ax_acc.errorbar(xs, accs, yerr=[lo, hi], fmt="o", color="black", ecolor="gray", capsize=4)
+    for x, a in zip(xs, accs):
+        ax_acc.annotate(f"{a:.3f}", (x, a), textcoords="offset points", xytext=(8, -3), fontsize=8)
+    finite = [v for c in cis for v in c if v == v]
+    bottom = max(0.0, min(finite + [float(np.nanmin(accs))]) - 0.01) if finite else 0.0
+    ax_acc.set_ylim(bottom, 1.0)
+    ax_acc.set_xlim(-0.5, len(phases) - 0.3)
+    ax_acc.set_title("accuracy per phase\n(zoomed; bars: 95% interval for this many calls)", fontsize=10)
+
+    shares = [st["cloud"] * 100 for st in stats]
+    ax_share.bar(xs, shares, 0.6, color="tab:blue")
+    for x, v, st in zip(xs, shares, stats):
+        ax_share.annotate(f"{v:.0f}%\n{_money(st['cost'])}", (x, v), textcoords="offset points", xytext=(0, 3),
+                          ha="center", fontsize=8)
+    ax_share.set_ylim(0, 130)
+    ax_share.set_yticks([0, 25, 50, 75, 100])
+    ax_share.set_title(f"calls answered by the cloud (%)\nand their cost at {_money(PRICE)} per call", fontsize=10)
+
+    # Latency per phase: every call as a dot (jittered), its tier as colour; p50/p99 written above.
+    rng = np.random.default_rng(0)
+    for i, p in enumerate(phases):
+        for tier, (color, marker, _) in _TIER_STYLE.items():
+            ms = [c.latency_ms for c in p.calls if c.tier == tier]
+            if ms:
+                ax_lat.scatter(i + rng.uniform(-0.25, 0.25, len(ms)), ms, s=4, color=color, marker=marker, alpha=0.5,
+                               linewidths=0.8)
+        st = stats[i]
+        ax_lat.hlines([st["p50"], st["p99"]], i - 0.32, i + 0.32, colors="black", linewidths=[1.5, 0.8],
+                      linestyles=["solid", "dashed"])
+    ax_lat.set_yscale("log")
+    top = max([st["p99"] for st in stats if st["p99"] == st["p99"]] + [1.0])
+    ax_lat.set_ylim(top=top * 12)
+    for i, st in enumerate(stats):
+        ax_lat.annotate(f"p50 {st['p50']:.1f}\np99 {st['p99']:.1f}", (i, top * 2), ha="center", fontsize=7)
+    ax_lat.set_ylabel("ms")
+    ax_lat.set_title("latency per call, by phase\n(lines: p50 solid, p99 dashed)", fontsize=10)
+
+    for ax in (ax_acc, ax_share, ax_lat):
+        ax.set_xticks(xs, names, rotation=30, ha="right", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+
+    # The outage phase over time: the partition shaded, each call's latency and who answered it.
+    out_phase = next((p for p in phases if p.outage), None)
+    if out_phase is not None and out_phase.calls and "start" in outage:
+        t0 = out_phase.calls[0].t
+        start, end = outage["start"] - t0, outage.get("end", outage["start"]) - t0
+        ax_out.axvspan(start, end, color="tab:red", alpha=0.10, label="cloud partitioned")
+        for tier, (color, marker, label) in _TIER_STYLE.items():
+            pts = [(c.t - t0, c.latency_ms) for c in out_phase.calls if c.tier == tier and not c.fallbacks]
+            if pts:
+                t, ms = zip(*pts)
+                ax_out.scatter(t, ms, s=8, color=color, marker=marker, label=label, linewidths=0.8)
+        pts = [(c.t - t0, c.latency_ms) for c in out_phase.calls if c.fallbacks and c.tier == "edge"]
         if pts:
             t, ms = zip(*pts)
-            ax2.scatter(t, ms, s=6, color=color, label=tier)
-    if "start" in outage:
-        ax2.axvspan(outage["start"], outage.get("end", outage["start"]), color="tab:red", alpha=0.12, label="cloud outage")
-    ax2.set_yscale("log")
-    ax2.set_xlabel("time (s)")
-    ax2.set_ylabel("call latency (ms, via the agent)")
-    ax2.legend(loc="upper right", markerscale=3)
-    ax2.set_title("every call, by tier")
-    fig.tight_layout()
+            ax_out.scatter(t, ms, s=22, facecolors="none", edgecolors="tab:orange", linewidths=1.0,
+                           label="edge answered after the cloud could not")
+        ax_out.set_yscale("log")
+        ax_out.set_xlabel(f"seconds into the {out_phase.name} phase")
+        ax_out.set_ylabel("latency (ms)")
+        ax_out.set_title(f"{out_phase.name}: every call during the cloud outage and around it", fontsize=10)
+        ax_out.grid(alpha=0.3)
+        # Below the plots, clear of every point; the colours are the same in the latency panel above.
+        handles, labels = ax_out.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, markerscale=1.5, frameon=False)
+    else:
+        ax_out.set_axis_off()
+    fig.subplots_adjust(left=0.06, right=0.98, top=0.93, bottom=0.12)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
+    fig.savefig(out_png, dpi=100)
     plt.close(fig)
 
 
@@ -345,7 +630,7 @@ async def _demo(work: Path, quick: bool, rebuild: bool, cloud_latency_ms: float,
     from tandem.edge.faultproxy import FaultProxy
 
     checkout = _checkout()
-    repo, pub = _ensure_bundle(work, checkout, quick, rebuild, procs)
+    repo, pub = await _ensure_bundle(work, checkout, quick, rebuild, procs)
 
     cloud_port = _free_port()
     cloud_url = f"http://127.0.0.1:{cloud_port}"
@@ -361,11 +646,11 @@ async def _demo(work: Path, quick: bool, rebuild: bool, cloud_latency_ms: float,
         cfg = {"cloud_url": proxy.url, "trusted_keys": [str(pub)], "data_dir": str(agent_dir),
                "models": [{"name": MODEL}], "port": _free_port(), "poll_interval_s": 5, "upload_interval_s": 0.5,
                "upload_max_backoff_s": 2, "telemetry_interval_s": 5, "policy": "cascade",
-               "router": {"cloud_cost_per_call": 0.001}}
+               "router": {"cloud_cost_per_call": PRICE}}
         (work / "agent.json").write_text(json.dumps(cfg, indent=2))
         agent_url = f"http://127.0.0.1:{cfg['port']}"
-        _say(f"[3/5] edge agent: `tandem agent run --config {work / 'agent.json'}` on {agent_url} "
-             f"(cloud via a fault proxy adding {cloud_latency_ms:g} ms; log: {procs.logs / 'agent.log'})")
+        _say(f"[3/5] edge agent: `tandem agent run --config {work / 'agent.json'}` on {agent_url}")
+        _say(f"      it reaches the cloud through a fault proxy adding {cloud_latency_ms:g} ms (log: {procs.logs / 'agent.log'})")
         agent = procs.start("agent", _tandem("agent", "run", "--config", str(work / "agent.json")))
         await _wait_http(f"{agent_url}/v2/health/ready", agent, "agent", procs, timeout=120)
 
@@ -373,20 +658,14 @@ async def _demo(work: Path, quick: bool, rebuild: bool, cloud_latency_ms: float,
         n = 60 if quick else len(x)
         x, y = x[:n], y[:n]
         slo = max(4 * cloud_latency_ms, 50.0)
-        target = _best_cascade_accuracy(repo)
-        phases = [
-            Phase("edge-only", {"policy": "edge-only"}, "every call on the device"),
-            Phase("cloud-only", {"policy": "cloud-only", "latency_ms": 2000}, "every call in the cloud"),
-            Phase("cascade", {"policy": "cascade", "target_accuracy": target},
-                  f"edge first; answers less sure than needed for {target:.3f} accuracy go to the cloud"),
-            Phase("constrained", {"policy": "constrained", "latency_ms": slo, "max_cost": 0.001},
-                  f"cheapest tier that meets {slo:g} ms and costs <= 0.001"),
-            Phase("cascade+outage", {"policy": "cascade", "target_accuracy": target, "latency_ms": slo},
-                  f"the same with a {slo:g} ms budget; the cloud is partitioned for a while", outage=True),
-        ]
+        outage_s = 2.0 if quick else 5.0
+        facts = _bundle_facts(repo)
+        phases = _phases(facts, slo, outage_s)
         baseline = await _count_cloud_feedback(cloud_url)  # the cloud's store outlives a demo run
-        _say(f"[4/5] workload: {n} digits test inputs per phase through the agent's local API")
-        outage = await _workload(agent_url, proxy, phases, x, y, outage_s=2.0 if quick else 5.0)
+        _say_wrapped(f"[4/5] workload: the same {n} digits test inputs in each phase, one call at a time, through the agent's "
+             f"local API. Price: {_money(PRICE)} per cloud call (the demo's example price, `router.cloud_cost_per_call` "
+             "in agent.json), nothing on the edge.")
+        outage = await _workload(agent_url, proxy, phases, x, y, outage_s=outage_s)
 
         # Store-and-forward: everything the agent held during the outage reaches the cloud.
         expected = sum(1 for p in phases for c in p.calls if c.status == 200)
@@ -398,7 +677,7 @@ async def _demo(work: Path, quick: bool, rebuild: bool, cloud_latency_ms: float,
                 break
             await asyncio.sleep(0.5)
         _say("[5/5] report")
-        report = _report(phases, outage, (got, expected), work / "demo-report.png")
+        report = _report(phases, outage, (got, expected), work / "demo-report.png", cloud_latency_ms)
         _say(report)
         status = subprocess.run(_tandem("agent", "status", "--data", str(agent_dir)), capture_output=True, text=True)
         _say("\n`tandem agent status`:\n" + status.stdout.rstrip())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -43,10 +44,24 @@ def test_demo_runs_end_to_end_twice_without_rebuilding(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     out = first.stdout
     assert "building digits" in out and "demo OK: 0 failed calls" in out
+    # The build shows its progress: each step as it ends, and the epochs of each training.
+    assert re.search(r"^\s+\d+ s  trained the cloud's model", out, re.M), out
+    assert re.search(r"^\s+\d+ s  calibrated the cascade's confidence threshold", out, re.M), out
+    assert re.search(r"^\s+teacher: epoch \d+/\d+, validation accuracy 0\.\d+$", out, re.M), out
     for phase in ("edge-only", "cloud-only", "cascade", "constrained", "cascade+outage"):
         assert re.search(rf"^{re.escape(phase)}\s+\d+\s+0\.\d+", out, re.M), f"no report row for {phase}"
     assert re.search(r"outage: the cloud was partitioned .* 0 failed", out)
-    assert (work / "demo-report.png").stat().st_size > 10_000
+    # Words that say what each policy does with this bundle, the price and its unit, no placeholders.
+    flat = " ".join(out.split())
+    assert "the tier with the best expected accuracy that fits the call's budget" in flat and "cheapest" not in flat
+    assert "Price: $0.001 per cloud call" in flat and "cost $" in out
+    assert re.search(r"phase cascade edge first: an answer goes to the cloud when|phase cascade edge first: the edge's "
+                     r"answer is kept when its confidence \(max softmax\) is at least 0\.\d+", flat), flat
+    assert re.search(r"calibrat\w+ .*validation inputs", flat), flat
+    assert not re.search(r"\bN\b", out), "a placeholder N in the output"
+    png = (work / "demo-report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert struct.unpack(">II", png[16:24]) == (1400, 950)  # the four-panel report, not an empty figure
     assert list((work / "repository" / "digits").glob("*/manifest.json"))
     # Every process it started is gone: the cloud and agent ports are closed, the agent cleaned up.
     urls = re.findall(r"on (http://127\.0\.0\.1:\d+)", out)
