@@ -944,14 +944,14 @@ class QueueCompute:
         return self._session
 
     async def _request(self, method: str, path: str, body: bytes | None = None, headers: Mapping[str, str] | None = None,
-                       retry: tuple[int, ...] = (429, 503)) -> tuple[int, Mapping[str, str], bytes]:
+                       retry: tuple[int, ...] = (429, 503), give_up_s: float | None = None) -> tuple[int, Mapping[str, str], bytes]:
         """One request, retried while the server is unreachable or answers a ``retry`` status (overloaded),
-        for up to ``give_up_s``."""
+        for up to ``give_up_s`` (default: the client's)."""
         import aiohttp
 
         from tandem.shared.errors import Unavailable
 
-        end = time.monotonic() + self._give_up_s
+        end = time.monotonic() + (self._give_up_s if give_up_s is None else give_up_s)
         delay = 0.2
         while True:
             try:
@@ -976,7 +976,8 @@ class QueueCompute:
 
     async def _metadata(self, version: str | None, what: str = "") -> dict[str, Any]:
         path = f"/v2/models/{self.name}" + (f"/versions/{version}" if version else "") + what
-        status, _, raw = await self._request("GET", path)
+        # Asked before any work: a server that is not there is reported within seconds, not minutes.
+        status, _, raw = await self._request("GET", path, give_up_s=min(self._give_up_s, 10.0))
         if status != 200:
             raise _server_error(status, raw, f"model {self.name} at {self.url}")
         try:
@@ -1082,7 +1083,11 @@ def main(args: Any) -> int:
         else:
             model = load_model(args.model, repository=args.repository, trusted_keys=args.trusted_keys,
                                verify_signature=not args.insecure_skip_signature, variant=args.variant)
-        report = run_batch(model, args.input, args.output, opts)
+        try:
+            report = run_batch(model, args.input, args.output, opts)
+        finally:
+            if isinstance(model, QueueCompute):
+                model.close()
     except OSError as e:
         # A file that cannot be read or written is the user's to fix: say which, without a traceback.
         where = f"{e.filename}: " if e.filename else ""

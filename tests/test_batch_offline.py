@@ -328,4 +328,8 @@ def test_queue_bad_input_and_unknown_model_are_clear_errors(env: dict[str, Path]
     assert r.returncode == 1 and "Traceback" not in r.stderr and "nope" in r.stderr, r.stderr
     r = cli("toy", str(env["data"] / "x.npy"), str(tmp_path / "y.npy"), "--queue", "ftp://example")
     assert r.returncode == 1 and "http(s) URL" in r.stderr, r.stderr
+    from support import free_port
+
+    r = cli("toy", str(env["data"] / "x.npy"), str(tmp_path / "y.npy"), "--queue", f"http://127.0.0.1:{free_port()}")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "unreachable" in r.stderr, r.stderr
     assert _jobs_in(tmp_path / "jobs.sqlite3") == 0
