@@ -13,8 +13,11 @@ max_batch_size) and each number of ``tandem worker`` processes on this machine (
   settings as a worker's, running its share of the same batches with ``session.run`` (inputs
   already in memory), started together; the clock runs until the last one finishes.
 
-Prints rows/s of both, their ratio, and the overhead per row (queue time / direct time - 1), for
-``--repeat`` direct/queue pairs run alternately, then the median ratio per configuration.
+Prints, for ``--repeat`` direct/queue pairs run alternately, then as medians per configuration:
+the rows/s of both and their ratio (wall clock), and the CPU time per row of both (the queue's:
+every worker process and redis-server, all threads, from /proc) with the queue's overhead per row
+(queue CPU / direct CPU - 1). On a machine shared with other work the wall-clock ratio follows the
+other work as much as the queue; the CPU time per row does not.
 
     python bench/queue.py [--repository REPO --trusted-key PUB.pem | --insecure-skip-signature]
                           [--model digits] [--rows 32,64] [--workers 1,2,4] [--jobs 800]
@@ -48,6 +51,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # support.py (bundles), redis_support.py (redis-server)
 
+from redis_support import RedisServer  # noqa: E402
+
 
 def _direct_child(args: argparse.Namespace) -> int:
     """One direct process: build the session, warm up, wait for 'go' on stdin, run, print seconds."""
@@ -70,15 +75,22 @@ def _direct_child(args: argparse.Namespace) -> int:
         i += 1
     print("ready", flush=True)
     sys.stdin.readline()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(args.batches):
         sess.run(None, {name: batches[i % len(batches)]})
-    print(f"{time.perf_counter() - t0:.6f}", flush=True)
+    print(f"{time.perf_counter() - t0:.6f} {time.process_time() - c0:.6f}", flush=True)
     return 0
 
 
-def _direct(model_file: Path, rows: int, jobs: int, workers: int, threads: int) -> float:
-    """Seconds N direct processes take to run ``jobs`` batches of ``rows`` rows between them."""
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) a live process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _direct(model_file: Path, rows: int, jobs: int, workers: int, threads: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) N direct processes take to run ``jobs`` batches of ``rows`` rows
+    between them."""
     share = [jobs // workers + (1 if i < jobs % workers else 0) for i in range(workers)]
     procs = [
         subprocess.Popen(
@@ -95,11 +107,12 @@ def _direct(model_file: Path, rows: int, jobs: int, workers: int, threads: int) 
         assert p.stdin is not None
         p.stdin.write("go\n")
         p.stdin.flush()
+    cpu = 0.0
     for p in procs:
         assert p.stdout is not None
-        p.stdout.readline()
+        cpu += float(p.stdout.readline().split()[1])
         p.wait(600)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, cpu
 
 
 async def _fill(url: str, prefix: str, model: str, rows: int, jobs: int, seed: int) -> None:
@@ -141,9 +154,11 @@ _RUNS: list[None] = []
 
 
 def _queue(
-    args: argparse.Namespace, redis_url: str, tmp: Path, rows: int, workers: int, threads: int, trust: list[str]
-) -> float:
-    """Seconds N workers take to run ``args.jobs`` jobs of ``rows`` rows from a filled queue."""
+    args: argparse.Namespace, server: RedisServer, tmp: Path, rows: int, workers: int, threads: int, trust: list[str]
+) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the workers and Redis) N workers take to run ``args.jobs``
+    jobs of ``rows`` rows from a filled queue."""
+    redis_url = server.url
     import redis
 
     _RUNS.append(None)
@@ -180,11 +195,15 @@ def _queue(
         early = _results(r, prefix) - warm
         if early:
             raise RuntimeError(f"{early} jobs ran while the workers were paused")
+        pids = [proc.pid for proc in procs] + [server.proc.pid]
+        c0 = sum(_cpu_seconds(pid) for pid in pids)
         t0 = time.perf_counter()
         for proc in procs:
             proc.send_signal(signal.SIGCONT)
         _wait_results(r, prefix, warm + args.jobs)
-        return time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        time.sleep(0.3)  # the last acknowledgements (idle workers use no CPU)
+        return wall, sum(_cpu_seconds(pid) for pid in pids) - c0
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGCONT)
@@ -227,7 +246,6 @@ def main() -> int:
         args.rows = int(args.rows)
         return _direct_child(args)
 
-    from redis_support import RedisServer
     from support import make_bundle, make_keys
 
     from tandem.cloud.cores import available_cores
@@ -250,23 +268,25 @@ def main() -> int:
         try:
             print(f"model {args.model}:{version} ({model_file.name}), {cores} cores, {args.jobs} jobs per run, "
                   f"claim {args.claim}, redis appendonly yes appendfsync {args.appendfsync}")
-            print(f"{'rows/job':>8} {'workers':>7} {'threads':>7} {'direct rows/s':>14} {'queue rows/s':>13} {'queue/direct':>12} {'overhead/row':>12}")
+            print(f"{'rows/job':>8} {'workers':>7} {'threads':>7} | {'direct rows/s':>13} {'queue rows/s':>12} {'ratio':>6} | "
+                  f"{'direct CPU us/row':>17} {'queue CPU us/row':>16} {'CPU overhead/row':>16}")
             summary = []
             for rows in [int(x) for x in args.rows.split(",")]:
                 for n in [int(x) for x in args.workers.split(",")]:
                     threads = max(1, cores // n)
                     total = rows * args.jobs
-                    ratios = []
+                    walls, cpus = [], []
                     for _ in range(args.repeat):  # alternated, so both see the same machine
-                        direct_s = _direct(model_file, rows, args.jobs, n, threads)
-                        queue_s = _queue(args, redis.url, tmp, rows, n, threads, trust)
-                        ratios.append(direct_s / queue_s)
-                        print(f"{rows:>8} {n:>7} {threads:>7} {total / direct_s:>14,.0f} {total / queue_s:>13,.0f} "
-                              f"{direct_s / queue_s:>12.2f} {queue_s / direct_s - 1:>12.1%}", flush=True)
-                    summary.append((rows, n, statistics.median(ratios)))
-            print("\nmedian over the repeats (queue rows/s / direct rows/s; overhead per row = direct/queue - 1):")
-            for rows, n, ratio in summary:
-                print(f"  {rows} rows/job, {n} worker(s): ratio {ratio:.2f}, overhead per row {1 / ratio - 1:+.1%}")
+                        d_wall, d_cpu = _direct(model_file, rows, args.jobs, n, threads)
+                        q_wall, q_cpu = _queue(args, redis, tmp, rows, n, threads, trust)
+                        walls.append(d_wall / q_wall)
+                        cpus.append(q_cpu / d_cpu - 1)
+                        print(f"{rows:>8} {n:>7} {threads:>7} | {total / d_wall:>13,.0f} {total / q_wall:>12,.0f} {d_wall / q_wall:>6.2f} | "
+                              f"{d_cpu / total * 1e6:>17.1f} {q_cpu / total * 1e6:>16.1f} {q_cpu / d_cpu - 1:>16.1%}", flush=True)
+                    summary.append((rows, n, statistics.median(walls), statistics.median(cpus)))
+            print("\nmedian over the repeats: wall-clock rows/s ratio (queue / direct), and the queue's CPU per row over direct's:")
+            for rows, n, wall, cpu in summary:
+                print(f"  {rows} rows/job, {n} worker(s): rows/s ratio {wall:.2f}, CPU overhead per row {cpu:+.1%}")
         finally:
             redis.stop()
     return 0

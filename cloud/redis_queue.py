@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from tandem.shared.errors import InvalidInput, Overloaded, Unavailable
-from tandem.shared.jobs import MAX_PRIORITY, MIN_PRIORITY, JobConflict, TERMINAL_STATUSES
+from tandem.shared.jobs import MAX_PRIORITY, MIN_PRIORITY, JobConflict
 
 from .job_queue import Completion, JobRecord
 
@@ -40,13 +40,14 @@ _META = ("model", "version", "protocol", "header_length", "rows", "priority", "c
 #: Seconds a blocking read waits at most at once (then the caller's loop looks at its stop flag).
 _MAX_BLOCK_S = 1.0
 
-# Mark a claimed job running unless it was deleted or already finished. KEYS: job; ARGV: now.
-_MARK = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+# Mark a claimed job running and return it, unless it was deleted or already finished (then
+# nil). KEYS: job; ARGV: now.
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local s = redis.call('HGET', KEYS[1], 'status')
-if s == 'succeeded' or s == 'failed' then return 0 end
+if s == 'succeeded' or s == 'failed' then return false end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started', ARGV[1])
-return 1
+return redis.call('HGETALL', KEYS[1])
 """
 # Store a result once. KEYS: job, idempotency key (or the job key again), stats; ARGV: status,
 # finished, ttl ms, error, result_status, result_headers, result_body, served_version ('' = keep),
@@ -99,6 +100,7 @@ class RedisJobQueue:
 
         self._errors = (exceptions.ConnectionError, exceptions.TimeoutError, OSError)
         self._response_error = exceptions.ResponseError
+        self._redis_error = exceptions.RedisError
         try:
             self._redis = aioredis.Redis.from_url(
                 url, socket_connect_timeout=2.0, socket_timeout=_MAX_BLOCK_S + 10.0, health_check_interval=30,
@@ -116,7 +118,7 @@ class RedisJobQueue:
         self._streams = [self._stream(p) for p in range(MAX_PRIORITY, MIN_PRIORITY - 1, -1)]  # best first
         self._groups_ready = False
         self._reclaimed_at = 0.0
-        self._mark = self._redis.register_script(_MARK)
+        self._claim = self._redis.register_script(_CLAIM)
         self._complete = self._redis.register_script(_COMPLETE)
 
     # --- keys -----------------------------------------------------------------------------------
@@ -137,6 +139,11 @@ class RedisJobQueue:
             return await coro
         except self._errors as e:
             raise Unavailable(f"the job queue (Redis at {self._where()}) is unreachable: {e}") from None
+        except self._redis_error as e:
+            if "NOGROUP" in str(e):
+                # Redis lost the streams (restarted without its data): make them again next time.
+                self._groups_ready = False
+            raise Unavailable(f"the job queue (Redis at {self._where()}) refused a command: {e}") from None
 
     def _where(self) -> str:
         kw = self._redis.connection_pool.connection_kwargs
@@ -261,41 +268,34 @@ class RedisJobQueue:
                 entries.extend((_text(stream), eid, fields[b"id"]) for eid, fields in items)
         if not entries:
             return []
+        # One script per entry marks its job running (unless deleted or answered) and returns it.
+        started = time.time()
         async with r.pipeline(transaction=False) as pipe:
             for _, _, jid in entries:
-                pipe.hgetall(self._job(_text(jid)))
-            hashes = await self._call(pipe.execute())
-        candidates: list[JobRecord] = []
-        stale: list[tuple[str, bytes]] = []
-        started = time.time()
-        for (stream, eid, jid), h in zip(entries, hashes):
-            job = self._record(_text(jid), h)
-            if job is None or job.status in TERMINAL_STATUSES:
+                await self._claim(keys=[self._job(_text(jid))], args=[repr(started)], client=pipe)
+            flat = await self._call(pipe.execute())
+        jobs: list[JobRecord] = []
+        stale: list[tuple[Any, ...]] = []
+        for (stream, eid, jid), h in zip(entries, flat):
+            job = self._record(_text(jid), dict(zip(h[::2], h[1::2])) if h else {})
+            if job is None:
                 stale.append((stream, eid))  # deleted, expired or already answered: nothing to run
                 continue
-            job.receipt = (stream, eid)
-            candidates.append(job)
-        jobs: list[JobRecord] = []
-        if candidates:
-            async with r.pipeline(transaction=False) as pipe:
-                for job in candidates:
-                    await self._mark(keys=[self._job(job.id)], args=[repr(started)], client=pipe)
-                marked = await self._call(pipe.execute())
-            for job, ok in zip(candidates, marked):
-                if ok:
-                    job.status, job.started = "running", started
-                    jobs.append(job)
-                else:  # deleted or answered between the two reads
-                    stale.append(job.receipt)
+            idem = self._idem(job.model, job.idempotency_key) if job.idempotency_key else None
+            job.receipt = (stream, eid, idem, bool(job.callback))
+            jobs.append(job)
         if stale:
             await self._ack(stale)
         return jobs
 
-    async def _ack(self, entries: list[tuple[str, Any]]) -> None:
+    async def _ack(self, receipts: list[tuple[Any, ...]]) -> None:
+        by_stream: dict[str, list[Any]] = {}
+        for receipt in receipts:
+            by_stream.setdefault(receipt[0], []).append(receipt[1])
         async with self._redis.pipeline(transaction=False) as pipe:
-            for stream, eid in entries:
-                pipe.xack(stream, self.group, eid)
-                pipe.xdel(stream, eid)
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, self.group, *ids)
+                pipe.xdel(stream, *ids)
             await self._call(pipe.execute())
 
     async def complete(self, completions: list[Completion], ttl_s: float) -> list[JobRecord]:
@@ -304,18 +304,28 @@ class RedisJobQueue:
             return []
         now = time.time()
         ttl_ms = max(1, int(ttl_s * 1000))
+        # A claimed job's receipt names its idempotency key and whether it has a callback; a
+        # completion without one (not claimed here) has them read from the job.
+        info: list[tuple[str | None, bool]] = []
+        unknown = [c for c in completions if c.receipt is None]
+        metas: dict[str, Any] = {}
+        if unknown:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for c in unknown:
+                    pipe.hget(self._job(c.job_id), "meta")
+                metas = {c.job_id: json.loads(m) if m else {} for c, m in zip(unknown, await self._call(pipe.execute()))}
+        for c in completions:
+            if c.receipt is not None:
+                info.append((c.receipt[2], c.receipt[3]))
+            else:
+                meta = metas.get(c.job_id) or {}
+                key = meta.get("idempotency_key")
+                info.append((self._idem(meta["model"], key) if key else None, bool(meta.get("callback"))))
         async with self._redis.pipeline(transaction=False) as pipe:
-            for c in completions:
-                pipe.hget(self._job(c.job_id), "meta")
-            metas = await self._call(pipe.execute())
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for c, meta in zip(completions, metas):
+            for c, (idem, _) in zip(completions, info):
                 key = self._job(c.job_id)
-                idem_key = json.loads(meta).get("idempotency_key") if meta else None
-                model = json.loads(meta)["model"] if meta else ""
-                idem = self._idem(model, idem_key) if idem_key else key
                 await self._complete(
-                    keys=[key, idem, self.stats_key],
+                    keys=[key, idem or key, self.stats_key],
                     args=[c.status, repr(now), ttl_ms, json.dumps(c.error) if c.error else "", c.result_status,
                           json.dumps(c.result_headers), c.result_body, c.served_version or "", repr(c.started or now)],
                     client=pipe,
@@ -325,7 +335,7 @@ class RedisJobQueue:
         if receipts:
             await self._ack(receipts)
         # Only jobs with a callback are read back (for their final status document).
-        notify = [c.job_id for c, ok, meta in zip(completions, stored, metas) if ok and meta and json.loads(meta).get("callback")]
+        notify = [c.job_id for c, ok, (_, callback) in zip(completions, stored, info) if ok and callback]
         return [j for j in [await self.get(i) for i in notify] if j is not None]
 
     async def release(self, jobs: list[JobRecord]) -> None:

@@ -104,6 +104,12 @@ class Worker:
             await asyncio.wait_for(self.stop.wait(), seconds)
 
     async def _process(self, jobs: list[Any]) -> None:
+        try:
+            await self._run_and_store(jobs)
+        except Exception:  # noqa: BLE001 - unacknowledged, the jobs are reclaimed after the claim timeout
+            _log.exception("%d claimed job(s) could not be run; they will be reclaimed", len(jobs))
+
+    async def _run_and_store(self, jobs: list[Any]) -> None:
         done, back = await self.runner.run(jobs)
         # Stored first, acknowledged after: a worker dying between the two leaves entries that
         # another reclaims, finds finished, and acknowledges without running them again.
