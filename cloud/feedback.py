@@ -2,7 +2,7 @@
 
 ::
 
-    POST /v1/feedback   {"records": [{"id": uuid, "kind": "feedback"|"route"|"telemetry", "model": str,
+    POST /v1/feedback   {"records": [{"id": uuid, "kind": "feedback"|"route"|"telemetry"|"profile", "model": str,
                                       "version"?: str, "request_id"?: str, "label"?: any,
                                       "payload"?: map, "created_at": unix seconds}]}
                         -> {"accepted": n, "duplicates": m}
@@ -43,7 +43,7 @@ from .body import read_raw
 __all__ = ["FeedbackStore", "KINDS"]
 
 PATH = "/v1/feedback"
-KINDS = ("feedback", "route", "telemetry")
+KINDS = ("feedback", "route", "telemetry", "profile")
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 MAX_RECORDS_PER_REQUEST = 10_000
 DEFAULT_LIST_LIMIT = 100

@@ -92,6 +92,8 @@ class ModelMonitor:
         self.calibration = manifest.calibration
         self.validation = manifest.profile.validation
         self.quality = LiveQuality(config.quality_window)
+        #: The latest drift reports agents uploaded for this model (kind "profile"), newest last.
+        self.edge_reports: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
         self.batches = 0
         self.skipped = 0
         self.failed: str | None = None
@@ -182,6 +184,7 @@ class ModelMonitor:
             "validation": self.validation.model_dump() if self.validation else None,
             "calibration": target,
             "history": list(self.history),
+            "edge_reports": list(self.edge_reports),
             "overhead": {"batches": self.batches, "skipped": self.skipped, "cpu_share": self.cpu_share(),
                          "rows_per_batch": self.config.rows_per_batch, "profile_bytes": self.profile.nbytes},
             "failed": self.failed,
@@ -345,9 +348,9 @@ class Monitoring:
     # --- live quality -----------------------------------------------------------------------------
 
     async def _read_feedback(self) -> None:
-        """Labels (kind "feedback": ``label`` and ``payload.prediction``, ``payload.tier``) and
-        agents' route records (``payload.tier``; ``payload.edge_agrees`` on escalations whose edge
-        answer the agent compared with the cloud's) since the last read."""
+        """Labels (kind "feedback": ``label`` and ``payload.prediction``, ``payload.tier``), route
+        records (``payload.tier``; ``payload.edge_agrees`` when a client compared the edge's answer
+        with the cloud's) and agents' drift reports (kind "profile") since the last read."""
         records = await self.feedback.query(after=self._after, limit=_FEEDBACK_BATCH)
         for r in records:
             self._after = max(self._after, int(r.get("seq") or 0))
@@ -361,6 +364,9 @@ class Monitoring:
             for m in monitors[:1]:
                 if r.get("kind") == "feedback" and "prediction" in payload and r.get("label") is not None:
                     m.quality.add_label(str(payload.get("tier") or "cloud"), str(payload["prediction"]) == str(r["label"]))
+                elif r.get("kind") == "profile":
+                    m.edge_reports.append({k: payload.get(k) for k in ("score", "drifting", "threshold", "top", "live_quality")}
+                                          | {"version": version, "created_at": r.get("created_at")})
                 elif r.get("kind") == "route":
                     agrees = payload.get("edge_agrees")
                     m.quality.add_route(payload.get("tier"), agrees if isinstance(agrees, bool) else None)

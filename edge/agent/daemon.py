@@ -24,6 +24,7 @@ from tandem.shared.errors import InvalidInput, TandemError
 from .config import AgentConfig, is_loopback
 from .lock import DataDirLock
 from .local_api import to_plain, create_app
+from .monitor import AgentMonitor
 from .outbox import Outbox
 from .routing import Router, RouterSlot
 from .store import Activation, ModelStore, write_json_atomic
@@ -69,6 +70,8 @@ class Agent:
         config = self.config
         self.store = ModelStore(config.data_dir, self.keys, config.keep_versions, config.intra_op_threads)
         self.outbox = Outbox(config.data_dir / OUTBOX_NAME, config.outbox_max_rows, config.outbox_max_age_s)
+        # Drift and live quality of what this device serves (monitor.json, "profile" records).
+        self.monitor = AgentMonitor(config.data_dir, self.enqueue)
 
     async def start(self, run_loops: bool = True) -> None:
         """Recover, serve, and (``run_loops``) start polling/uploading; without loops the caller
@@ -88,6 +91,7 @@ class Agent:
                                 asyncio.create_task(self.uploader.run(self._stop), name="agent-upload")]
         if run_loops:
             self._tasks.append(asyncio.create_task(self._telemetry(), name="agent-telemetry"))
+            self._tasks.append(asyncio.create_task(self.monitor.run(self._stop), name="agent-monitor"))
         write_json_atomic(cfg.data_dir / RUNTIME_NAME, {
             "pid": os.getpid(), "url": self.url,
             "socket": str(cfg.socket_path) if cfg.unix_socket else None, "started_at": time.time(),
@@ -124,6 +128,7 @@ class Agent:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.monitor.close()
         if self._runner is not None:
             await self._runner.cleanup()
         for slot in self.routers.values():
@@ -139,7 +144,7 @@ class Agent:
 
     async def _load_router(self, name: str, version: str) -> None:
         bundle = await asyncio.to_thread(self.store.load, name, version)
-        router = await asyncio.to_thread(Router, bundle, self.config)
+        router = self.monitor.wrap(await asyncio.to_thread(Router, bundle, self.config), bundle)
         slot = self.routers.get(name)
         if slot is None:
             self.routers[name] = RouterSlot(router)
@@ -170,7 +175,9 @@ class Agent:
                                          "active": self.store.active_version(name)}}])
 
     async def enqueue(self, records: Iterable[Mapping[str, Any]]) -> list[str]:
-        return await asyncio.to_thread(self.outbox.append, list(records))
+        records = list(records)
+        self.monitor.on_records(records)
+        return await asyncio.to_thread(self.outbox.append, records)
 
     async def record_route(self, model: str, version: str, request_id: str | None, route: Mapping[str, Any]) -> None:
         if not self.config.record_routes:

@@ -32,7 +32,7 @@ from typing import Any
 
 from tandem.shared.errors import InvalidInput
 
-KINDS = ("feedback", "route", "telemetry", "job")
+KINDS = ("feedback", "route", "telemetry", "job", "profile")
 #: A job record's model and version become a URL path on the cloud: plain names only.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _JOB_PAYLOAD = {"body", "priority", "callback"}
