@@ -252,21 +252,38 @@ def predict(
     return result
 
 
-def predict_hidden(model: Any, x: dict[str, np.ndarray], names: list[str], *, padding: Any, batch_size: int = 128) -> list[np.ndarray]:
+def predict_hidden(
+    model: Any, x: dict[str, np.ndarray], names: list[str], *, padding: Any, batch_size: int = 128,
+    output_index: int = 0,
+) -> tuple[list[np.ndarray], np.ndarray | None]:
     """``model.hidden_states`` per row, each cut to its real length and kept in float16 (a corpus
-    of token states is large)."""
+    of token states is large), and — when the model has ``output_from_hidden(states, *inputs)`` —
+    its outputs from the same forward pass (else None): the teacher then runs over the training
+    set once, not twice."""
     import torch
 
     model.eval()
     n = len(x[names[0]])
     lengths = padding.row_lengths(x) if padding else np.full(n, x[names[0]].shape[1])
     out: list[np.ndarray] = [np.empty(0)] * n
+    head = getattr(model, "output_from_hidden", None)
+    indices: list[np.ndarray] = []
+    parts: list[np.ndarray] = []
     with torch.no_grad():
         for idx, args in _by_length(x, names, padding, batch_size):
-            h = model.hidden_states(*args).float().numpy()
+            states = model.hidden_states(*args)
+            if head is not None:
+                indices.append(idx)
+                parts.append(_select(head(states, *args), output_index).detach().float().numpy())
+            h = states.float().numpy()
             for j, row in zip(idx, h):
                 out[j] = row[: max(1, int(lengths[j]))].astype(np.float16)
-    return out
+    if not parts:
+        return out, None
+    outputs = np.concatenate(parts)
+    result = np.empty_like(outputs)
+    result[np.concatenate(indices)] = outputs
+    return out, result
 
 
 def fit(

@@ -242,9 +242,10 @@ def _make_models(
     if data.unlabelled:
         train_x = {k: _concat_padded(v, data.unlabelled[k], data.pads().get(k)) for k, v in train_x.items()}
     hidden: list[np.ndarray] | None = None
+    targets: np.ndarray | None = None
     wants = _factory_wants(spec.student) if late_student else set()
     if (training.hidden_weight > 0 or "teacher_hidden" in wants) and hasattr(teacher, "hidden_states"):
-        hidden = predict_hidden(teacher, train_x, names, padding=pad)
+        hidden, targets = predict_hidden(teacher, train_x, names, padding=pad, output_index=out_index)
     if late_student:
         # The factory builds the student from the trained teacher (and its states on the training
         # inputs); its export is checked now, still before the student's training.
@@ -252,7 +253,8 @@ def _make_models(
         student = _call_factory(lambda: spec.student(**{k: offered[k] for k in wants}), "student", spec.source)  # type: ignore[misc]
         export(student, edge_target)
     if student is not None:
-        targets = predict(teacher, train_x, names, output_index=out_index, padding=pad)
+        if targets is None:
+            targets = predict(teacher, train_x, names, output_index=out_index, padding=pad)
         val_ref = predict(teacher, data.val.x, names, output_index=out_index, padding=pad)
         labels = data.train.y if task.kind == "classification" and not data.unlabelled else None
         loss = {"classification": "kd", "embedding": "cosine"}.get(task.kind, "mse")

@@ -106,3 +106,27 @@ def test_textclass_two_input_classifier_builds(tmp_path: Path, keys: tuple[Path,
     assert [t.name for t in m.inputs] == ["input_ids", "attention_mask"]
     assert m.variant("cloud").metrics.accuracy > 0.3, "well above chance (0.2)"  # type: ignore[union-attr]
     assert m.calibration is not None and m.calibration.confidence == "max_softmax"
+
+
+def test_minilm_teacher_targets_and_token_states_come_from_one_pass() -> None:
+    """The build reads the teacher's outputs and token states in one forward pass
+    (``output_from_hidden``); they equal what its forward gives."""
+    from types import SimpleNamespace
+
+    from tandem.quantize.distill import predict, predict_hidden
+    from tandem.quantize.evaluate import Padding
+
+    models = _module(ROOT / "examples" / "minilm" / "models.py", "minilm_models_one_pass")
+    teacher = models.teacher()
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 20, 24)
+    ids = np.zeros((24, 20), np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(1000, 20000, n)
+    x = {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64)}
+    names = list(x)
+    pad = Padding([SimpleNamespace(name=k, shape=["batch", "sequence"], pad=0) for k in names])
+    hidden, outputs = predict_hidden(teacher, x, names, padding=pad, batch_size=8)
+    assert outputs is not None
+    np.testing.assert_allclose(outputs, predict(teacher, x, names, padding=pad), atol=1e-5)
+    assert [len(h) for h in hidden] == list(lengths)

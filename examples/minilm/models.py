@@ -150,6 +150,10 @@ class MiniLM(nn.Module):
         """What the build distils token by token (``training.hidden_weight``): the last layer."""
         return self.encode(input_ids, attention_mask)
 
+    def output_from_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``forward`` from :meth:`hidden_states`: the build reads both from one pass of the teacher."""
+        return _mean_pool(hidden, attention_mask)
+
 
 def _layer_state(sd: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
     p = f"encoder.layer.{i}."
