@@ -4,6 +4,8 @@ the Prometheus gauges, live quality from feedback and route records, and the web
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -184,3 +186,33 @@ def test_bad_monitoring_config_is_refused() -> None:
         ServerConfig(repository=".", monitoring={"window": 100, "min_rows": 200})
     with pytest.raises(ValueError, match="webhook_url"):
         ServerConfig(repository=".", monitoring={"webhook_url": "file:///etc/passwd"})
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tandem.shared.cli", "monitor", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_tandem_monitor_reports_and_plots_a_server(server: ServerThread, tmp_path: Path) -> None:
+    x, _ = stream(None, 8, seed=9)
+    _infer(server, x)
+    out = tmp_path / "m.png"
+    run = _cli(server.url, "--out", str(out), "--top", "2")  # the only monitored model: no --model needed
+    assert run.returncode == 0, run.stderr
+    assert "digits:1 (cloud):" in run.stdout and "drift score" in run.stdout and f"plot: {out}" in run.stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    run = _cli(server.url, "--model", "digits", "--json")
+    assert run.returncode == 0 and json.loads(run.stdout)["model"] == "digits"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["http://127.0.0.1:1"], "cannot reach"),
+    (["{url}", "--model", "toy"], "no reference profile"),
+    (["{url}", "--model", "nope"], "nope"),
+    (["{url}", "--top", "0"], "--top"),
+    (["{tmp}/nowhere"], "neither a server URL"),
+    (["{tmp}/bad.json"], "not a monitor file"),
+])
+def test_tandem_monitor_bad_input_is_one_line_and_exit_1(server: ServerThread, tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    run = _cli(*(a.format(url=server.url, tmp=tmp_path) for a in args))
+    assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr
