@@ -541,7 +541,7 @@ def bench_case(case: ModelCase, args: argparse.Namespace, public_key: Path, tmp:
 
     if case.floor is None:
         port = _free_port()
-        floor = Server("floor", [sys.executable, str(ROOT / "bench" / "floor_server.py"), "--port", str(port)], port,
+        floor = Server("floor", [sys.executable, *_SAFE_PATH, str(ROOT / "bench" / "floor_server.py"), "--port", str(port)], port,
                        "/v2/health/ready", tmp / "floor.log")
         try:
             case.floor = wrk(floor.base, native_load(case), 1, args.duration, tmp)
@@ -550,7 +550,7 @@ def bench_case(case: ModelCase, args: argparse.Namespace, public_key: Path, tmp:
             floor.stop()
 
     port = _free_port()
-    naive = Server("naive", [sys.executable, str(ROOT / "bench" / "naive_server.py"), str(case.onnx_path), "--name", case.name,
+    naive = Server("naive", [sys.executable, *_SAFE_PATH, str(ROOT / "bench" / "naive_server.py"), str(case.onnx_path), "--name", case.name,
                              "--port", str(port), "--threads", str(args.threads)], port, "/v2/health/ready", tmp / f"naive-{case.name}.log")
     try:
         load_server("naive aiohttp", "native", naive, native_load(case), case, args, tmp)
@@ -559,7 +559,7 @@ def bench_case(case: ModelCase, args: argparse.Namespace, public_key: Path, tmp:
 
     if args.with_litserve:
         port = _free_port()
-        lit = Server("litserve", [args.litserve_python, str(ROOT / "bench" / "litserve_server.py"), str(case.onnx_path),
+        lit = Server("litserve", [args.litserve_python, *_SAFE_PATH, str(ROOT / "bench" / "litserve_server.py"), str(case.onnx_path),
                                   "--port", str(port), "--threads", str(args.threads)], port, "/health", tmp / f"litserve-{case.name}.log")
         try:
             load_server("litserve", "litserve", lit, litserve_load(case), case, args, tmp)
@@ -669,19 +669,41 @@ def main() -> int:
     return 0
 
 
+#: Python's -P: a helper server's folder (bench/) is not put first on sys.path, where a bench script
+#: named like a standard module (bench/queue.py) would shadow it in the server and in what it imports.
+_SAFE_PATH = ["-P"]
+
+#: What bench/litserve_server.py imports: LitServe, and the same onnxruntime and numpy as this process.
+_LITSERVE_CHECK = "import litserve, onnxruntime, numpy"
+
+
 def _litserve_python() -> str | None:
-    """A Python that can import litserve: this one, else a venv beside the system packages
-    (``~/.cache/tandem-bench/litserve``) so installing LitServe's own dependencies (FastAPI,
-    uvicorn, ...) never changes the environment Tandem runs in."""
-    if subprocess.run([sys.executable, "-c", "import litserve"], capture_output=True).returncode == 0:
+    """A Python that can run bench/litserve_server.py: this one, else a venv of its own
+    (``~/.cache/tandem-bench/litserve``), so installing LitServe's dependencies (FastAPI, uvicorn,
+    ...) never changes the environment Tandem runs in.
+
+    The venv is isolated (no system site packages): a venv made from inside another venv would see
+    the base interpreter's packages, not the onnxruntime Tandem runs with, and fail at its first
+    request. So it gets onnxruntime and numpy itself, at this process's versions: both servers then
+    run the same runtime.
+    """
+    from importlib.metadata import version
+
+    if subprocess.run([sys.executable, "-c", _LITSERVE_CHECK], capture_output=True).returncode == 0:
         return sys.executable
     venv = Path.home() / ".cache" / "tandem-bench" / "litserve"
     python = venv / "bin" / "python"
     if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
-    if subprocess.run([str(python), "-c", "import litserve"], capture_output=True).returncode != 0:
-        r = subprocess.run([str(python), "-m", "pip", "install", "-q", "litserve"], timeout=900)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    if subprocess.run([str(python), "-c", _LITSERVE_CHECK], capture_output=True).returncode != 0:
+        pins = [f"onnxruntime=={version('onnxruntime')}", f"numpy=={version('numpy')}"]
+        print(f"installing litserve, {', '.join(pins)} into {venv} ...", file=sys.stderr, flush=True)
+        r = subprocess.run([str(python), "-m", "pip", "install", "-q", "litserve", *pins], timeout=900)
         if r.returncode != 0:
+            return None
+        check = subprocess.run([str(python), "-c", _LITSERVE_CHECK], capture_output=True, text=True)
+        if check.returncode != 0:
+            print(f"the LitServe venv still cannot import what it needs: {check.stderr.strip()[-500:]}", file=sys.stderr)
             return None
     return str(python)
 

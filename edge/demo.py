@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -114,7 +115,7 @@ class _Processes:
         for _, proc, _ in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for name, proc, log in reversed(self.procs):
+        for _, proc, log in reversed(self.procs):
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
@@ -142,7 +143,9 @@ async def _ensure_bundle(work: Path, checkout: Path, quick: bool, rebuild: bool,
     keys, repo = work / "keys", work / "repository"
     priv, pub = keys / "tandem.key", keys / "tandem.pub"
     if not priv.exists():
-        subprocess.run(_tandem("keygen", "--out", str(keys)), check=True, stdout=subprocess.DEVNULL)
+        from tandem.shared.signing import generate_keypair
+
+        generate_keypair(keys)  # what `tandem keygen --out WORK/keys` does
     existing = sorted((repo / MODEL).glob("*/manifest.json")) if (repo / MODEL).is_dir() else []
     if existing and not rebuild:
         _say(f"[1/5] bundle: using {existing[-1].parent} (built before; --rebuild to build again)")
@@ -224,11 +227,12 @@ async def _follow(proc: subprocess.Popen[bytes], log_path: Path, show: Any) -> i
             finished.set_result(None)
 
     def pump() -> None:
-        assert proc.stdout is not None
+        out = proc.stdout
+        assert isinstance(out, io.BufferedReader)  # Popen(stdout=PIPE), unbuffered text off
         pending = b""
         try:
             with open(log_path, "wb") as log:
-                while chunk := proc.stdout.read1(65536):
+                while chunk := out.read1(65536):
                     log.write(chunk)
                     log.flush()
                     pending += chunk
@@ -575,13 +579,13 @@ def _plot(phases: list[Phase], outage: dict[str, Any], out_png: Path) -> None:
     rng = np.random.default_rng(0)
     for i, p in enumerate(phases):
         for tier, (color, marker, _) in _TIER_STYLE.items():
-            ms = [c.latency_ms for c in p.calls if c.tier == tier]
-            if ms:
-                ax_lat.scatter(i + rng.uniform(-0.25, 0.25, len(ms)), ms, s=4, color=color, marker=marker, alpha=0.5,
+            lat = [c.latency_ms for c in p.calls if c.tier == tier]
+            if lat:
+                ax_lat.scatter(i + rng.uniform(-0.25, 0.25, len(lat)), lat, s=4, color=color, marker=marker, alpha=0.5,
                                linewidths=0.8)
         st = stats[i]
-        ax_lat.hlines([st["p50"], st["p99"]], i - 0.32, i + 0.32, colors="black", linewidths=[1.5, 0.8],
-                      linestyles=["solid", "dashed"])
+        ax_lat.hlines(st["p50"], i - 0.32, i + 0.32, colors="black", linewidths=1.5, linestyles="solid")
+        ax_lat.hlines(st["p99"], i - 0.32, i + 0.32, colors="black", linewidths=0.8, linestyles="dashed")
     ax_lat.set_yscale("log")
     top = max([st["p99"] for st in stats if st["p99"] == st["p99"]] + [1.0])
     ax_lat.set_ylim(top=top * 12)
@@ -603,12 +607,10 @@ def _plot(phases: list[Phase], outage: dict[str, Any], out_png: Path) -> None:
         for tier, (color, marker, label) in _TIER_STYLE.items():
             pts = [(c.t - t0, c.latency_ms) for c in out_phase.calls if c.tier == tier and not c.fallbacks]
             if pts:
-                t, ms = zip(*pts)
-                ax_out.scatter(t, ms, s=8, color=color, marker=marker, label=label, linewidths=0.8)
+                ax_out.scatter(*zip(*pts), s=8, color=color, marker=marker, label=label, linewidths=0.8)
         pts = [(c.t - t0, c.latency_ms) for c in out_phase.calls if c.fallbacks and c.tier == "edge"]
         if pts:
-            t, ms = zip(*pts)
-            ax_out.scatter(t, ms, s=22, facecolors="none", edgecolors="tab:orange", linewidths=1.0,
+            ax_out.scatter(*zip(*pts), s=22, facecolors="none", edgecolors="tab:orange", linewidths=1.0,
                            label="edge answered after the cloud could not")
         ax_out.set_yscale("log")
         ax_out.set_xlabel(f"seconds into the {out_phase.name} phase")
@@ -679,7 +681,8 @@ async def _demo(work: Path, quick: bool, rebuild: bool, cloud_latency_ms: float,
         _say("[5/5] report")
         report = _report(phases, outage, (got, expected), work / "demo-report.png", cloud_latency_ms)
         _say(report)
-        status = subprocess.run(_tandem("agent", "status", "--data", str(agent_dir)), capture_output=True, text=True)
+        status = await asyncio.to_thread(subprocess.run, _tandem("agent", "status", "--data", str(agent_dir)),
+                                         capture_output=True, text=True, timeout=60)
         _say("\n`tandem agent status`:\n" + status.stdout.rstrip())
         failed = sum(1 for p in phases for c in p.calls if c.status != 200)
         if failed or got < expected:
