@@ -9,7 +9,8 @@ Every fenced block is one of:
   when the page ends;
 - ```` ```toml file=NAME ```` (or yaml/json): parsed, and written to ``NAME`` when ``file=`` is given;
   without it, only parsed;
-- ```` ```text ```` / ```` ```mermaid ````: a picture or a listing, not run;
+- ```` ```text ```` / ```` ```mermaid ```` / ```` ```http ````: a picture, a listing or an HTTP
+  exchange, not run;
 - anything with ``no-run`` in its info string (```` ```bash no-run ````): shown, not run, on
   purpose (installs, the whole test suite, docker, kubectl, benchmarks).
 
@@ -47,7 +48,7 @@ README = ROOT / "README.md"
 DOC_PAGES = sorted((ROOT / "docs").glob("*.md"))
 RUN = {"bash", "sh", "python"}
 DATA = {"toml", "yaml", "json"}
-SHOWN = {"text", "mermaid"}
+SHOWN = {"text", "mermaid", "http"}  # pictures, listings, HTTP exchanges
 PORTS = {"8000": "cloud", "8765": "agent"}
 BLOCK_TIMEOUT_S = 600  # a quick digits build on a loaded 2-core machine takes a few minutes
 
@@ -139,7 +140,8 @@ class Page:
         done = subprocess.run(self.argv(block, script), cwd=self.workdir, env=self.env(), capture_output=True,
                               text=True, timeout=BLOCK_TIMEOUT_S)
         assert done.returncode == 0, (
-            f"{block.where}: the {block.lang} block exited {done.returncode}\n--- block ---\n{block.code}"
+            f"{block.where}: the {block.lang} block exited {done.returncode} (a block not meant to run is marked "
+            f"```{block.lang} no-run)\n--- block ---\n{block.code}"
             f"--- stdout ---\n{done.stdout[-3000:]}\n--- stderr ---\n{done.stderr[-3000:]}{self.server_logs()}"
         )
 
@@ -205,7 +207,8 @@ def test_readme_runs_as_written(readme_workdir: Path) -> None:
 @pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: p.name)
 def test_docs_page_runs_as_written(page: Path, readme_workdir: Path, tmp_path: Path) -> None:
     for folder in ("repo", "keys"):
-        shutil.copytree(readme_workdir / folder, tmp_path / folder)
+        # Bundles and keys only: not what the README's servers left beside them (e.g. a job database).
+        shutil.copytree(readme_workdir / folder, tmp_path / folder, ignore=shutil.ignore_patterns(".*"))
     run_page(page, tmp_path)
 
 
