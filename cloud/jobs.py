@@ -141,8 +141,12 @@ def decode_request(inference: Inference, protocol: str, served: ServedModel, bod
 class JobRunner:
     """Runs claimed jobs through the models' batchers (see the module docstring)."""
 
-    def __init__(self, inference: Inference) -> None:
+    def __init__(self, inference: Inference, *, below_online: bool = True) -> None:
         self.inference = inference
+        #: Submit a job batch only while the model's queue is empty (a server with online
+        #: traffic). A worker has none: it submits a claimed group's batches at once, and the
+        #: batcher runs them back to back.
+        self.below_online = below_online
 
     async def run(self, jobs: list[JobRecord]) -> tuple[list[Completion], list[JobRecord]]:
         """(completions, jobs to give back unrun because a model's queue refused them for now)."""
@@ -184,6 +188,17 @@ class JobRunner:
             chunks[-1].append(item)
             rows += item.rows
         done: list[Completion] = []
+        if not self.below_online:
+            outcomes = await asyncio.gather(*(self._run_chunk(c, started) for c in chunks), return_exceptions=True)
+            back: list[JobRecord] = []
+            for chunk, outcome in zip(chunks, outcomes):
+                if isinstance(outcome, (Overloaded, Unavailable)):
+                    back.extend(d.job for d in chunk)
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    done.extend(outcome)
+            return done, back
         for i, chunk in enumerate(chunks):
             try:
                 done.extend(await self._run_chunk(chunk, started))
@@ -197,7 +212,7 @@ class JobRunner:
         served = chunk[0].served
         batcher = served.batcher
         # Below online traffic: submit only while nothing waits in the model's queue.
-        while batcher.depth:
+        while self.below_online and batcher.depth:
             await asyncio.sleep(_IDLE_POLL_S)
         if len(chunk) == 1:
             inputs = chunk[0].inputs

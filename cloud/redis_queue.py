@@ -47,7 +47,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local s = redis.call('HGET', KEYS[1], 'status')
 if s == 'succeeded' or s == 'failed' then return false end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started', ARGV[1])
-return redis.call('HGETALL', KEYS[1])
+return redis.call('HMGET', KEYS[1], 'meta', 'body', 'served_version')
 """
 # Store a result once. KEYS: job, idempotency key (or the job key again), stats; ARGV: status,
 # finished, ttl ms, error, result_status, result_headers, result_body, served_version ('' = keep),
@@ -277,7 +277,8 @@ class RedisJobQueue:
         jobs: list[JobRecord] = []
         stale: list[tuple[Any, ...]] = []
         for (stream, eid, jid), h in zip(entries, flat):
-            job = self._record(_text(jid), dict(zip(h[::2], h[1::2])) if h else {})
+            job = self._record(_text(jid), {b"meta": h[0], b"body": h[1], b"served_version": h[2], b"status": b"running",
+                                            b"started": repr(started).encode()} if h else {})
             if job is None:
                 stale.append((stream, eid))  # deleted, expired or already answered: nothing to run
                 continue

@@ -48,7 +48,7 @@ class Worker:
         self.metrics = Metrics()
         self.repository = ModelRepository(config, self.metrics)
         self.inference = Inference(self.repository, config)
-        self.runner = JobRunner(self.inference)
+        self.runner = JobRunner(self.inference, below_online=False)  # a worker serves no online traffic
         self.queue = RedisJobQueue(queue_url, prefix=config.jobs.redis_prefix, claim_timeout_s=config.jobs.claim_timeout_s, consumer=name)
         self.callbacks = Callbacks(config.jobs.callback_attempts, config.jobs.callback_timeout_s)
         self.claim = claim
