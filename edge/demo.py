@@ -607,10 +607,10 @@ def _plot(phases: list[Phase], outage: dict[str, Any], out_png: Path) -> None:
         for tier, (color, marker, label) in _TIER_STYLE.items():
             pts = [(c.t - t0, c.latency_ms) for c in out_phase.calls if c.tier == tier and not c.fallbacks]
             if pts:
-                ax_out.scatter(*zip(*pts), s=8, color=color, marker=marker, label=label, linewidths=0.8)
+                ax_out.scatter([t for t, _ in pts], [ms for _, ms in pts], s=8, color=color, marker=marker, label=label, linewidths=0.8)
         pts = [(c.t - t0, c.latency_ms) for c in out_phase.calls if c.fallbacks and c.tier == "edge"]
         if pts:
-            ax_out.scatter(*zip(*pts), s=22, facecolors="none", edgecolors="tab:orange", linewidths=1.0,
+            ax_out.scatter([t for t, _ in pts], [ms for _, ms in pts], s=22, facecolors="none", edgecolors="tab:orange", linewidths=1.0,
                            label="edge answered after the cloud could not")
         ax_out.set_yscale("log")
         ax_out.set_xlabel(f"seconds into the {out_phase.name} phase")
