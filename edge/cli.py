@@ -104,23 +104,37 @@ def _starting_pid(data_dir: Path) -> int | None:
     return pid
 
 
+#: How long after its start a ``tandem agent run`` process may not have written its marker yet.
+_LAUNCH_WINDOW_S = 10.0
+
+
 def _launching_agents(data_dir: Path) -> list[int]:
-    """Processes running ``tandem agent run`` that may be for ``data_dir`` (Linux: from /proc)."""
+    """``tandem agent run`` processes started in the last few seconds that may be for ``data_dir``
+    (Linux: from /proc; elsewhere none)."""
     import os
 
     mine = data_dir.resolve()
     found = []
     try:
         entries = os.listdir("/proc")
-    except OSError:
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
         return []
     for entry in entries:
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                # Field 22 (start time, in clock ticks since boot) counts from after the ")" that
+                # ends the command name, which may itself hold spaces.
+                started = int(f.read().rsplit(b")", 1)[1].split()[19]) / ticks
+            if uptime - started > _LAUNCH_WINDOW_S:
+                continue
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-        except OSError:
+        except (OSError, ValueError, IndexError):
             continue
         if not any(a.endswith("tandem") or a == "tandem.shared.cli" for a in argv):
             continue
