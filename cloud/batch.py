@@ -14,7 +14,8 @@ length): rows of equal shapes are batched together. Values convert to the model'
 calls the conversion ``same_kind`` (ints to floats, float64 to float32); anything else (floats for an
 integer input, strings for a number) is refused with the input's name.
 
-Resumable: rows are cut into fixed chunks (``chunk_rows``). Each computed chunk is written to the work
+Resumable: rows are cut into fixed chunks (``chunk_rows``; by default about two seconds of compute,
+measured on the first rows and recorded for the run). Each computed chunk is written to the work
 directory (``.OUTPUT.tandem-batch/`` beside OUTPUT) and fsynced, then named in an append-only, fsynced
 journal; a chunk counts as done only once the journal says so. A run stopped at any point (SIGINT,
 SIGKILL, power) and started again with the same arguments computes only the chunks the journal lacks,
@@ -342,12 +343,16 @@ def _stack(values: list[dict[str, Any]], inputs: list[tuple[str, np.dtype, int]]
     return per_row
 
 
+#: A JSONL source remembers the byte offset of every this many rows (to seek to a chunk).
+_SEEK_EVERY = 1024
+
+
 class _JsonlSource:
     """One JSON object per line; blank lines are skipped. The file is scanned once for the row count
-    and the byte offset of every chunk's first row, so a resumed run seeks straight to its chunk."""
+    and the byte offset of every ``_SEEK_EVERY``-th row, so a resumed run seeks close to its chunk."""
 
-    def __init__(self, path: Path, inputs: list[tuple[str, np.dtype, int]], chunk_rows: int) -> None:
-        self.path, self._inputs, self._chunk = path, inputs, chunk_rows
+    def __init__(self, path: Path, inputs: list[tuple[str, np.dtype, int]]) -> None:
+        self.path, self._inputs = path, inputs
         self._names = [n for n, _, _ in inputs]
         self._offsets: list[int] = []
         rows = 0
@@ -358,14 +363,21 @@ class _JsonlSource:
         pos = 0
         for line in self._f:
             if line.strip():
-                if rows % chunk_rows == 0:
+                if rows % _SEEK_EVERY == 0:
                     self._offsets.append(pos)
                 rows += 1
             pos += len(line)
         self.rows = rows
 
     def read(self, start: int, stop: int) -> Rows:
-        self._f.seek(self._offsets[start // self._chunk])
+        self._f.seek(self._offsets[start // _SEEK_EVERY])
+        skip = start % _SEEK_EVERY
+        while skip:
+            line = self._f.readline()
+            if not line:
+                break
+            if line.strip():
+                skip -= 1
         values, line_no = [], 0
         while len(values) < stop - start:
             line = self._f.readline()
@@ -438,11 +450,11 @@ class _ParquetSource:
         self._buf = []
 
 
-def _open_source(path: Path, fmt: str, inputs: list[tuple[str, np.dtype, int]], chunk_rows: int) -> _Source:
+def _open_source(path: Path, fmt: str, inputs: list[tuple[str, np.dtype, int]]) -> _Source:
     if fmt in ARRAY_FORMATS:
         return _ArraySource(path, fmt, inputs)
     if fmt == "jsonl":
-        return _JsonlSource(path, inputs, chunk_rows)
+        return _JsonlSource(path, inputs)
     return _ParquetSource(path, inputs)
 
 
@@ -659,7 +671,10 @@ class BatchOptions:
     only where it changes what is computed (the chunking, the model, the input, the output)."""
 
     batch_size: int = 64
-    chunk_rows: int = 8192
+    #: Rows per saved chunk. None: about ``chunk_seconds`` of compute, measured on the first rows
+    #: (8192 rows for a queue) and recorded in the plan, so that a resumed run cuts the same chunks.
+    chunk_rows: int | None = None
+    chunk_seconds: float = 2.0
     threads: int = 1
     variant: str = "cloud"
     work_dir: Path | None = None
@@ -690,7 +705,7 @@ def _work_dir(output: Path, opts: BatchOptions) -> Path:
     return opts.work_dir if opts.work_dir is not None else output.with_name(f".{output.name}.tandem-batch")
 
 
-def _plan(identity: dict[str, Any], source_path: Path, rows: int, output: Path, opts: BatchOptions) -> dict[str, Any]:
+def _plan(identity: dict[str, Any], source_path: Path, rows: int, output: Path, chunk_rows: int) -> dict[str, Any]:
     st = source_path.stat()
     return {
         "format": _WORK_FORMAT,
@@ -699,9 +714,41 @@ def _plan(identity: dict[str, Any], source_path: Path, rows: int, output: Path, 
         "input_bytes": st.st_size,
         "input_mtime_ns": st.st_mtime_ns,
         "rows": rows,
-        "chunk_rows": opts.chunk_rows,
+        "chunk_rows": chunk_rows,
         "output": str(output.resolve()),
     }
+
+
+def _planned_chunk_rows(work: Path, opts: BatchOptions) -> int | None:
+    """The chunk size of the unfinished run in ``work`` (None: no usable one)."""
+    if opts.restart:
+        return None
+    try:
+        n = json.loads((work / PLAN_NAME).read_text()).get("chunk_rows")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) and n > 0 else None
+
+
+#: Bounds of a measured chunk size: small enough that a chunk's rows and outputs fit in memory.
+_MIN_CHUNK_ROWS, _MAX_CHUNK_ROWS = 256, 1 << 18
+
+
+def _measure_chunk_rows(compute: Compute, source: _Source, rows: int, opts: BatchOptions, where: str) -> int:
+    """Rows that take about ``opts.chunk_seconds`` to compute, a multiple of the batch size: big
+    enough that saving a chunk (an fsync or two) costs little beside computing it, small enough
+    that an interrupted run loses little."""
+    bs = opts.batch_size
+    if not isinstance(compute, EngineCompute):
+        return max(bs, 8192 // bs * bs)
+    n = min(rows, bs * 8)
+    sample = source.read(0, n)
+    compute.run(-1, source.read(0, min(rows, bs)), f"{where} rows 0-{min(rows, bs) - 1}")  # first-run allocations
+    t0 = time.perf_counter()
+    compute.run(-1, sample, f"{where} rows 0-{n - 1}")
+    rate = n / max(time.perf_counter() - t0, 1e-6)
+    want = min(max(int(rate * opts.chunk_seconds), _MIN_CHUNK_ROWS), _MAX_CHUNK_ROWS)
+    return max(bs, want // bs * bs)
 
 
 def _open_work(work: Path, plan: dict[str, Any], restart: bool) -> None:
@@ -749,7 +796,7 @@ def run_batch(
     keeps every chunk it finished for the next run."""
     opts = options or BatchOptions()
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    if opts.batch_size < 1 or opts.chunk_rows < 1 or opts.threads < 1:
+    if opts.batch_size < 1 or (opts.chunk_rows is not None and opts.chunk_rows < 1) or opts.threads < 1:
         raise InvalidInput("--batch-size, --chunk-rows and --threads must be at least 1")
     src_path, output = Path(input_path), Path(output_path)
     in_fmt, out_fmt = format_of(src_path), format_of(output)
@@ -772,7 +819,7 @@ def run_batch(
         names = compute.output_names
         if out_fmt == "npy" and len(names) != 1:
             raise InvalidInput(f"OUTPUT {output}: a .npy file holds one array; the model has outputs [{', '.join(names)}]: write .npz")
-        source = _open_source(src_path, in_fmt, compute.inputs, opts.chunk_rows)
+        source = _open_source(src_path, in_fmt, compute.inputs)
         try:
             return _run(compute, source, src_path, output, out_fmt, work, names, opts, say)
         finally:
@@ -791,8 +838,9 @@ def _run(compute: Compute, source: _Source, src_path: Path, output: Path, out_fm
     first = source.read(0, 1)
     compute.check(first if isinstance(first, dict) else {k: v[None] for k, v in first[0].items()}, f"{src_path} row 0")
 
-    n_chunks = -(-rows // opts.chunk_rows)
-    plan = _plan(compute.identity, src_path, rows, output, opts)
+    chunk_rows = opts.chunk_rows or _planned_chunk_rows(work, opts) or _measure_chunk_rows(compute, source, rows, opts, str(src_path))
+    n_chunks = -(-rows // chunk_rows)
+    plan = _plan(compute.identity, src_path, rows, output, chunk_rows)
     _open_work(work, plan, opts.restart)
     compute.begin(hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:24])
     journal = _Journal(work)
@@ -818,7 +866,7 @@ def _run(compute: Compute, source: _Source, src_path: Path, output: Path, out_fm
                 if opts.stop_after is not None and i >= opts.stop_after:
                     complete = False
                     break
-                start, stop = chunk * opts.chunk_rows, min((chunk + 1) * opts.chunk_rows, rows)
+                start, stop = chunk * chunk_rows, min((chunk + 1) * chunk_rows, rows)
                 where = f"{src_path} rows {start}-{stop - 1}"
                 outs = compute.run(chunk, source.read(start, stop), where)
                 pending.append(writer.submit(persist, chunk, outs, stop - start))

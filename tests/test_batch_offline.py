@@ -21,8 +21,13 @@ from tandem.cloud.batch import BatchOptions, load_model, run_batch
 from tandem.shared.bundle import TensorSpec
 from tandem.shared.errors import InvalidInput, SignatureError, TensorCodecError
 
-pa = pytest.importorskip("pyarrow")
-import pyarrow.parquet as pq  # noqa: E402
+try:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+except ImportError:  # the Parquet cases skip; the test extra installs pyarrow
+    pa = pq = None
+
+needs_pyarrow = pytest.mark.skipif(pa is None, reason="pyarrow is not installed (pip install pyarrow)")
 
 ROWS = 1000
 
@@ -52,7 +57,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with open(data / "x.jsonl", "w") as f:
         for r in x:
             f.write(json.dumps({"input": r.tolist()}) + "\n")
-    pq.write_table(pa.table({"input": [r.tolist() for r in x]}), data / "x.parquet", row_group_size=77)
+    if pa is not None:
+        pq.write_table(pa.table({"input": [r.tolist() for r in x]}), data / "x.parquet", row_group_size=77)
     return {"root": root, "priv": priv, "pub": pub, "toy": toy, "repo": root / "repo", "data": data}
 
 
@@ -79,8 +85,12 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("src,dst", [("npy", "npy"), ("npz", "npz"), ("jsonl", "jsonl"), ("parquet", "parquet"),
-                                     ("jsonl", "parquet"), ("parquet", "jsonl"), ("npy", "npz")])
+@pytest.mark.parametrize("src,dst", [
+    ("npy", "npy"), ("npz", "npz"), ("jsonl", "jsonl"), ("npy", "npz"),
+    pytest.param("parquet", "parquet", marks=needs_pyarrow),
+    pytest.param("jsonl", "parquet", marks=needs_pyarrow),
+    pytest.param("parquet", "jsonl", marks=needs_pyarrow),
+])
 def test_each_format_matches_onnxruntime(env: dict[str, Path], tmp_path: Path, src: str, dst: str) -> None:
     bundle = load_model(str(env["toy"]), trusted_keys=[env["pub"]])
     out = tmp_path / f"y.{dst}"
@@ -93,6 +103,7 @@ def test_each_format_matches_onnxruntime(env: dict[str, Path], tmp_path: Path, s
     assert not any(p.name.endswith(".tandem-batch") for p in tmp_path.iterdir()), "the work directory is removed"
 
 
+@needs_pyarrow
 def test_ragged_rows_are_batched_by_shape(env: dict[str, Path], tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     rows = [rng.standard_normal(int(n)).astype(np.float32) for n in rng.integers(1, 9, 300)]
@@ -235,7 +246,7 @@ def _bad_files(tmp_path: Path) -> None:
     ("toy", "empty.jsonl", "y.jsonl", "has no rows"),
     ("toy", "x.csv", "y.npy", "unknown format '.csv'"),
     ("toy", "garbage.npy", "y.npy", "is not a readable npy file"),
-    ("toy", "garbage.parquet", "y.parquet", "is not a readable Parquet file"),
+    pytest.param("toy", "garbage.parquet", "y.parquet", "is not a readable Parquet file", marks=needs_pyarrow),
     ("toy", "narrow.npy", "y.jsonl", "arrays to arrays, tables to tables"),
     ("nope", "narrow.npy", "y.npy", "no model 'nope' in the repository"),
     ("slow", "floats_for_ints.npy", "y.npy", "a .npy file holds one array; the model has inputs [x, work]"),
@@ -333,3 +344,27 @@ def test_queue_bad_input_and_unknown_model_are_clear_errors(env: dict[str, Path]
     r = cli("toy", str(env["data"] / "x.npy"), str(tmp_path / "y.npy"), "--queue", f"http://127.0.0.1:{free_port()}")
     assert r.returncode == 1 and "Traceback" not in r.stderr and "unreachable" in r.stderr, r.stderr
     assert _jobs_in(tmp_path / "jobs.sqlite3") == 0
+
+
+def test_measured_chunks_are_kept_for_the_resumed_run(env: dict[str, Path], tmp_path: Path) -> None:
+    bundle = load_model(str(env["toy"]), trusted_keys=[env["pub"]])
+    out = tmp_path / "y.npy"
+    src = env["data"] / "x.npy"
+    # A tiny time per chunk: the smallest measured chunk (256 rows), so the 1000 rows take 4.
+    part = run_batch(bundle, src, out, BatchOptions(chunk_seconds=1e-6, stop_after=1, progress=False))
+    plan = json.loads((tmp_path / ".y.npy.tandem-batch" / "plan.json").read_text())
+    assert plan["chunk_rows"] == 256 and part.computed_rows == 256 and not part.complete
+    # Resumed without --chunk-rows: the recorded chunking, whatever a new measurement would say.
+    rest = run_batch(bundle, src, out, BatchOptions(progress=False))
+    assert rest.resumed_rows == 256 and rest.computed_rows == ROWS - 256 and rest.chunks == 4
+    np.testing.assert_allclose(np.load(out), reference(env), rtol=1e-6, atol=1e-6)
+
+
+def test_parquet_without_pyarrow_says_what_to_install(env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    bundle = load_model(str(env["toy"]), trusted_keys=[env["pub"]])
+    with pytest.raises(InvalidInput, match="Parquet files need pyarrow: pip install pyarrow"):
+        run_batch(bundle, tmp_path / "x.parquet", tmp_path / "y.parquet", BatchOptions(progress=False))
