@@ -111,12 +111,13 @@ class ModelMonitor:
         """Profile (part of) one batch. Never raises: a monitor that fails turns itself off."""
         if self.failed is not None:
             return
-        t0 = time.perf_counter()
         self.batches += 1
-        # Within its share of one core: a batch that would exceed it is skipped whole.
-        if self._spent > self.config.max_cpu_share * (t0 - self._since):
+        # Within its share of one core (its threads' CPU time, not the wall time a thread spends
+        # waiting for the GIL while the loop runs): a batch that would exceed it is skipped whole.
+        if self._spent > self.config.max_cpu_share * (time.perf_counter() - self._since):
             self.skipped += 1
             return
+        t0 = time.thread_time()
         try:
             limit = self.config.rows_per_batch
             take, rows = 0, 0
@@ -133,7 +134,7 @@ class ModelMonitor:
         except Exception as e:  # noqa: BLE001 - monitoring must never break serving
             self.failed = f"{type(e).__name__}: {e}"
             _log.error("model %s:%s: drift monitor off: %s", self.name, self.version, self.failed)
-        self._spent += time.perf_counter() - t0
+        self._spent += time.thread_time() - t0
 
     def _observe(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         self.profile.observe(inputs, outputs)
