@@ -255,7 +255,7 @@ def _workers(args: argparse.Namespace) -> int:
     return int(workers)
 
 
-def _batch_time_vs_raw(args: argparse.Namespace, r: "Run") -> str:
+def _batch_time_vs_raw(args: argparse.Namespace, r: Run) -> str:
     workers = _workers(args)
     if workers > 1:  # each worker's session has threads // workers intra-op threads: not the raw run's
         return f"{workers} workers' sessions are not comparable batch for batch with the {args.threads}-thread raw run; "

@@ -32,7 +32,7 @@ class Budget:
     latency_ms: float | None = None
     max_cost: float | None = None
     local_only: bool = False
-    policy: "str | Policy | None" = None
+    policy: str | Policy | None = None
     target_accuracy: float | None = None
 
     def __post_init__(self) -> None:

@@ -266,7 +266,7 @@ async def _wait_http(url: str, proc: subprocess.Popen[bytes], name: str, procs: 
                 async with s.get(url) as r:
                     if r.status == 200:
                         return
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            except (TimeoutError, aiohttp.ClientError, OSError):
                 pass
             await asyncio.sleep(0.2)
     raise Unavailable(f"{name} was not ready at {url} after {timeout:.0f} s; its log ends:\n" + procs.log_tail(name))
