@@ -31,7 +31,7 @@ HEADER = (
 def _wanted(req: Requirement, extras: set[str]) -> bool:
     if req.marker is None:
         return True
-    env = dict(default_environment())
+    env: dict[str, str] = {k: str(v) for k, v in default_environment().items()}
     return any(req.marker.evaluate({**env, "extra": e}) for e in (extras or {""}))
 
 

@@ -27,13 +27,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import yaml
-
 from support import make_bundle
 from tandem.shared.protocol import CONTENT_TYPE, InferRequest, infer_path
 
@@ -284,9 +284,9 @@ def test_dockerfile_builds_the_image_as_specified(dockerfile: Path) -> None:
                 assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
                 assert src.rstrip("/") in allowed, f"COPY {src}: excluded by Dockerfile.dockerignore"
     # pyproject's packages must all be in the image, or `pip install .` fails inside the build.
-    copied = {[w for w in rest.split() if not w.startswith("--")][0] for k, rest in ins if k == "COPY"}
+    copied = {next(w for w in rest.split() if not w.startswith("--")) for k, rest in ins if k == "COPY"}
     pyproject = (ROOT / "pyproject.toml").read_text()
-    for folder in set(re.findall(r'^"tandem\.[\w.]+" = "(\w+)', pyproject, re.M)):
+    for folder in set(re.findall(r'^"tandem\.[\w.]+" = "(\w+)', pyproject, re.MULTILINE)):
         assert folder in copied, f"package folder {folder}/ is not copied into the image"
 
 
@@ -524,7 +524,7 @@ def _healthcheck(port: int, api_keys: str | None, path: str = "/v2/health/ready"
     env["TANDEM_PORT"] = str(port)
     if api_keys is not None:
         env["TANDEM_API_KEYS"] = api_keys
-    return subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py"), path], env=env, capture_output=True, timeout=30).returncode
+    return subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py"), path], check=False, env=env, capture_output=True, timeout=30).returncode
 
 
 @pytest.fixture(scope="module")
@@ -537,7 +537,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def test_image_and_manifest_flags_are_real_serve_flags() -> None:
     """The ENTRYPOINT plus each manifest's args parse with the real `tandem serve` parser."""
     from tandem.cloud.cli import serve
-
     from tandem.cloud.config import ServerConfig
 
     parser = argparse.ArgumentParser()
@@ -752,7 +751,7 @@ def test_deploy_readme_commands_are_real_commands(tmp_path: Path) -> None:
     from tandem.shared.cli import build_parser
 
     text = (DEPLOY / "README.md").read_text()
-    lines = [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()]
+    lines = [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL) for line in block.splitlines()]
     commands = [shlex.split(line)[1:] for line in lines if line.startswith("tandem ")]
     assert len(commands) >= 2
     parser = build_parser()

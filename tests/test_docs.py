@@ -34,13 +34,12 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
-
 from support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +136,7 @@ class Page:
         if "server" in block.attrs:
             self.start_server(block, script)
             return
-        done = subprocess.run(self.argv(block, script), cwd=self.workdir, env=self.env(), capture_output=True,
+        done = subprocess.run(self.argv(block, script), check=False, cwd=self.workdir, env=self.env(), capture_output=True,
                               text=True, timeout=BLOCK_TIMEOUT_S)
         assert done.returncode == 0, (
             f"{block.where}: the {block.lang} block exited {done.returncode} (a block not meant to run is marked "

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from support import free_port, make_bundle, make_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +63,7 @@ def with_blocked_imports(code: str, blocked: list[str]) -> str:
 def blocked_python(code: str, blocked: list[str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter in which importing any of ``blocked`` fails as if absent."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
-    return subprocess.run([sys.executable, "-c", with_blocked_imports(code, blocked), *args], capture_output=True,
+    return subprocess.run([sys.executable, "-c", with_blocked_imports(code, blocked), *args], check=False, capture_output=True,
                           text=True, timeout=timeout, env=env)
 
 
@@ -185,6 +184,6 @@ def test_missing_extras_are_read_from_the_installed_metadata(tmp_path: Path) -> 
         assert cli.missing_extras("demo") == ["build"]
         assert cli.main(["build", "spec"]) == 2
     """
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == "tandem build needs the build extra: pip install 'tandem[build]'"
