@@ -166,11 +166,11 @@ def plot(doc: dict[str, Any], out: Path, top: int = 3) -> Path:
     hists = {h["name"]: h for h in doc.get("histograms") or []}
     names = [f["name"] for f in (doc.get("features") or []) if f["name"] in hists][:top]
     cols = max(1, len(names)) + 1
-    fig, axes = plt.subplots(1, cols, figsize=(4.2 * cols, 3.6))
+    fig, axes = plt.subplots(1, cols, figsize=(4.2 * cols, 4.0))
     psi = {f["name"]: f["psi"] for f in doc.get("features") or []}
     for ax, name in zip(axes, names):
         h = hists[name]
-        labels = _bin_labels(h["edges"])
+        labels = [str(i) for i in range(len(h["edges"]) + 1)] if name.endswith(".class") else _bin_labels(h["edges"])
         x = range(len(labels))
         ax.bar([i - 0.2 for i in x], h["reference"], width=0.4, label="reference (validation)", color="#4c72b0")
         ax.bar([i + 0.2 for i in x], h["live"], width=0.4, label=f"live ({h['live_rows']} rows)", color="#dd8452")
@@ -217,4 +217,7 @@ def _bin_labels(edges: list[float]) -> list[str]:
     if not edges:
         return ["all"]
     g = lambda v: f"{v:.3g}"  # noqa: E731
-    return [f"<{g(edges[0])}"] + [f"{g(a)}-{g(b)}" for a, b in zip(edges, edges[1:])] + [f">={g(edges[-1])}"]
+    # A bin just wide enough to hold one value the reference held many times (an atom) is that value.
+    atom = lambda a, b: b - a <= 1e-5 * max(1.0, abs(a))  # noqa: E731
+    return ([f"<{g(edges[0])}"] + [f"={g(a)}" if atom(a, b) else f"{g(a)}-{g(b)}" for a, b in zip(edges, edges[1:])]
+            + [f">={g(edges[-1])}"])
