@@ -117,11 +117,14 @@ async def test_a_cnn_is_batched_and_each_request_gets_what_session_run_gives(tmp
 
 
 async def test_full_queue_refuses_at_once_with_retry_after(repo: Path, keys: tuple[Path, Path]) -> None:
+    # The blocker must outlast sending every request: on a loaded machine sending 8 took longer than
+    # BLOCK, the queue drained meanwhile and more were accepted.
+    long_block = BLOCK * 10
     batching = BatchingConfig(max_batch_size=1, max_queue_size=2)
     s = await _server(repo, keys, model_batching={"slow": batching})
     try:
         async with aiohttp.ClientSession() as session:
-            blocker = asyncio.ensure_future(_infer(session, s, "slow", slow_inputs(BLOCK)))
+            blocker = asyncio.ensure_future(_infer(session, s, "slow", slow_inputs(long_block)))
             await _wait_queue(s, "slow", 1, 0)
             results = await asyncio.gather(*(_infer(session, s, "slow", slow_inputs(1)) for _ in range(8)))
             statuses = sorted(r[0] for r in results)
@@ -134,7 +137,7 @@ async def test_full_queue_refuses_at_once_with_retry_after(repo: Path, keys: tup
                     assert done < last_ok  # refused at once, while the accepted ones still waited
             assert (await blocker)[0] == 200
             # v2 speaks the same refusal in JSON
-            blocker = asyncio.ensure_future(_infer(session, s, "slow", slow_inputs(BLOCK)))
+            blocker = asyncio.ensure_future(_infer(session, s, "slow", slow_inputs(long_block)))
             await _wait_queue(s, "slow", 1, 0)
             body = json.dumps({"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [1] * 8},
                                           {"name": "work", "shape": [1, 1], "datatype": "INT64", "data": [1]}]})
