@@ -159,8 +159,16 @@ def overhead(args: argparse.Namespace, tmp: Path) -> None:
         doc = json.loads(body)
         o = doc["overhead"]
         print(f"monitor (on): {o['batches']} batches seen, {o['skipped']} skipped by the CPU budget, "
-              f"{o['cpu_share'] * 100:.2f}% of a core, {doc['input_quality']['rows']} rows profiled "
-              f"(at most {o['rows_per_batch']} per batch), window {doc['window_rows']} rows")
+              f"{o['cpu_share'] * 100:.2f}% of a core in the instance thread + {o['loop_cpu_share'] * 100:.2f}% on the loop "
+              f"(intervals), {doc['input_quality']['rows']} rows profiled (at most {o['rows_per_batch']} per batch), "
+              f"window {doc['window_rows']} rows")
+        on_cpu = [r.server_cpu_us * r.rps * args.duration / 1e6 for r in runs["on"] if r.server_cpu_us]
+        if on_cpu:
+            # What the whole on-server used while loaded, against what monitoring took of it.
+            used = sum(on_cpu) / (args.duration * len(on_cpu))
+            print(f"the on-server used {used:.2f} cores while loaded; monitoring is at most "
+                  f"{(o['cpu_share'] + o['loop_cpu_share']) / used * 100:.2f}% of that (its CPU shares are over the whole "
+                  "run, idle rounds included, so while loaded it may spend up to its budget)")
         print(f"memory: running profile {o['profile_bytes'] / 1024:.0f} KiB per model "
               f"({len(manifest.profile.features_for('cloud'))} features); RSS off "
               f"{_rss_mb(servers['off'].proc.pid) or 0:.0f} MB, on {_rss_mb(servers['on'].proc.pid) or 0:.0f} MB")

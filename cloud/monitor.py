@@ -22,7 +22,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -99,7 +98,7 @@ class ModelMonitor:
         self.failed: str | None = None
         self._spent = 0.0
         self._since = time.perf_counter()
-        self._lock = threading.Lock()
+        self._window, self._window_spent = self._since, 0.0
         self.report: DriftReport | None = None
         self.drifting = False
         self.drifting_since: float | None = None
@@ -113,8 +112,12 @@ class ModelMonitor:
             return
         self.batches += 1
         # Within its share of one core (its threads' CPU time, not the wall time a thread spends
-        # waiting for the GIL while the loop runs): a batch that would exceed it is skipped whole.
-        if self._spent > self.config.max_cpu_share * (time.perf_counter() - self._since):
+        # waiting for the GIL while the loop runs), counted per second: a batch that would exceed
+        # it is skipped whole, and an idle second leaves no credit for a busy one.
+        now = time.perf_counter()
+        if now - self._window > 1.0:
+            self._window, self._window_spent = now, 0.0
+        if self._window_spent > self.config.max_cpu_share * (now - self._window):
             self.skipped += 1
             return
         t0 = time.thread_time()
@@ -134,7 +137,9 @@ class ModelMonitor:
         except Exception as e:  # noqa: BLE001 - monitoring must never break serving
             self.failed = f"{type(e).__name__}: {e}"
             _log.error("model %s:%s: drift monitor off: %s", self.name, self.version, self.failed)
-        self._spent += time.thread_time() - t0
+        spent = time.thread_time() - t0
+        self._spent += spent
+        self._window_spent += spent
 
     def _observe(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         self.profile.observe(inputs, outputs)
@@ -213,6 +218,9 @@ class Monitoring:
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._webhooks: set[asyncio.Task[None]] = set()
+        #: CPU seconds the intervals took on the event loop's thread (the monitors' own is per model).
+        self.loop_cpu_s = 0.0
+        self._since = time.perf_counter()
         #: Webhook calls made: (payload, final status or error), newest last (bounded).
         self.webhook_log: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
 
@@ -259,6 +267,13 @@ class Monitoring:
 
     async def tick(self) -> None:
         """One interval's work (also called by tests and on every read)."""
+        t0 = time.thread_time()
+        try:
+            await self._tick()
+        finally:
+            self.loop_cpu_s += time.thread_time() - t0
+
+    async def _tick(self) -> None:
         self.attach()
         if self.feedback is not None:
             with contextlib.suppress(Exception):
@@ -344,7 +359,11 @@ class Monitoring:
             raise InvalidInput(f"'top' must be an integer from 1 to 100, got {top[:20]!r}")
         monitor = self.find(request.match_info["model"], request.match_info.get("version"))
         self._rescore((monitor.name, monitor.version), monitor)
-        return web.json_response(monitor.snapshot(int(top)))
+        doc = monitor.snapshot(int(top))
+        # The intervals' share of the loop's thread (all models together; the feedback read's
+        # SQLite work runs on the store's own thread and is not in it).
+        doc["overhead"]["loop_cpu_share"] = self.loop_cpu_s / max(1e-9, time.perf_counter() - self._since)
+        return web.json_response(doc)
 
     # --- live quality -----------------------------------------------------------------------------
 
