@@ -181,16 +181,41 @@ def make_candidates(
             try:
                 if pre_note:
                     c.notes.append(pre_note)
-                if cfg.format == "qdq":
-                    quantize_static_qdq(pre, c.path, cfg, input_name, calib, padding)
-                else:
-                    quantize_dynamic_int8(pre, c.path, cfg)
+                try:
+                    _quantize(pre, c.path, cfg, input_name, calib, padding)
+                except Exception as e:
+                    if "ShapeInferenceError" not in str(e):
+                        raise
+                    # Some onnxruntime releases run ONNX shape inference strictly, and it refuses a
+                    # graph whose recorded intermediate shapes (value_info, hints only) disagree
+                    # with what it infers; without the hints the same graph quantizes.
+                    _quantize(_without_shape_hints(pre, Path(tmp)), c.path, cfg, input_name, calib, padding)
+                    c.notes.append(f"quantized without the graph's recorded intermediate shapes ({_first_line(e)})")
                 c.size_bytes = c.path.stat().st_size
             except Exception as e:
                 c.reason = f"quantization failed: {type(e).__name__}: {str(e)[:200]}"
                 log.warning("%s: %s", name, c.reason)
             result.append(c)
     return result
+
+
+def _without_shape_hints(source: Path, scratch: Path) -> Path:
+    import onnx
+
+    out = scratch / f"{source.stem}-no-value-info.onnx"
+    if not out.exists():
+        model = onnx.load(str(source))
+        del model.graph.value_info[:]
+        onnx.save(model, str(out))
+    return out
+
+
+def _quantize(source: Path, out: Path, cfg: QuantConfig, input_name: str, calib: np.ndarray | dict[str, np.ndarray],
+              padding: Any) -> None:
+    if cfg.format == "qdq":
+        quantize_static_qdq(source, out, cfg, input_name, calib, padding)
+    else:
+        quantize_dynamic_int8(source, out, cfg)
 
 
 def quality(m: VariantMetrics | None) -> float | None:
