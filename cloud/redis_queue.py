@@ -29,6 +29,8 @@ import socket
 import time
 from typing import Any
 
+import msgpack
+
 from tandem.shared.errors import InvalidInput, Overloaded, Unavailable
 from tandem.shared.jobs import MAX_PRIORITY, MIN_PRIORITY, JobConflict
 
@@ -40,32 +42,55 @@ _META = ("model", "version", "protocol", "header_length", "rows", "priority", "c
 #: Seconds a blocking read waits at most at once (then the caller's loop looks at its stop flag).
 _MAX_BLOCK_S = 1.0
 
-# Mark a claimed job running and return it, unless it was deleted or already finished (then
-# nil). KEYS: job; ARGV: now.
+# Mark claimed jobs running and return each one's (meta, body, served_version), or false for a
+# job deleted or already finished. KEYS: the jobs; ARGV: now.
 _CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local s = redis.call('HGET', KEYS[1], 'status')
-if s == 'succeeded' or s == 'failed' then return false end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started', ARGV[1])
-return redis.call('HMGET', KEYS[1], 'meta', 'body', 'served_version')
+local out = {}
+for i, key in ipairs(KEYS) do
+  local s = redis.call('HGET', key, 'status')
+  if not s or s == 'succeeded' or s == 'failed' then
+    out[i] = false
+  else
+    redis.call('HSET', key, 'status', 'running', 'started', ARGV[1])
+    out[i] = redis.call('HMGET', key, 'meta', 'body', 'served_version')
+  end
+end
+return out
 """
-# Store a result once. KEYS: job, idempotency key (or the job key again), stats; ARGV: status,
-# finished, ttl ms, error, result_status, result_headers, result_body, served_version ('' = keep),
-# started. The stats hash counts results stored and results dropped because the job had one.
+# Store results, each only while its job is unfinished; returns 1 (stored) or 0 per job.
+# KEYS: stats, then per job: its key and its idempotency key (or its key again). ARGV: now, ttl
+# ms, and one msgpack array with per job [status, error, result_status, result_headers,
+# result_body, served_version ('' = keep), started] (one argument: packing thousands of small
+# ones costs the client more than the work; the old msgpack format, which Redis's Lua reads). The stats hash counts results stored ("results"),
+# results of jobs that had one already ("repeats": a job run again after its worker was presumed
+# dead) and of jobs deleted meanwhile ("forgotten").
 _COMPLETE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('HINCRBY', KEYS[3], 'forgotten', 1) return 0 end
-local s = redis.call('HGET', KEYS[1], 'status')
-if s == 'succeeded' or s == 'failed' then redis.call('HINCRBY', KEYS[3], 'repeats', 1) return 0 end
-redis.call('HINCRBY', KEYS[3], 'results', 1)
-local expires = tonumber(ARGV[2]) + tonumber(ARGV[3]) / 1000
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished', ARGV[2], 'expires', tostring(expires),
-  'error', ARGV[4], 'result_status', ARGV[5], 'result_headers', ARGV[6], 'result_body', ARGV[7])
-if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'served_version', ARGV[8]) end
-if redis.call('HEXISTS', KEYS[1], 'started') == 0 then redis.call('HSET', KEYS[1], 'started', ARGV[9]) end
-redis.call('HDEL', KEYS[1], 'body')
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if KEYS[2] ~= KEYS[1] then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
-return 1
+local stats, now, ttl = KEYS[1], ARGV[1], ARGV[2]
+local expires = tostring(tonumber(now) + tonumber(ttl) / 1000)
+local rows = cmsgpack.unpack(ARGV[3])
+local out = {}
+for i = 1, (#KEYS - 1) / 2 do
+  local key, idem, r = KEYS[2 * i], KEYS[2 * i + 1], rows[i]
+  local s = redis.call('HGET', key, 'status')
+  if not s then
+    redis.call('HINCRBY', stats, 'forgotten', 1)
+    out[i] = 0
+  elseif s == 'succeeded' or s == 'failed' then
+    redis.call('HINCRBY', stats, 'repeats', 1)
+    out[i] = 0
+  else
+    redis.call('HINCRBY', stats, 'results', 1)
+    redis.call('HSET', key, 'status', r[1], 'finished', now, 'expires', expires, 'error', r[2],
+      'result_status', tostring(r[3]), 'result_headers', r[4], 'result_body', r[5])
+    if r[6] ~= '' then redis.call('HSET', key, 'served_version', r[6]) end
+    if redis.call('HEXISTS', key, 'started') == 0 then redis.call('HSET', key, 'started', r[7]) end
+    redis.call('HDEL', key, 'body')
+    redis.call('PEXPIRE', key, ttl)
+    if idem ~= key then redis.call('PEXPIRE', idem, ttl) end
+    out[i] = 1
+  end
+end
+return out
 """
 
 
@@ -268,12 +293,9 @@ class RedisJobQueue:
                 entries.extend((_text(stream), eid, fields[b"id"]) for eid, fields in items)
         if not entries:
             return []
-        # One script per entry marks its job running (unless deleted or answered) and returns it.
+        # One script marks the jobs running (unless deleted or answered) and returns them.
         started = time.time()
-        async with r.pipeline(transaction=False) as pipe:
-            for _, _, jid in entries:
-                await self._claim(keys=[self._job(_text(jid))], args=[repr(started)], client=pipe)
-            flat = await self._call(pipe.execute())
+        flat = await self._call(self._claim(keys=[self._job(_text(jid)) for _, _, jid in entries], args=[repr(started)]))
         jobs: list[JobRecord] = []
         stale: list[tuple[Any, ...]] = []
         for (stream, eid, jid), h in zip(entries, flat):
@@ -322,16 +344,15 @@ class RedisJobQueue:
                 meta = metas.get(c.job_id) or {}
                 key = meta.get("idempotency_key")
                 info.append((self._idem(meta["model"], key) if key else None, bool(meta.get("callback"))))
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for c, (idem, _) in zip(completions, info):
-                key = self._job(c.job_id)
-                await self._complete(
-                    keys=[key, idem or key, self.stats_key],
-                    args=[c.status, repr(now), ttl_ms, json.dumps(c.error) if c.error else "", c.result_status,
-                          json.dumps(c.result_headers), c.result_body, c.served_version or "", repr(c.started or now)],
-                    client=pipe,
-                )
-            stored = await self._call(pipe.execute())
+        keys: list[str] = [self.stats_key]
+        rows: list[list[Any]] = []
+        for c, (idem, _) in zip(completions, info):
+            key = self._job(c.job_id)
+            keys += [key, idem or key]
+            rows.append([c.status, json.dumps(c.error) if c.error else "", c.result_status, json.dumps(c.result_headers),
+                         bytes(c.result_body), c.served_version or "", repr(c.started or now)])
+        # Stored first; acknowledged only once Redis answered that the results are stored.
+        stored = await self._call(self._complete(keys=keys, args=[repr(now), ttl_ms, msgpack.packb(rows, use_bin_type=False)]))
         receipts = [c.receipt for c in completions if c.receipt is not None]
         if receipts:
             await self._ack(receipts)
