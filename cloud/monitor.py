@@ -54,11 +54,15 @@ class LiveQuality:
         self.labelled: collections.deque[tuple[str, bool]] = collections.deque(maxlen=window)
         self.escalations: collections.deque[bool] = collections.deque(maxlen=window)
         self.tiers: collections.deque[str] = collections.deque(maxlen=window)
+        #: Records taken in all (the deques stop growing once full).
+        self.count = 0
 
     def add_label(self, tier: str, correct: bool) -> None:
+        self.count += 1
         self.labelled.append((tier, correct))
 
     def add_route(self, tier: str | None, agrees: bool | None) -> None:
+        self.count += 1
         if tier in ("edge", "cloud"):
             self.tiers.append(tier)
         if agrees is not None:
@@ -100,6 +104,7 @@ class ModelMonitor:
         self._since = time.perf_counter()
         self._window, self._window_spent = self._since, 0.0
         self.report: DriftReport | None = None
+        self._scored: tuple[int, ...] = ()
         self.drifting = False
         self.drifting_since: float | None = None
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=_HISTORY)
@@ -147,7 +152,12 @@ class ModelMonitor:
     # --- the loop ---------------------------------------------------------------------------------
 
     def rescore(self) -> tuple[bool, bool]:
-        """Recompute the scores; returns (drifting now, changed since the last rescore)."""
+        """Recompute the scores; returns (drifting now, changed since the last rescore). Nothing
+        to do when no row arrived since the last time (an idle model costs the loop nothing)."""
+        seen = (self.profile.totals["rows"], self.quality.count)
+        if self.report is not None and seen == self._scored:
+            return self.drifting, False
+        self._scored = seen
         report = self.profile.report(self.config.threshold, self.config.min_rows)
         self.report = report
         changed = report.drifting != self.drifting
@@ -184,7 +194,7 @@ class ModelMonitor:
             "mean_psi": report.mean_psi,
             "window_rows": report.rows,
             "input_quality": dict(self.profile.totals),
-            "features": [f.model_dump() for f in report.features[:top]],
+            "features": [f.as_dict() for f in report.features[:top]],
             "histograms": self.profile.histograms(top_names),
             "live_quality": self.quality.summary(),
             "validation": self.validation.model_dump() if self.validation else None,
@@ -399,7 +409,7 @@ class Monitoring:
             "event": "drift_started" if drifting else "drift_stopped",
             "model": monitor.name, "version": monitor.version, "tier": "cloud",
             "score": report.score if report else None, "threshold": self.config.threshold,
-            "top_features": [f.model_dump() for f in (report.features[:5] if report else [])],
+            "top_features": [f.as_dict() for f in (report.features[:5] if report else [])],
             "at": time.time(),
         }
         task = asyncio.get_running_loop().create_task(self._post(payload))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -368,15 +369,22 @@ def ks_distance(live_counts: np.ndarray, reference_share: np.ndarray) -> np.ndar
     return np.abs(np.cumsum(p, axis=-1) - np.cumsum(q, axis=-1)).max(axis=-1)
 
 
-class FeatureScore(_Model):
+@dataclass(slots=True)
+class FeatureScore:
+    """One feature's scores (plain data: a report holds one per feature, made every interval)."""
+
     name: str
     psi: float
     ks: float
     live_mean: float | None
     reference_mean: float
 
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
-class DriftReport(_Model):
+
+@dataclass(slots=True)
+class DriftReport:
     """Scores of a running profile against its reference."""
 
     rows: int
@@ -393,20 +401,36 @@ def drift_scores(
     features: Sequence[FeatureSpec], counts: np.ndarray, reference_n: int, sums: np.ndarray | None = None,
     *, threshold: float, min_rows: int,
 ) -> DriftReport:
-    """Score window ``counts`` ([k, bins], padded with zeros past each feature's bins)."""
-    rows = int(counts[0].sum()) if len(features) else 0
-    scores = []
+    """Score window ``counts`` ([k, bins], padded with zeros past each feature's bins): the same
+    numbers as :func:`psi` and :func:`ks_distance` feature by feature, for all features at once."""
+    k = len(features)
+    rows = int(counts[0].sum()) if k else 0
+    nb = counts.shape[1] if k else 0
+    mask = np.zeros((k, nb), dtype=bool)
+    ref = np.zeros((k, nb))
     for j, f in enumerate(features):
-        nb = len(f.edges) + 1
-        c = counts[j, :nb]
-        scores.append(FeatureScore(
-            name=f.name, psi=float(psi(c, np.asarray(f.reference), reference_n)), ks=float(ks_distance(c, np.asarray(f.reference))),
-            live_mean=float(sums[j] / rows) if sums is not None and rows else None, reference_mean=f.mean,
-        ))
-    scores.sort(key=lambda s: -s.psi)
+        mask[j, : len(f.reference)] = True
+        ref[j, : len(f.reference)] = f.reference
+    c = np.where(mask, counts, 0).astype(np.float64)
+    p = np.where(mask, c + SMOOTHING, 0.0)
+    p /= np.maximum(p.sum(1, keepdims=True), 1e-300)
+    q = np.where(mask, ref * reference_n + SMOOTHING, 0.0)
+    q /= np.maximum(q.sum(1, keepdims=True), 1e-300)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        psis = np.where(mask, (p - q) * np.log(np.where(mask, p, 1.0) / np.where(mask, q, 1.0)), 0.0).sum(1)
+    live = c / np.maximum(1.0, c.sum(1, keepdims=True))
+    kss = np.abs(np.cumsum(live, 1) - np.cumsum(ref, 1)).max(1) if k else np.zeros(0)
+    order = np.argsort(-psis, kind="stable")
+    scores = [
+        FeatureScore(
+            name=features[j].name, psi=float(psis[j]), ks=float(kss[j]),
+            live_mean=float(sums[j] / rows) if sums is not None and rows else None, reference_mean=features[j].mean,
+        )
+        for j in order
+    ]
     ready = rows >= min_rows and bool(scores)
     score = scores[0].psi if ready else None
-    mean = float(np.mean([s.psi for s in scores])) if ready else None
+    mean = float(psis.mean()) if ready else None
     return DriftReport(rows=rows, score=score, mean_psi=mean, threshold=threshold,
                        drifting=bool(score is not None and score >= threshold), features=scores)
 

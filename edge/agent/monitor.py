@@ -98,7 +98,7 @@ class _Model:
             "model": self.name, "version": self.version, "tier": "edge", "threshold": THRESHOLD, "window": WINDOW,
             "min_rows": MIN_ROWS, "drifting": report.drifting, "drifting_since": self.drifting_since, "score": report.score,
             "mean_psi": report.mean_psi, "window_rows": report.rows, "input_quality": dict(self.profile.totals),
-            "features": [f.model_dump() for f in report.features[:top]], "histograms": self.profile.histograms(names),
+            "features": [f.as_dict() for f in report.features[:top]], "histograms": self.profile.histograms(names),
             "live_quality": self.quality(), "validation": self.validation.model_dump() if self.validation else None,
             "history": list(self.history),
             "overhead": {"queued": len(self.queue), "dropped": self.dropped, "profile_bytes": self.profile.nbytes},
