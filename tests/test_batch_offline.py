@@ -158,7 +158,7 @@ def _check_slow_output(out: Path, rows: int) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_an_interrupted_run_resumes_without_computing_a_row_twice(env: dict[str, Path], tmp_path: Path, sig: int) -> None:
     rows = 240
-    src = _slow_input(tmp_path, rows, work=40)  # ~50 ms per chunk of 8 rows here: ~30 chunks to interrupt
+    src = _slow_input(tmp_path, rows, work=400)  # ~50 ms per chunk of 8 rows here: 30 chunks to interrupt
     out = tmp_path / "y.npz"
     args = ["slow", str(src), str(out), "--repository", str(env["repo"]), "--trusted-key", str(env["pub"]),
             "--threads", "1", "--batch-size", "8", "--chunk-rows", "8", "--no-progress"]
@@ -368,3 +368,41 @@ def test_parquet_without_pyarrow_says_what_to_install(env: dict[str, Path], tmp_
     bundle = load_model(str(env["toy"]), trusted_keys=[env["pub"]])
     with pytest.raises(InvalidInput, match="Parquet files need pyarrow: pip install pyarrow"):
         run_batch(bundle, tmp_path / "x.parquet", tmp_path / "y.parquet", BatchOptions(progress=False))
+
+
+def test_queue_run_survives_a_server_restart_with_every_job_once(env: dict[str, Path], tmp_path: Path) -> None:
+    """The server goes away mid-run and comes back on the same port with the same job store: the
+    command waits, carries on, and every batch is one job, every row once in OUTPUT."""
+    from cloud_support import ServerThread
+    from support import free_port
+    from tandem.cloud.config import load_config
+
+    port, db = free_port(), tmp_path / "jobs.sqlite3"
+
+    def server() -> ServerThread:
+        return ServerThread(load_config(repository=env["repo"], trusted_keys=[env["pub"]], port=port, access_log=False,
+                                        jobs={"store_path": db}))
+
+    rows = 240
+    src = _slow_input(tmp_path, rows, work=2000)  # ~0.4 s per chunk of 16 rows here: the run lasts ~6 s
+    out = tmp_path / "y.npz"
+    first = server().start()
+    proc = subprocess.Popen([sys.executable, "-m", "tandem.shared.cli", "batch", "slow", str(src), str(out), "--queue", first.url,
+                             "--batch-size", "8", "--chunk-rows", "16", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = None
+    try:
+        _wait_journal(tmp_path / ".y.npz.tandem-batch", 3, proc)
+        first.stop()
+        assert proc.poll() is None, "the run ended before the server went away"
+        time.sleep(0.5)  # the command meets a closed port for a moment (it retries for minutes)
+        second = server().start()
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if second is not None:
+            second.stop()
+    assert proc.returncode == 0, err
+    _check_slow_output(out, rows)
+    assert _jobs_in(db) == rows // 8
