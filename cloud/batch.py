@@ -54,7 +54,7 @@ from tandem.shared.bundle import MANIFEST_NAME, Bundle, load_bundle, version_key
 from tandem.shared.errors import BundleError, InvalidInput, ModelNotFound, TandemError, TensorCodecError
 from tandem.shared.tensors import datatype_of, dtype_of
 
-__all__ = ["BatchOptions", "BatchReport", "run_batch", "load_model", "format_of", "Compute"]
+__all__ = ["BatchOptions", "BatchReport", "Compute", "EngineCompute", "QueueCompute", "format_of", "load_model", "main", "run_batch"]
 
 _log = logging.getLogger(__name__)
 

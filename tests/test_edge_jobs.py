@@ -263,3 +263,33 @@ def test_a_full_outbox_drops_reports_before_deferred_jobs(tmp_path: Path) -> Non
         assert len(kept) == 3 and kept[0]["id"] == job_id and box.stats()["dropped_full"] == 3
     finally:
         box.close()
+
+
+async def test_deferral_needs_a_reachable_agent_and_its_token(repo: Path, keys: tuple[Path, Path], tmp_path: Path) -> None:
+    cloud_url = f"http://127.0.0.1:{free_port()}"  # nothing listens
+    token = "t" * 24
+    cfg = load_agent_config(None, cloud_url=cloud_url, data_dir=tmp_path / "agent", trusted_keys=[keys[1]], port=0,
+                            unix_socket=False, poll_interval_s=3600, upload_interval_s=3600, local_token=token)
+    agent = Agent(cfg)
+    await agent.start(run_loops=False)
+    try:
+        for agent_url, agent_token, error in [
+            (f"http://127.0.0.1:{free_port()}", token, "the device agent at .* is unreachable too"),
+            (agent.url, None, "local token"),
+        ]:
+            client = HybridClient(repo / "toy" / "1", cloud_url, trusted_keys=[keys[1]], agent_url=agent_url,
+                                  agent_token=agent_token)
+            try:
+                with pytest.raises(Exception, match=error):
+                    await client.asubmit(_rows(1), defer=True)
+            finally:
+                await client.aclose()
+        assert agent.outbox.depth() == 0
+        client = HybridClient(repo / "toy" / "1", cloud_url, trusted_keys=[keys[1]], agent_url=agent.url, agent_token=token)
+        try:
+            handle = await client.asubmit(_rows(1), defer=True)
+            assert handle.deferred and [r["id"] for _, r in agent.outbox.peek(10)] == [handle.id]
+        finally:
+            await client.aclose()
+    finally:
+        await agent.stop()
