@@ -155,9 +155,9 @@ _RUNS: list[None] = []
 
 def _queue(
     args: argparse.Namespace, server: RedisServer, tmp: Path, rows: int, workers: int, threads: int, trust: list[str]
-) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of the workers and Redis) N workers take to run ``args.jobs``
-    jobs of ``rows`` rows from a filled queue."""
+) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of the workers, of redis-server) N workers take to run
+    ``args.jobs`` jobs of ``rows`` rows from a filled queue."""
     redis_url = server.url
     import redis
 
@@ -195,15 +195,16 @@ def _queue(
         early = _results(r, prefix) - warm
         if early:
             raise RuntimeError(f"{early} jobs ran while the workers were paused")
-        pids = [proc.pid for proc in procs] + [server.proc.pid]
+        pids = [proc.pid for proc in procs]
         c0 = sum(_cpu_seconds(pid) for pid in pids)
+        r0 = _cpu_seconds(server.proc.pid)
         t0 = time.perf_counter()
         for proc in procs:
             proc.send_signal(signal.SIGCONT)
         _wait_results(r, prefix, warm + args.jobs)
         wall = time.perf_counter() - t0
         time.sleep(0.3)  # the last acknowledgements (idle workers use no CPU)
-        return wall, sum(_cpu_seconds(pid) for pid in pids) - c0
+        return wall, sum(_cpu_seconds(pid) for pid in pids) - c0, _cpu_seconds(server.proc.pid) - r0
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGCONT)
@@ -269,7 +270,7 @@ def main() -> int:
             print(f"model {args.model}:{version} ({model_file.name}), {cores} cores, {args.jobs} jobs per run, "
                   f"claim {args.claim}, redis appendonly yes appendfsync {args.appendfsync}")
             print(f"{'rows/job':>8} {'workers':>7} {'threads':>7} | {'direct rows/s':>13} {'queue rows/s':>12} {'ratio':>6} | "
-                  f"{'direct CPU us/row':>17} {'queue CPU us/row':>16} {'CPU overhead/row':>16}")
+                  f"{'direct CPU us/row':>17} {'queue CPU us/row':>16} {'(of which redis)':>16} {'CPU overhead/row':>16}")
             summary = []
             for rows in [int(x) for x in args.rows.split(",")]:
                 for n in [int(x) for x in args.workers.split(",")]:
@@ -278,11 +279,12 @@ def main() -> int:
                     walls, cpus = [], []
                     for _ in range(args.repeat):  # alternated, so both see the same machine
                         d_wall, d_cpu = _direct(model_file, rows, args.jobs, n, threads)
-                        q_wall, q_cpu = _queue(args, redis, tmp, rows, n, threads, trust)
+                        q_wall, w_cpu, r_cpu = _queue(args, redis, tmp, rows, n, threads, trust)
+                        q_cpu = w_cpu + r_cpu
                         walls.append(d_wall / q_wall)
                         cpus.append(q_cpu / d_cpu - 1)
                         print(f"{rows:>8} {n:>7} {threads:>7} | {total / d_wall:>13,.0f} {total / q_wall:>12,.0f} {d_wall / q_wall:>6.2f} | "
-                              f"{d_cpu / total * 1e6:>17.1f} {q_cpu / total * 1e6:>16.1f} {q_cpu / d_cpu - 1:>16.1%}", flush=True)
+                              f"{d_cpu / total * 1e6:>17.1f} {q_cpu / total * 1e6:>16.1f} {r_cpu / total * 1e6:>16.1f} {q_cpu / d_cpu - 1:>16.1%}", flush=True)
                     summary.append((rows, n, statistics.median(walls), statistics.median(cpus)))
             print("\nmedian over the repeats: wall-clock rows/s ratio (queue / direct), and the queue's CPU per row over direct's:")
             for rows, n, wall, cpu in summary:
