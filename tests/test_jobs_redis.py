@@ -218,3 +218,18 @@ def test_worker_refuses_bad_arguments_clearly(repo: Path, keys: tuple[Path, Path
         code = proc.wait(180)
         text = log.read_text()
         assert code != 0 and needle in text and "Traceback" not in text, (args, text)
+
+
+def test_worker_stops_on_sigterm_after_storing_what_it_holds(server: ServerThread, workers: Workers, redis_server: RedisServer) -> None:
+    proc = workers.start("w1")
+    ids = [submit(server.url, p.infer_path("slow"), slow_body(float(i), work=20))[2]["id"] for i in range(10)]
+    wait_for(lambda: _stream_backlog(redis_server)[1] > 0 or all(job_status(server.url, i)[1]["status"] == "succeeded" for i in ids),
+             60, "the worker to claim jobs")
+    assert stop(proc) == 0
+    log = (workers.tmp_path / "w1.log").read_text()
+    assert "stopped after" in log and "Traceback" not in log
+    # What it claimed it finished and acknowledged: nothing pending; anything left is still queued.
+    assert _stream_backlog(redis_server)[1] == 0
+    workers.start("w2")
+    for i in ids:
+        assert wait_done(server.url, i)["status"] == "succeeded"
