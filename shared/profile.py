@@ -515,10 +515,11 @@ class RunningProfile:
         return self._counts.nbytes + self._sums.nbytes + self._rows.nbytes + self._binner.nbytes
 
     def quality_of(self, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, int]]:
-        """(rows that are fine to profile, counts of rows failing each input-quality check)."""
+        """(rows that are fine to profile, rows failing each input-quality check: a row counts
+        once per check, whichever of its tensors fails it)."""
         rows = _rows_of(inputs, {})
         ok = np.ones(rows, dtype=bool)
-        counts = {"nonfinite": 0, "out_of_range": 0, "unseen_category": 0, "length_outlier": 0}
+        failed = {k: np.zeros(rows, dtype=bool) for k in ("out_of_range", "unseen_category", "length_outlier")}
         for name, arr in inputs.items():
             r = self._ranges.get(name)
             z = _as_rows(arr)
@@ -527,24 +528,25 @@ class RunningProfile:
                 real = z != r.pad
                 lengths = real.sum(1)
                 if r.min_length is not None and r.max_length is not None:
-                    counts["length_outlier"] += int(((lengths < r.min_length) | (lengths > r.max_length)).sum())
+                    failed["length_outlier"] |= (lengths < r.min_length) | (lengths > r.max_length)
                 body = np.where(real, z, r.min)
             # Two reductions per row: NaN propagates into min and max, and so does an infinity.
             lo, hi = body.min(1), body.max(1)
             finite = None
             if z.dtype.kind == "f":
                 finite = np.isfinite(lo) & np.isfinite(hi)
-                counts["nonfinite"] += len(finite) - int(finite.sum())
                 ok &= finite
             if r is None:
                 continue
             tol = 1e-6 * max(1.0, abs(r.max - r.min))
             with np.errstate(invalid="ignore"):
                 out = (lo < r.min - tol) | (hi > r.max + tol)
-            counts["out_of_range"] += int((out & finite).sum() if finite is not None else out.sum())
+            failed["out_of_range"] |= out & finite if finite is not None else out
             cats = self._cats.get(name)
             if cats is not None:
-                counts["unseen_category"] += int((~np.isin(z, cats)).any(1).sum())
+                failed["unseen_category"] |= (~np.isin(z, cats)).any(1)
+        counts = {"nonfinite": rows - int(ok.sum())}
+        counts.update({k: int(v.sum()) for k, v in failed.items()})
         return ok, counts
 
     def observe(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None = None) -> int:
