@@ -751,32 +751,62 @@ def _measure_chunk_rows(compute: Compute, source: _Source, rows: int, opts: Batc
     return max(bs, want // bs * bs)
 
 
-def _open_work(work: Path, plan: dict[str, Any], restart: bool) -> None:
-    if restart and work.exists():
-        shutil.rmtree(work)
+LOCK_NAME = ".lock"
+
+
+def _lock(work: Path) -> Any:
+    """An exclusive lock on the work directory (held by the open file returned), or InvalidInput
+    when another ``tandem batch`` holds it: two runs writing the same chunks would waste the work."""
+    f = open(work / LOCK_NAME, "a+")
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise InvalidInput(f"another tandem batch is running with the work directory {work}; wait for it or stop it") from None
+    return f
+
+
+def _open_work(work: Path, plan: dict[str, Any], restart: bool) -> Any:
+    """Make or reopen the work directory for ``plan``; returns the lock to hold while running."""
     plan_path = work / PLAN_NAME
-    if work.exists() and plan_path.is_file():
-        try:
-            old = json.loads(plan_path.read_text())
-        except ValueError:
-            old = None
-        if old != plan:
-            diff = sorted(k for k in set(plan) | set(old or {}) if (old or {}).get(k) != plan.get(k))
-            raise InvalidInput(
-                f"{work} holds an unfinished run of other arguments or inputs (differs in: {', '.join(diff)}); "
-                "rerun that command to finish it, or pass --restart to discard it"
-            )
-        return
-    if work.exists() and any(work.iterdir()):
-        raise InvalidInput(f"work directory {work} exists, is not empty and is not a tandem batch run; remove it or choose --work-dir")
+    if work.exists() and not plan_path.is_file() and any(e.name != LOCK_NAME for e in work.iterdir()):
+        # Not ours (no plan): never cleared, not even with --restart.
+        raise InvalidInput(f"work directory {work} exists, is not empty and is not a tandem batch run; "
+                           "remove it or choose --work-dir")
     work.mkdir(parents=True, exist_ok=True)
-    tmp = work / (PLAN_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(plan, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, plan_path)
-    _fsync_dir(work)
+    lock = _lock(work)
+    try:
+        if restart:
+            for e in work.iterdir():
+                if e.name != LOCK_NAME:
+                    shutil.rmtree(e) if e.is_dir() and not e.is_symlink() else e.unlink()
+        if plan_path.is_file():
+            try:
+                old = json.loads(plan_path.read_text())
+            except ValueError:
+                old = None
+            if old != plan:
+                diff = sorted(k for k in set(plan) | set(old or {}) if (old or {}).get(k) != plan.get(k))
+                raise InvalidInput(
+                    f"{work} holds an unfinished run of other arguments or inputs (differs in: {', '.join(diff)}); "
+                    "rerun that command to finish it, or pass --restart to discard it"
+                )
+            return lock
+        tmp = work / (PLAN_NAME + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(plan, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, plan_path)
+        _fsync_dir(work)
+        return lock
+    except BaseException:
+        lock.close()
+        raise
 
 
 def run_batch(
@@ -841,8 +871,17 @@ def _run(compute: Compute, source: _Source, src_path: Path, output: Path, out_fm
     chunk_rows = opts.chunk_rows or _planned_chunk_rows(work, opts) or _measure_chunk_rows(compute, source, rows, opts, str(src_path))
     n_chunks = -(-rows // chunk_rows)
     plan = _plan(compute.identity, src_path, rows, output, chunk_rows)
-    _open_work(work, plan, opts.restart)
-    compute.begin(hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:24])
+    lock = _open_work(work, plan, opts.restart)
+    try:
+        compute.begin(hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:24])
+        return _run_chunks(compute, source, src_path, output, out_fmt, work, names, opts, say, rows, chunk_rows, n_chunks)
+    finally:
+        lock.close()
+
+
+def _run_chunks(compute: Compute, source: _Source, src_path: Path, output: Path, out_fmt: str, work: Path,
+                names: list[str], opts: BatchOptions, say: Callable[[str], None], rows: int, chunk_rows: int,
+                n_chunks: int) -> BatchReport:
     journal = _Journal(work)
     done = {c: r for c, r in journal.done().items() if c < n_chunks}
     resumed = sum(done.values())

@@ -406,3 +406,30 @@ def test_queue_run_survives_a_server_restart_with_every_job_once(env: dict[str, 
     assert proc.returncode == 0, err
     _check_slow_output(out, rows)
     assert _jobs_in(db) == rows // 8
+
+
+def test_two_runs_on_one_output_do_not_write_the_same_chunks(env: dict[str, Path], tmp_path: Path) -> None:
+    import fcntl
+
+    bundle = load_model(str(env["toy"]), trusted_keys=[env["pub"]])
+    out = tmp_path / "y.npy"
+    run_batch(bundle, env["data"] / "x.npy", out, BatchOptions(chunk_rows=100, stop_after=1, progress=False))
+    work = tmp_path / ".y.npy.tandem-batch"
+    with open(work / ".lock", "a+") as held:  # as another tandem batch holds it
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(InvalidInput, match="another tandem batch is running"):
+            run_batch(bundle, env["data"] / "x.npy", out, BatchOptions(chunk_rows=100, progress=False))
+    done = run_batch(bundle, env["data"] / "x.npy", out, BatchOptions(chunk_rows=100, progress=False))
+    assert done.resumed_rows == 100 and done.computed_rows == ROWS - 100 and not work.exists()
+
+
+def test_a_work_directory_that_is_not_a_run_is_never_cleared(env: dict[str, Path], tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    bundle = load_model(str(env["toy"]), trusted_keys=[env["pub"]])
+    for restart in (False, True):
+        with pytest.raises(InvalidInput, match="is not a tandem batch run"):
+            run_batch(bundle, env["data"] / "x.npy", tmp_path / "y.npy",
+                      BatchOptions(work_dir=mine, restart=restart, progress=False))
+    assert (mine / "notes.txt").read_text() == "keep me"
