@@ -22,6 +22,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -43,6 +44,8 @@ _log = logging.getLogger("tandem.cloud.monitor")
 MONITOR_PATH = "/v1/monitor/{model}"
 #: Feedback records read per interval (the rest wait for the next one).
 _FEEDBACK_BATCH = 1000
+#: Rows a cloud monitor gathers from successive batches before one profile update.
+FLUSH_ROWS = 64
 #: Quality-over-time points kept per model (one per interval in which something changed).
 _HISTORY = 720
 
@@ -103,6 +106,11 @@ class ModelMonitor:
         self._spent = 0.0
         self._since = time.perf_counter()
         self._window, self._window_spent = self._since, 0.0
+        # Rows taken from batches, profiled together once FLUSH_ROWS are here (or on a rescore):
+        # numpy's cost per call, not per row, is most of a small update.
+        self._pending: list[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], int]] = []
+        self._pending_rows = 0
+        self._plock = threading.Lock()
         self.report: DriftReport | None = None
         self._scored: tuple[int, ...] = ()
         self.drifting = False
@@ -128,17 +136,24 @@ class ModelMonitor:
         t0 = time.thread_time()
         try:
             limit = self.config.rows_per_batch
-            take, rows = 0, 0
-            while take < len(inputs) and rows < limit:
-                rows += len(next(iter(inputs[take].values())))
-                take += 1
-            ins, outs = inputs[:take], outputs[:take]
-            shapes = {tuple((k, v.shape[1:]) for k, v in x.items()) for x in ins}
-            if len(shapes) == 1:
-                self._observe(_concat(ins, None, limit), _concat(outs, self._outputs, limit))
-            else:  # requests of different lengths (padded models): one at a time
-                for x, y in zip(ins, outs):
-                    self._observe(dict(x), {k: y[k] for k in self._outputs})
+            parts: list[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], int]] = []
+            rows = 0
+            for x, y in zip(inputs, outputs):
+                if rows >= limit:
+                    break
+                n = len(next(iter(x.values())))
+                if rows + n > limit:
+                    x, y, n = {k: v[: limit - rows] for k, v in x.items()}, {k: y[k][: limit - rows] for k in self._outputs}, limit - rows
+                parts.append((x, y, n))
+                rows += n
+            with self._plock:
+                self._pending += parts
+                self._pending_rows += rows
+                full = self._pending_rows >= FLUSH_ROWS
+                if full:
+                    parts, self._pending, self._pending_rows = self._pending, [], 0
+            if full:
+                self._profile(parts)
         except Exception as e:  # noqa: BLE001 - monitoring must never break serving
             self.failed = f"{type(e).__name__}: {e}"
             _log.error("model %s:%s: drift monitor off: %s", self.name, self.version, self.failed)
@@ -146,14 +161,36 @@ class ModelMonitor:
         self._spent += spent
         self._window_spent += spent
 
-    def _observe(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
-        self.profile.observe(inputs, outputs)
+    def flush(self) -> None:
+        """Profile the rows still waiting for a full :data:`FLUSH_ROWS` (any thread)."""
+        with self._plock:
+            parts, self._pending, self._pending_rows = self._pending, [], 0
+        if parts and self.failed is None:
+            try:
+                self._profile(parts)
+            except Exception as e:  # noqa: BLE001 - monitoring must never break serving
+                self.failed = f"{type(e).__name__}: {e}"
+                _log.error("model %s:%s: drift monitor off: %s", self.name, self.version, self.failed)
+
+    def _profile(self, parts: list[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], int]]) -> None:
+        """One vectorised update per input signature (requests of different lengths apart)."""
+        groups: dict[tuple[Any, ...], list[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]] = {}
+        for x, y, _ in parts:
+            groups.setdefault(tuple((k, v.shape[1:]) for k, v in x.items()), []).append((x, y))
+        for group in groups.values():
+            if len(group) == 1:
+                x, y = group[0]
+                self.profile.observe(x, {k: y[k] for k in self._outputs})
+            else:
+                self.profile.observe({k: np.concatenate([x[k] for x, _ in group]) for k in group[0][0]},
+                                     {k: np.concatenate([y[k] for _, y in group]) for k in self._outputs})
 
     # --- the loop ---------------------------------------------------------------------------------
 
     def rescore(self) -> tuple[bool, bool]:
         """Recompute the scores; returns (drifting now, changed since the last rescore). Nothing
         to do when no row arrived since the last time (an idle model costs the loop nothing)."""
+        self.flush()
         seen = (self.profile.totals["rows"], self.quality.count)
         if self.report is not None and seen == self._scored:
             return self.drifting, False
@@ -205,13 +242,6 @@ class ModelMonitor:
                          "rows_per_batch": self.config.rows_per_batch, "profile_bytes": self.profile.nbytes},
             "failed": self.failed,
         }
-
-
-def _concat(parts: Sequence[Mapping[str, np.ndarray]], names: Sequence[str] | None, limit: int) -> dict[str, np.ndarray]:
-    keys = names if names is not None else list(parts[0])
-    if len(parts) == 1:
-        return {k: parts[0][k][:limit] for k in keys}
-    return {k: np.concatenate([p[k] for p in parts])[:limit] for k in keys}
 
 
 class Monitoring:

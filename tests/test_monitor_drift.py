@@ -80,5 +80,6 @@ def test_input_quality_counts_nan_and_out_of_range_rows(bundle) -> None:  # type
     x[1, 7] = np.inf
     x[2, 9] = 1.5  # pixels are in [0, 1] in the reference
     monitor.observe([{"input": x}], [{"logits": run_onnx(bundle.variant_path("cloud"), np.nan_to_num(x))}])
+    monitor.flush()  # fewer rows than a profile update takes: profile them now
     assert monitor.profile.totals == {"rows": 6, "nonfinite": 2, "out_of_range": 1, "unseen_category": 0, "length_outlier": 0}
     assert monitor.profile.snapshot()[2] == 4  # rows with NaN/Inf are counted, not profiled
