@@ -51,7 +51,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tandem.shared.bundle import MANIFEST_NAME, Bundle, load_bundle, version_key
-from tandem.shared.errors import BundleError, InvalidInput, ModelNotFound, TandemError, TensorCodecError
+from tandem.shared.errors import BundleError, InferenceFailed, InvalidInput, ModelNotFound, TandemError, TensorCodecError
 from tandem.shared.tensors import datatype_of, dtype_of
 
 __all__ = ["BatchOptions", "BatchReport", "Compute", "EngineCompute", "QueueCompute", "format_of", "load_model", "main", "run_batch"]
@@ -192,12 +192,30 @@ class EngineCompute:
         pass
 
     def run(self, chunk: int, rows: Rows, where: str) -> list[dict[str, np.ndarray]] | dict[str, np.ndarray]:
+        if isinstance(rows, dict):
+            return self._run_stacked(rows, where)
         batches, idx = _batches(rows, self.batch_size)
         results = []
         for feeds in batches:
             self.check(feeds, where)
             results.append(self.engine.run(0, feeds))
         return _scatter(results, idx, len(rows), self.output_names)
+
+    def _run_stacked(self, rows: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+        """Rows of one shape: checked once (the batches differ only in length), then straight
+        through the session, which for a small model is most of the cost of a batch."""
+        self.check(rows, where)
+        run, names, bs = self.engine.sessions[0].run, self.output_names, self.batch_size
+        items = list(rows.items())
+        n = len(items[0][1])
+        parts: list[list[np.ndarray]] = [[] for _ in names]
+        try:
+            for s in range(0, n, bs):
+                for part, out in zip(parts, run(names, {k: v[s : s + bs] for k, v in items})):
+                    part.append(out)
+        except Exception as e:  # onnxruntime's errors are not a public hierarchy
+            raise InferenceFailed(f"{where}: inference failed: {e}") from None
+        return {k: np.concatenate(part) for k, part in zip(names, parts)}
 
     def close(self) -> None:
         pass
@@ -502,26 +520,72 @@ def _load_chunk(work: Path, chunk: int, names: list[str]) -> dict[str, np.ndarra
         return [{n: z[f"o{j}_{i}"] for j, n in enumerate(names)} for i in range(rows)]
 
 
+class _ArraySink:
+    """Array outputs written in place: one memory-mapped ``.npy`` per output in the work directory,
+    of the final size; a chunk's rows are written at their offset and flushed to disk before its
+    journal line. OUTPUT is then that file renamed (``.npy``) or the files stored in a zip
+    (``.npz``): the outputs are written once, never copied from chunk files."""
+
+    def __init__(self, work: Path, names: list[str], rows: int) -> None:
+        self.names, self.rows = names, rows
+        self.paths = [work / f"out-{j}.npy" for j in range(len(names))]
+        self._maps: list[np.memmap] | None = None
+
+    def intact(self) -> bool:
+        """Whether every output file is there, whole: else what the journal says is done is not."""
+        try:
+            return all(np.lib.format.open_memmap(p, mode="r").shape[:1] == (self.rows,) for p in self.paths)
+        except (OSError, ValueError):
+            return False
+
+    def write(self, start: int, outs: list[dict[str, np.ndarray]] | dict[str, np.ndarray]) -> int:
+        if not isinstance(outs, dict):
+            raise InvalidInput("the outputs differ in shape from row to row; write .jsonl or .parquet")
+        if self._maps is None:
+            if self.intact():
+                self._maps = [np.lib.format.open_memmap(p, mode="r+") for p in self.paths]
+            else:
+                self._maps = [np.lib.format.open_memmap(p, mode="w+", dtype=outs[n].dtype, shape=(self.rows, *outs[n].shape[1:]))
+                              for p, n in zip(self.paths, self.names)]
+        for m, n in zip(self._maps, self.names):
+            a = outs[n]
+            if a.dtype != m.dtype or a.shape[1:] != m.shape[1:]:
+                raise InvalidInput(f"output {n!r} is {a.dtype}{list(a.shape[1:])} in rows {start}-{start + len(a) - 1} but "
+                                   f"{m.dtype}{list(m.shape[1:])} before; write .jsonl or .parquet")
+            m[start : start + len(a)] = a
+            m.flush()  # msync: these rows are on disk before the journal names them
+        return 0
+
+    def close(self) -> None:
+        self._maps = None
+
+
 class _Journal:
     """Append-only lines ``{"chunk", "rows", "bytes"}``, each fsynced: the record of finished chunks.
     A torn last line (a kill mid-write) is ignored, and so is an entry whose file is missing or of
     another size: that chunk is computed again and replaces its file."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, sink: _ArraySink | None = None) -> None:
         self.path = work / JOURNAL_NAME
         self.work = work
+        self.sink = sink
 
     def done(self) -> dict[int, int]:
         """{chunk: rows} of the chunks finished and intact."""
         out: dict[int, int] = {}
         if not self.path.exists():
             return out
+        if self.sink is not None and not self.sink.intact():
+            return out  # the output files are gone or broken: nothing can be trusted as done
         for line in self.path.read_bytes().split(b"\n"):
             try:
                 e = json.loads(line)
                 chunk, rows, size = int(e["chunk"]), int(e["rows"]), int(e["bytes"])
             except (ValueError, KeyError, TypeError):
                 continue  # the torn end of a killed run
+            if self.sink is not None:
+                out[chunk] = rows
+                continue
             p = _chunk_path(self.work, chunk)
             if p.is_file() and p.stat().st_size == size:
                 out[chunk] = rows
@@ -563,32 +627,21 @@ def _iter_rows(chunk: dict[str, np.ndarray] | list[dict[str, np.ndarray]], names
         yield from chunk
 
 
-def _assemble(work: Path, output: Path, fmt: str, n_chunks: int, rows: int, names: list[str]) -> None:
+def _assemble(work: Path, output: Path, fmt: str, n_chunks: int, names: list[str], sink: _ArraySink | None) -> None:
     """Write OUTPUT from the chunks in order, through a temporary file renamed over it at the end."""
     tmp = output.with_name(f".{output.name}.tmp")
     chunks = (_load_chunk(work, c, names) for c in range(n_chunks))
-    if fmt in ARRAY_FORMATS:
-        # Each output goes to a memory-mapped .npy of its final size: memory stays at one chunk.
-        first = _load_chunk(work, 0, names)
-        if not isinstance(first, dict):
-            raise InvalidInput(f"OUTPUT {output}: the outputs differ in shape from row to row; write .jsonl or .parquet")
-        parts = {n: (tmp if fmt == "npy" else work / f"assemble-{j}.npy") for j, n in enumerate(names)}
-        maps = {n: np.lib.format.open_memmap(parts[n], mode="w+", dtype=first[n].dtype, shape=(rows, *first[n].shape[1:]))
-                for n in names}
-        at = 0
-        for c in chunks:
-            assert isinstance(c, dict)
-            k = len(c[names[0]])
-            for n in names:
-                maps[n][at : at + k] = c[n]
-            at += k
-        for m in maps.values():
-            m.flush()
-        del maps
-        if fmt == "npz":
+    if sink is not None:
+        sink.close()
+        if fmt == "npy":
+            try:
+                os.replace(sink.paths[0], tmp)
+            except OSError:  # --work-dir on another file system
+                shutil.copyfile(sink.paths[0], tmp)
+        else:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-                for n in names:
-                    z.write(parts[n], arcname=f"{n}.npy")
+                for path, n in zip(sink.paths, names):
+                    z.write(path, arcname=f"{n}.npy")
     elif fmt == "jsonl":
         with open(tmp, "w", encoding="utf-8") as f:
             for c in chunks:
@@ -882,7 +935,8 @@ def _run(compute: Compute, source: _Source, src_path: Path, output: Path, out_fm
 def _run_chunks(compute: Compute, source: _Source, src_path: Path, output: Path, out_fmt: str, work: Path,
                 names: list[str], opts: BatchOptions, say: Callable[[str], None], rows: int, chunk_rows: int,
                 n_chunks: int) -> BatchReport:
-    journal = _Journal(work)
+    sink = _ArraySink(work, names, rows) if out_fmt in ARRAY_FORMATS else None
+    journal = _Journal(work, sink)
     done = {c: r for c, r in journal.done().items() if c < n_chunks}
     resumed = sum(done.values())
     if resumed:
@@ -896,7 +950,7 @@ def _run_chunks(compute: Compute, source: _Source, src_path: Path, output: Path,
     pending: deque[Future[None]] = deque()
 
     def persist(chunk: int, outs: Any, n: int) -> None:
-        size = _save_chunk(work, chunk, outs, names)
+        size = sink.write(chunk * chunk_rows, outs) if sink is not None else _save_chunk(work, chunk, outs, names)
         journal.add(chunk, n, size)
 
     try:
@@ -929,8 +983,10 @@ def _run_chunks(compute: Compute, source: _Source, src_path: Path, output: Path,
         progress.close()
     seconds = time.monotonic() - t0
     if not complete:
+        if sink is not None:
+            sink.close()
         return BatchReport(rows, n_chunks, resumed, computed, seconds, output, complete=False)
-    _assemble(work, output, out_fmt, n_chunks, rows, names)
+    _assemble(work, output, out_fmt, n_chunks, names, sink)
     shutil.rmtree(work, ignore_errors=True)
     return BatchReport(rows, n_chunks, resumed, computed, time.monotonic() - t0, output)
 

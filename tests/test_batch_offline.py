@@ -433,3 +433,15 @@ def test_a_work_directory_that_is_not_a_run_is_never_cleared(env: dict[str, Path
             run_batch(bundle, env["data"] / "x.npy", tmp_path / "y.npy",
                       BatchOptions(work_dir=mine, restart=restart, progress=False))
     assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_journaled_rows_whose_output_file_is_gone_are_computed_again(env: dict[str, Path], tmp_path: Path) -> None:
+    bundle = load_model(str(env["toy"]), trusted_keys=[env["pub"]])
+    out = tmp_path / "y.npz"
+    part = run_batch(bundle, env["data"] / "x.npz", out, BatchOptions(chunk_rows=128, stop_after=3, progress=False))
+    assert part.computed_rows == 384
+    (tmp_path / ".y.npz.tandem-batch" / "out-0.npy").unlink()  # the in-place output of the journaled chunks
+    again = run_batch(bundle, env["data"] / "x.npz", out, BatchOptions(chunk_rows=128, progress=False))
+    assert again.resumed_rows == 0 and again.computed_rows == ROWS
+    with np.load(out) as z:
+        np.testing.assert_allclose(z["logits"], reference(env), rtol=1e-6, atol=1e-6)
