@@ -470,9 +470,15 @@ class _Binner:
         """Bin index of each value within its feature: the number of its edges <= the value."""
         return np.searchsorted(self._sorted, _key(values, self._j).ravel(), side="right").reshape(values.shape) - self._starts
 
-    def counts(self, values: np.ndarray) -> np.ndarray:
-        flat = np.searchsorted(self._sorted, _key(values, self._j).ravel(), side="right").reshape(values.shape) + self._shift
+    def flat(self, values: np.ndarray) -> np.ndarray:
+        """Each value's bin as an index into the ``[k, nb]`` counts, flattened ([rows, k])."""
+        return np.searchsorted(self._sorted, _key(values, self._j).ravel(), side="right").reshape(values.shape) + self._shift
+
+    def count(self, flat: np.ndarray) -> np.ndarray:
         return np.bincount(flat.ravel(), minlength=self.k * self.nb).reshape(self.k, self.nb)
+
+    def counts(self, values: np.ndarray) -> np.ndarray:
+        return self.count(self.flat(values))
 
 
 
@@ -561,22 +567,24 @@ class RunningProfile:
             outputs = {k: np.asarray(v)[ok] for k, v in outputs.items()}
         values = self.featurizer.compute(inputs, outputs) if ok.any() else np.zeros((0, len(self.features)))
         n = len(values)
-        counts = self._binner.counts(_no_nan(values))
-        sums = values.sum(0)
+        flat = self._binner.flat(_no_nan(values))
         with self._lock:
             self.totals["rows"] += len(ok)
             for k, v in quality.items():
                 self.totals[k] += v
-            if n:
+            done = 0
+            while done < n:  # a batch larger than the current slot's room spills into the next
                 s = self._slot
                 if self._rows[s] >= self._slot_rows:
                     s = self._slot = (s + 1) % self.slots
                     self._counts[s] = 0
                     self._sums[s] = 0.0
                     self._rows[s] = 0
-                self._counts[s] += counts
-                self._sums[s] += sums
-                self._rows[s] += n
+                take = min(n - done, self._slot_rows - int(self._rows[s]))
+                self._counts[s] += self._binner.count(flat[done : done + take])
+                self._sums[s] += values[done : done + take].sum(0)
+                self._rows[s] += take
+                done += take
         return n
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray, int]:
