@@ -51,7 +51,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # support.py (bundles), redis_support.py (redis-server)
 
-from redis_support import RedisServer  # noqa: E402
+from redis_support import RedisServer
 
 
 def _direct_child(args: argparse.Namespace) -> int:
@@ -248,7 +248,6 @@ def main() -> int:
         return _direct_child(args)
 
     from support import make_bundle, make_keys
-
     from tandem.cloud.cores import available_cores
 
     cores = available_cores()

@@ -117,7 +117,7 @@ class JobsConfig(BaseModel):
     @field_validator("queue")
     @classmethod
     def _queue_url(cls, v: str) -> str:
-        if v != "embedded" and not (v.startswith("redis://") or v.startswith("rediss://") or v.startswith("unix://")):
+        if v != "embedded" and not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("jobs.queue must be 'embedded' or a redis:// (rediss://, unix://) URL")
         return v
 

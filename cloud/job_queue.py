@@ -21,15 +21,16 @@ import hashlib
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from tandem.shared.errors import InvalidInput, Overloaded, Unavailable
-from tandem.shared.jobs import JobConflict, JobStatus, TERMINAL_STATUSES, result_path
+from tandem.shared.jobs import TERMINAL_STATUSES, JobConflict, JobStatus, result_path
 
-__all__ = ["JobRecord", "Completion", "JobQueue", "SqliteJobQueue", "request_hash"]
+__all__ = ["Completion", "JobQueue", "JobRecord", "SqliteJobQueue", "request_hash"]
 
 T = TypeVar("T")
 
@@ -236,7 +237,7 @@ class SqliteJobQueue:
             return jobs
         try:
             await asyncio.wait_for(wake.wait(), wait_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         return await self._run(self._claim, limit, time.time())
 

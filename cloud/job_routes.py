@@ -16,13 +16,12 @@ import json
 from typing import Any
 
 from aiohttp import web
-
 from tandem.shared.jobs import (
+    JOBS_PATH,
     PREFER_HEADER,
     PREFERENCE_APPLIED_HEADER,
     RESPOND_ASYNC,
     RETRY_AFTER_HEADER,
-    JOBS_PATH,
     job_path,
     prefers_async,
 )
@@ -31,7 +30,7 @@ from .body import read_body
 from .inference import MODEL_KEY
 from .jobs import JobService, open_queue
 
-__all__ = ["attach_jobs", "job_middleware", "JOBS_KEY"]
+__all__ = ["JOBS_KEY", "attach_jobs", "job_middleware"]
 
 JOBS_KEY = web.AppKey("tandem_jobs", JobService)
 #: Retry-After (seconds) of a result asked for before the job finished.
@@ -52,7 +51,7 @@ def job_middleware(service: JobService, max_body_bytes: int, read_timeout_s: flo
             return await handler(request)
         path = request.path
         model = request.match_info.get("model")
-        if model is None or not path.endswith("/infer") or not (path.startswith("/v1/models/") or path.startswith("/v2/models/")):
+        if model is None or not path.endswith("/infer") or not path.startswith(("/v1/models/", "/v2/models/")):
             return await handler(request)
         version = request.match_info.get("version")
         protocol = "v1" if path.startswith("/v1/") else "v2"

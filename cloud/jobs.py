@@ -27,9 +27,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-
 from tandem.shared import protocol as p
-from tandem.shared.errors import InvalidInput, NotFound, Overloaded, TandemError, Unavailable
+from tandem.shared.errors import (
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    TandemError,
+    Unavailable,
+)
 from tandem.shared.jobs import (
     CALLBACK_HEADER,
     IDEMPOTENCY_KEY_HEADER,
@@ -47,7 +52,7 @@ from .inference import Inference, Outcome
 from .job_queue import Completion, JobQueue, JobRecord, SqliteJobQueue, request_hash
 from .repository import ServedModel
 
-__all__ = ["JobService", "JobRunner", "open_queue", "Callbacks"]
+__all__ = ["Callbacks", "JobRunner", "JobService", "open_queue"]
 
 _log = logging.getLogger("tandem.cloud.jobs")
 
@@ -107,7 +112,7 @@ def _failure(job: JobRecord, error: TandemError, served: ServedModel | None, sta
 class _Decoded:
     """One job ready to run: its model, decoded request, inputs and rows."""
 
-    __slots__ = ("job", "served", "request", "inputs", "outputs", "rows")
+    __slots__ = ("inputs", "job", "outputs", "request", "rows", "served")
 
     def __init__(self, job: JobRecord, served: ServedModel, request: Any, inputs: Mapping[str, np.ndarray], outputs: list[str] | None, rows: int) -> None:
         self.job, self.served, self.request, self.inputs, self.outputs, self.rows = job, served, request, inputs, outputs, rows
@@ -296,7 +301,7 @@ class Callbacks:
                         if resp.status >= 400:
                             _log.warning("callback of job %s to %s answered %d", job_id, url, resp.status)
                         return
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 _log.info("callback of job %s to %s failed (attempt %d): %s", job_id, url, attempt, e)
             if attempt < self.attempts:
                 await asyncio.sleep(delay)

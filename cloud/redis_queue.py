@@ -23,6 +23,7 @@ XAUTOCLAIM: delivery is at-least-once, results are once per job id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -30,7 +31,6 @@ import time
 from typing import Any
 
 import msgpack
-
 from tandem.shared.errors import InvalidInput, Overloaded, Unavailable
 from tandem.shared.jobs import MAX_PRIORITY, MIN_PRIORITY, JobConflict
 
@@ -246,10 +246,9 @@ class RedisJobQueue:
                 await self._call(pipe.execute())
         except BaseException:
             if idem is not None:
-                try:
+                # Redis may be down: a key left naming no job is replaced by the next submit with it.
+                with contextlib.suppress(Exception):
                     await r.delete(idem)
-                except Exception:  # noqa: BLE001 - Redis is down: the key expires with nothing to name
-                    pass
             raise
         return job, True
 
@@ -395,7 +394,5 @@ class RedisJobQueue:
         await self._call(self._redis.ping())
 
     async def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # closing a client whose server is gone
             await self._redis.aclose()
-        except Exception:  # noqa: BLE001 - closing a client whose server is gone
-            pass

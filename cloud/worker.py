@@ -22,7 +22,7 @@ from tandem.shared.errors import InvalidInput, Unavailable
 
 from .config import ServerConfig
 
-__all__ = ["run_worker", "Worker"]
+__all__ = ["Worker", "run_worker"]
 
 _log = logging.getLogger("tandem.cloud.worker")
 

@@ -38,32 +38,32 @@ from urllib.parse import urlsplit
 from .errors import InvalidInput, TandemError
 
 __all__ = [
-    "PREFER_HEADER",
-    "RESPOND_ASYNC",
-    "PREFERENCE_APPLIED_HEADER",
-    "IDEMPOTENCY_KEY_HEADER",
-    "PRIORITY_HEADER",
     "CALLBACK_HEADER",
-    "RETRY_AFTER_HEADER",
-    "JOBS_PATH",
-    "MIN_PRIORITY",
-    "MAX_PRIORITY",
     "DEFAULT_PRIORITY",
     "DEFAULT_RESULT_TTL_S",
+    "IDEMPOTENCY_KEY_HEADER",
+    "JOBS_PATH",
     "MAX_IDEMPOTENCY_KEY_LEN",
+    "MAX_PRIORITY",
+    "MIN_PRIORITY",
+    "PREFERENCE_APPLIED_HEADER",
+    "PREFER_HEADER",
+    "PRIORITY_HEADER",
+    "RESPOND_ASYNC",
+    "RETRY_AFTER_HEADER",
     "STATUSES",
     "TERMINAL_STATUSES",
+    "JobConflict",
     "JobState",
     "JobStatus",
-    "JobConflict",
-    "job_path",
-    "result_path",
-    "prefers_async",
-    "parse_priority",
-    "check_job_id",
-    "check_idempotency_key",
     "check_callback_url",
+    "check_idempotency_key",
+    "check_job_id",
+    "job_path",
     "new_job_id",
+    "parse_priority",
+    "prefers_async",
+    "result_path",
 ]
 
 PREFER_HEADER = "Prefer"
@@ -203,7 +203,7 @@ class JobStatus:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, doc: Any) -> "JobStatus":
+    def from_dict(cls, doc: Any) -> JobStatus:
         """Parse a status document; InvalidInput naming the field when it is not one."""
         if not isinstance(doc, dict):
             raise InvalidInput("a job status document must be a JSON object")

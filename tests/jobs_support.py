@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from cloud_support import make_onnx_bundle, make_slow_onnx, request
 from support import make_bundle
 from tandem.shared import protocol as p
@@ -93,13 +92,13 @@ def wait_for(condition: Any, timeout: float = 120.0, what: str = "condition") ->
 # --- processes -------------------------------------------------------------------------------------
 
 
-def start_tandem(args: list[str], log: Path) -> "subprocess.Popen[bytes]":
+def start_tandem(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     """``tandem ARGS`` as a real process; stdout and stderr go to ``log`` (never a pipe nobody reads)."""
     out = open(log, "ab")  # noqa: SIM115 - the process holds it; closed when the test's tmp dir goes
     return subprocess.Popen([sys.executable, "-m", "tandem.shared.cli", *args], stdout=out, stderr=subprocess.STDOUT)
 
 
-def wait_line(proc: "subprocess.Popen[bytes]", log: Path, prefix: str, timeout: float = 120.0) -> str:
+def wait_line(proc: subprocess.Popen[bytes], log: Path, prefix: str, timeout: float = 120.0) -> str:
     """The first line of ``log`` starting with ``prefix``; fails if the process exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -112,7 +111,7 @@ def wait_line(proc: "subprocess.Popen[bytes]", log: Path, prefix: str, timeout: 
     raise AssertionError(f"no line {prefix!r} within {timeout} s: {log.read_text()[-3000:]}")
 
 
-def stop(proc: "subprocess.Popen[bytes]", timeout: float = 60.0) -> int:
+def stop(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> int:
     """SIGTERM, wait; SIGKILL if it does not stop. The exit code."""
     if proc.poll() is None:
         proc.terminate()

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from support import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -34,7 +33,7 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = directory / "redis.log"
 
-    def start(self, timeout: float = 30.0) -> "RedisServer":
+    def start(self, timeout: float = 30.0) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [

@@ -8,15 +8,24 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Self
 
 import numpy as np
 import pytest
 from aiohttp import web
-
 from cloud_support import ServerThread, request
-from jobs_support import ASYNC, digits_body, job_status, make_jobs_repository, slow_body, submit, wait_done, wait_for
+from jobs_support import (
+    ASYNC,
+    digits_body,
+    job_status,
+    make_jobs_repository,
+    slow_body,
+    submit,
+    wait_done,
+    wait_for,
+)
 from support import free_port
 from tandem.cloud.config import load_config
 from tandem.cloud.job_queue import JobRecord, SqliteJobQueue, request_hash
@@ -50,7 +59,7 @@ def _result(url: str, job_id: str) -> tuple[int, dict[str, str], bytes]:
 
 @pytest.mark.parametrize("version", [None, "1"])
 def test_native_submit_answers_202_and_the_result_is_the_synchronous_answer(server: ServerThread, version: str | None) -> None:
-    x, body = digits_body(3)
+    _, body = digits_body(3)
     sync_status, sync_headers, sync_body = request(server.url, "POST", p.infer_path("digits", version), body)
     assert sync_status == 200
     status, headers, doc = submit(server.url, p.infer_path("digits", version), body)
@@ -256,7 +265,7 @@ class _Receiver:
             return web.Response(status=503)
         return web.Response(status=204)
 
-    def __enter__(self) -> "_Receiver":
+    def __enter__(self) -> Self:
         self.thread.start()
 
         async def start() -> None:
@@ -269,7 +278,7 @@ class _Receiver:
         asyncio.run_coroutine_threadsafe(start(), self.loop).result(30)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)

@@ -9,21 +9,29 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-
+import redis_support
 from cloud_support import ServerThread, request
-from jobs_support import ASYNC, make_jobs_repository, slow_body, start_tandem, stop, submit, wait_done, wait_for, wait_line
-from redis_support import RedisServer, redis_server  # noqa: F401 - the fixture
+from jobs_support import (
+    ASYNC,
+    make_jobs_repository,
+    slow_body,
+    start_tandem,
+    stop,
+    submit,
+    wait_done,
+    wait_for,
+    wait_line,
+)
+from redis_support import RedisServer
 from support import free_port
 from tandem.shared import protocol as p
-from test_jobs_redis import CLAIM_TIMEOUT_S, Workers, _config, _redis, _stream_backlog
+from test_jobs_redis import Workers, _config, _redis, _stream_backlog
 
+redis_server = redis_support.redis_server  # the fixture: a real redis-server per test
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]) -> Path:

@@ -3,15 +3,14 @@ jobs, against a real redis-server (AOF on) started for each test."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
-
+import redis_support
 from cloud_support import ServerThread, request
 from jobs_support import (
     ASYNC,
@@ -26,11 +25,13 @@ from jobs_support import (
     wait_for,
     wait_line,
 )
-from redis_support import RedisServer, redis_server  # noqa: F401 - the fixture
+from redis_support import RedisServer
 from support import free_port
 from tandem.cloud.config import load_config
 from tandem.shared import protocol as p
 from tandem.shared.tensors import unpackb
+
+redis_server = redis_support.redis_server  # the fixture: a real redis-server per test
 
 CLAIM_TIMEOUT_S = 3.0
 
