@@ -351,8 +351,7 @@ class Monitoring:
         top = {f.name: f.psi for f in report.features[: self.config.top_features]} if report.score is not None else {}
         shown = self._shown.setdefault(key, set())
         for name in shown - set(top):
-            with contextlib.suppress(KeyError):
-                m.drift_feature.remove(*key, name)
+            self._drop(m.drift_feature, (*key, name))
         for name, value in top.items():
             m.drift_feature.labels(*key, name).set(value)
         self._shown[key] = set(top)
@@ -360,14 +359,21 @@ class Monitoring:
             if isinstance(value, float):
                 m.live_quality.labels(*key, measure).set(value)
 
+    def _drop(self, gauge: Any, labels: tuple[str, ...]) -> None:
+        """Remove one gauge child; with --workers N (prometheus_client cannot remove labels in
+        multiprocess mode) zero it instead."""
+        if self.metrics.multiprocess:
+            gauge.labels(*labels).set(0)
+            return
+        with contextlib.suppress(KeyError):
+            gauge.remove(*labels)
+
     def _unpublish(self, key: tuple[str, str]) -> None:
         m = self.metrics
         for gauge in (m.drift_score, m.drift_drifting, m.drift_rows):
-            with contextlib.suppress(KeyError):
-                gauge.remove(*key)
+            self._drop(gauge, key)
         for name in self._shown.pop(key, set()):
-            with contextlib.suppress(KeyError):
-                m.drift_feature.remove(*key, name)
+            self._drop(m.drift_feature, (*key, name))
 
     def find(self, name: str, version: str | None) -> ModelMonitor:
         served = self.repository.get(name, version)  # NotFound for an unknown model or version
