@@ -15,9 +15,9 @@ from tandem.cloud.monitor import ModelMonitor
 from tandem.shared.bundle import load_bundle
 
 #: Requests (one row each) after the shift starts by which every shift must have been detected,
-#: with the server's defaults (window 1000 rows, threshold 0.25). Measured on seeds 1-3: brightness
-#: 56-64, noise 120-128, a class removed 880-984 (its answers' class frequencies only move far
-#: enough once most of the window is shifted).
+#: with the server's defaults (window 1000 rows, threshold 0.25). Measured over 20 seeds
+#: (bench/monitor.py --drift-runs 20): brightness 56-64, noise 88-112, a class removed 808-904
+#: (its answers' class frequencies only move far enough once most of the window is shifted).
 DETECT_WITHIN = {"brightness": 100, "noise": 200, "class_removed": 1000}
 #: Unshifted requests served before the shift (the window full of clean traffic).
 WARM = 1000
