@@ -138,7 +138,7 @@ class MonitoringConfig(BaseModel):
     #: At most this many rows of each executed batch are profiled (its first requests').
     rows_per_batch: int = Field(16, ge=1)
     #: Share of one core the profiling of one model may take; batches beyond it are skipped.
-    max_cpu_share: float = Field(0.01, gt=0, le=1)
+    max_cpu_share: float = Field(0.005, gt=0, le=1)
     #: How often scores are recomputed, gauges set, feedback read and the webhook considered (s).
     interval_s: float = Field(1.0, gt=0)
     #: Called with a JSON POST when a model starts drifting (and when it stops).
