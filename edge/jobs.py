@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -54,6 +55,7 @@ from tandem.shared.tensors import unpackb
 
 __all__ = ["JobClient", "JobHandle"]
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: Statuses after which the cloud counts as unreachable for a submit (the job may be deferred).
 _UNREACHABLE = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -111,6 +113,9 @@ class JobClient:
             raise InvalidInput("defer=True needs the device agent that keeps deferred jobs: HybridClient(..., agent_url=...)")
         if self.cloud_url is None and not defer:
             raise InvalidInput("this client has no cloud_url: submit with defer=True to leave the job with the device agent")
+        if version is not None and (not isinstance(version, str) or not _PLAIN_NAME.fullmatch(version)):
+            # It becomes part of the submit's URL path.
+            raise InvalidInput(f"version must be a plain name ([A-Za-z0-9._-]), got {str(version)[:40]!r}")
         if job_id is None:
             job_id = uuid.uuid4().hex
         else:

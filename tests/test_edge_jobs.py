@@ -100,6 +100,8 @@ def test_bad_submits_are_refused_before_anything_is_sent(repo: Path, keys: tuple
             client.submit(_rows(1), priority=10)
         with pytest.raises(InvalidInput, match="http or https"):
             client.submit(_rows(1), callback="ftp://example.com/x")
+        with pytest.raises(InvalidInput, match="version must be a plain name"):
+            client.submit(_rows(1), version="../../v2/repository/models/toy/unload")
         with pytest.raises(InvalidInput, match="job_id must be a UUID"):
             client.submit(_rows(1), job_id="../../etc")
         with pytest.raises(InvalidInput, match="agent_url"):
