@@ -50,7 +50,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tandem.shared.bundle import MANIFEST_NAME, Bundle, load_bundle, version_key
+from tandem.shared.bundle import MANIFEST_NAME, Bundle, load_bundle, read_manifest, version_key
 from tandem.shared.errors import BundleError, InferenceFailed, InvalidInput, ModelNotFound, TandemError, TensorCodecError
 from tandem.shared.tensors import datatype_of, dtype_of
 
@@ -130,11 +130,12 @@ def load_model(
                            "or --repository REPO with MODEL as name or name:version")
     else:
         raise InvalidInput(f"MODEL {model}: no such bundle directory (with --repository REPO, MODEL is name or name:version)")
-    bundle = load_bundle(directory, list(trusted_keys), verify_signature=verify_signature, variants=[variant])
     try:
+        bundle = load_bundle(directory, list(trusted_keys), verify_signature=verify_signature, variants=[variant])
         bundle.variant(variant)
-    except KeyError as e:
-        raise BundleError(str(e).strip("'\"")) from None
+    except KeyError as e:  # no such variant or role
+        names = ", ".join(f"{v.name} ({v.role})" for v in read_manifest(directory)[1].variants)
+        raise BundleError(f"{e.args[0] if e.args else e}; it has {names}") from None
     return bundle
 
 

@@ -221,6 +221,7 @@ def test_a_bundle_signed_by_another_key_is_refused(env: dict[str, Path], tmp_pat
 
 def _bad_files(tmp_path: Path) -> None:
     np.save(tmp_path / "narrow.npy", np.zeros((5, 63), np.float32))
+    np.save(tmp_path / "vec.npy", np.zeros(5, np.float32))
     np.save(tmp_path / "complex.npy", np.zeros((5, 64), np.complex64))
     np.save(tmp_path / "floats_for_ints.npy", np.zeros((5, 64), np.float64))
     np.savez(tmp_path / "misnamed.npz", image=np.zeros((5, 64), np.float32))
@@ -249,12 +250,14 @@ def _bad_files(tmp_path: Path) -> None:
     pytest.param("toy", "garbage.parquet", "y.parquet", "is not a readable Parquet file", marks=needs_pyarrow),
     ("toy", "narrow.npy", "y.jsonl", "arrays to arrays, tables to tables"),
     ("nope", "narrow.npy", "y.npy", "no model 'nope' in the repository"),
+    ("toy:1 --variant gpu", "narrow.npy", "y.npy", "has no variant or role 'gpu'; it has cloud-fp32 (cloud), edge-fp32 (edge)"),
+    ("toy", "vec.npy", "y.npy", "must have 2 dimensions"),
     ("slow", "floats_for_ints.npy", "y.npy", "a .npy file holds one array; the model has inputs [x, work]"),
 ])
 def test_bad_input_is_one_clear_error(env: dict[str, Path], tmp_path: Path, model: str, src: str, dst: str, message: str) -> None:
     _bad_files(tmp_path)
-    r = cli(model, str(tmp_path / src), str(tmp_path / dst), "--repository", str(env["repo"]), "--trusted-key", str(env["pub"]),
-            "--threads", "1")
+    r = cli(*model.split(), str(tmp_path / src), str(tmp_path / dst), "--repository", str(env["repo"]),
+            "--trusted-key", str(env["pub"]), "--threads", "1")
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
