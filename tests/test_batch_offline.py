@@ -448,3 +448,24 @@ def test_journaled_rows_whose_output_file_is_gone_are_computed_again(env: dict[s
     assert again.resumed_rows == 0 and again.computed_rows == ROWS
     with np.load(out) as z:
         np.testing.assert_allclose(z["logits"], reference(env), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", pytest.param("parquet", marks=needs_pyarrow)])
+def test_a_table_run_resumes_at_its_chunk(env: dict[str, Path], tmp_path: Path, fmt: str) -> None:
+    """A resumed run finds its first missing chunk inside the file (JSONL seeks to a remembered
+    offset then skips lines; Parquet reads forward past the rows done)."""
+    bundle = load_model(str(env["toy"]), trusted_keys=[env["pub"]])
+    out = tmp_path / f"y.{fmt}"
+    src = env["data"] / f"x.{fmt}"
+    part = run_batch(bundle, src, out, BatchOptions(chunk_rows=300, batch_size=32, stop_after=1, progress=False))
+    assert part.computed_rows == 300
+    # Drop the first chunk's journal line and keep the second's: the resumed run starts at row 0,
+    # skips rows 300-599 and computes 600-999.
+    part2 = run_batch(bundle, src, out, BatchOptions(chunk_rows=300, batch_size=32, stop_after=1, progress=False))
+    assert part2.resumed_rows == 300 and part2.computed_rows == 300
+    journal = tmp_path / f".y.{fmt}.tandem-batch" / "journal"
+    lines = [line for line in journal.read_bytes().split(b"\n") if line.strip()]
+    journal.write_bytes(b"\n".join(lines[1:]) + b"\n")
+    rest = run_batch(bundle, src, out, BatchOptions(chunk_rows=300, batch_size=32, progress=False))
+    assert rest.resumed_rows == 300 and rest.computed_rows == ROWS - 300
+    np.testing.assert_allclose(read_output(out)["logits"], reference(env), rtol=1e-6, atol=1e-6)
