@@ -34,6 +34,11 @@ from tandem.shared.jobs import new_job_id
 from tandem.shared.tensors import unpackb
 
 
+#: Rounds of the slow model's request that holds it busy while a test queues jobs behind it:
+#: about 3 s here (more on a loaded machine), longer than any run of submits in these tests takes.
+HOLD_WORK = 3000
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]) -> Path:
     return make_jobs_repository(tmp_path_factory.mktemp("jobs") / "repo", keys[0])
@@ -149,7 +154,7 @@ def test_many_jobs_coalesce_into_full_batches(server: ServerThread) -> None:
     served = state.repository.get("slow")
     ids = []
     # Hold the model with online work so the jobs queue up, then let them go together.
-    hold = threading.Thread(target=request, args=(server.url, "POST", p.infer_path("slow"), slow_body(0.0, work=300)))
+    hold = threading.Thread(target=request, args=(server.url, "POST", p.infer_path("slow"), slow_body(0.0, work=HOLD_WORK)))
     hold.start()
     wait_for(lambda: served.batcher.pending > 0, 60, "the holding request to run")
     values = [float(i + 1) for i in range(40)]
@@ -224,10 +229,10 @@ def test_embedded_queue_claims_higher_priority_first_then_oldest(tmp_path: Path)
 def test_online_requests_run_before_queued_jobs(server: ServerThread) -> None:
     """An online request waits behind at most one job batch, however many jobs are queued."""
     served = server.state.repository.get("slow")
-    hold = threading.Thread(target=request, args=(server.url, "POST", p.infer_path("slow"), slow_body(0.0, work=200)))
+    hold = threading.Thread(target=request, args=(server.url, "POST", p.infer_path("slow"), slow_body(0.0, work=HOLD_WORK)))
     hold.start()
     wait_for(lambda: served.batcher.pending > 0, 60, "the holding request to run")
-    ids = [submit(server.url, p.infer_path("slow"), slow_body(float(i), work=100, rows=16))[2]["id"] for i in range(6)]
+    ids = [submit(server.url, p.infer_path("slow"), slow_body(float(i), work=300, rows=16))[2]["id"] for i in range(6)]
     online: dict[str, float] = {}
 
     def call() -> None:
@@ -326,7 +331,7 @@ def test_delete_forgets_a_finished_job_and_cancels_a_queued_one(server: ServerTh
     assert request(server.url, "DELETE", f"/v1/jobs/{doc['id']}")[0] == 404
 
     served = server.state.repository.get("slow")
-    hold = threading.Thread(target=request, args=(server.url, "POST", p.infer_path("slow"), slow_body(0.0, work=300)))
+    hold = threading.Thread(target=request, args=(server.url, "POST", p.infer_path("slow"), slow_body(0.0, work=HOLD_WORK)))
     hold.start()
     wait_for(lambda: served.batcher.pending > 0, 60, "the holding request to run")
     # Two claimed groups may wait on the held model; the third submit stays queued in the store.
@@ -410,7 +415,7 @@ def test_oversize_payload_is_refused_413(repo: Path, keys: tuple[Path, Path], tm
 def test_queue_bound_answers_503_with_retry_after(repo: Path, keys: tuple[Path, Path], tmp_path: Path) -> None:
     with ServerThread(_config(repo, keys, tmp_path, jobs={"max_queued": 2})) as s:
         served = s.state.repository.get("slow")
-        hold = threading.Thread(target=request, args=(s.url, "POST", p.infer_path("slow"), slow_body(0.0, work=300)))
+        hold = threading.Thread(target=request, args=(s.url, "POST", p.infer_path("slow"), slow_body(0.0, work=HOLD_WORK)))
         hold.start()
         wait_for(lambda: served.batcher.pending > 0, 60, "the holding request to run")
         statuses = [request(s.url, "POST", p.infer_path("slow"), slow_body(1.0), ASYNC) for _ in range(3)]
