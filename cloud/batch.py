@@ -36,6 +36,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -84,7 +85,7 @@ def format_of(path: Path) -> str:
 def _pyarrow() -> Any:
     try:
         import pyarrow
-        import pyarrow.parquet  # noqa: F401 - the submodule is what is used
+        import pyarrow.parquet
     except ImportError:
         raise InvalidInput("Parquet files need pyarrow: pip install pyarrow") from None
     return pyarrow
@@ -699,7 +700,7 @@ class _Progress:
     def line(self) -> str:
         rate = self.rate()
         left = (self.total - self.done) / rate if rate > 0 else float("nan")
-        eta = time.strftime("%H:%M:%S", time.gmtime(left)) if left == left else "?"
+        eta = "?" if math.isnan(left) else time.strftime("%H:%M:%S", time.gmtime(left))
         pct = 100.0 * self.done / self.total if self.total else 100.0
         return f"{self.done}/{self.total} rows ({pct:.1f}%), {rate:,.0f} rows/s, ETA {eta}"
 
@@ -1103,7 +1104,7 @@ class QueueCompute:
                                                  headers={**self._headers, **(headers or {})}) as r:
                     raw = await r.read()
                     status, rh = r.status, r.headers
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 if time.monotonic() > end:
                     raise Unavailable(f"the queue at {self.url} is unreachable: {type(e).__name__}: {e}") from None
                 status, rh, raw = 0, {}, b""

@@ -165,7 +165,7 @@ class JobClient:
                     raw = await r.read()
                     if r.status != 200:
                         raise _error(r.status, raw)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise Unavailable(f"{why}, and the device agent at {self.agent_url} is unreachable too: "
                               f"{type(e).__name__}: {e}") from None
 
@@ -261,7 +261,7 @@ class JobHandle:
             async with s.request(method, c.cloud_url + path, data=body, headers=headers or c._cloud_headers) as r:
                 raw = await r.read()
                 status, rh = r.status, r.headers
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise Unavailable(f"cloud unreachable: {type(e).__name__}: {e}") from None
         if status in _UNREACHABLE and not plain:
             raise Unavailable(f"cloud answered HTTP {status}: {_error(status, raw).message}")

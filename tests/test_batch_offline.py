@@ -4,7 +4,6 @@ and SIGINT (every row exactly once, equal to an uninterrupted run), and bad inpu
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
