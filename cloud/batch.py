@@ -700,7 +700,11 @@ class _Progress:
     def line(self) -> str:
         rate = self.rate()
         left = (self.total - self.done) / rate if rate > 0 else float("nan")
-        eta = "?" if math.isnan(left) else time.strftime("%H:%M:%S", time.gmtime(left))
+        if math.isnan(left):
+            eta = "?"
+        else:
+            h, rest = divmod(int(left), 3600)
+            eta = f"{h}:{rest // 60:02d}:{rest % 60:02d}"  # hours past 24 too
         pct = 100.0 * self.done / self.total if self.total else 100.0
         return f"{self.done}/{self.total} rows ({pct:.1f}%), {rate:,.0f} rows/s, ETA {eta}"
 
