@@ -119,6 +119,7 @@ def overhead(args: argparse.Namespace, tmp: Path) -> None:
     load = sb.native_load(case)
     print(f"== {case.describe}; {CONNECTIONS} connections, {args.duration:g} s per run, {args.repeat} rounds off/on", flush=True)
     servers = {}
+    started: dict[str, float] = {}
     try:
         for label, enabled in (("off", "false"), ("on", "true")):
             port = sb._free_port()
@@ -128,6 +129,7 @@ def overhead(args: argparse.Namespace, tmp: Path) -> None:
                 port, "/v2/health/ready", tmp / f"serve-{label}.log",
                 {"TANDEM_ACCESS_LOG": "false", "TANDEM_MONITORING__ENABLED": enabled},
             )
+            started[label] = time.perf_counter()
             sb.check_answer("native", servers[label], load, case)
         for label in ("off", "on"):  # warm-up, discarded
             sb.wrk(servers[label].base, load, CONNECTIONS, min(2.0, args.duration), tmp)
@@ -148,9 +150,12 @@ def overhead(args: argparse.Namespace, tmp: Path) -> None:
         print(f"\nmedian req/s: off {med['off']:.0f}, on {med['on']:.0f}; on/off = {med['on'] / med['off']:.3f}; "
               f"median of the rounds' on/off ratios {statistics.median(pairs):.3f} (per round: {', '.join(f'{p:.3f}' for p in pairs)})")
         cpu = {k: statistics.median(r.server_cpu_us or 0 for r in v) for k, v in runs.items()}
-        if cpu["off"]:
-            print(f"median server CPU per request: off {cpu['off']:.1f} us, on {cpu['on']:.1f} us; on/off = {cpu['on'] / cpu['off']:.3f} "
-                  f"(what the monitor costs a CPU-bound server, less sensitive than req/s to what else the machine runs)")
+        cpu_pairs = [on.server_cpu_us / off.server_cpu_us for on, off in zip(runs["on"], runs["off"])
+                     if on.server_cpu_us and off.server_cpu_us]
+        if cpu_pairs:
+            # CPU per request falls as throughput rises (fuller batches): compare within a round.
+            print(f"server CPU per request: median off {cpu['off']:.1f} us, on {cpu['on']:.1f} us; median of the rounds' "
+                  f"on/off ratios {statistics.median(cpu_pairs):.3f} (per round: {', '.join(f'{p:.3f}' for p in cpu_pairs)})")
         p99 = {k: statistics.median(r.p99_ms for r in v) for k, v in runs.items()}
         print(f"median p99: off {p99['off']:.2f} ms, on {p99['on']:.2f} ms")
         status, _, body = sb._http(servers["on"].base + "/v1/monitor/digits-fp32")
@@ -164,11 +169,13 @@ def overhead(args: argparse.Namespace, tmp: Path) -> None:
               f"window {doc['window_rows']} rows")
         on_cpu = [r.server_cpu_us * r.rps * args.duration / 1e6 for r in runs["on"] if r.server_cpu_us]
         if on_cpu:
-            # What the whole on-server used while loaded, against what monitoring took of it.
-            used = sum(on_cpu) / (args.duration * len(on_cpu))
-            print(f"the on-server used {used:.2f} cores while loaded; monitoring is at most "
-                  f"{(o['cpu_share'] + o['loop_cpu_share']) / used * 100:.2f}% of that (its CPU shares are over the whole "
-                  "run, idle rounds included, so while loaded it may spend up to its budget)")
+            # Every CPU second monitoring took since the server started (idle rounds included),
+            # against the CPU seconds the on-server used while it was being loaded.
+            alive = time.perf_counter() - started["on"]
+            monitor_s, loop_s = o["cpu_share"] * alive, o["loop_cpu_share"] * alive
+            print(f"CPU: monitoring took {monitor_s:.2f} s (instance thread) + {loop_s:.2f} s (loop) = "
+                  f"{(monitor_s + loop_s) / sum(on_cpu) * 100:.2f}% of the {sum(on_cpu):.1f} CPU-seconds the on-server used "
+                  f"under load ({sum(on_cpu) / (args.duration * len(on_cpu)):.2f} cores)")
         print(f"memory: running profile {o['profile_bytes'] / 1024:.0f} KiB per model "
               f"({len(manifest.profile.features_for('cloud'))} features); RSS off "
               f"{_rss_mb(servers['off'].proc.pid) or 0:.0f} MB, on {_rss_mb(servers['on'].proc.pid) or 0:.0f} MB")
