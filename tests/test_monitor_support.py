@@ -4,7 +4,6 @@ carries the reference profile the build would write, plus the shifted input stre
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,15 @@ SHIFTS = ("brightness", "noise", "class_removed")
 
 def digits() -> dict[str, Any]:
     """examples/digits' split (train/val/test, pixels in [0, 1])."""
-    if str(DIGITS) not in sys.path:
-        sys.path.insert(0, str(DIGITS))
-    from spec import load_data  # type: ignore[import-not-found]
+    import importlib.util
 
-    return load_data()
+    # By path under its own name: a plain ``import spec`` would find whichever example's spec.py an
+    # earlier test put first on sys.path (the text examples' in a full run).
+    module_spec = importlib.util.spec_from_file_location("tandem_monitor_tests_digits_spec", DIGITS / "spec.py")
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.load_data()
 
 
 def _logistic_onnx(path: Path, x: np.ndarray, y: np.ndarray, c: float) -> Path:
