@@ -1,7 +1,8 @@
 """What does the Redis job queue cost per row, against running the same batches directly?
 
-In one run, for each job size (rows per job = the batch the worker runs, the model's
-max_batch_size) and each number of ``tandem worker`` processes on this machine (1, 2, 4):
+In one run, for each job size (rows per job; the batch the worker runs is ``--batch`` rows, its
+max_batch_size, into which it coalesces jobs; by default one job per batch) and each number of
+``tandem worker`` processes on this machine (1, 2, 4):
 
 * **queue**: a real redis-server (AOF on, ``--appendfsync`` as given), N ``tandem worker``
   processes (each session with cores // N intra-op threads). The workers are started and warmed
@@ -21,7 +22,7 @@ other work as much as the queue; the CPU time per row does not.
 
     python bench/queue.py [--repository REPO --trusted-key PUB.pem | --insecure-skip-signature]
                           [--model digits] [--rows 32,64] [--workers 1,2,4] [--jobs 800]
-                          [--repeat 3] [--appendfsync everysec]
+                          [--batch 64] [--repeat 3] [--appendfsync everysec]
 
 Without ``--repository`` the model is tests/support's MLP bundle (64-128-128-10): nearly no
 compute, so the figures are then the queue's overhead against almost nothing.
@@ -154,7 +155,8 @@ _RUNS: list[None] = []
 
 
 def _queue(
-    args: argparse.Namespace, server: RedisServer, tmp: Path, rows: int, workers: int, threads: int, trust: list[str]
+    args: argparse.Namespace, server: RedisServer, tmp: Path, rows: int, batch: int, workers: int, threads: int,
+    trust: list[str],
 ) -> tuple[float, float, float]:
     """(wall seconds, CPU seconds of the workers, of redis-server) N workers take to run
     ``args.jobs`` jobs of ``rows`` rows from a filled queue."""
@@ -165,7 +167,7 @@ def _queue(
     prefix = f"bench{rows}x{workers}r{len(_RUNS)}"  # fresh keys and counters per run
     config = tmp / f"{prefix}.json"
     config.write_text(json.dumps({
-        "batching": {"max_batch_size": rows}, "warmup_batch_sizes": [rows], "intra_op_threads": threads,
+        "batching": {"max_batch_size": batch}, "warmup_batch_sizes": [batch], "intra_op_threads": threads,
         "jobs": {"redis_prefix": prefix, "claim_timeout_s": 600},
     }))
     procs = []
@@ -236,6 +238,9 @@ def main() -> int:
     ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--jobs", type=int, default=800)
     ap.add_argument("--claim", type=int, default=16, help="jobs a worker claims at once")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="the workers' max_batch_size: jobs of fewer rows are coalesced up to it (default: rows per job); "
+                    "direct runs batches of the same size")
     ap.add_argument("--repeat", type=int, default=3, help="direct/queue pairs per configuration (alternated)")
     ap.add_argument("--appendfsync", default="everysec", choices=["always", "everysec", "no"])
     ap.add_argument("--direct", default=None, help=argparse.SUPPRESS)
@@ -268,26 +273,27 @@ def main() -> int:
         try:
             print(f"model {args.model}:{version} ({model_file.name}), {cores} cores, {args.jobs} jobs per run, "
                   f"claim {args.claim}, redis appendonly yes appendfsync {args.appendfsync}")
-            print(f"{'rows/job':>8} {'workers':>7} {'threads':>7} | {'direct rows/s':>13} {'queue rows/s':>12} {'ratio':>6} | "
+            print(f"{'rows/job':>8} {'batch':>5} {'workers':>7} {'threads':>7} | {'direct rows/s':>13} {'queue rows/s':>12} {'ratio':>6} | "
                   f"{'direct CPU us/row':>17} {'queue CPU us/row':>16} {'(of which redis)':>16} {'CPU overhead/row':>16}")
             summary = []
             for rows in [int(x) for x in args.rows.split(",")]:
                 for n in [int(x) for x in args.workers.split(",")]:
                     threads = max(1, cores // n)
                     total = rows * args.jobs
+                    batch = max(rows, args.batch)  # a worker coalesces jobs into batches of this many rows
                     walls, cpus = [], []
                     for _ in range(args.repeat):  # alternated, so both see the same machine
-                        d_wall, d_cpu = _direct(model_file, rows, args.jobs, n, threads)
-                        q_wall, w_cpu, r_cpu = _queue(args, redis, tmp, rows, n, threads, trust)
+                        d_wall, d_cpu = _direct(model_file, batch, total // batch, n, threads)
+                        q_wall, w_cpu, r_cpu = _queue(args, redis, tmp, rows, batch, n, threads, trust)
                         q_cpu = w_cpu + r_cpu
                         walls.append(d_wall / q_wall)
                         cpus.append(q_cpu / d_cpu - 1)
-                        print(f"{rows:>8} {n:>7} {threads:>7} | {total / d_wall:>13,.0f} {total / q_wall:>12,.0f} {d_wall / q_wall:>6.2f} | "
+                        print(f"{rows:>8} {batch:>5} {n:>7} {threads:>7} | {total / d_wall:>13,.0f} {total / q_wall:>12,.0f} {d_wall / q_wall:>6.2f} | "
                               f"{d_cpu / total * 1e6:>17.1f} {q_cpu / total * 1e6:>16.1f} {r_cpu / total * 1e6:>16.1f} {q_cpu / d_cpu - 1:>16.1%}", flush=True)
-                    summary.append((rows, n, statistics.median(walls), statistics.median(cpus)))
+                    summary.append((rows, batch, n, statistics.median(walls), statistics.median(cpus)))
             print("\nmedian over the repeats: wall-clock rows/s ratio (queue / direct), and the queue's CPU per row over direct's:")
-            for rows, n, wall, cpu in summary:
-                print(f"  {rows} rows/job, {n} worker(s): rows/s ratio {wall:.2f}, CPU overhead per row {cpu:+.1%}")
+            for rows, batch, n, wall, cpu in summary:
+                print(f"  {rows} rows/job in batches of {batch}, {n} worker(s): rows/s ratio {wall:.2f}, CPU overhead per row {cpu:+.1%}")
         finally:
             redis.stop()
     return 0
