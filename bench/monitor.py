@@ -188,9 +188,9 @@ def detection(runs: int) -> None:
     import tempfile as tf
 
     from support import make_keys
+    from tandem.shared.bundle import load_bundle
     from test_monitor_drift import DETECT_WITHIN, _run
     from test_monitor_support import SHIFTS, make_digits_bundle
-    from tandem.shared.bundle import load_bundle
 
     d = Path(tf.mkdtemp(prefix="tandem-drift-"))
     try:

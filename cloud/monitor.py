@@ -30,13 +30,12 @@ from typing import Any
 import aiohttp
 import numpy as np
 from aiohttp import web
-
 from tandem.shared.errors import NotFound
 from tandem.shared.profile import DriftReport, RunningProfile
 
 from .config import MonitoringConfig
 
-__all__ = ["ModelMonitor", "LiveQuality", "Monitoring", "MONITOR_PATH", "MONITORING_KEY"]
+__all__ = ["MONITORING_KEY", "MONITOR_PATH", "LiveQuality", "ModelMonitor", "Monitoring"]
 
 _log = logging.getLogger("tandem.cloud.monitor")
 
@@ -463,7 +462,7 @@ class Monitoring:
                     outcome = resp.status
                     if resp.status < 500 and resp.status != 429:
                         break
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 outcome = f"{type(e).__name__}: {e}"
             await asyncio.sleep(min(8.0, 0.5 * 2**attempt))
         self.webhook_log.append({"payload": payload, "outcome": outcome})

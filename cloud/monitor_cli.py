@@ -10,6 +10,7 @@ and quality over time.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import urllib.error
@@ -20,7 +21,7 @@ from typing import Any
 
 from tandem.shared.errors import InvalidInput, NotFound, TandemError, Unavailable
 
-__all__ = ["monitor", "fetch", "render_report", "plot"]
+__all__ = ["fetch", "monitor", "plot", "render_report"]
 
 
 def monitor(parser: argparse.ArgumentParser) -> None:
@@ -216,8 +217,8 @@ def plot(doc: dict[str, Any], out: Path, top: int = 3) -> Path:
 def _bin_labels(edges: list[float]) -> list[str]:
     if not edges:
         return ["all"]
-    g = lambda v: f"{v:.3g}"  # noqa: E731
+    g = lambda v: f"{v:.3g}"
     # A bin just wide enough to hold one value the reference held many times (an atom) is that value.
-    atom = lambda a, b: b - a <= 1e-5 * max(1.0, abs(a))  # noqa: E731
-    return ([f"<{g(edges[0])}"] + [f"={g(a)}" if atom(a, b) else f"{g(a)}-{g(b)}" for a, b in zip(edges, edges[1:])]
+    atom = lambda a, b: b - a <= 1e-5 * max(1.0, abs(a))
+    return ([f"<{g(edges[0])}"] + [f"={g(a)}" if atom(a, b) else f"{g(a)}-{g(b)}" for a, b in itertools.pairwise(edges)]
             + [f">={g(edges[-1])}"])

@@ -8,10 +8,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
 from tandem.shared.profile import ReferenceProfile, ValidationQuality, make_reference
 
-__all__ = ["reference_profile", "MAX_REFERENCE_ROWS"]
+__all__ = ["MAX_REFERENCE_ROWS", "reference_profile"]
 
 #: The reference is built from at most this many validation rows (quantiles settle long before).
 MAX_REFERENCE_ROWS = 20_000

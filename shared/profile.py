@@ -36,19 +36,19 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "DEFAULT_BINS",
     "MAX_ELEMENT_FEATURES",
+    "DriftReport",
+    "FeatureScore",
     "FeatureSpec",
+    "Featurizer",
+    "ReferenceProfile",
+    "RunningProfile",
     "TensorRange",
     "ValidationQuality",
-    "ReferenceProfile",
-    "FeatureScore",
-    "DriftReport",
-    "Featurizer",
-    "RunningProfile",
+    "drift_scores",
     "feature_plan",
+    "ks_distance",
     "make_reference",
     "psi",
-    "ks_distance",
-    "drift_scores",
 ]
 
 PROFILE_VERSION = 1
@@ -201,7 +201,7 @@ def _edges(values: np.ndarray, stat: str, bins: int, n_classes: int | None) -> n
     # gets a bin of its own, so that rows moving just off it are seen.
     vals, counts = np.unique(v, return_counts=True)
     atoms = vals[counts >= max(2, v.size / (2 * bins))]
-    delta = lambda x: 1e-6 * max(1.0, abs(float(x)))  # noqa: E731
+    delta = lambda x: 1e-6 * max(1.0, abs(float(x)))
     extra = [a + delta(a) for a in atoms] + [hi + delta(hi), lo]
     return np.unique(np.concatenate([qs, np.asarray(extra, dtype=np.float64)]))
 
@@ -610,7 +610,7 @@ class RunningProfile:
 
     def state(self) -> dict[str, Any]:
         """The window's counts as plain lists (what the agent uploads), plus the totals."""
-        counts, sums, rows = self.snapshot()
+        counts, _, rows = self.snapshot()
         with self._lock:
             totals = dict(self.totals)
         return {"role": self.role, "window": self.window, "rows": rows, "totals": totals,

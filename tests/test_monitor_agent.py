@@ -5,27 +5,26 @@ reports and plots it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
-
 from agent_support import infer, wait_for
 from cloud_support import ServerThread, request
-from test_monitor_support import make_digits_bundle, stream
 from tandem.cloud.config import ServerConfig
 from tandem.edge.agent.config import load_config
 from tandem.edge.agent.daemon import Agent
 from tandem.edge.agent.monitor import MONITOR_FILE
 from tandem.edge.agent.store import ModelStore
 from tandem.shared import signing
+from test_monitor_support import make_digits_bundle, stream
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +77,7 @@ async def test_agent_profiles_compares_escalations_and_uploads_its_drift(agent: 
     # The share the cascade kept on the edge against what calibration promised at its threshold.
     assert q["expected_edge_share"] is not None and abs(q["cascade_keep_share"] - q["expected_edge_share"]) < 0.15
 
-    bright, labels = stream("brightness", 640, seed=12)
+    bright, _ = stream("brightness", 640, seed=12)
     routes = await _send(agent, bright)
     await wait_for(lambda: not agent.monitor._comparing, 30, "escalations compared with the edge")
     await agent.monitor.tick()
@@ -110,8 +109,10 @@ async def test_agent_profiles_compares_escalations_and_uploads_its_drift(agent: 
 
     # tandem monitor on the agent's data directory: report and plot.
     out = tmp_path / "agent-monitor.png"
-    run = subprocess.run([sys.executable, "-m", "tandem.shared.cli", "monitor", str(agent.config.data_dir), "--out", str(out)],
-                         capture_output=True, text=True, timeout=120)
+    run = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "tandem.shared.cli", "monitor", str(agent.config.data_dir), "--out", str(out)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
     assert run.returncode == 0, run.stderr
     assert "digits:1 (edge): DRIFTING" in run.stdout and "edge agrees with cloud" in run.stdout
     assert out.stat().st_size > 10_000

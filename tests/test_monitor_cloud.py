@@ -16,11 +16,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from cloud_support import ServerThread, request
 from support import make_bundle
-from test_monitor_support import make_digits_bundle, stream
 from tandem.cloud.config import ServerConfig
+from test_monitor_support import make_digits_bundle, stream
 
 
 class Hook:
@@ -31,7 +30,7 @@ class Hook:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_POST(self) -> None:
                 n = int(self.headers.get("Content-Length", "0"))
                 outer.bodies.append(json.loads(self.rfile.read(n)))
                 self.send_response(204)
@@ -189,7 +188,7 @@ def test_bad_monitoring_config_is_refused() -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tandem.shared.cli", "monitor", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "tandem.shared.cli", "monitor", *args], capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_tandem_monitor_reports_and_plots_a_server(server: ServerThread, tmp_path: Path) -> None:

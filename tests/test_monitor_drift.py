@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from support import run_onnx
-from test_monitor_support import SHIFTS, make_digits_bundle, stream
 from tandem.cloud.config import MonitoringConfig
 from tandem.cloud.monitor import ModelMonitor
 from tandem.shared.bundle import load_bundle
+from test_monitor_support import SHIFTS, make_digits_bundle, stream
 
 #: Requests (one row each) after the shift starts by which every shift must have been detected,
 #: with the server's defaults (window 1000 rows, threshold 0.25). Measured over 20 seeds

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from tandem.shared.profile import (
     MAX_FEATURES,
-    RunningProfile,
     ReferenceProfile,
+    RunningProfile,
     feature_plan,
     ks_distance,
     make_reference,

@@ -9,12 +9,21 @@ from typing import Any
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
-
 from support import run_onnx, save_onnx
 from tandem.quantize.calibration import calibrate
 from tandem.quantize.profile import reference_profile
 from tandem.shared import signing
-from tandem.shared.bundle import SAMPLES_NAME, Manifest, Provenance, Samples, Task, TensorSpec, Variant, seal_bundle, write_samples
+from tandem.shared.bundle import (
+    SAMPLES_NAME,
+    Manifest,
+    Provenance,
+    Samples,
+    Task,
+    TensorSpec,
+    Variant,
+    seal_bundle,
+    write_samples,
+)
 
 DIGITS = Path(__file__).resolve().parent.parent / "examples" / "digits"
 SHIFTS = ("brightness", "noise", "class_removed")

@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from tandem.shared.bundle import Bundle
 from tandem.shared.profile import RunningProfile
 
 from .store import write_json_atomic
 
-__all__ = ["AgentMonitor", "MonitoredRouter", "MONITOR_FILE", "PROFILE_KIND"]
+__all__ = ["MONITOR_FILE", "PROFILE_KIND", "AgentMonitor", "MonitoredRouter"]
 
 log = logging.getLogger(__name__)
 
@@ -234,11 +233,11 @@ class AgentMonitor:
             try:
                 await asyncio.wait_for(stop.wait(), self.interval_s)
                 break
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             try:
                 await self.tick()
-            except Exception:  # noqa: BLE001 - the next interval tries again
+            except Exception:
                 log.exception("agent drift monitor interval failed")
 
     async def close(self) -> None:
@@ -260,7 +259,7 @@ class MonitoredRouter:
         outputs, route = await self.inner.infer(inputs, budget)
         try:
             self._monitor.observe(self, inputs, outputs, route)
-        except Exception:  # noqa: BLE001 - monitoring must never fail a call
+        except Exception:
             log.exception("agent drift monitor failed to observe a call")
         return outputs, route
 
