@@ -455,7 +455,7 @@ def _key(x: np.ndarray, feature: np.ndarray | int) -> np.ndarray:
 class _Binner:
     """Bins ``[rows, k]`` feature values into per-feature counts ``[k, nb]``."""
 
-    def __init__(self, edges: Sequence[Sequence[float]], nb: int) -> None:
+    def __init__(self, edges: Sequence[Sequence[float] | np.ndarray], nb: int) -> None:
         self.k, self.nb = len(edges), nb
         keys = [_key(np.asarray(e, dtype=np.float64), j) for j, e in enumerate(edges)]
         self._sorted = np.concatenate(keys) if keys else np.zeros(0)
