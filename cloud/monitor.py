@@ -52,10 +52,13 @@ _HISTORY = 720
 class LiveQuality:
     """Rolling quality from labelled answers and from escalations both tiers answered (bounded)."""
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, calibration: Any = None) -> None:
         self.labelled: collections.deque[tuple[str, bool]] = collections.deque(maxlen=window)
         self.escalations: collections.deque[bool] = collections.deque(maxlen=window)
         self.tiers: collections.deque[str] = collections.deque(maxlen=window)
+        # Cascade calls: (edge confidence >= the threshold used, that threshold).
+        self.kept: collections.deque[tuple[bool, float]] = collections.deque(maxlen=window)
+        self.calibration = calibration
         #: Records taken in all (the deques stop growing once full).
         self.count = 0
 
@@ -63,12 +66,16 @@ class LiveQuality:
         self.count += 1
         self.labelled.append((tier, correct))
 
-    def add_route(self, tier: str | None, agrees: bool | None) -> None:
+    def add_route(self, tier: str | None, agrees: bool | None, confidence: Any = None, threshold: Any = None) -> None:
+        """One routed call: where it ran, whether the edge agreed with the cloud (when a client
+        compared them), and for the cascade the edge confidence and the threshold it was held to."""
         self.count += 1
         if tier in ("edge", "cloud"):
             self.tiers.append(tier)
         if agrees is not None:
             self.escalations.append(bool(agrees))
+        if _number(confidence) and _number(threshold):
+            self.kept.append((float(confidence) >= float(threshold), float(threshold)))
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"labelled": len(self.labelled), "escalations_compared": len(self.escalations),
@@ -81,7 +88,21 @@ class LiveQuality:
             out["escalation_agreement"] = float(np.mean(self.escalations))
         if self.tiers:
             out["edge_share"] = float(np.mean([t == "edge" for t in self.tiers]))
+        points = self.calibration.points if self.calibration is not None else []
+        if self.kept and points:
+            # What the cascade keeps on the edge now, against what calibration promised at the
+            # threshold in use, and the cascade accuracy that promise came with.
+            threshold = self.kept[-1][1]
+            point = min(points, key=lambda p: abs(p.threshold - threshold))
+            out["cascade_keep_share"] = float(np.mean([k for k, _ in self.kept]))
+            out["expected_edge_share"] = point.keep_share
+            out["target"] = point.cascade_accuracy
+            out["threshold"] = threshold
         return out
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
 
 
 class ModelMonitor:
@@ -96,7 +117,7 @@ class ModelMonitor:
         self._outputs = sorted({f.tensor for f in self.profile.features if f.source == "output"})
         self.calibration = manifest.calibration
         self.validation = manifest.profile.validation
-        self.quality = LiveQuality(config.quality_window)
+        self.quality = LiveQuality(config.quality_window, manifest.calibration)
         #: The latest drift reports agents uploaded for this model (kind "profile"), newest last.
         self.edge_reports: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
         self.batches = 0
@@ -434,7 +455,10 @@ class Monitoring:
                                           | {"version": version, "created_at": r.get("created_at")})
                 elif r.get("kind") == "route":
                     agrees = payload.get("edge_agrees")
-                    m.quality.add_route(payload.get("tier"), agrees if isinstance(agrees, bool) else None)
+                    estimates = payload.get("estimates")
+                    threshold = estimates.get("threshold") if isinstance(estimates, dict) and payload.get("policy") == "cascade" else None
+                    m.quality.add_route(payload.get("tier"), agrees if isinstance(agrees, bool) else None,
+                                        payload.get("confidence"), threshold)
 
     # --- webhook ----------------------------------------------------------------------------------
 

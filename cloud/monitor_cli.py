@@ -137,8 +137,10 @@ def render_report(doc: dict[str, Any], top: int = 3) -> str:
         parts.append(f"edge agrees with cloud on {_fmt(lq.get('escalation_agreement'))} of {lq['escalations_compared']} escalations")
     if lq.get("edge_share") is not None:
         parts.append(f"edge answered {_fmt(lq.get('edge_share'))} of calls")
-    if lq.get("expected_edge_share") is not None:
-        parts.append(f"calibration expects {_fmt(lq.get('expected_edge_share'))} at target {_fmt(lq.get('target'))}")
+    if lq.get("cascade_keep_share") is not None:
+        parts.append(f"the cascade kept {_fmt(lq['cascade_keep_share'])} on the edge where calibration expects "
+                     f"{_fmt(lq.get('expected_edge_share'))} (threshold {_fmt(lq.get('threshold'), '.2f')}, "
+                     f"cascade accuracy {_fmt(lq.get('target'))})")
     lines.append("  live quality: " + ("; ".join(parts) if parts else "no labels or escalations yet"))
     if v:
         lines.append(f"  at build (validation, {v.get('n')} rows): edge-cloud agreement {_fmt(v.get('agreement'))}, "

@@ -106,6 +106,11 @@ async def test_agent_profiles_compares_escalations_and_uploads_its_drift(agent: 
         return bool(reports) and reports[-1]["drifting"] is True
 
     await wait_for(cloud_sees_it, 30, "the agent's report in the cloud monitor")
+    # The route records went up too: the cloud holds the cascade's keep share against calibration.
+    _, _, raw = request(cloud.url, "GET", "/v1/monitor/digits")
+    cq = json.loads(raw)["live_quality"]
+    assert cq["routed"] >= len(routes) and cq["expected_edge_share"] == q["expected_edge_share"]
+    assert 0 < cq["cascade_keep_share"] < 1 and 0.5 < cq["target"] <= 1
 
     # tandem monitor on the agent's data directory: report and plot.
     out = tmp_path / "agent-monitor.png"
