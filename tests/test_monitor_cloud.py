@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from cloud_support import ServerThread, request
-from support import make_bundle
+from support import free_port, make_bundle
 from tandem.cloud.config import ServerConfig
 from test_monitor_support import make_digits_bundle, stream
 
@@ -122,6 +122,29 @@ def test_clean_then_noisy_traffic_marks_the_model_drifting_and_calls_the_webhook
     assert 'tandem_drift_score{model="digits",version="1"}' in text
     assert text.count("tandem_drift_feature_psi{") == 5  # monitoring.top_features: bounded labels
     assert 'tandem_input_quality_rows{check="rows",model="digits",version="1"} 1200.0' in text
+
+    # Clean traffic again: once it fills the window the model stops drifting, and the webhook says so.
+    clean, _ = stream(None, 1000, seed=10)
+    for i in range(0, len(clean), 8):
+        _infer(server, clean[i : i + 8])
+    _wait(lambda: _monitor(server)[1]["input_quality"]["rows"] == 2200, "2200 rows profiled")
+    status, doc = _monitor(server)
+    assert not doc["drifting"] and doc["score"] < doc["threshold"]
+    _wait(lambda: any(b["event"] == "drift_stopped" for b in hook.bodies), "the webhook's drift_stopped")
+
+
+async def test_webhook_gives_up_after_its_attempts(tmp_path: Path) -> None:
+    from tandem.cloud.config import MonitoringConfig
+    from tandem.cloud.monitor import Monitoring
+
+    dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
+    monitoring = Monitoring(MonitoringConfig(webhook_url=dead, webhook_attempts=2, webhook_timeout_s=2), None, None)
+    t0 = time.monotonic()
+    await monitoring._post({"event": "drift_started", "model": "m", "version": "1"})
+    await monitoring.close()
+    assert time.monotonic() - t0 < 10  # two attempts and their backoff, then it stops
+    (entry,) = monitoring.webhook_log
+    assert isinstance(entry["outcome"], str) and "Connect" in entry["outcome"]
 
 
 def test_live_quality_from_feedback_labels_and_agent_route_records(server: ServerThread) -> None:
