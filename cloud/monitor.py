@@ -488,7 +488,8 @@ class Monitoring:
                         break
             except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 outcome = f"{type(e).__name__}: {e}"
-            await asyncio.sleep(min(8.0, 0.5 * 2**attempt))
+            if attempt + 1 < self.config.webhook_attempts:
+                await asyncio.sleep(min(8.0, 0.5 * 2**attempt))
         self.webhook_log.append({"payload": payload, "outcome": outcome})
         if not (isinstance(outcome, int) and outcome < 300):
             _log.warning("drift webhook for %s:%s gave %s", payload["model"], payload["version"], outcome)
