@@ -112,6 +112,14 @@ async def test_agent_profiles_compares_escalations_and_uploads_its_drift(agent: 
     assert cq["routed"] >= len(routes) and cq["expected_edge_share"] == q["expected_edge_share"]
     assert 0 < cq["cascade_keep_share"] < 1 and 0.5 < cq["target"] <= 1
 
+    # Nothing new: monitor.json is not rewritten and no report is queued again.
+    await agent.monitor.tick()
+    path = agent.config.data_dir / MONITOR_FILE
+    before, depth = path.stat().st_mtime_ns, agent.outbox.depth()
+    await agent.monitor.tick()
+    await agent.monitor.upload()
+    assert path.stat().st_mtime_ns == before and agent.outbox.depth() == depth
+
     # tandem monitor on the agent's data directory: report and plot.
     out = tmp_path / "agent-monitor.png"
     run = await asyncio.to_thread(

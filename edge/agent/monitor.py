@@ -7,8 +7,9 @@ only appends. A call the cascade escalated (the edge was unsure, the cloud answe
 with the edge's own answer, computed in the background by the same router with ``local_only``
 (at most :data:`MAX_COMPARING` at a time), for the live edge-vs-cloud agreement. Labels arrive as
 feedback records (``label`` and ``payload.prediction``, as the cloud reads them). The state is
-written to ``<data_dir>/monitor.json`` (what ``tandem monitor <data_dir>`` reads) and uploaded
-through the outbox as a ``profile`` record every ``upload_interval_s``.
+written to ``<data_dir>/monitor.json`` (what ``tandem monitor <data_dir>`` reads) when it changed,
+and uploaded through the outbox as a ``profile`` record every ``upload_interval_s`` (5 minutes)
+when there is something new.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class _Model:
         self.kept: collections.deque[tuple[bool, float]] = collections.deque(maxlen=QUALITY_WINDOW)
         self.report: Any = None
         self.drifting_since: float | None = None
+        #: Calls, comparisons and labels seen: the state changed since it was last written or sent.
+        self.count = 0
+        self.drained = self.written = self.uploaded = -1
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=_HISTORY)
 
     def quality(self) -> dict[str, Any]:
@@ -108,7 +112,7 @@ class _Model:
 class AgentMonitor:
     """Every tracked model's monitor on this device. ``await run(stop)`` drives it."""
 
-    def __init__(self, data_dir: Path, enqueue: Any, *, interval_s: float = 2.0, upload_interval_s: float = 60.0) -> None:
+    def __init__(self, data_dir: Path, enqueue: Any, *, interval_s: float = 2.0, upload_interval_s: float = 300.0) -> None:
         self.path = Path(data_dir) / MONITOR_FILE
         self._enqueue = enqueue
         self.interval_s = interval_s
@@ -116,6 +120,7 @@ class AgentMonitor:
         self.models: dict[str, _Model] = {}
         self._comparing: set[asyncio.Task[None]] = set()
         self._last_upload = time.monotonic()
+        self._written_models: set[str] = set()
 
     def wrap(self, router: Any, bundle: Bundle) -> Any:
         """``router`` with its calls monitored (as is when the bundle has no reference profile)."""
@@ -135,6 +140,7 @@ class AgentMonitor:
         m = self.models.get(router.name)
         if m is None or m.version != router.version:
             return
+        m.count += 1
         tier = route.get("tier")
         if tier in ("edge", "cloud"):
             m.tiers.append(str(tier))
@@ -162,6 +168,7 @@ class AgentMonitor:
         except Exception as e:  # noqa: BLE001 - a comparison is best effort
             log.debug("edge comparison failed: %s", e)
             return
+        m.count += 1
         out = m.task_output
         if out in edge and out in cloud:
             m.agreement.extend((_argmax(edge[out]) == _argmax(cloud[out])).tolist())
@@ -178,11 +185,15 @@ class AgentMonitor:
             if m is None or not isinstance(payload, Mapping) or "prediction" not in payload:
                 continue
             m.labelled.append((str(payload.get("tier") or "edge"), str(payload["prediction"]) == str(r["label"])))
+            m.count += 1
 
     # --- periodic: in a thread -----------------------------------------------------------------
 
     def _drain(self) -> None:
         for m in list(self.models.values()):
+            if m.count == m.drained and m.report is not None:
+                continue  # nothing new: no rescore, no history point
+            m.drained = m.count
             batch = []
             while m.queue:
                 batch.append(m.queue.popleft())
@@ -209,8 +220,15 @@ class AgentMonitor:
 
     async def tick(self) -> None:
         await asyncio.to_thread(self._drain)
-        doc = self.document()
-        await asyncio.to_thread(write_json_atomic, self.path, doc)
+        # Written only when something changed: a device's flash should not be rewritten (with
+        # fsyncs) every interval while nothing happens.
+        models = set(self.models)
+        if models != self._written_models or any(m.written != m.count for m in self.models.values()):
+            doc = self.document()
+            await asyncio.to_thread(write_json_atomic, self.path, doc)
+            self._written_models = models
+            for m in self.models.values():
+                m.written = m.count
         if time.monotonic() - self._last_upload >= self.upload_interval_s:
             await self.upload()
 
@@ -219,6 +237,9 @@ class AgentMonitor:
         self._last_upload = time.monotonic()
         records = []
         for m in self.models.values():
+            if m.uploaded == m.count:
+                continue  # nothing new since the last report sent
+            m.uploaded = m.count
             report = m.report or m.profile.report(THRESHOLD, MIN_ROWS)
             records.append({"kind": PROFILE_KIND, "model": m.name, "version": m.version, "payload": {
                 "score": report.score, "drifting": report.drifting, "threshold": THRESHOLD,
