@@ -178,7 +178,7 @@ async def _open_loop(url: str, rate: float, duration: float, connections: int) -
             async with sem:
                 try:
                     status, _, ms, headers = await _post(session, url + infer_path("busy"), body)
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     status, ms, headers = -1, 0.0, {}
             statuses.append(status)
             if status == 200:
@@ -234,7 +234,7 @@ def _report(label: str, r: dict[str, Any]) -> None:
           f"503 without Retry-After: {r['retry_missing']}")
 
 
-async def overload(server: "Server", duration: float, connections: int, queue_wait_ms: float | None) -> None:
+async def overload(server: Server, duration: float, connections: int, queue_wait_ms: float | None) -> None:
     await _capacity(server.url, seconds=1.0)  # warm
     capacity, batch_ms = await _capacity(server.url)
     rate = 10 * capacity
@@ -252,7 +252,7 @@ async def overload(server: "Server", duration: float, connections: int, queue_wa
     _report("no queue-wait bound", await _open_loop(server.url, rate, duration, connections))
 
 
-async def large_batch_rss(server: "Server", rows: int) -> None:
+async def large_batch_rss(server: Server, rows: int) -> None:
     async with aiohttp.ClientSession() as session:
         small = InferRequest({"x": np.ones((32, 64), np.float32)}).to_wire()
         for _ in range(20):
@@ -294,9 +294,12 @@ class Server:
         }
         path = self.work / "config.json"
         path.write_text(json.dumps(config))
-        log = open(self.work / "serve.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tandem.shared.cli", "serve", "--config", str(path)],
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # Starting the server under test, before any load: nothing else runs on this loop yet.
+        log = open(self.work / "serve.log", "ab")  # noqa: ASYNC230
+        self.proc = subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, "-m", "tandem.shared.cli", "serve", "--config", str(path)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
         await _wait_ready(self.url, self.proc)
 
     async def restart(self, queue_wait_ms: float | None) -> None:

@@ -50,6 +50,7 @@ from serve import Server, _free_port  # noqa: E402
 from tandem.shared.bundle import load_bundle  # noqa: E402
 from tandem.shared.protocol import CONTENT_TYPE, InferRequest, InferResponse, infer_path  # noqa: E402
 
+
 @dataclass
 class Workload:
     name: str
@@ -142,7 +143,6 @@ def make_encoder_onnx(path: Path, vocab: int = 1000, width: int = 256, ffn: int 
 
 def synthetic_bundle(directory: Path, private_key: Path) -> Path:
     from cloud_support import make_onnx_bundle
-
     from tandem.shared.bundle import TensorSpec
 
     onnx_path = make_encoder_onnx(directory / "model.onnx")
@@ -392,7 +392,7 @@ def main() -> int:
             plain = [http_request(path, b) for b in plain]
             padded = [http_request(path, b) for b in padded]
             load(port, plain, args.concurrency, min(2.0, args.duration))  # warm-up: every length once
-            for i in range(args.repeat):
+            for _ in range(args.repeat):
                 before = metrics(port, w.name)
                 rps, errors = load(port, plain, args.concurrency, args.duration)
                 after = metrics(port, w.name)

@@ -17,8 +17,8 @@ import argparse
 import faulthandler
 import re
 import socket
-import subprocess
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from edge_support import CloudProcess, free_port  # noqa: E402
-
 from tandem.edge import Budget, HybridClient  # noqa: E402
 from tandem.shared.bundle import load_bundle, version_key  # noqa: E402
 from tandem.shared.errors import DeadlineExceeded  # noqa: E402

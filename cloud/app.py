@@ -32,6 +32,7 @@ from tandem.shared.errors import (
     RequestTimeout,
     TandemError,
 )
+
 from .body import MIN_RATE_KEY, responded
 from .config import ServerConfig
 from .control import ModelControl
@@ -99,9 +100,9 @@ def _from_http_exception(e: web.HTTPException) -> TandemError:
     if isinstance(e, web.HTTPNotFound):
         return NotFound("no such route")
     if isinstance(e, web.HTTPMethodNotAllowed):
-        err = InvalidInput(f"method {e.method} not allowed here; allowed: {', '.join(sorted(e.allowed_methods))}")
-        err.status = 405
-        return err
+        not_allowed = InvalidInput(f"method {e.method} not allowed here; allowed: {', '.join(sorted(e.allowed_methods))}")
+        not_allowed.status = 405
+        return not_allowed
     err = TandemError(e.reason or "HTTP error")
     err.status = e.status
     err.code = "http_error"

@@ -120,7 +120,8 @@ async def read_raw(request: web.Request, max_bytes: int, timeout_s: float) -> by
         _cut(content)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     try:
         while True:
             try:

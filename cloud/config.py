@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from tandem.shared.errors import InvalidInput
 
@@ -73,7 +73,7 @@ class BatchingConfig(BaseModel):
     max_padding_ratio: float = Field(1.1, ge=1.0)
 
     @model_validator(mode="after")
-    def _check(self) -> "BatchingConfig":
+    def _check(self) -> BatchingConfig:
         if self.default_priority_level is None:
             self.default_priority_level = self.priority_levels
         if not 1 <= self.default_priority_level <= self.priority_levels:
@@ -151,7 +151,7 @@ class MonitoringConfig(BaseModel):
     quality_window: int = Field(1000, ge=10)
 
     @model_validator(mode="after")
-    def _check(self) -> "MonitoringConfig":
+    def _check(self) -> MonitoringConfig:
         if self.min_rows > self.window:
             raise ValueError(f"monitoring.min_rows ({self.min_rows}) cannot exceed monitoring.window ({self.window})")
         return self
@@ -274,7 +274,7 @@ class ServerConfig(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _fill_wait_with_workers(self) -> "ServerConfig":
+    def _fill_wait_with_workers(self) -> ServerConfig:
         if self.workers > 1:
             self.batching = _with_fill_wait(self.batching)
             self.model_batching = {m: _with_fill_wait(b) for m, b in self.model_batching.items()}
@@ -359,8 +359,13 @@ def _file_settings(doc: dict[str, Any]) -> type[ServerConfig]:
     class FileServerConfig(ServerConfig):
         @classmethod
         def settings_customise_sources(  # type: ignore[override]
-            cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
-        ):
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
             return (init_settings, env_settings, InitSettingsSource(settings_cls, doc))
 
     return FileServerConfig

@@ -122,7 +122,7 @@ class WorkerControl:
         try:
             self._send(CONTROL + json.dumps({"id": rid, "op": op, "model": name}))
             results = await asyncio.wait_for(fut, self._timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Unavailable(
                 f"{op} of model {name!r}: not every worker answered within {self._timeout_s:.0f} s; see the server log"
             ) from None

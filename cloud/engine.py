@@ -74,6 +74,11 @@ class Declared(Protocol):
     pad: float | None
 
 
+def _symbol_axes(t: TensorInfo, index: dict[str, int]) -> tuple[tuple[int, int], ...]:
+    # (axis, position of its symbol in index) for each of t's non-batch axes whose symbol index holds.
+    return tuple((axis, index[sym]) for axis in range(1, len(t.shape)) if (sym := t.symbol(axis)) is not None and sym in index)
+
+
 def resolve_providers(requested: Sequence[str]) -> list[str]:
     """The requested providers this onnxruntime build has, in order; CPU is always last resort."""
     import onnxruntime as ort
@@ -230,16 +235,9 @@ class ModelEngine:
             return
         index = {sym: i for i, sym in enumerate(symbols)}
         self.pad_symbols = tuple(symbols)
-        self.pad_axes = {
-            t.name: tuple((axis, index[t.symbol(axis)]) for axis in range(1, len(t.shape)) if t.symbol(axis) in index)
-            for t in self.inputs
-        }
+        self.pad_axes = {t.name: _symbol_axes(t, index) for t in self.inputs}
         self.pad_values = {t.name: t.pad for t in self.inputs if self.pad_axes[t.name] and t.pad is not None}
-        self.unpad_axes = {
-            o.name: axes
-            for o in self.outputs
-            if (axes := tuple((axis, index[o.symbol(axis)]) for axis in range(1, len(o.shape)) if o.symbol(axis) in index))
-        }
+        self.unpad_axes = {o.name: axes for o in self.outputs if (axes := _symbol_axes(o, index))}
 
     def batch_key(self, inputs: Mapping[str, np.ndarray]) -> tuple[tuple[Any, ...], tuple[int, ...], int]:
         """(what requests must share to be padded into one batch, their lengths along each padded

@@ -325,6 +325,7 @@ class _Connection(asyncio.Protocol):
         self._slots.append(slot)
         door.served += 1  # published by FrontDoor._sync_metrics, not counted here (hot path)
         deadline = _text(h.get(b"x-tandem-deadline-ms"))
+        req: Any  # the protocol's request type (native or v2); _finish takes either
         try:
             gate.check_auth(path, _text(h.get(b"authorization")))
             if protocol == b"v1":
@@ -723,7 +724,7 @@ class FrontDoor:
         self._aiohttp = _aiohttp_protocols(runner)
         self._connections: set[_Connection | _AiohttpConnection] = set()
         self._routes: dict[bytes, _Route | None] = {}
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
         self._date = ""

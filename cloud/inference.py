@@ -17,12 +17,12 @@ from aiohttp import web
 
 from tandem.shared import protocol as p
 from tandem.shared.errors import InvalidInput, TandemError
-from .layout import RequestDecoder, ResponseEncoder, V2RequestDecoder, V2ResponseEncoder
 
 from .batcher import BatchResult
 from .body import read_body
 from .cache import ResponseCache
 from .config import ServerConfig
+from .layout import RequestDecoder, ResponseEncoder, V2RequestDecoder, V2ResponseEncoder
 from .repository import ModelRepository, ServedModel
 
 __all__ = ["Call", "Outcome", "Inference", "MODEL_KEY", "REQUEST_ID_KEY"]
@@ -51,7 +51,7 @@ class Call:
     """One started request: queued on a batcher (``future``) or already answered (``outcome``)."""
 
     served: ServedModel
-    future: "asyncio.Future[BatchResult] | None"
+    future: asyncio.Future[BatchResult] | None
     outputs: Sequence[str] | None
     key: Any
     outcome: Outcome | None

@@ -212,11 +212,11 @@ class RequestDecoder:
         if small:
             if self._misses % _BUILD_EVERY == 0:
                 try:
-                    layout = _build(body, req)  # type: ignore[arg-type]
+                    built = _build(body, req)  # type: ignore[arg-type]
                 except Exception:  # noqa: BLE001 - never expected (the body just decoded); no layout then
-                    layout = None
-                if layout is not None:
-                    self._layouts = [layout, *self._layouts[: MAX_LAYOUTS - 1]]
+                    built = None
+                if built is not None:
+                    self._layouts = [built, *self._layouts[: MAX_LAYOUTS - 1]]
             self._misses += 1
         return req
 

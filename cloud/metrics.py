@@ -19,8 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .batcher import BatchObserver
@@ -132,7 +131,7 @@ class Metrics:
             "tandem_front_door_internal_errors", "Connections dropped by a front-door failure (a bug: see the log)", registry=r
         )
 
-    def for_model(self, model: str, version: str) -> "ModelMetrics":
+    def for_model(self, model: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, model, version)
 
     def on_refresh(self, sync: Callable[[], None]) -> None:

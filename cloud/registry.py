@@ -182,9 +182,9 @@ class Registry:
             path, sha256, size = await asyncio.to_thread(self._file, entry, request.match_info["file"])
             start, end = _byte_range(request, f'"{sha256}"', size)
         except _RangeNotSatisfiable as e:
-            resp = _error(e)
-            resp.headers["Content-Range"] = f"bytes */{size}"
-            return resp
+            refused = _error(e)
+            refused.headers["Content-Range"] = f"bytes */{size}"
+            return refused
         except TandemError as e:
             return _error(e)
         etag = f'"{sha256}"'

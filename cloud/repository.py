@@ -209,8 +209,9 @@ class ModelRepository:
         for (name, v), st in self._states.items():
             rows[(name, v)] = {"name": name, "version": v, "state": st.state, "reason": st.reason}
         for m in self.loaded():
-            st = self._states.get((m.name, m.version))
-            rows[(m.name, m.version)] = {"name": m.name, "version": m.version, "state": "READY", "reason": st.reason if st else ""}
+            known = self._states.get((m.name, m.version))
+            rows[(m.name, m.version)] = {"name": m.name, "version": m.version, "state": "READY",
+                                         "reason": known.reason if known else ""}
         return [rows[k] for k in sorted(rows, key=lambda k: (k[0], version_key(k[1])))]
 
     def pending(self) -> int:

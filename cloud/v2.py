@@ -13,9 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
-from tandem.shared import __version__
+from tandem.shared import __version__, v2
 from tandem.shared import protocol as p
-from tandem.shared import v2
 from tandem.shared.errors import InvalidInput, TandemError, Unavailable
 
 from .body import read_body

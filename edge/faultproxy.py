@@ -53,7 +53,7 @@ class FaultProxy:
         self.bytes_down = 0
         self.client_closed = 0
         self._rng = random.Random(seed)
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
         self._unstalled = asyncio.Event()
         self._unstalled.set()
@@ -93,7 +93,7 @@ class FaultProxy:
         """No faults at all."""
         return self.set(**{f.name: getattr(Faults(), f.name) for f in fields(Faults)})
 
-    async def start(self) -> "FaultProxy":
+    async def start(self) -> FaultProxy:
         self._server = await asyncio.start_server(self._handle, self.listen[0], self.listen[1])
         return self
 
@@ -112,7 +112,7 @@ class FaultProxy:
         if self._conns:
             await asyncio.gather(*self._conns, return_exceptions=True)
 
-    async def __aenter__(self) -> "FaultProxy":
+    async def __aenter__(self) -> FaultProxy:
         return await self.start()
 
     async def __aexit__(self, *exc: Any) -> None:

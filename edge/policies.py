@@ -44,14 +44,14 @@ class Decision:
 class Policy(Protocol):
     name: str
 
-    def decide(self, budget: "Budget", est: "Estimates") -> Decision: ...
+    def decide(self, budget: Budget, est: Estimates) -> Decision: ...
 
 
 class EdgeOnly:
     name = "edge-only"
     _decision = Decision("edge", "edge-only policy", "edge-only")
 
-    def decide(self, budget: "Budget", est: "Estimates") -> Decision:
+    def decide(self, budget: Budget, est: Estimates) -> Decision:
         return self._decision
 
 
@@ -59,7 +59,7 @@ class CloudOnly:
     name = "cloud-only"
     _decision = Decision("cloud", "cloud-only policy", "cloud-only")
 
-    def decide(self, budget: "Budget", est: "Estimates") -> Decision:
+    def decide(self, budget: Budget, est: Estimates) -> Decision:
         return self._decision
 
 
@@ -72,7 +72,7 @@ class Constrained:
         self.quantile = quantile
         self.probe_interval_s = probe_interval_s
 
-    def decide(self, budget: "Budget", est: "Estimates") -> Decision:
+    def decide(self, budget: Budget, est: Estimates) -> Decision:
         cost = est.cost_per_call
         cloud_ms = est.cloud_ms(self.quantile)
         eq, cq = est.edge_accuracy, est.cloud_accuracy
@@ -121,7 +121,7 @@ class Cascade:
         # cascade call whose edge answer is kept costs a few µs in all.
         self._decisions: dict[tuple[Estimates, float | None], Decision] = {}
 
-    def decide(self, budget: "Budget", est: "Estimates") -> Decision:
+    def decide(self, budget: Budget, est: Estimates) -> Decision:
         target = budget.target_accuracy
         key = (est, target)
         d = self._decisions.get(key)
@@ -146,7 +146,7 @@ class Hedged:
         self.quantile = quantile
         self.default_after_ms = default_after_ms
 
-    def decide(self, budget: "Budget", est: "Estimates") -> Decision:
+    def decide(self, budget: Budget, est: Estimates) -> Decision:
         after = est.cloud_ms(self.quantile)
         if after is None:
             after = self.default_after_ms
@@ -156,7 +156,7 @@ class Hedged:
 POLICIES: dict[str, type] = {p.name: p for p in (EdgeOnly, CloudOnly, Constrained, Cascade, Hedged)}
 
 
-def make_policy(policy: "str | Policy", **kwargs: Any) -> Policy:
+def make_policy(policy: str | Policy, **kwargs: Any) -> Policy:
     """A policy object from a name (kwargs go to its constructor) or the object itself."""
     if isinstance(policy, str):
         cls = POLICIES.get(policy)

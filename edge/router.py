@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.shared.errors import DeadlineExceeded, InvalidInput, NoConfidence, Overloaded, TandemError, Unavailable

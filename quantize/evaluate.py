@@ -26,7 +26,8 @@ def hardware_info() -> Hardware:
     """This machine: CPU model, cores, the SIMD flags quantized kernels depend on, ORT providers."""
     import onnxruntime as ort
 
-    cpu, flags = platform.processor() or platform.machine(), []
+    cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")

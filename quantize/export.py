@@ -96,6 +96,8 @@ def export_onnx(
     except Exception as e:
         raise ExportMismatch(f"{path.name}: torch.onnx.export failed with dynamic axes {sorted(dims)}: "
                              f"{type(e).__name__}: {_first_lines(e)}") from None
+    if program is None:
+        raise ExportMismatch(f"{path.name}: torch.onnx.export returned no program")
     # Weights inline (one file per variant: the manifest hashes files one by one).
     program.save(str(path), external_data=False)
     _rename_outputs(path, outs)
@@ -217,22 +219,22 @@ def verify_export(
             raise ExportMismatch(f"{Path(path).name}: ONNX Runtime cannot run the export at {what}: {_first_lines(e)}") from None
         if len(got) != len(expected):
             raise ExportMismatch(f"{Path(path).name}: the graph has {len(got)} outputs, torch returns {len(expected)}")
-        for out_name, g, e in zip((o.name for o in sess.get_outputs()), got, expected):
-            if g.shape != e.shape:
+        for out_name, g, want in zip((o.name for o in sess.get_outputs()), got, expected):
+            if g.shape != want.shape:
                 raise ExportMismatch(
-                    f"{Path(path).name}: ONNX output shape {g.shape} != torch {e.shape} at {what} (output {out_name})"
+                    f"{Path(path).name}: ONNX output shape {g.shape} != torch {want.shape} at {what} (output {out_name})"
                 )
             if g.dtype.kind == "f":
-                diff = np.abs(g.astype(np.float64) - e)
+                diff = np.abs(g.astype(np.float64) - want)
                 worst = max(worst, float(diff.max(initial=0.0)))
-                if not np.allclose(g, e, rtol=rtol, atol=atol):
+                if not np.allclose(g, want, rtol=rtol, atol=atol):
                     i = np.unravel_index(int(diff.argmax()), diff.shape)
                     raise ExportMismatch(
                         f"{Path(path).name}: ONNX Runtime output differs from torch by {float(diff.max()):.3g} "
                         f"at {tuple(int(j) for j in i)} ({what}, output {out_name}; tolerance rtol={rtol}, "
                         f"atol={atol}): the model does something the exporter did not capture"
                     )
-            elif not np.array_equal(g, e):
+            elif not np.array_equal(g, want):
                 raise ExportMismatch(f"{Path(path).name}: ONNX output {out_name} differs from torch at {what}")
     log.debug("export %s matches torch (max abs diff %.2e)", Path(path).name, worst)
     return worst

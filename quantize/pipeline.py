@@ -164,7 +164,7 @@ def _make_models(
     if spec.onnx_teacher is not None:
         shutil.copyfile(spec.onnx_teacher, teacher_path)
         check_onnx(teacher_path, data, "teacher")
-        edge_path = None
+        edge_path: Path | None = None
         if spec.edge.kind == "onnx":
             assert spec.edge.path is not None
             src = Path(spec.edge.path)
@@ -237,7 +237,7 @@ def _make_models(
 
     test_scores: dict[str, float] = {}
     choice = "the edge variant is the teacher at lower precision"
-    edge_path: Path | None = None
+    edge_path = None
     train_x = data.train.x
     if data.unlabelled:
         train_x = {k: _concat_padded(v, data.unlabelled[k], data.pads().get(k)) for k, v in train_x.items()}

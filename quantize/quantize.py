@@ -65,7 +65,7 @@ def preprocess(fp32: Path, out: Path) -> tuple[Path, str | None]:
 
     # Symbolic shape inference is the step that fails on transformer graphs (it does not know every
     # op the exporter emits); ONNX's own shape inference plus the graph optimisation still apply.
-    errors = []
+    errors: list[str] = []
     fp32, out = fp32.resolve(), out.resolve()
     for skip_symbolic in (False, True):
         try:

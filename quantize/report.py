@@ -4,6 +4,7 @@ training runs; the edge-vs-cloud checks; calibration) and a PNG of accuracy vs l
 from __future__ import annotations
 
 from pathlib import Path
+
 from tandem.shared.bundle import Calibration, Manifest, describe
 
 from .distill import TrainResult

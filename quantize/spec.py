@@ -276,7 +276,7 @@ class BuildSpec(_Model):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "BuildSpec":
+    def _consistent(self) -> BuildSpec:
         if self.inputs is not None:
             names = [d.name for d in self.inputs]
             if not names or len(set(names)) != len(names):
@@ -370,7 +370,7 @@ class Split:
     def __len__(self) -> int:
         return len(next(iter(self.x.values())))
 
-    def take(self, idx: Any) -> "Split":
+    def take(self, idx: Any) -> Split:
         return Split({k: v[idx] for k, v in self.x.items()}, None if self.y is None else self.y[idx])
 
 
@@ -404,8 +404,8 @@ def declared_inputs(spec: BuildSpec, sample: Any) -> list[TensorDecl]:
     out = []
     for d in spec.inputs:
         if d.shape is None:
-            arr = np.asarray(sample[d.name]) if isinstance(sample, dict) and d.name in sample else None
-            shape: list[int | str] = ["batch", *(arr.shape[1:] if arr is not None else ())]
+            given = np.asarray(sample[d.name]) if isinstance(sample, dict) and d.name in sample else None
+            shape: list[int | str] = ["batch", *(given.shape[1:] if given is not None else ())]
             d = d.model_copy(update={"shape": shape})
         out.append(d)
     return out

@@ -25,7 +25,7 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -34,7 +34,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import signing
-from .profile import ReferenceProfile
 from .errors import (
     BundleError,
     BundleNotFound,
@@ -44,6 +43,7 @@ from .errors import (
     UnsafePath,
     UnsupportedSchema,
 )
+from .profile import ReferenceProfile
 from .tensors import DATATYPE_TO_DTYPE, decode_tensors, encode_tensors, packb, unpackb
 
 SCHEMA_VERSION = 2
@@ -251,7 +251,7 @@ class Samples(_Model):
 
 class Provenance(_Model):
     source: str
-    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     build_config: dict[str, Any] = Field(default_factory=dict)
     tool_versions: dict[str, str] = Field(default_factory=dict)
     hardware: Hardware | None = None

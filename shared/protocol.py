@@ -73,7 +73,7 @@ class InferRequest:
         return packb(msg)
 
     @classmethod
-    def from_wire(cls, body: bytes | bytearray | memoryview, max_bytes: int | None = None) -> "InferRequest":
+    def from_wire(cls, body: bytes | bytearray | memoryview, max_bytes: int | None = None) -> InferRequest:
         msg = unpackb(body, max_bytes)
         if type(msg) is not dict:  # unpackb gives dicts for msgpack maps
             raise InvalidInput("request body must be a msgpack map")
@@ -121,7 +121,7 @@ class InferResponse:
         return packb(msg)
 
     @classmethod
-    def from_wire(cls, body: bytes | bytearray | memoryview) -> "InferResponse":
+    def from_wire(cls, body: bytes | bytearray | memoryview) -> InferResponse:
         msg = unpackb(body)
         if not isinstance(msg, Mapping) or "outputs" not in msg:
             raise InvalidInput("response body must be a msgpack map with 'outputs'")
@@ -158,7 +158,7 @@ class ServerTiming:
         return h
 
     @classmethod
-    def from_headers(cls, headers: Mapping[str, str]) -> "ServerTiming":
+    def from_headers(cls, headers: Mapping[str, str]) -> ServerTiming:
         def num(name: str, conv: Any) -> Any:
             v = headers.get(name)
             if v is None:

@@ -132,7 +132,7 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
         want = DATATYPE_TO_DTYPE[datatype]
         if arr.dtype != want or not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr, dtype=want)
-        data = memoryview(arr).cast("B") if arr.size else b""
+        data = arr.data.cast("B") if arr.size else b""
     return {"datatype": datatype, "shape": list(arr.shape), "data": data}
 
 

@@ -349,7 +349,7 @@ def encode_infer_response(
                 want = DATATYPE_TO_DTYPE[datatype]
                 if arr.dtype != want or not arr.flags.c_contiguous:
                     arr = np.ascontiguousarray(arr, dtype=want)
-                blob = memoryview(arr).cast("B") if arr.size else b""
+                blob = arr.data.cast("B") if arr.size else b""
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

@@ -17,14 +17,11 @@ import aiohttp
 import numpy as np
 from aiohttp import web
 
+from support import free_port, make_bundle
 from tandem.shared import signing
 from tandem.shared.bundle import SAMPLES_NAME, read_manifest, read_samples, seal_bundle, write_samples
 from tandem.shared.protocol import CONTENT_TYPE
 from tandem.shared.tensors import decode_tensors, encode_tensors, packb, unpackb
-
-from support import free_port, make_bundle
-
-
 
 
 class TestCloud:

@@ -22,10 +22,6 @@ from tandem.shared import signing
 from tandem.shared.bundle import Manifest, Provenance, Task, TensorSpec, Variant, seal_bundle
 
 
-
-
-
-
 def make_varlen_onnx(path: Path) -> Path:
     """x FP32 [batch, n] -> mean FP32 [batch, 1]: the second dimension varies per request."""
     graph = helper.make_graph(
@@ -171,7 +167,7 @@ class ServerThread:
 
         return self.app[STATE]
 
-    def start(self) -> "ServerThread":
+    def start(self) -> ServerThread:
 
         from tandem.cloud.front import listen, make_runner
 
@@ -199,7 +195,7 @@ class ServerThread:
         self._thread.join(10)
         self.loop.close()
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -30,7 +30,7 @@ class CloudProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 60.0) -> "CloudProcess":
+    def start(self, timeout_s: float = 60.0) -> CloudProcess:
         cmd = [sys.executable, "-m", "tandem.shared.cli", "serve", "--repository", str(self.repository),
                "--host", "127.0.0.1", "--port", str(self.port), "--trusted-key", str(self.public_key),
                "--instances", "1"]
@@ -86,7 +86,7 @@ class SchedulerLag:
             time.sleep(self._period)
             self.max_ms = max(self.max_ms, (time.perf_counter() - t0 - self._period) * 1000)
 
-    def __enter__(self) -> "SchedulerLag":
+    def __enter__(self) -> SchedulerLag:
         self._t.start()
         return self
 
@@ -112,7 +112,7 @@ class LoopLag:
             await asyncio.sleep(self._period)
             self.max_ms = max(self.max_ms, (time.perf_counter() - t0 - self._period) * 1000)
 
-    async def __aenter__(self) -> "LoopLag":
+    async def __aenter__(self) -> LoopLag:
         self._task = asyncio.ensure_future(self._run())
         return self
 

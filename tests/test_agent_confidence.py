@@ -12,11 +12,10 @@ import aiohttp
 import numpy as np
 import pytest
 
+from agent_support import AgentProcess, TestCloud, wait_for, write_config
 from tandem.shared.errors import InvalidInput
 from tandem.shared.protocol import CONTENT_TYPE
 from tandem.shared.tensors import decode_tensors, encode_tensors, packb, unpackb
-
-from agent_support import AgentProcess, TestCloud, wait_for, write_config
 from test_edge_tasks import make_regression_bundle
 
 pytestmark = pytest.mark.timeout(120)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ import aiohttp
 import numpy as np
 import pytest
 
+from agent_support import AgentProcess, HostileRegistry, infer, publish, run_cli, tree_snapshot, write_config
 from tandem.edge.agent.config import load_config
 from tandem.edge.agent.daemon import Agent, _bind_unix_socket
 from tandem.edge.agent.lock import DataDirLock, lock_holder
@@ -32,9 +32,6 @@ from tandem.shared import signing
 from tandem.shared.errors import InvalidInput, UnsafePath
 from tandem.shared.protocol import CONTENT_TYPE
 from tandem.shared.tensors import encode_tensors, packb, unpackb
-
-from agent_support import AgentProcess, HostileRegistry, infer, publish, run_cli, tree_snapshot, write_config
-from support import free_port
 
 # --- a hostile registry -------------------------------------------------------------------------
 

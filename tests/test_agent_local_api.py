@@ -11,6 +11,8 @@ import aiohttp
 import numpy as np
 import pytest
 
+from agent_support import infer, publish
+from support import run_onnx
 from tandem.edge.agent.config import load_config
 from tandem.edge.agent.daemon import Agent
 from tandem.edge.agent.store import ModelStore
@@ -18,9 +20,6 @@ from tandem.shared import signing
 from tandem.shared.errors import InvalidInput
 from tandem.shared.protocol import CONTENT_TYPE
 from tandem.shared.tensors import encode_tensors, packb, unpackb
-
-from agent_support import infer, publish
-from support import run_onnx
 
 
 @pytest.fixture

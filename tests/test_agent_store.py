@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from agent_support import publish, reseal_with_wrong_samples, tamper_edge_file
 from tandem.edge.agent.store import ModelStore, ProbationFailed
 from tandem.shared import signing
 from tandem.shared.errors import HashMismatch, UntrustedSignature
-
-from agent_support import publish, reseal_with_wrong_samples, tamper_edge_file
 
 
 def stage(store: ModelStore, src: Path, version: str) -> Path:

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from aiohttp import web
 
+from agent_support import TestCloud, free_port, infer, publish, reseal_with_wrong_samples
 from tandem.edge.agent.config import load_config
 from tandem.edge.agent.daemon import Agent
-
-from agent_support import TestCloud, free_port, infer, publish, reseal_with_wrong_samples
 
 
 @pytest.fixture

@@ -12,8 +12,6 @@ import aiohttp
 import numpy as np
 import pytest
 
-from tandem.shared import signing
-
 from agent_support import (
     AgentProcess,
     TestCloud,
@@ -24,6 +22,7 @@ from agent_support import (
     wait_for,
     write_config,
 )
+from tandem.shared import signing
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -29,6 +29,7 @@ import aiohttp
 import numpy as np
 import pytest
 import yaml
+
 from support import free_port, make_bundle, make_keys
 from tandem.shared.protocol import CONTENT_TYPE, InferRequest, infer_path
 

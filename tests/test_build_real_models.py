@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 pytest.importorskip("torch")
 
 from build_support import write_tokens_spec  # noqa: E402
-from tandem.quantize.errors import BuildError, ExportMismatch, SpecError  # noqa: E402
+from tandem.quantize.errors import ExportMismatch, SpecError  # noqa: E402
 from tandem.quantize.pipeline import build  # noqa: E402
 from tandem.quantize.quantize import convert_fp16  # noqa: E402
 from tandem.quantize.spec import load_spec  # noqa: E402

@@ -24,7 +24,6 @@ from tandem.cloud.engine import ModelEngine
 from tandem.shared import protocol as p
 from tandem.shared.tensors import unpackb
 
-
 BLOCK = 150  # rounds of work that keep the slow model's only instance busy (~0.25 s here)
 
 

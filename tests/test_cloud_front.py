@@ -161,7 +161,7 @@ def test_a_repeated_head_is_reused_and_a_changed_one_is_not(server: ServerThread
         for raw, _, _ in requests:  # one at a time: each request arrives as its own read
             sock.sendall(raw)
             answers.append(r.next())
-    for (raw, model, rows), (status, headers, body) in zip(requests, answers):
+    for (_raw, model, rows), (status, _headers, body) in zip(requests, answers):
         assert status == 200, body[:200]
         out = p.InferResponse.from_wire(body)
         assert out.model_name == model

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from tandem.cloud.layout import RequestDecoder, ResponseEncoder, V2RequestDecoder, V2ResponseEncoder
 from tandem.shared import v2
 from tandem.shared.errors import TandemError
-from tandem.cloud.layout import RequestDecoder, ResponseEncoder, V2RequestDecoder, V2ResponseEncoder
 from tandem.shared.protocol import InferRequest, InferResponse
 
 _dtypes = st.sampled_from([np.float32, np.float16, np.int64, np.uint8, np.bool_, np.float64])
@@ -207,7 +207,7 @@ def test_a_repeated_v2_header_decodes_what_the_full_parser_decodes(inputs: dict[
     assert _outcome(lambda: decoder.decode(memoryview(again), hl)) == _outcome(lambda: v2.parse_infer_request(again, hl))
     # The same header with a binary part of another length is refused as the full parser refuses it.
     for bad in (again[:-1], again + b"\0"):
-        assert _outcome(lambda: decoder.decode(bad, hl)) == _outcome(lambda: v2.parse_infer_request(bad, hl))
+        assert _outcome(lambda bad=bad: decoder.decode(bad, hl)) == _outcome(lambda bad=bad: v2.parse_infer_request(bad, hl))
 
 
 def test_v2_json_data_bool_and_bytes_inputs_are_never_planned() -> None:
@@ -218,7 +218,7 @@ def test_v2_json_data_bool_and_bytes_inputs_are_never_planned() -> None:
         _v2_body({"a": x, "m": np.array([[True, False]])}),
     ):
         first = decoder.decode(body, hl)
-        assert _outcome(lambda: first) == _outcome(lambda: v2.parse_infer_request(body, hl))
+        assert _outcome(lambda first=first: first) == _outcome(lambda body=body, hl=hl: v2.parse_infer_request(body, hl))
     assert not decoder._plans
     # An empty JSON input is fixed by the header: planning it is sound.
     body, hl = _v2_body({"a": x}, json_inputs={"e": np.zeros((0, 2), np.float32)})

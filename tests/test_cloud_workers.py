@@ -206,7 +206,7 @@ def test_a_worker_that_keeps_dying_makes_the_server_exit_1(tmp_path: Path, keys:
 
         for restart in range(MAX_RESTARTS):  # each death within the budget is restarted
             os.kill(readies()[-1], signal.SIGKILL)
-            _wait_for(lambda: len(readies()) == restart + 2, 30, f"restart {restart + 1}")
+            _wait_for(lambda restart=restart: len(readies()) == restart + 2, 30, f"restart {restart + 1}")
             assert proc.poll() is None
         os.kill(readies()[-1], signal.SIGKILL)  # one more within the minute: give up
         assert proc.wait(30) == 1

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+
 from support import make_bundle
 from tandem.shared.protocol import CONTENT_TYPE, InferRequest, infer_path
 

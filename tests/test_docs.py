@@ -40,6 +40,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +169,7 @@ class Page:
         return "".join(f"\n--- log of {b.where} ---\n{log.read_text()[-2000:]}" for _, log, b in self.servers)
 
     def stop(self) -> None:
-        for proc, _, block in reversed(self.servers):
+        for proc, _, _block in reversed(self.servers):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 try:

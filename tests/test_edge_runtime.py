@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from support import make_bundle, run_onnx
-from tandem.quantize.calibration import softmax
 from tandem.edge import Budget, HybridClient, Route, RouterConfig
 from tandem.edge.runtime import EdgeRuntime, select_providers
+from tandem.quantize.calibration import softmax
 from tandem.shared.bundle import load_bundle
 from tandem.shared.errors import InvalidInput, UntrustedSignature
 

@@ -15,9 +15,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from tandem.shared.tensors import packb, unpackb
-
 from tandem.cloud.feedback import FeedbackStore
+from tandem.shared.tensors import packb, unpackb
 
 MSGPACK = "application/msgpack"
 
@@ -218,7 +217,7 @@ async def test_database_survives_close_and_reopen(db_path: Path) -> None:
 
 def test_unusable_database_path_fails_at_start(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
-    with pytest.raises(Exception):
+    with pytest.raises(OSError):
         FeedbackStore(tmp_path / "file" / "feedback.sqlite")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from support import free_port, make_bundle, make_keys
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,10 +14,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from support import make_bundle
+from tandem.cloud.registry import Registry
 from tandem.shared.bundle import MANIFEST_NAME, SIGNATURE_NAME, load_bundle, read_manifest
 from tandem.shared.errors import ModelNotFound, NotFound, error_from_body
-
-from tandem.cloud.registry import Registry
 
 BASE = "/v1/registry/models"
 

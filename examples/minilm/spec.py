@@ -1,8 +1,8 @@
 """tandem build examples/minilm: the real all-MiniLM-L6-v2 in the cloud, a distilled encoder on the
 device, both answering with embeddings in one 384-d space (see README.md)."""
 
-from models import student, teacher  # noqa: E402 - siblings of this file (the spec's directory is on sys.path)
 from data import load_data  # noqa: E402
+from models import student, teacher  # noqa: E402 - siblings of this file (the spec's directory is on sys.path)
 
 SPEC = {
     "name": "minilm",

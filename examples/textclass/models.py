@@ -58,7 +58,7 @@ class FrozenMiniLMClassifier(nn.Module):
         # learning rate produce logits of a useful size without a hand-tuned lr.
         self.scale = 10.0
 
-    def train(self, mode: bool = True) -> "FrozenMiniLMClassifier":
+    def train(self, mode: bool = True) -> FrozenMiniLMClassifier:
         super().train(mode)
         self.encoder.eval()  # frozen means its eval behaviour too, whatever the trainer sets
         return self

@@ -1,8 +1,8 @@
 """tandem build examples/textclass: a two-input text classifier (which area of the standard library
 a sentence documents) on the real all-MiniLM-L6-v2 encoder, a small distilled classifier on the edge."""
 
-from models import LABELS, student, teacher  # noqa: E402 - siblings of this file
 from data import load_data  # noqa: E402
+from models import LABELS, student, teacher  # noqa: E402 - siblings of this file
 
 SPEC = {
     "name": "textclass",
