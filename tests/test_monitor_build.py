@@ -55,14 +55,10 @@ def test_tiny_build_writes_a_reference_profile(tmp_path: Path, keys: tuple[Path,
     assert v is not None and v.n == 359 and v.agreement is not None and 0.5 < v.agreement <= 1.0
     assert v.edge_accuracy is not None and v.cloud_accuracy is not None
     # A running profile of the validation split's own pixels scores near zero against it.
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "digits"))
-    from spec import load_data  # type: ignore[import-not-found]
-
-    x_val = load_data()["val"][0]  # the 359 validation rows the build profiled
     from support import run_onnx
+    from test_monitor_support import digits
 
+    x_val = digits()["val"][0]  # the 359 validation rows the build profiled
     bundle = load_bundle(result.bundle_path, keys[1])
     running = RunningProfile(profile, "cloud", window=400)
     running.observe({"input": x_val}, {"logits": run_onnx(bundle.variant_path("cloud"), x_val)})
