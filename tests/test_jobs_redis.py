@@ -234,3 +234,24 @@ def test_worker_stops_on_sigterm_after_storing_what_it_holds(server: ServerThrea
     workers.start("w2")
     for i in ids:
         assert wait_done(server.url, i)["status"] == "succeeded"
+
+
+def test_serve_cli_with_jobs_queue_is_a_producer(repo: Path, keys: tuple[Path, Path], redis_server: RedisServer, workers: Workers, tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = start_tandem(
+        ["serve", "--repository", str(repo), "--trusted-key", str(keys[1]), "--port", str(port), "--jobs-queue", redis_server.url],
+        log,
+    )
+    try:
+        wait_line(proc, log, "ready ", timeout=180)
+        url = f"http://127.0.0.1:{port}"
+        _, _, doc = submit(url, p.infer_path("slow"), slow_body(4.0))
+        assert _stream_backlog(redis_server)[0] == 1  # in Redis, not run by serve
+        workers.start("w1")
+        assert wait_done(url, doc["id"])["status"] == "succeeded"
+    finally:
+        assert stop(proc) == 0
+    bad = tmp_path / "bad.log"
+    code = start_tandem(["serve", "--repository", str(repo), "--trusted-key", str(keys[1]), "--jobs-queue", "ftp://x"], bad).wait(120)
+    assert code != 0 and "jobs.queue must be" in bad.read_text() and "Traceback" not in bad.read_text()
