@@ -121,6 +121,7 @@ class _Decoded:
 def decode_request(inference: Inference, protocol: str, served: ServedModel, body: bytes, header_length: str | None) -> tuple[Any, Mapping[str, np.ndarray], list[str] | None, int]:
     """Decode and check one request as the synchronous call would: (request, inputs, outputs, rows).
     Raises the TandemError that call would answer."""
+    req: Any
     if protocol == "v1":
         req = inference.decoder.decode(body)
         outputs = list(req.outputs) if req.outputs is not None else None

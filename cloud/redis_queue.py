@@ -111,6 +111,10 @@ def _text(v: Any) -> str | None:
     return v.decode() if isinstance(v, (bytes, bytearray)) else str(v)
 
 
+def _str(v: Any) -> str:
+    return v.decode() if isinstance(v, (bytes, bytearray)) else str(v)
+
+
 def _float(v: Any) -> float | None:
     t = _text(v)
     return float(t) if t not in (None, "") else None
@@ -289,16 +293,16 @@ class RedisJobQueue:
                 block=max(1, int(min(wait_s, _MAX_BLOCK_S) * 1000)),
             ))
             for stream, items in got or []:
-                entries.extend((_text(stream), eid, fields[b"id"]) for eid, fields in items)
+                entries.extend((_str(stream), eid, fields[b"id"]) for eid, fields in items)
         if not entries:
             return []
         # One script marks the jobs running (unless deleted or answered) and returns them.
         started = time.time()
-        flat = await self._call(self._claim(keys=[self._job(_text(jid)) for _, _, jid in entries], args=[repr(started)]))
+        flat = await self._call(self._claim(keys=[self._job(_str(jid)) for _, _, jid in entries], args=[repr(started)]))
         jobs: list[JobRecord] = []
         stale: list[tuple[Any, ...]] = []
         for (stream, eid, jid), h in zip(entries, flat):
-            job = self._record(_text(jid), {b"meta": h[0], b"body": h[1], b"served_version": h[2], b"status": b"running",
+            job = self._record(_str(jid), {b"meta": h[0], b"body": h[1], b"served_version": h[2], b"status": b"running",
                                             b"started": repr(started).encode()} if h else {})
             if job is None:
                 stale.append((stream, eid))  # deleted, expired or already answered: nothing to run
