@@ -57,7 +57,7 @@ __all__ = ["Callbacks", "JobRunner", "JobService", "open_queue"]
 _log = logging.getLogger("tandem.cloud.jobs")
 
 #: Jobs the embedded dispatcher claims at once, and how many claimed groups may run together.
-_CLAIM_JOBS = 256
+_CLAIM_JOBS = 64
 _RUNS_IN_FLIGHT = 2
 #: Seconds between looks at a busy model queue before a job batch is submitted.
 _IDLE_POLL_S = 0.001
