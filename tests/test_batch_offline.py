@@ -161,8 +161,11 @@ def test_an_interrupted_run_resumes_without_computing_a_row_twice(env: dict[str,
     out = tmp_path / "y.npz"
     args = ["slow", str(src), str(out), "--repository", str(env["repo"]), "--trusted-key", str(env["pub"]),
             "--threads", "1", "--batch-size", "8", "--chunk-rows", "8", "--no-progress"]
+    # SIGINT back to its default in the child: a test run started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "tandem.shared.cli", "batch", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_journal(tmp_path / ".y.npz.tandem-batch", 3, proc)
         proc.send_signal(sig)
