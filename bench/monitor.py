@@ -25,19 +25,14 @@ detected.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, bench/ is sys.path[0], and a bench module named like a standard one (queue.py)
-# would shadow it for everything imported later (scikit-learn imports queue).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 

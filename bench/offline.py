@@ -20,16 +20,10 @@ and the ratios to raw are printed as a Markdown table.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, bench/ is first on sys.path, and bench/queue.py would stand in for the standard
-# library's queue (which concurrent.futures needs).
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path

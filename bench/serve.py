@@ -541,7 +541,7 @@ def bench_case(case: ModelCase, args: argparse.Namespace, public_key: Path, tmp:
 
     if case.floor is None:
         port = _free_port()
-        floor = Server("floor", [sys.executable, *_SAFE_PATH, str(ROOT / "bench" / "floor_server.py"), "--port", str(port)], port,
+        floor = Server("floor", [sys.executable, str(ROOT / "bench" / "floor_server.py"), "--port", str(port)], port,
                        "/v2/health/ready", tmp / "floor.log")
         try:
             case.floor = wrk(floor.base, native_load(case), 1, args.duration, tmp)
@@ -550,7 +550,7 @@ def bench_case(case: ModelCase, args: argparse.Namespace, public_key: Path, tmp:
             floor.stop()
 
     port = _free_port()
-    naive = Server("naive", [sys.executable, *_SAFE_PATH, str(ROOT / "bench" / "naive_server.py"), str(case.onnx_path), "--name", case.name,
+    naive = Server("naive", [sys.executable, str(ROOT / "bench" / "naive_server.py"), str(case.onnx_path), "--name", case.name,
                              "--port", str(port), "--threads", str(args.threads)], port, "/v2/health/ready", tmp / f"naive-{case.name}.log")
     try:
         load_server("naive aiohttp", "native", naive, native_load(case), case, args, tmp)
@@ -559,7 +559,7 @@ def bench_case(case: ModelCase, args: argparse.Namespace, public_key: Path, tmp:
 
     if args.with_litserve:
         port = _free_port()
-        lit = Server("litserve", [args.litserve_python, *_SAFE_PATH, str(ROOT / "bench" / "litserve_server.py"), str(case.onnx_path),
+        lit = Server("litserve", [args.litserve_python, str(ROOT / "bench" / "litserve_server.py"), str(case.onnx_path),
                                   "--port", str(port), "--threads", str(args.threads)], port, "/health", tmp / f"litserve-{case.name}.log")
         try:
             load_server("litserve", "litserve", lit, litserve_load(case), case, args, tmp)
@@ -668,10 +668,6 @@ def main() -> int:
         report(cases, args)
     return 0
 
-
-#: Python's -P: a helper server's folder (bench/) is not put first on sys.path, where a bench script
-#: named like a standard module (bench/queue.py) would shadow it in the server and in what it imports.
-_SAFE_PATH = ["-P"]
 
 #: What bench/litserve_server.py imports: LitServe, and the same onnxruntime and numpy as this process.
 _LITSERVE_CHECK = "import litserve, onnxruntime, numpy"

@@ -20,7 +20,7 @@ every worker process and redis-server, all threads, from /proc) with the queue's
 (queue CPU / direct CPU - 1). On a machine shared with other work the wall-clock ratio follows the
 other work as much as the queue; the CPU time per row does not.
 
-    python bench/queue.py [--repository REPO --trusted-key PUB.pem | --insecure-skip-signature]
+    python bench/jobs.py [--repository REPO --trusted-key PUB.pem | --insecure-skip-signature]
                           [--model digits] [--rows 32,64] [--workers 1,2,4] [--jobs 800]
                           [--batch 64] [--repeat 3] [--appendfsync everysec]
 
