@@ -23,9 +23,15 @@ is at batch 128), ``conv`` (a 12-layer 256-channel CNN on the input as an 8x8 im
 multiply-adds per sample at any batch size: compute dominates) and ``conv64`` (the same with 64
 channels, ~26 M multiply-adds per sample: the size of a typical reference CNN).
 
+Text row (``--text-bundle DIR``, a bundle with INT64 [batch, sequence] inputs such as
+``tandem build examples/minilm``'s): requests of mixed lengths at 64 connections, ``tandem serve``
+padding per batch against every request padded to the longest length, and against raw onnxruntime
+on length-sorted batches (``bench/padding.py``, run after the table; its targets: >= 1.5x and >= 75%).
+
     apt-get install -y wrk                      # Debian/Ubuntu
     python bench/serve.py [--repository artifacts/repository] [--models digits,mlp,wide]
                           [--concurrency 1,16,64] [--duration 10] [--repeat 3] [--with-litserve]
+                          [--text-bundle artifacts/repository/minilm/1]
 """
 
 from __future__ import annotations
@@ -648,6 +654,8 @@ def main() -> int:
                    help="also run tandem serve --workers N, native protocol (default: one per core; 1: skip)")
     p.add_argument("--workers-fill-wait-us", type=int, default=None, metavar="US",
                    help="batching.fill_wait_us of the --workers-row server (default: the server's, 1000 with workers; 0: off)")
+    p.add_argument("--text-bundle", type=Path, default=None, metavar="DIR",
+                   help="also run the mixed-length text row (bench/padding.py) on this bundle")
     args = p.parse_args()
 
     if shutil.which("wrk") is None:
@@ -666,7 +674,18 @@ def main() -> int:
         for case in cases:
             bench_case(case, args, keys[0], tmp)
         report(cases, args)
+    if args.text_bundle is not None:
+        return text_row(args)
     return 0
+
+
+def text_row(args: argparse.Namespace) -> int:
+    """The mixed-length text row: bench/padding.py on ``--text-bundle`` at 64 connections."""
+    print(f"\ntext row: {args.text_bundle}, requests of 8-64 tokens, 64 connections", flush=True)
+    cmd = [sys.executable, str(ROOT / "bench" / "padding.py"), "--bundle", str(args.text_bundle),
+           "--duration", str(args.duration), "--repeat", str(max(args.repeat, 1)), "--concurrency", "64",
+           "--threads", str(args.threads)]
+    return subprocess.run(cmd).returncode
 
 
 #: What bench/litserve_server.py imports: LitServe, and the same onnxruntime and numpy as this process.
