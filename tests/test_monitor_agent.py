@@ -24,6 +24,7 @@ from tandem.edge.agent.daemon import Agent
 from tandem.edge.agent.monitor import MONITOR_FILE
 from tandem.edge.agent.store import ModelStore
 from tandem.shared import signing
+from tandem.shared.errors import InvalidInput
 from test_monitor_support import make_digits_bundle, stream
 
 
@@ -129,3 +130,33 @@ async def test_agent_profiles_compares_escalations_and_uploads_its_drift(agent: 
     assert run.returncode == 0, run.stderr
     assert "digits:1 (edge): DRIFTING" in run.stdout and "edge agrees with cloud" in run.stdout
     assert out.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("monitoring", [{"threshold": 0.1, "window": 200, "min_rows": 100}, {"enabled": False}])
+async def test_the_agents_monitoring_settings_apply(tmp_path: Path, keys: tuple[Path, Path], cloud: ServerThread,
+                                                   monitoring: dict) -> None:
+    data = tmp_path / "data"
+    store = ModelStore(data, [signing.load_public_key(keys[1])])
+    staging = store.staging_dir("digits", "1")
+    shutil.copytree(cloud.config.repository / "digits" / "1", staging)
+    store.install(staging, "digits", "1")
+    cfg = load_config(None, data_dir=data, trusted_keys=[keys[1]], models=[{"name": "digits"}], port=0,
+                      policy="edge-only", unix_socket=False, monitoring=monitoring)
+    a = Agent(cfg)
+    await a.start(run_loops=False)
+    try:
+        await _send(a, stream(None, 240, seed=21)[0])
+        await a.monitor.tick()
+        if not monitoring.get("enabled", True):
+            assert a.monitor.models == {}  # served, not profiled
+            return
+        doc = json.loads((data / MONITOR_FILE).read_text())["models"]["digits"]
+        assert (doc["threshold"], doc["window"], doc["min_rows"]) == (0.1, 200, 100)
+        assert doc["window_rows"] == 200  # the window holds the most recent 200 of 240
+    finally:
+        await a.stop()
+
+
+def test_monitoring_settings_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="monitoring.min_rows .* cannot exceed monitoring.window"):
+        load_config(None, data_dir=tmp_path, monitoring={"window": 100, "min_rows": 200})

@@ -61,6 +61,33 @@ class TrackedModel(BaseModel):
         return v
 
 
+class AgentMonitoring(BaseModel):
+    """Drift and live quality of what this device serves (see docs/monitoring.md); the same
+    meanings and defaults as the cloud tier's ``monitoring`` section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    #: A model is drifting when its summary score (the largest per-feature PSI) reaches this.
+    threshold: float = Field(0.25, gt=0)
+    #: Rows the running profile covers (the most recent ones).
+    window: int = Field(1000, ge=10)
+    #: No score (and never "drifting") before the window holds this many rows.
+    min_rows: int = Field(500, ge=1)
+    #: Labelled answers and escalations the live quality covers.
+    quality_window: int = Field(1000, ge=10)
+    #: How often profiles are updated and monitor.json rewritten (when something changed), seconds.
+    interval_s: float = Field(2.0, gt=0)
+    #: How often a "profile" record goes to the outbox (when something changed), seconds.
+    upload_interval_s: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "AgentMonitoring":
+        if self.min_rows > self.window:
+            raise ValueError(f"monitoring.min_rows ({self.min_rows}) cannot exceed monitoring.window ({self.window})")
+        return self
+
+
 class AgentConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
@@ -109,6 +136,7 @@ class AgentConfig(BaseSettings):
     telemetry_interval_s: float = Field(60.0, gt=0)
     #: Record every routed call in the outbox (kind "route").
     record_routes: bool = True
+    monitoring: AgentMonitoring = Field(default_factory=AgentMonitoring)
 
     @field_validator("cloud_url")
     @classmethod

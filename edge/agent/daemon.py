@@ -71,7 +71,7 @@ class Agent:
         self.store = ModelStore(config.data_dir, self.keys, config.keep_versions, config.intra_op_threads)
         self.outbox = Outbox(config.data_dir / OUTBOX_NAME, config.outbox_max_rows, config.outbox_max_age_s)
         # Drift and live quality of what this device serves (monitor.json, "profile" records).
-        self.monitor = AgentMonitor(config.data_dir, self.enqueue)
+        self.monitor = AgentMonitor(config.data_dir, self.enqueue, config.monitoring)
 
     async def start(self, run_loops: bool = True) -> None:
         """Recover, serve, and (``run_loops``) start polling/uploading; without loops the caller

@@ -26,6 +26,7 @@ import numpy as np
 from tandem.shared.bundle import Bundle
 from tandem.shared.profile import RunningProfile
 
+from .config import AgentMonitoring
 from .store import write_json_atomic
 
 __all__ = ["MONITOR_FILE", "PROFILE_KIND", "AgentMonitor", "MonitoredRouter"]
@@ -38,8 +39,6 @@ PROFILE_KIND = "profile"
 MAX_QUEUED = 4096
 #: Escalated calls whose edge answer is being computed at once, at most (beyond: not compared).
 MAX_COMPARING = 4
-#: The same defaults as the cloud tier's monitoring section.
-THRESHOLD, WINDOW, MIN_ROWS, QUALITY_WINDOW = 0.25, 1000, 500, 1000
 _HISTORY = 720
 
 
@@ -50,11 +49,12 @@ def _argmax(a: np.ndarray) -> np.ndarray:
 class _Model:
     """One model version's running profile and live quality on this device."""
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, settings: AgentMonitoring) -> None:
         m = bundle.manifest
         assert m.profile is not None
         self.name, self.version = m.name, m.version
-        self.profile = RunningProfile(m.profile, "edge", window=WINDOW)
+        self.settings = settings
+        self.profile = RunningProfile(m.profile, "edge", window=settings.window)
         self.outputs = sorted({f.tensor for f in self.profile.features if f.source == "output"})
         self.task_output = m.task.output or (m.outputs[0].name if m.outputs else None)
         self.classifier = m.task.kind == "classification"
@@ -62,17 +62,20 @@ class _Model:
         self.validation = m.profile.validation
         self.queue: collections.deque[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = collections.deque()
         self.dropped = 0
-        self.labelled: collections.deque[tuple[str, bool]] = collections.deque(maxlen=QUALITY_WINDOW)
-        self.agreement: collections.deque[bool] = collections.deque(maxlen=QUALITY_WINDOW)
-        self.tiers: collections.deque[str] = collections.deque(maxlen=QUALITY_WINDOW)
+        self.labelled: collections.deque[tuple[str, bool]] = collections.deque(maxlen=settings.quality_window)
+        self.agreement: collections.deque[bool] = collections.deque(maxlen=settings.quality_window)
+        self.tiers: collections.deque[str] = collections.deque(maxlen=settings.quality_window)
         # Cascade calls: (confidence >= threshold, threshold) for the keep share against calibration.
-        self.kept: collections.deque[tuple[bool, float]] = collections.deque(maxlen=QUALITY_WINDOW)
+        self.kept: collections.deque[tuple[bool, float]] = collections.deque(maxlen=settings.quality_window)
         self.report: Any = None
         self.drifting_since: float | None = None
         #: Calls, comparisons and labels seen: the state changed since it was last written or sent.
         self.count = 0
         self.drained = self.written = self.uploaded = -1
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=_HISTORY)
+
+    def score(self) -> Any:
+        return self.profile.report(self.settings.threshold, self.settings.min_rows)
 
     def quality(self) -> dict[str, Any]:
         out: dict[str, Any] = {"labelled": len(self.labelled), "escalations_compared": len(self.agreement),
@@ -95,11 +98,11 @@ class _Model:
         return out
 
     def document(self, top: int = 10) -> dict[str, Any]:
-        report = self.report or self.profile.report(THRESHOLD, MIN_ROWS)
+        report = self.report or self.score()
         names = [f.name for f in report.features[:top]]
         return {
-            "model": self.name, "version": self.version, "tier": "edge", "threshold": THRESHOLD, "window": WINDOW,
-            "min_rows": MIN_ROWS, "drifting": report.drifting, "drifting_since": self.drifting_since, "score": report.score,
+            "model": self.name, "version": self.version, "tier": "edge", "threshold": self.settings.threshold,
+            "window": self.settings.window, "min_rows": self.settings.min_rows, "drifting": report.drifting, "drifting_since": self.drifting_since, "score": report.score,
             "mean_psi": report.mean_psi, "window_rows": report.rows, "input_quality": dict(self.profile.totals),
             "features": [f.as_dict() for f in report.features[:top]], "histograms": self.profile.histograms(names),
             "live_quality": self.quality(), "validation": self.validation.model_dump() if self.validation else None,
@@ -112,11 +115,12 @@ class _Model:
 class AgentMonitor:
     """Every tracked model's monitor on this device. ``await run(stop)`` drives it."""
 
-    def __init__(self, data_dir: Path, enqueue: Any, *, interval_s: float = 2.0, upload_interval_s: float = 300.0) -> None:
+    def __init__(self, data_dir: Path, enqueue: Any, settings: AgentMonitoring | None = None) -> None:
+        self.settings = settings or AgentMonitoring()
         self.path = Path(data_dir) / MONITOR_FILE
         self._enqueue = enqueue
-        self.interval_s = interval_s
-        self.upload_interval_s = upload_interval_s
+        self.interval_s = self.settings.interval_s
+        self.upload_interval_s = self.settings.upload_interval_s
         self.models: dict[str, _Model] = {}
         self._comparing: set[asyncio.Task[None]] = set()
         self._last_upload = time.monotonic()
@@ -124,11 +128,11 @@ class AgentMonitor:
 
     def wrap(self, router: Any, bundle: Bundle) -> Any:
         """``router`` with its calls monitored (as is when the bundle has no reference profile)."""
-        if bundle.manifest.profile is None:
+        if bundle.manifest.profile is None or not self.settings.enabled:
             self.models.pop(bundle.name, None)
             return router
         try:
-            self.models[bundle.name] = _Model(bundle)
+            self.models[bundle.name] = _Model(bundle, self.settings)
         except Exception as e:  # noqa: BLE001 - a profile this agent cannot use: serve unmonitored
             log.error("model %s:%s: no drift monitor: %s: %s", bundle.name, bundle.version, type(e).__name__, e)
             return router
@@ -206,7 +210,7 @@ class AgentMonitor:
                     inputs = {k: np.concatenate([x[k] for x, _ in rows]) for k in rows[0][0]}
                     outputs = {k: np.concatenate([y[k] for _, y in rows]) for k in m.outputs}
                     m.profile.observe(inputs, outputs)
-            m.report = m.profile.report(THRESHOLD, MIN_ROWS)
+            m.report = m.score()
             if m.report.drifting and m.drifting_since is None:
                 m.drifting_since = time.time()
             elif not m.report.drifting:
@@ -240,9 +244,9 @@ class AgentMonitor:
             if m.uploaded == m.count:
                 continue  # nothing new since the last report sent
             m.uploaded = m.count
-            report = m.report or m.profile.report(THRESHOLD, MIN_ROWS)
+            report = m.report or m.score()
             records.append({"kind": PROFILE_KIND, "model": m.name, "version": m.version, "payload": {
-                "score": report.score, "drifting": report.drifting, "threshold": THRESHOLD,
+                "score": report.score, "drifting": report.drifting, "threshold": m.settings.threshold,
                 "top": [{"name": f.name, "psi": f.psi} for f in report.features[:5]],
                 "live_quality": m.quality(), "state": m.profile.state(),
             }})
