@@ -1184,18 +1184,9 @@ class QueueCompute:
 
 
 def _server_error(status: int, raw: bytes, where: str) -> TandemError:
-    from tandem.shared.errors import error_from_body
-    from tandem.shared.tensors import unpackb
+    from tandem.shared.protocol import error_from_reply
 
-    body: Any = None
-    try:
-        body = unpackb(raw)
-    except TandemError:
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
-    err = error_from_body(status or 503, body)
+    err = error_from_reply(status or 503, raw)
     err.message = f"{where}: {err.message}"
     err.args = (err.message,)
     return err

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import aiohttp
 import numpy as np
 
-from tandem.shared.errors import DeadlineExceeded, Overloaded, TandemError, Unavailable, error_from_body
+from tandem.shared.errors import DeadlineExceeded, Overloaded, TandemError, Unavailable
 from tandem.shared.protocol import (
     CONTENT_TYPE,
     HEADER_DEADLINE_MS,
@@ -27,9 +27,9 @@ from tandem.shared.protocol import (
     InferRequest,
     InferResponse,
     ServerTiming,
+    error_from_reply,
     infer_path,
 )
-from tandem.shared.tensors import unpackb
 
 
 @dataclass(slots=True)
@@ -115,18 +115,7 @@ class CloudClient:
 
 
 def _error(status: int, payload: bytes, retry_after: str | None) -> TandemError:
-    try:
-        body = unpackb(payload)
-    except TandemError:
-        body = None
-    if body is None and payload[:1] == b"{":
-        import json
-
-        try:
-            body = json.loads(payload)
-        except ValueError:
-            body = None
-    err = error_from_body(status, body)
+    err = error_from_reply(status, payload)
     if status in (429, 503) and not isinstance(err, (Overloaded, Unavailable)):
         err = Overloaded(err.message)
     # Only the server's own hint counts; None means "no hint".

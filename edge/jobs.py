@@ -35,7 +35,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from tandem.shared.errors import DeadlineExceeded, InvalidInput, NotFound, TandemError, Unavailable, error_from_body
+from tandem.shared.errors import DeadlineExceeded, InvalidInput, NotFound, TandemError, Unavailable
 from tandem.shared.jobs import (
     CALLBACK_HEADER,
     IDEMPOTENCY_KEY_HEADER,
@@ -50,8 +50,7 @@ from tandem.shared.jobs import (
     parse_priority,
     result_path,
 )
-from tandem.shared.protocol import CONTENT_TYPE, InferRequest, InferResponse, infer_path
-from tandem.shared.tensors import unpackb
+from tandem.shared.protocol import CONTENT_TYPE, InferRequest, InferResponse, error_from_reply, infer_path
 
 __all__ = ["JobClient", "JobHandle"]
 
@@ -323,15 +322,7 @@ def _status_doc(raw: bytes) -> JobStatus:
 
 
 def _error(status: int, raw: bytes, where: str | None = None) -> TandemError:
-    body: Any = None
-    try:
-        body = unpackb(raw)
-    except TandemError:
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
-    err = error_from_body(status, body)
+    err = error_from_reply(status, raw)
     if status == 404 and where and not isinstance(err, NotFound):
         err = NotFound(err.message)
     if where:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidInput
+from .errors import InvalidInput, TandemError, error_from_body
 from .tensors import decode_tensors, encode_tensors, packb, unpackb
 
 CONTENT_TYPE = "application/msgpack"
@@ -179,3 +179,21 @@ class ServerTiming:
 
 def error_body(message: str, code: str) -> bytes:
     return packb({"error": message, "code": code})
+
+
+def error_from_reply(status: int, raw: bytes) -> TandemError:
+    """The exception an error reply stands for, whichever protocol's body it carries: the native
+    protocol's msgpack ``{"error", "code"}``, or JSON (v2, the job API); else one from the status."""
+    body: Any = None
+    try:
+        body = unpackb(raw)
+    except TandemError:
+        body = None
+    if not isinstance(body, dict):
+        import json
+
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+    return error_from_body(status, body)
