@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from tandem.shared.errors import InvalidInput
+from tandem.shared.profile import DriftSettings
 
 from .cores import available_cores
 
@@ -122,19 +123,9 @@ class JobsConfig(BaseModel):
         return v
 
 
-class MonitoringConfig(BaseModel):
+class MonitoringConfig(DriftSettings):
     """Data drift and live quality monitoring of every served model (see docs/monitoring.md)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    #: Profile what each model serves and score it against its bundle's reference profile.
-    enabled: bool = True
-    #: A model is drifting when its summary score (the largest per-feature PSI) reaches this.
-    threshold: float = Field(0.25, gt=0)
-    #: Rows the running profile covers (the most recent ones profiled).
-    window: int = Field(1000, ge=10)
-    #: No score (and never "drifting") before the window holds this many rows.
-    min_rows: int = Field(500, ge=1)
     #: At most this many rows of each executed batch are profiled (its first requests').
     rows_per_batch: int = Field(16, ge=1)
     #: Share of one core the profiling of one model may take; batches beyond it are skipped.
@@ -147,14 +138,6 @@ class MonitoringConfig(BaseModel):
     webhook_timeout_s: float = Field(5.0, gt=0)
     #: Per model, the most drifted features given their own gauge (bounds label cardinality).
     top_features: int = Field(5, ge=0, le=50)
-    #: Labelled answers (feedback) and escalations (route records) the live quality covers.
-    quality_window: int = Field(1000, ge=10)
-
-    @model_validator(mode="after")
-    def _check(self) -> MonitoringConfig:
-        if self.min_rows > self.window:
-            raise ValueError(f"monitoring.min_rows ({self.min_rows}) cannot exceed monitoring.window ({self.window})")
-        return self
 
 
 class ServerConfig(BaseSettings):

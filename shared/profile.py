@@ -31,10 +31,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "DEFAULT_BINS",
+    "DriftSettings",
     "MAX_ELEMENT_FEATURES",
     "DriftReport",
     "FeatureScore",
@@ -52,6 +53,30 @@ __all__ = [
 ]
 
 PROFILE_VERSION = 1
+
+
+class DriftSettings(BaseModel):
+    """When a running profile counts as drifting, and how much live quality is kept: the same
+    meaning on the cloud tier and on a device (each tier's ``monitoring`` section extends it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Profile what each model serves and score it against its bundle's reference profile.
+    enabled: bool = True
+    #: A model is drifting when its summary score (the largest per-feature PSI) reaches this.
+    threshold: float = Field(0.25, gt=0)
+    #: Rows the running profile covers (the most recent ones profiled).
+    window: int = Field(1000, ge=10)
+    #: No score (and never "drifting") before the window holds this many rows.
+    min_rows: int = Field(500, ge=1)
+    #: Labelled answers (feedback) and escalations (route records) the live quality covers.
+    quality_window: int = Field(1000, ge=10)
+
+    @model_validator(mode="after")
+    def _min_rows_within_window(self) -> DriftSettings:
+        if self.min_rows > self.window:
+            raise ValueError(f"monitoring.min_rows ({self.min_rows}) cannot exceed monitoring.window ({self.window})")
+        return self
 #: Quantile bins per feature before the out-of-range and atom bins are added.
 DEFAULT_BINS = 10
 #: Input tensors with at most this many elements per row are profiled element by element.

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from tandem.shared.bundle import NAME_PATTERN
 from tandem.shared.errors import InvalidInput
+from tandem.shared.profile import DriftSettings
 
 ENV_PREFIX = "TANDEM_AGENT_"
 DEFAULT_PORT = 8765
@@ -61,31 +62,13 @@ class TrackedModel(BaseModel):
         return v
 
 
-class AgentMonitoring(BaseModel):
-    """Drift and live quality of what this device serves (see docs/monitoring.md); the same
-    meanings and defaults as the cloud tier's ``monitoring`` section."""
+class AgentMonitoring(DriftSettings):
+    """Drift and live quality of what this device serves (see docs/monitoring.md)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = True
-    #: A model is drifting when its summary score (the largest per-feature PSI) reaches this.
-    threshold: float = Field(0.25, gt=0)
-    #: Rows the running profile covers (the most recent ones).
-    window: int = Field(1000, ge=10)
-    #: No score (and never "drifting") before the window holds this many rows.
-    min_rows: int = Field(500, ge=1)
-    #: Labelled answers and escalations the live quality covers.
-    quality_window: int = Field(1000, ge=10)
     #: How often profiles are updated and monitor.json rewritten (when something changed), seconds.
     interval_s: float = Field(2.0, gt=0)
     #: How often a "profile" record goes to the outbox (when something changed), seconds.
     upload_interval_s: float = Field(300.0, gt=0)
-
-    @model_validator(mode="after")
-    def _check(self) -> "AgentMonitoring":
-        if self.min_rows > self.window:
-            raise ValueError(f"monitoring.min_rows ({self.min_rows}) cannot exceed monitoring.window ({self.window})")
-        return self
 
 
 class AgentConfig(BaseSettings):
