@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,9 @@ from typing import Any, Protocol, TypeVar
 from tandem.shared.errors import InvalidInput, Overloaded, Unavailable
 from tandem.shared.jobs import TERMINAL_STATUSES, JobConflict, JobStatus, result_path
 
-__all__ = ["Completion", "JobQueue", "JobRecord", "SqliteJobQueue", "request_hash"]
+_log = logging.getLogger("tandem.cloud.jobs")
+
+__all__ = ["Completion", "JobQueue", "JobRecord", "SqliteJobQueue", "consume", "request_hash"]
 
 T = TypeVar("T")
 
@@ -185,6 +188,44 @@ _COLUMNS = (
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 #: Seconds between purges of expired jobs (a purge also runs when the queue opens).
 _PURGE_EVERY_S = 60.0
+
+
+async def consume(
+    queue: JobQueue, size: int, handle: Callable[[list[JobRecord]], Coroutine[Any, Any, None]],
+    running: set[asyncio.Task[None]], *, in_flight: int, stopped: Callable[[], bool],
+    pause: Callable[[float], Awaitable[Any]],
+) -> None:
+    """Claim up to ``size`` jobs at a time and run ``handle`` on each claim as a task (kept in
+    ``running`` until it ends), at most ``in_flight`` at once, until ``stopped()``. A queue that
+    is unavailable is retried after ``pause(1.0)``, logged once per outage."""
+    slots = asyncio.Semaphore(in_flight)
+    down = False
+    while not stopped():
+        await slots.acquire()
+        try:
+            jobs = await queue.claim(size, 1.0)
+            down = False
+        except Unavailable as e:
+            slots.release()
+            if not down:
+                _log.warning("job queue unavailable: %s; retrying", e.message)
+                down = True
+            await pause(1.0)
+            continue
+        except BaseException:
+            slots.release()
+            raise
+        if not jobs:
+            slots.release()
+            continue
+        task = asyncio.create_task(handle(jobs))
+        running.add(task)
+
+        def finished(t: asyncio.Task[None]) -> None:
+            running.discard(t)
+            slots.release()
+
+        task.add_done_callback(finished)
 
 
 def _row_to_job(row: tuple[Any, ...]) -> JobRecord:

@@ -49,7 +49,7 @@ from tandem.shared.tensors import packb
 
 from .config import JobsConfig, ServerConfig
 from .inference import Inference, Outcome
-from .job_queue import Completion, JobQueue, JobRecord, SqliteJobQueue, request_hash
+from .job_queue import Completion, JobQueue, JobRecord, SqliteJobQueue, consume, request_hash
 from .repository import ServedModel
 
 __all__ = ["Callbacks", "JobRunner", "JobService", "open_queue"]
@@ -402,32 +402,10 @@ class JobService:
         await self.queue.close()
 
     async def _dispatch(self) -> None:
-        slots = asyncio.Semaphore(_RUNS_IN_FLIGHT)
         while not self._ready():  # models load (and warm up) first: jobs must not fail for that
             await asyncio.sleep(0.05)
-        while not self._stopping:
-            await slots.acquire()
-            try:
-                jobs = await self.queue.claim(_CLAIM_JOBS, 1.0)
-            except Unavailable as e:
-                slots.release()
-                _log.warning("job queue unavailable: %s", e.message)
-                await asyncio.sleep(1.0)
-                continue
-            except BaseException:
-                slots.release()
-                raise
-            if not jobs:
-                slots.release()
-                continue
-            task = asyncio.create_task(self._run_claimed(jobs))
-            self._runs.add(task)
-
-            def finished(t: asyncio.Task[None]) -> None:
-                self._runs.discard(t)
-                slots.release()
-
-            task.add_done_callback(finished)
+        await consume(self.queue, _CLAIM_JOBS, self._run_claimed, self._runs, in_flight=_RUNS_IN_FLIGHT,
+                      stopped=lambda: self._stopping, pause=asyncio.sleep)
 
     async def _run_claimed(self, jobs: list[JobRecord]) -> None:
         try:

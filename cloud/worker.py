@@ -21,6 +21,7 @@ from typing import Any
 from tandem.shared.errors import InvalidInput, Unavailable
 
 from .config import ServerConfig
+from .job_queue import consume
 
 __all__ = ["Worker", "run_worker"]
 
@@ -68,34 +69,8 @@ class Worker:
 
     async def run(self) -> None:
         """Claim and run jobs until :attr:`stop` is set; then finish what is in hand."""
-        slots = asyncio.Semaphore(_IN_FLIGHT)
-        down_logged = False
-        while not self.stop.is_set():
-            await slots.acquire()
-            try:
-                jobs = await self.queue.claim(self.claim, 1.0)
-                down_logged = False
-            except Unavailable as e:
-                slots.release()
-                if not down_logged:
-                    _log.warning("%s; retrying", e.message)
-                    down_logged = True
-                await self._pause(1.0)
-                continue
-            except BaseException:
-                slots.release()
-                raise
-            if not jobs:
-                slots.release()
-                continue
-            task = asyncio.create_task(self._process(jobs))
-            self._tasks.add(task)
-
-            def done(t: asyncio.Task[None]) -> None:
-                self._tasks.discard(t)
-                slots.release()
-
-            task.add_done_callback(done)
+        await consume(self.queue, self.claim, self._process, self._tasks, in_flight=_IN_FLIGHT,
+                      stopped=self.stop.is_set, pause=self._pause)
         if self._tasks:
             await asyncio.wait(list(self._tasks))
 
