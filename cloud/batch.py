@@ -237,7 +237,7 @@ def _batches(rows: Rows, batch_size: int) -> tuple[list[dict[str, np.ndarray]], 
     return batches, idx
 
 
-def _scatter(results: list[Mapping[str, np.ndarray]], idx: list[list[int]] | None, n: int,
+def _scatter(results: Sequence[Mapping[str, np.ndarray]], idx: list[list[int]] | None, n: int,
              names: list[str]) -> list[dict[str, np.ndarray]] | dict[str, np.ndarray]:
     """The outputs of :func:`_batches`' calls back in row order."""
     if idx is None:
@@ -398,7 +398,8 @@ class _JsonlSource:
                 break
             if line.strip():
                 skip -= 1
-        values, line_no = [], 0
+        values: list[dict[str, Any]] = []
+        line_no = 0
         while len(values) < stop - start:
             line = self._f.readline()
             if not line:
@@ -507,7 +508,7 @@ def _save_chunk(work: Path, chunk: int, outs: list[dict[str, np.ndarray]] | dict
     final = _chunk_path(work, chunk)
     tmp = final.with_name(final.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub reads ** as its allow_pickle
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)

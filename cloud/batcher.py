@@ -326,7 +326,7 @@ class Batcher:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def close(self, timeout: float | None = None) -> None:
@@ -711,9 +711,9 @@ class Batcher:
                         got = InferenceFailed(f"inference failed: {type(got).__name__}: {got}")
                     item.future.set_exception(got)
                 else:
-                    queue_us = (started - item.enqueued) * 1e6
-                    item.future.set_result(BatchResult(got, queue_us, compute_us, item.rows))
-                    self._observer.on_batch(item.rows, 1, compute_us, [queue_us])
+                    waited_us = (started - item.enqueued) * 1e6
+                    item.future.set_result(BatchResult(got, waited_us, compute_us, item.rows))
+                    self._observer.on_batch(item.rows, 1, compute_us, [waited_us])
                     if self._pads:
                         self._observer.on_padding(item.size, item.size)
         self._check_idle()
@@ -794,19 +794,19 @@ class Batcher:
         compute_us = (time.perf_counter() - t0) * 1e6
         results = self._split(batch, outputs)
         for name, axes in engine.unpad_axes.items():
-            arr = outputs.get(name)
-            if arr is None:
+            out = outputs.get(name)
+            if out is None:
                 continue
             for axis, s in axes:
-                if arr.ndim <= axis or arr.shape[axis] != longest[s]:
+                if out.ndim <= axis or out.shape[axis] != longest[s]:
                     # The model did not keep the padded length on this axis: each request then
                     # runs alone (see _isolate), never answered with another's padding.
                     raise InferenceFailed(
-                        f"output {name!r} axis {axis} has {arr.shape[axis] if arr.ndim > axis else 'no'} entries, "
+                        f"output {name!r} axis {axis} has {out.shape[axis] if out.ndim > axis else 'no'} entries, "
                         f"not the {longest[s]} of its padded inputs' {engine.pad_symbols[s]!r}"
                     )
             for item, result in zip(batch, results):
-                cut = [slice(None)] * arr.ndim
+                cut = [slice(None)] * out.ndim
                 for axis, s in axes:
                     if item.lens[s] != longest[s]:
                         cut[axis] = slice(0, item.lens[s])

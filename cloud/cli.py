@@ -119,6 +119,7 @@ def _with_jobs_queue(config: Any, url: str | None) -> Any:
     if url is None:
         return config
     from pydantic import ValidationError
+
     from tandem.shared.errors import InvalidInput
 
     from .config import JobsConfig

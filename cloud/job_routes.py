@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from aiohttp import web
+
 from tandem.shared.jobs import (
     JOBS_PATH,
     PREFER_HEADER,

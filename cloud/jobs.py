@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
 from tandem.shared import protocol as p
 from tandem.shared.errors import (
     InvalidInput,

@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 from aiohttp import web
+
 from tandem.shared.errors import NotFound
 from tandem.shared.profile import DriftReport, RunningProfile
 
@@ -372,8 +373,8 @@ class Monitoring:
         shown = self._shown.setdefault(key, set())
         for name in shown - set(top):
             self._drop(m.drift_feature, (*key, name))
-        for name, value in top.items():
-            m.drift_feature.labels(*key, name).set(value)
+        for name, psi in top.items():
+            m.drift_feature.labels(*key, name).set(psi)
         self._shown[key] = set(top)
         for measure, value in monitor.quality.summary().items():
             if isinstance(value, float):

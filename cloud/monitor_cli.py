@@ -219,8 +219,12 @@ def plot(doc: dict[str, Any], out: Path, top: int = 3) -> Path:
 def _bin_labels(edges: list[float]) -> list[str]:
     if not edges:
         return ["all"]
-    g = lambda v: f"{v:.3g}"
-    # A bin just wide enough to hold one value the reference held many times (an atom) is that value.
-    atom = lambda a, b: b - a <= 1e-5 * max(1.0, abs(a))
+    def g(v: float) -> str:
+        return f"{v:.3g}"
+
+    def atom(a: float, b: float) -> bool:
+        # A bin just wide enough to hold one value the reference held many times (an atom) is that value.
+        return b - a <= 1e-5 * max(1.0, abs(a))
+
     return ([f"<{g(edges[0])}"] + [f"={g(a)}" if atom(a, b) else f"{g(a)}-{g(b)}" for a, b in itertools.pairwise(edges)]
             + [f">={g(edges[-1])}"])

@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 import msgpack
+
 from tandem.shared.errors import InvalidInput, Overloaded, Unavailable
 from tandem.shared.jobs import MAX_PRIORITY, MIN_PRIORITY, JobConflict
 

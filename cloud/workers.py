@@ -257,8 +257,8 @@ class _Supervisor:
                 self.stopping = True
                 _log.info("stopping: forwarding the signal to %d workers", len(self.workers))
             if self.signalled:
-                sig = self.signalled.pop()
-                self.signal_all(signal.SIGTERM if sig == signal.SIGTERM else signal.SIGINT)
+                got = self.signalled.pop()
+                self.signal_all(signal.SIGTERM if got == signal.SIGTERM else signal.SIGINT)
             self.handle_events(announce=not announced)
             self.reap(running=announced)
             if self.stopping:

@@ -329,13 +329,13 @@ class HybridClient:
             await cloud.close()
         await asyncio.get_running_loop().run_in_executor(None, self.close)
 
-    def __enter__(self) -> "HybridClient":
+    def __enter__(self) -> HybridClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    async def __aenter__(self) -> "HybridClient":
+    async def __aenter__(self) -> HybridClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -493,8 +493,9 @@ class HybridClient:
             done, _ = await asyncio.wait({cloud}, timeout=wait_s)
             if not done and self.router.hedges.try_take():
                 edge = asyncio.ensure_future(self._edge_async(feeds))
-                done, _ = await asyncio.wait({cloud, edge}, return_when=asyncio.FIRST_COMPLETED)
-                if edge in done and not (cloud in done and cloud.result() is not None):
+                racing: set[asyncio.Future[Any]] = {cloud, edge}
+                first, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+                if edge in first and not (cloud in first and cloud.result() is not None):
                     cloud.cancel()
                     fallbacks.append(f"cloud late (> {d.hedge_after_ms:.1f} ms), edge answered first")
                     return self._fallback_result(edge.result(), "hedged: cloud late → edge", d, t0, fallbacks, hedged=True)

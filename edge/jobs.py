@@ -106,7 +106,7 @@ class JobClient:
         priority: int | None = None,
         callback: str | None = None,
         job_id: str | None = None,
-    ) -> "JobHandle":
+    ) -> JobHandle:
         """Submit one job; see the module docstring. ``feeds`` must already match the model."""
         if defer and self.agent_url is None:
             raise InvalidInput("defer=True needs the device agent that keeps deferred jobs: HybridClient(..., agent_url=...)")

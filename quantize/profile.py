@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
 from tandem.shared.profile import ReferenceProfile, ValidationQuality, make_reference
 
 __all__ = ["MAX_REFERENCE_ROWS", "reference_profile"]

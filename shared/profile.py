@@ -226,7 +226,10 @@ def _edges(values: np.ndarray, stat: str, bins: int, n_classes: int | None) -> n
     # gets a bin of its own, so that rows moving just off it are seen.
     vals, counts = np.unique(v, return_counts=True)
     atoms = vals[counts >= max(2, v.size / (2 * bins))]
-    delta = lambda x: 1e-6 * max(1.0, abs(float(x)))
+
+    def delta(x: float) -> float:
+        return 1e-6 * max(1.0, abs(float(x)))
+
     extra = [a + delta(a) for a in atoms] + [hi + delta(hi), lo]
     return np.unique(np.concatenate([qs, np.asarray(extra, dtype=np.float64)]))
 

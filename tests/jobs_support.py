@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from cloud_support import make_onnx_bundle, make_slow_onnx, request
 from support import make_bundle
 from tandem.shared import protocol as p

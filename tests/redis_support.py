@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from support import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"

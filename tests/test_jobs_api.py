@@ -15,6 +15,7 @@ from typing import Any, Self
 import numpy as np
 import pytest
 from aiohttp import web
+
 from cloud_support import ServerThread, request
 from jobs_support import (
     ASYNC,
@@ -32,7 +33,6 @@ from tandem.cloud.job_queue import JobRecord, SqliteJobQueue, request_hash
 from tandem.shared import protocol as p
 from tandem.shared.jobs import new_job_id
 from tandem.shared.tensors import unpackb
-
 
 #: Rounds of the slow model's request that holds it busy while a test queues jobs behind it:
 #: about 3 s here (more on a loaded machine), longer than any run of submits in these tests takes.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 import redis_support
 from cloud_support import ServerThread, request
 from jobs_support import (

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 import redis_support
 from cloud_support import ServerThread, request
 from jobs_support import (

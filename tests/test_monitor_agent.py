@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
+
 from agent_support import infer, wait_for
 from cloud_support import ServerThread, request
 from tandem.cloud.config import ServerConfig

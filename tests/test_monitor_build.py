@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from tandem.shared import signing
 from tandem.shared.bundle import MANIFEST_NAME, load_bundle, seal_bundle
 from tandem.shared.errors import SignatureError

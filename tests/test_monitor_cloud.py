@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from cloud_support import ServerThread, request
 from support import free_port, make_bundle
 from tandem.cloud.config import ServerConfig

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from support import run_onnx
 from tandem.cloud.config import MonitoringConfig
 from tandem.cloud.monitor import ModelMonitor

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from tandem.shared.profile import (
     MAX_FEATURES,
     ReferenceProfile,

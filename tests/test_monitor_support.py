@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
+
 from support import run_onnx, save_onnx
 from tandem.quantize.calibration import calibrate
 from tandem.quantize.profile import reference_profile

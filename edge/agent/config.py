@@ -129,7 +129,7 @@ class AgentConfig(BaseSettings):
         return v.rstrip("/") if v else v
 
     @model_validator(mode="after")
-    def _loopback_unless_allowed(self) -> "AgentConfig":
+    def _loopback_unless_allowed(self) -> AgentConfig:
         if not self.allow_remote and not is_loopback(self.host):
             raise ValueError(
                 f"host {self.host!r} is not a loopback address; the local API is for apps on this device. "

@@ -22,8 +22,8 @@ from tandem.shared import signing
 from tandem.shared.errors import InvalidInput, TandemError
 
 from .config import AgentConfig, is_loopback
+from .local_api import create_app, to_plain
 from .lock import DataDirLock
-from .local_api import to_plain, create_app
 from .monitor import AgentMonitor
 from .outbox import Outbox
 from .routing import Router, RouterSlot
@@ -195,7 +195,7 @@ class Agent:
             try:
                 await asyncio.wait_for(self._stop.wait(), self.config.telemetry_interval_s)
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             stats = await asyncio.to_thread(self.outbox.stats)
             records = []

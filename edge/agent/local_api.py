@@ -31,9 +31,9 @@ import json
 import logging
 import math
 import socket
-from urllib.parse import urlsplit
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from aiohttp import web
@@ -71,7 +71,7 @@ HEADER_TOKEN = "X-Tandem-Token"
 MSGPACK_TYPES = (CONTENT_TYPE, "application/x-msgpack")
 JSON_TYPE = "application/json"
 
-_AGENT = web.AppKey("agent", object)
+_AGENT: web.AppKey[Agent] = web.AppKey("agent")
 
 
 class Forbidden(TandemError):
@@ -83,7 +83,7 @@ class UnsupportedMediaType(InvalidInput):
     code = "unsupported_media_type"
 
 
-def create_app(agent: "Agent") -> web.Application:
+def create_app(agent: Agent) -> web.Application:
     app = web.Application(client_max_size=agent.config.max_request_bytes, middlewares=[_errors, _guard])
     app[_AGENT] = agent
     app.router.add_post("/v1/models/{model}/infer", _native_infer)
@@ -172,7 +172,7 @@ def _loopback_origin(origin: str) -> bool:
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or parts.hostname is None:
             return False  # "null" (sandboxed frames, file://) and other schemes
-        parts.port  # a malformed port raises here
+        _ = parts.port  # a malformed port raises here
     except ValueError:
         return False
     return is_loopback(parts.hostname)
@@ -198,15 +198,15 @@ def _content_type(request: web.Request, allowed: tuple[str, ...], what: str) -> 
     return ctype
 
 
-def _agent(request: web.Request) -> "Agent":
-    return request.app[_AGENT]  # type: ignore[return-value]
+def _agent(request: web.Request) -> Agent:
+    return request.app[_AGENT]
 
 
 async def _read_body(request: web.Request) -> bytes:
     timeout = _agent(request).config.read_timeout_s
     try:
         return await asyncio.wait_for(request.read(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within {timeout:g} s") from None
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from tandem.shared.bundle import Bundle
 from tandem.shared.profile import RunningProfile
 

@@ -20,8 +20,8 @@ import base64
 import binascii
 import json
 import math
-import re
 import os
+import re
 import sqlite3
 import threading
 import time

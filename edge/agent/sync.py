@@ -32,13 +32,13 @@ from tandem.shared.errors import (
     error_from_body,
 )
 
-# What the cloud answers when it will never take a batch as sent: retrying it unchanged would block
-# the queue forever, so the batch is sent record by record and a record refused alone is dropped.
-_REFUSED = (InvalidInput, PayloadTooLarge)
-
 from .config import AgentConfig
 from .outbox import Outbox
 from .store import EDGE_ROLE, Activation, ModelStore, check_name, crash_point, is_valid_name
+
+# What the cloud answers when it will never take a batch as sent: retrying it unchanged would block
+# the queue forever, so the batch is sent record by record and a record refused alone is dropped.
+_REFUSED = (InvalidInput, PayloadTooLarge)
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,12 @@ class RegistryClient:
     async def download(self, name: str, version: str, file: str, dest: Path, sha256: str, size: int) -> None:
         """Download ``file`` to ``dest`` through ``dest.part``, resuming a partial one with HTTP Range,
         and check its sha256 before it gets its final name."""
-        if dest.is_file() and dest.stat().st_size == size and sha256_file(dest) == sha256:
+        # File work (hashing a model of hundreds of MB, fsync) runs in a thread: the loop also serves
+        # the apps' local API.
+        if await asyncio.to_thread(_already_there, dest, size, sha256):
             return
         part = dest.with_name(dest.name + ".part")
-        have = part.stat().st_size if part.exists() else 0
-        if have > size:
-            part.unlink()
-            have = 0
+        have = await asyncio.to_thread(_part_size, part, size)
         headers = dict(self._headers)
         if 0 < have < size:
             headers["Range"] = f"bytes={have}-"
@@ -96,17 +95,37 @@ class RegistryClient:
                 mode = "ab" if r.status == 206 else "wb"
                 if mode == "ab":
                     log.info("resuming %s:%s %s at byte %d", name, version, file, have)
-                with open(part, mode) as f:
+                f = await asyncio.to_thread(open, part, mode)
+                try:
                     async for chunk in r.content.iter_chunked(_CHUNK):
-                        f.write(chunk)
-                        f.flush()
+                        await asyncio.to_thread(_append, f, chunk)
                         crash_point("download")
-                    os.fsync(f.fileno())
-        actual = sha256_file(part)
+                    await asyncio.to_thread(os.fsync, f.fileno())
+                finally:
+                    f.close()
+        actual = await asyncio.to_thread(sha256_file, part)
         if actual != sha256:
             part.unlink(missing_ok=True)
             raise HashMismatch(f"downloaded {file} has sha256 {actual[:16]}…; the manifest says {sha256[:16]}…")
         os.replace(part, dest)
+
+
+def _already_there(dest: Path, size: int, sha256: str) -> bool:
+    return dest.is_file() and dest.stat().st_size == size and sha256_file(dest) == sha256
+
+
+def _part_size(part: Path, size: int) -> int:
+    """Bytes of ``part`` a download can resume from (a part longer than the file is dropped)."""
+    have = part.stat().st_size if part.exists() else 0
+    if have > size:
+        part.unlink()
+        return 0
+    return have
+
+
+def _append(f: Any, chunk: bytes) -> None:
+    f.write(chunk)
+    f.flush()
 
 
 async def _raise_for(r: aiohttp.ClientResponse) -> None:
@@ -151,7 +170,7 @@ class Updater:
                 log.exception("update poll failed")
             try:
                 await asyncio.wait_for(stop.wait(), self.config.poll_interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _update(self, name: str, wanted: str) -> str:
@@ -180,7 +199,7 @@ class Updater:
             await self._refuse(name, version if is_valid_name(version) else None, e,
                                message=f"{e.message}; not installing it")
             return "refused"
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             store.record_attempt(name, version, "offline", f"cloud unreachable: {e}")
             return "offline"
         except TandemError as e:
@@ -209,7 +228,7 @@ class Updater:
                 (staging / SIGNATURE_NAME).write_bytes(sig)
                 (staging / MANIFEST_NAME).write_bytes(raw)
                 activation = await asyncio.to_thread(store.install, staging, name, version)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             store.record_attempt(name, version, "offline", f"download interrupted: {e}")
             return "offline"
         except TandemError as e:
@@ -298,7 +317,11 @@ class Uploader:
         True once the cloud has it (202 new, 200 already there: a retry after a crash), False when it
         refuses it for good (dropped, counted); raises while the cloud is unreachable or failing."""
         from tandem.shared.jobs import (
-            CALLBACK_HEADER, IDEMPOTENCY_KEY_HEADER, PREFER_HEADER, PREFERENCE_APPLIED_HEADER, PRIORITY_HEADER,
+            CALLBACK_HEADER,
+            IDEMPOTENCY_KEY_HEADER,
+            PREFER_HEADER,
+            PREFERENCE_APPLIED_HEADER,
+            PRIORITY_HEADER,
             RESPOND_ASYNC,
         )
         from tandem.shared.protocol import CONTENT_TYPE, infer_path
@@ -340,7 +363,7 @@ class Uploader:
                 await self.flush()
                 self.last_error = None
                 delay = self.config.upload_interval_s
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, TandemError) as e:
+            except (TimeoutError, aiohttp.ClientError, OSError, TandemError) as e:
                 self.last_error = str(e) or type(e).__name__
                 delay = min(max(delay * 2, self.config.upload_interval_s), self.config.upload_max_backoff_s)
                 log.info("feedback upload failed (%s); retrying in %.1fs", self.last_error, delay)
@@ -348,5 +371,5 @@ class Uploader:
                 log.exception("feedback upload crashed; retrying")
             try:
                 await asyncio.wait_for(stop.wait(), delay)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
