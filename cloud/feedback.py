@@ -94,6 +94,9 @@ class FeedbackStore:
         # Open on the DB thread now, so a bad path fails the server's start, not the first upload.
         try:
             self._pool.submit(self._open).result()
+        except (OSError, sqlite3.Error) as e:
+            self._pool.shutdown(wait=True)
+            raise InvalidInput(f"the feedback store {self.db_path} cannot be opened: {e}") from None
         except BaseException:
             self._pool.shutdown(wait=True)
             raise

@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from tandem.cloud.feedback import FeedbackStore
+from tandem.shared.errors import InvalidInput
 from tandem.shared.tensors import packb, unpackb
 
 MSGPACK = "application/msgpack"
@@ -217,7 +218,7 @@ async def test_database_survives_close_and_reopen(db_path: Path) -> None:
 
 def test_unusable_database_path_fails_at_start(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
-    with pytest.raises(OSError):
+    with pytest.raises(InvalidInput, match="the feedback store .*feedback.sqlite cannot be opened"):
         FeedbackStore(tmp_path / "file" / "feedback.sqlite")
 
 
