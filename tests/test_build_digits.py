@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -54,7 +55,9 @@ def test_cli_builds_and_prints_bundle_table_and_report(built: Built) -> None:
     assert built.code == 0, built.stdout
     assert "notice: no signing key" in built.stdout and built.pub.is_file()
     assert f"bundle: {built.repo / 'digits' / '1'}" in built.stdout
-    assert "variant" in built.stdout and "cloud-fp32" in built.stdout and "edge-fp32" in built.stdout
+    assert "variant" in built.stdout and "cloud-fp32" in built.stdout
+    # Which edge variant ships depends on its measured speed (a loaded machine can change it): one does.
+    assert re.search(r"^\s+edge-\S+\s+edge\s", built.stdout, re.MULTILINE), built.stdout
     assert f"report: {built.repo / 'digits' / '1.report.md'}" in built.stdout
     assert (built.repo / "digits" / "1.report.md").stat().st_size > 1000
     png = (built.repo / "digits" / "1.report.png").read_bytes()
