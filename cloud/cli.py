@@ -64,14 +64,9 @@ def _run(args: argparse.Namespace) -> int:
         from tandem.shared.errors import InvalidInput
 
         raise InvalidInput("give --trusted-key PUB.pem (or --insecure-skip-signature to load unsigned bundles knowingly)")
-    from .server import check_repository, run
+    from .server import main
 
-    check_repository(config)
-    if config.workers > 1:
-        from .workers import supervise
-
-        return supervise(config)
-    return run(config)
+    return main(config)
 
 
 def batch(parser: argparse.ArgumentParser) -> None:

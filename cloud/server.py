@@ -1,7 +1,8 @@
 """The server's lifecycle: start (load, check, listen), serve until SIGTERM/SIGINT, drain, stop.
 
-``tandem serve`` (cli.py) only parses arguments and calls :func:`run`; each ``--workers N`` worker
-(workers.py) calls it too, talking to its supervisor over stdin/stdout.
+``tandem serve`` (cli.py) only parses arguments and calls :func:`run`; each ``--workers N`` worker is
+``python -m tandem.cloud.server CONFIG PORT`` (started by workers.py's supervisor), which calls it
+too, talking to its supervisor over stdin/stdout.
 
 Start-up refuses, with one line naming the cause and a non-zero exit, what would otherwise be a
 server that looks ready while every request fails: a repository that does not exist (a typo; it is
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import logging.handlers
 import queue
@@ -29,10 +31,18 @@ from typing import Any
 from tandem.shared.errors import InvalidInput, TandemError
 
 from .config import ServerConfig
+from .workers import SERVING, follow_supervisor, supervise
 
-__all__ = ["run", "serve", "check_repository"]
+__all__ = ["main", "run", "serve", "check_repository"]
 
 _log = logging.getLogger("tandem.cloud")
+
+
+def main(config: ServerConfig) -> int:
+    """``tandem serve``: check the repository, then serve in this process or, with ``workers`` > 1,
+    supervise that many worker processes; the exit code once stopped."""
+    check_repository(config)
+    return supervise(config) if config.workers > 1 else run(config)
 
 
 def run(config: ServerConfig, *, worker: bool = False) -> int:
@@ -192,7 +202,6 @@ def _follow_supervisor(state: Any, loop: asyncio.AbstractEventLoop, stop: asynci
     worker may answer a health check); model load/unload reaches every worker through the
     supervisor (control.py); the end of its stdin means the supervisor is gone: drain and exit."""
     from .control import WorkerControl
-    from .workers import SERVING, follow_supervisor
 
     def send(line: str) -> None:  # to the supervisor, which reads our stdout line by line
         sys.stdout.write(line + "\n")
@@ -219,3 +228,20 @@ async def _shutdown_delay(state: Any, delay: float, stop: asyncio.Event) -> None
     stop.clear()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), delay)
+
+
+def _worker_main(argv: list[str]) -> int:
+    """One worker of ``--workers N``: ``python -m tandem.cloud.server CONFIG PORT``."""
+    config_path, port = argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    doc = json.loads(Path(config_path).read_text())
+    doc["port"] = int(port)
+    try:
+        return run(ServerConfig(**doc), worker=True)
+    except TandemError as e:
+        print(f"error: {e.message}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))

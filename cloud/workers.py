@@ -4,7 +4,7 @@ Why: one aiohttp event loop tops out near 9k small requests/s, far below what on
 compute, so the loop (parsing, routing, encoding) is the bottleneck. More processes, more loops.
 
 How: the supervisor (this module, in the ``tandem serve`` process) binds nothing. It starts N
-workers (``python -m tandem.cloud.workers CONFIG PORT``), each running the usual app on host:port
+workers (``python -m tandem.cloud.server CONFIG PORT``), each running the usual app on host:port
 with SO_REUSEPORT, so the kernel spreads connections among them. Supervisor and worker talk over
 the worker's stdio:
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import os
 import queue
@@ -85,23 +84,6 @@ def follow_supervisor(loop: asyncio.AbstractEventLoop, on_line: Callable[[str], 
     threading.Thread(target=read, name="tandem-supervisor", daemon=True).start()
 
 
-def _worker_main(argv: list[str]) -> int:
-    from tandem.shared.errors import TandemError
-
-    from .server import run
-
-    config_path, port = argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    doc = json.loads(Path(config_path).read_text())
-    doc["port"] = int(port)
-    config = ServerConfig(**doc)
-    try:
-        return run(config, worker=True)
-    except TandemError as e:
-        print(f"error: {e.message}", file=sys.stderr, flush=True)
-        return 1
-
-
 # --- supervisor side -------------------------------------------------------------------------------
 
 
@@ -137,7 +119,7 @@ class _Supervisor:
     def start(self, index: int) -> _Worker:
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tandem.cloud.workers", str(self.tmp / "config.json"), str(self.port)],
+            [sys.executable, "-m", "tandem.cloud.server", str(self.tmp / "config.json"), str(self.port)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,  # stderr (logs): the supervisor's
         )
         worker = _Worker(index, proc)
@@ -292,7 +274,3 @@ def supervise(config: ServerConfig) -> int:
         return _Supervisor(config, tmp).run()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))
