@@ -277,7 +277,7 @@ def test_floats_for_an_integer_input_are_refused(env: dict[str, Path], tmp_path:
 
 
 def test_progress_lines_say_throughput_and_eta(env: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tandem.cloud.batch import _Progress
+    from tandem.cloud.batch.progress import Progress as _Progress
 
     p = _Progress(total=1000, initial=200, enabled=True, every_s=0.0)
     time.sleep(0.01)
