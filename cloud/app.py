@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -36,18 +37,18 @@ from tandem.shared.errors import (
 from .body import MIN_RATE_KEY, responded
 from .config import ServerConfig
 from .control import ModelControl
+from .core import Core
 from .feedback import FeedbackStore
 from .gate import HEADER_WORKER, Gate
-from .inference import MODEL_KEY, REQUEST_ID_KEY, Inference
+from .inference import MODEL_KEY, REQUEST_ID_KEY
 from .job_routes import attach_jobs
-from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .metrics import CONTENT_TYPE_LATEST
 from .monitor import Monitoring
 from .native import NativeAPI
 from .registry import Registry
-from .repository import ModelRepository
 from .v2 import V2API
 
-__all__ = ["create_app", "ServerState", "STATE", "HEADER_WORKER"]
+__all__ = ["create_app", "make_runner", "aiohttp_protocols", "ServerState", "STATE", "HEADER_WORKER"]
 
 #: How often a worker copies its pending counts into the shared metric files (multiprocess mode).
 _PENDING_REFRESH_S = 0.05
@@ -59,18 +60,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass
-class ServerState:
-    """Everything one server instance holds; ``app[STATE]``."""
+class ServerState(Core):
+    """Everything one server instance holds, its core and the app's state; ``app[STATE]``."""
 
-    config: ServerConfig
-    metrics: Metrics
-    repository: ModelRepository
-    inference: Inference
     #: Started (and, with --workers N, told by the supervisor that every worker is): see is_ready.
     ready: bool = False
     #: The models found in the repository at start-up: ready only while each has a version loaded.
     expected: set[str] = field(default_factory=set)
-    gate: Gate = field(init=False)
     extras: list[Any] = field(default_factory=list)  # registry, feedback store
     #: Model load/unload: the repository itself, or with --workers N a WorkerControl (control.py).
     control: ModelControl = field(init=False)
@@ -190,12 +186,9 @@ def _attach_extras(app: web.Application, state: ServerState) -> None:
 
 def create_app(config: ServerConfig) -> web.Application:
     """The server application. Models load (and warm up) when the app starts, not here."""
-    metrics = Metrics()
-    repository = ModelRepository(config, metrics)
-    inference = Inference(repository, config)
-    state = ServerState(config, metrics, repository, inference)
+    state = ServerState.build(config)
+    metrics, repository, inference = state.metrics, state.repository, state.inference
     # auto_decompress off: cloud/body.py inflates bodies itself (see there why).
-    state.gate = Gate(config, inference)
     app = web.Application(
         client_max_size=config.max_body_bytes,
         middlewares=[_middleware(state.gate)],
@@ -260,6 +253,61 @@ def create_app(config: ServerConfig) -> web.Application:
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     return app
+
+
+class _RequestHandler(web.RequestHandler):
+    """aiohttp's protocol for one connection, answering a request its HTTP parser rejects (a line
+    over 8190 bytes, conflicting lengths, bytes that are not HTTP) like every other Tandem error.
+
+    Why: aiohttp answers those in text/plain and logs each at ERROR with a traceback, so any
+    client sending garbage would fill the server's log with alarms about nothing it did wrong.
+    Here: ``{"error", "code"}`` in JSON and one INFO line. A 5xx keeps aiohttp's traceback (a bug).
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        if status >= 500:
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+            error = TandemError(f"internal error: {type(exc).__name__}" if exc is not None else "internal error")
+        else:
+            reason = " ".join(str(getattr(exc, "message", None) or message or exc or "").split())[:300]
+            _log.info("malformed HTTP request from %s: %s", request.remote, reason)
+            error = InvalidInput(f"malformed HTTP request: {reason}")
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was partly sent already: no room for the error")
+        response = web.Response(status=status, body=json.dumps(error.to_dict()).encode(), content_type="application/json")
+        response.force_close()
+        return response
+
+
+def aiohttp_protocols(runner: web.AppRunner) -> Callable[[], web.RequestHandler]:
+    """Makes aiohttp's protocol for one connection of the app, with :class:`_RequestHandler`'s
+    errors: the runner's own protocol, made a :class:`_RequestHandler` (a subclass that adds no
+    state, so the object's class can change; aiohttp's constructor is left to aiohttp)."""
+    server = runner.server
+    if server is None:
+        raise RuntimeError("call runner.setup() before listen()")
+
+    def make() -> web.RequestHandler:
+        handler = server()
+        handler.__class__ = _RequestHandler
+        return handler
+
+    return make
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    """The aiohttp runner of a Tandem app: its keep-alive the server's, no access log of its own
+    (the app's middleware writes it), signals left to the caller."""
+    config: ServerConfig = app[STATE].config
+    return web.AppRunner(
+        app, access_log=None, shutdown_timeout=config.shutdown_timeout_s, handle_signals=False,
+        keepalive_timeout=config.keepalive_timeout_s,
+    )
+
 
 
 def describe_models(app: web.Application) -> list[str]:

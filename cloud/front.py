@@ -47,7 +47,7 @@ import struct
 import termios
 import time
 from collections import deque
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httptools
@@ -56,13 +56,15 @@ from aiohttp import web
 from tandem.shared import protocol as p
 from tandem.shared.errors import InvalidInput, RequestTimeout, TandemError, Unavailable
 
-from . import native, v2
-from .app import STATE
+from .app import STATE, aiohttp_protocols
 from .body import forget, half_closed
-from .config import ServerConfig
+from .core import Core
 from .inference import header_lines
+from .native import NATIVE
+from .v2 import V2
+from .wire import Wire, start
 
-__all__ = ["FrontDoor", "listen", "make_runner"]
+__all__ = ["FrontDoor", "listen"]
 
 _log = logging.getLogger("tandem.cloud")
 
@@ -76,12 +78,14 @@ _LINGER_S = 2.0
 #: its way (a busy client sends its next request within this); the answer to it closes.
 _DRAIN_IDLE_S = 0.5
 _INFER = re.compile(rb"/(v1|v2)/models/([^/?#%]+)(?:/versions/([^/?#%]+))?/infer")
+_WIRES: dict[bytes, Wire] = {b"v1": NATIVE, b"v2": V2}
 #: What the front door does with a request header (any other is checked by llhttp, then ignored):
 #: keep its value, count it, take the length, send the message to aiohttp for its presence alone,
 #: or look at its value.
 _KEEP, _HOST, _LENGTH, _NOT_PLAIN, _ENCODING, _ACCEPT, _PREFER = (object() for _ in range(7))
 _HEADERS: dict[bytes, object] = {
-    **dict.fromkeys((b"x-request-id", b"authorization", b"x-tandem-priority", b"x-tandem-deadline-ms", b"inference-header-content-length"), _KEEP),
+    **dict.fromkeys((b"x-request-id", b"authorization", b"x-tandem-deadline-ms"), _KEEP),
+    **dict.fromkeys((w.option_header.lower().encode() for w in _WIRES.values()), _KEEP),
     **dict.fromkeys((b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer"), _NOT_PLAIN),
     b"host": _HOST, b"content-length": _LENGTH, b"content-encoding": _ENCODING, b"accept-encoding": _ACCEPT,
     b"prefer": _PREFER,  # Prefer: respond-async submits a job: aiohttp's job middleware takes it
@@ -105,19 +109,17 @@ class _Reject(Exception):
     """Raised from a parser callback: answer 400 and close."""
 
 
+@dataclass(slots=True)
 class _Slot:
     """One request's place in its connection's response order."""
 
-    __slots__ = ("rid", "path", "start", "head", "body", "status", "served")
-
-    def __init__(self, rid: str, path: str, start: float) -> None:
-        self.rid = rid
-        self.path = path
-        self.start = start
-        self.head: str | None = None  # the response's status line and headers but the last, once ready
-        self.body = b""
-        self.status = 0
-        self.served: Any = None
+    rid: str
+    path: str
+    start: float
+    head: str | None = None  # the response's status line and headers but the last, once ready
+    body: bytes = b""
+    status: int = 0
+    served: Any = None
 
 
 def _pending_bytes(transport: asyncio.BaseTransport) -> int:
@@ -160,6 +162,7 @@ class _Connection(asyncio.Protocol):
         self._length: int | None = None
         self._headers: dict[bytes, bytes] = {}
         self._veto = False
+        self._compress = False  # the client accepts a compressed answer
         self._route: _Route | None = None
 
     # --- asyncio.Protocol -----------------------------------------------------------------------
@@ -246,7 +249,7 @@ class _Connection(asyncio.Protocol):
         self._hosts = 0
         self._length = None
         self._headers = {}
-        self._veto = False
+        self._veto = self._compress = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -272,9 +275,9 @@ class _Connection(asyncio.Protocol):
             self._veto |= value.strip(b" \t").lower() != b"identity"
         elif kind is _PREFER:
             self._veto |= b"respond-async" in value.lower()
-        elif self._url.startswith(b"/v2/"):  # Accept-Encoding
+        else:  # Accept-Encoding
             v = value.lower()
-            self._veto |= b"gzip" in v or b"deflate" in v  # aiohttp compresses large v2 answers
+            self._compress |= b"gzip" in v or b"deflate" in v
 
     def on_headers_complete(self) -> None:
         self._body_at = self._now
@@ -286,8 +289,8 @@ class _Connection(asyncio.Protocol):
             raise _Reject("an HTTP/1.1 request needs exactly one Host header" if self._hosts else "Host header missing")
         route = _route(self._door._routes, self._url)
         if (
-            self._veto or route is None or self._length is None or self._length > self._door._max_body
-            or version != "1.1" or parser.get_method() != b"POST"
+            self._veto or route is None or (self._compress and route[0].compresses)  # aiohttp compresses those
+            or self._length is None or self._length > self._door._max_body or version != "1.1" or parser.get_method() != b"POST"
         ):
             raise _HandOff
         self._route = route
@@ -319,19 +322,15 @@ class _Connection(asyncio.Protocol):
         door = self._door
         gate, inference = door._gate, door._inference
         h = self._headers
-        protocol, model, version_s, path = route
+        wire, option, model, version_s, path = route
         rid = h.get(b"x-request-id")
         slot = _Slot(gate.request_id(rid.decode("latin-1") if rid is not None else None), path, time.perf_counter())
         self._slots.append(slot)
         door.served += 1  # published by FrontDoor._sync_metrics, not counted here (hot path)
         deadline = _text(h.get(b"x-tandem-deadline-ms"))
-        req: Any  # the protocol's request type (native or v2); _finish takes either
         try:
             gate.check_auth(path, _text(h.get(b"authorization")))
-            if protocol == b"v1":
-                call, req = native.start(inference, model, version_s, body, _text(h.get(b"x-tandem-priority")), deadline)
-            else:
-                call, req = v2.start(inference, model, version_s, body, _text(h.get(b"inference-header-content-length")), deadline)
+            call, req = start(wire, inference, model, version_s, body, _text(h.get(option)), deadline)
         except Exception as e:  # noqa: BLE001 - one broken request must not take the server down
             if isinstance(e, _MALFORMED):  # as the app's middleware: e.g. a JSON integer over 4300 digits
                 e = InvalidInput(f"malformed request: {e}")
@@ -345,11 +344,11 @@ class _Connection(asyncio.Protocol):
             return
         slot.served = call.served
         if call.future is None or call.future.done():
-            self._finish(slot, protocol, call, req)
+            self._finish(slot, wire, call, req)
         else:
-            call.future.add_done_callback(lambda _f: self._finish(slot, protocol, call, req))
+            call.future.add_done_callback(lambda _f: self._finish(slot, wire, call, req))
 
-    def _finish(self, slot: _Slot, protocol: bytes, call: Any, req: Any) -> None:
+    def _finish(self, slot: _Slot, wire: Wire, call: Any, req: Any) -> None:
         inference = self._door._inference
         try:
             try:
@@ -357,10 +356,7 @@ class _Connection(asyncio.Protocol):
             except asyncio.CancelledError:
                 raise Unavailable("the request was cancelled before it ran (model unloading)") from None
             slot.served = outcome.model
-            if protocol == b"v1":
-                head, body = native.reply_text(inference, outcome, req, slot.rid)
-            else:
-                body, head = v2.reply_text(inference, outcome, req)
+            head, body = wire.reply(inference, outcome, req, slot.rid)
             self._ready(slot, 200, head, body)
         except TandemError as e:
             self._fail(slot, e)
@@ -556,11 +552,12 @@ class _Connection(asyncio.Protocol):
         return bool(self._slots) or (self._drain_at is not None and not self._stopped)
 
 
-_Route = tuple[bytes, str, "str | None", str]
+#: (wire protocol, its option header's name in lower case, model, version, path)
+_Route = tuple[Wire, bytes, str, "str | None", str]
 
 
 def _route(routes: dict[bytes, _Route | None], target: bytes) -> _Route | None:
-    """(protocol, model, version, path) of an infer target, None for any other; remembered."""
+    """The :data:`_Route` of an infer target, None for any other; remembered."""
     try:
         return routes[target]
     except KeyError:
@@ -569,7 +566,11 @@ def _route(routes: dict[bytes, _Route | None], target: bytes) -> _Route | None:
     route = None
     if match is not None:
         version = match.group(3)
-        route = (match.group(1), match.group(2).decode(), version.decode() if version is not None else None, target.decode())
+        wire = _WIRES[match.group(1)]
+        route = (
+            wire, wire.option_header.lower().encode(), match.group(2).decode(),
+            version.decode() if version is not None else None, target.decode(),
+        )
     if len(routes) >= _MAX_ROUTES:
         routes.clear()
     routes[target] = route
@@ -708,11 +709,11 @@ class FrontDoor:
     """The listening socket and its connections. Make one with :func:`listen`."""
 
     def __init__(self, runner: web.AppRunner) -> None:
-        state = runner.app[STATE]
-        config: ServerConfig = state.config
-        self._gate = state.gate
-        self._inference = state.inference
-        self._metrics = state.metrics
+        core: Core = runner.app[STATE]  # the app's state is the server's core
+        config = core.config
+        self._gate = core.gate
+        self._inference = core.inference
+        self._metrics = core.metrics
         self.fast = config.front_door
         self._max_body = config.max_body_bytes
         self._head_timeout = config.head_timeout_s
@@ -721,7 +722,7 @@ class FrontDoor:
         self._keepalive = config.keepalive_timeout_s
         self._max_connections = config.max_connections
         self._max_in_flight = config.max_requests_in_flight
-        self._aiohttp = _aiohttp_protocols(runner)
+        self._aiohttp = aiohttp_protocols(runner)
         self._connections: set[_Connection | _AiohttpConnection] = set()
         self._routes: dict[bytes, _Route | None] = {}
         self._server: asyncio.Server | None = None
@@ -732,9 +733,7 @@ class FrontDoor:
         # The end of every response head: headers that never change, then the blank line.
         self._tail = "".join(f"{k}: {v}\r\n" for k, v in self._gate.extra_headers) + "Server: tandem\r\n\r\n"
         self._closing_tail = "Connection: close\r\n" + self._tail
-        refused = InvalidInput("too many open connections; retry later")
-        refused.status = 503
-        refused.code = "unavailable"
+        refused = Unavailable("too many open connections; retry later")
         self._refusal = (
             f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
             f"Content-Length: {len(json.dumps(refused.to_dict()))}\r\nConnection: close\r\n\r\n{json.dumps(refused.to_dict())}"
@@ -832,60 +831,6 @@ class FrontDoor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         self._sync_metrics()
-
-
-class _RequestHandler(web.RequestHandler):
-    """aiohttp's protocol for one connection, answering a request its HTTP parser rejects (a line
-    over 8190 bytes, conflicting lengths, bytes that are not HTTP) like every other Tandem error.
-
-    Why: aiohttp answers those in text/plain and logs each at ERROR with a traceback, so any
-    client sending garbage would fill the server's log with alarms about nothing it did wrong.
-    Here: ``{"error", "code"}`` in JSON and one INFO line. A 5xx keeps aiohttp's traceback (a bug).
-    """
-
-    __slots__ = ()
-
-    def handle_error(
-        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
-    ) -> web.StreamResponse:
-        if status >= 500:
-            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
-            error = TandemError(f"internal error: {type(exc).__name__}" if exc is not None else "internal error")
-        else:
-            reason = " ".join(str(getattr(exc, "message", None) or message or exc or "").split())[:300]
-            _log.info("malformed HTTP request from %s: %s", request.remote, reason)
-            error = InvalidInput(f"malformed HTTP request: {reason}")
-        if request.writer.output_size > 0:
-            raise ConnectionError("a response was partly sent already: no room for the error")
-        response = web.Response(status=status, body=json.dumps(error.to_dict()).encode(), content_type="application/json")
-        response.force_close()
-        return response
-
-
-def _aiohttp_protocols(runner: web.AppRunner) -> Callable[[], web.RequestHandler]:
-    """Makes aiohttp's protocol for one connection of the app, with :class:`_RequestHandler`'s
-    errors: the runner's own protocol, made a :class:`_RequestHandler` (a subclass that adds no
-    state, so the object's class can change; aiohttp's constructor is left to aiohttp)."""
-    server = runner.server
-    if server is None:
-        raise RuntimeError("call runner.setup() before listen()")
-
-    def make() -> web.RequestHandler:
-        handler = server()
-        handler.__class__ = _RequestHandler
-        return handler
-
-    return make
-
-
-def make_runner(app: web.Application) -> web.AppRunner:
-    """The aiohttp runner of a Tandem app: its keep-alive the server's, no access log of its own
-    (the app's middleware writes it), signals left to the caller."""
-    config: ServerConfig = app[STATE].config
-    return web.AppRunner(
-        app, access_log=None, shutdown_timeout=config.shutdown_timeout_s, handle_signals=False,
-        keepalive_timeout=config.keepalive_timeout_s,
-    )
 
 
 async def listen(runner: web.AppRunner, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> FrontDoor:

@@ -19,6 +19,8 @@ import uuid
 from collections import deque
 from typing import Any
 
+import msgspec
+
 from tandem.shared import protocol as p
 from tandem.shared.errors import Overloaded, TandemError, Unauthorized
 from tandem.shared.tensors import packb
@@ -35,11 +37,6 @@ HEADER_WORKER = "X-Tandem-Worker"
 LIVENESS_PATH = "/v2/health/live"
 
 _access = logging.getLogger("tandem.cloud.access")
-
-
-def is_native(path: str) -> bool:
-    """Native-protocol routes answer errors in msgpack, all others in JSON."""
-    return path.startswith("/v1/models/")
 
 
 class Gate:
@@ -81,7 +78,7 @@ class Gate:
         if isinstance(error, Overloaded) or error.status in (429, 503):
             headers[p.HEADER_RETRY_AFTER] = str(retry_after_seconds(getattr(error, "retry_after", 1.0)))
         doc = error.to_dict()
-        if is_native(path):
+        if path.startswith("/v1/models/"):  # native-protocol routes answer errors in msgpack, all others in JSON
             headers["Content-Type"] = p.CONTENT_TYPE
             try:
                 body = packb(doc)
@@ -129,12 +126,8 @@ def retry_after_seconds(estimate: Any) -> int:
     return MAX_RETRY_AFTER_S if value >= MAX_RETRY_AFTER_S else math.ceil(value)
 
 
-_encode_str: Any = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
-
-
-def _json_str(value: Any) -> str:
-    """A JSON string (or null) for an access-log field."""
-    return "null" if value is None else _encode_str(str(value))
+#: The fields of an access-log line, in the order :meth:`Gate.log_access` queues them.
+_FIELDS = ("ts", "request_id", "method", "path", "status", "ms", "model", "version", "remote")
 
 
 class _AccessLog:
@@ -170,9 +163,5 @@ class _AccessLog:
             pending = self._pending
             while pending:
                 ts, rid, method, path, status, ms, model, version, remote = pending.popleft()
-                # An f-string with C-escaped strings: a third of json.dumps's cost for this line.
-                _access.info(
-                    f'{{"ts":{ts:.3f},"request_id":{_json_str(rid)},"method":{_json_str(method)},"path":{_json_str(path)},'
-                    f'"status":{status},"ms":{ms:.3f},"model":{_json_str(model)},"version":{_json_str(version)},'
-                    f'"remote":{_json_str(remote)}}}'
-                )
+                line = (round(ts, 3), rid, method, path, status, round(ms, 3), model, version, remote)
+                _access.info(msgspec.json.encode(dict(zip(_FIELDS, line))).decode())  # a third of json.dumps's cost

@@ -1,28 +1,30 @@
 """The inference path both protocols share: resolve the version, check inputs, cache, batch, time.
 
-Protocol handlers decode their wire format into ``{name: ndarray}``, call :meth:`Inference.start`
-(then wait on the call's future, or :meth:`Inference.serve` under aiohttp) and encode the :class:`Outcome`; everything else (validation against the model, priorities,
-deadlines, the response cache, metrics, the X-Tandem-* timing headers) lives here once.
+Each wire protocol (:mod:`.wire`) decodes its format into ``{name: ndarray}``, calls
+:meth:`Inference.start` (then the front door finishes on the call's future, aiohttp's route awaits
+:meth:`Inference.wait`) and encodes the :class:`Outcome`; everything else (validation against the
+model, priorities, deadlines, the response cache, metrics, the X-Tandem-* timing headers) lives
+here once.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 from aiohttp import web
 
 from tandem.shared import protocol as p
+from tandem.shared import v2
 from tandem.shared.errors import InvalidInput, TandemError
 
 from .batcher import BatchResult
-from .body import read_body
 from .cache import ResponseCache
 from .config import ServerConfig
-from .layout import RequestDecoder, ResponseEncoder, V2RequestDecoder, V2ResponseEncoder
 from .repository import ModelRepository, ServedModel
 
 __all__ = ["Call", "Outcome", "Inference", "MODEL_KEY", "REQUEST_ID_KEY"]
@@ -62,11 +64,9 @@ class Inference:
         self.repository = repository
         self._cost = repr(config.cost_per_call) if config.cost_per_call is not None else None
         self._cache = ResponseCache(config.response_cache_size) if config.response_cache_size else None
-        # Both protocols' codec fast paths for repeated layouts (one app, one event loop).
-        self.decoder = RequestDecoder()
-        self.encoder = ResponseEncoder()
-        self.v2_decoder = V2RequestDecoder()
-        self.v2_encoder = V2ResponseEncoder()
+        # Both protocols' request decoders, as the job runner calls them.
+        self.decoder = SimpleNamespace(decode=p.InferRequest.from_wire)
+        self.v2_decoder = SimpleNamespace(decode=v2.parse_infer_request)
 
     @property
     def caches_responses(self) -> bool:
@@ -140,23 +140,6 @@ class Inference:
             except TandemError:
                 pass  # finish() counts and raises it
         return self.finish(call)
-
-    async def serve(
-        self, request: web.Request, start: Callable[[bytes], tuple[Call, Any]], max_body: int, read_timeout_s: float
-    ) -> tuple[Outcome, Any]:
-        """The aiohttp side of an infer route: read the body, ``start(body)`` (the protocol's
-        decoder, which queues the call), wait. Records the model on the request as it becomes
-        known, so error replies and the access log name it. Returns (outcome, decoded request)."""
-        request[MODEL_KEY] = self.resolve(request.match_info["model"], request.match_info.get("version"))
-        call, decoded = start(await read_body(request, max_body, read_timeout_s))
-        request[MODEL_KEY] = call.served
-        outcome = await self.wait(call)
-        request[MODEL_KEY] = outcome.model
-        return outcome, decoded
-
-    def headers(self, outcome: Outcome) -> dict[str, str]:
-        """The X-Tandem-* server-timing headers of a successful response (:meth:`header_text` as a dict)."""
-        return header_dict(self.header_text(outcome))
 
     def header_text(self, outcome: Outcome) -> str:
         """The X-Tandem-* server-timing headers as HTTP header lines, each ending in CRLF: what the

@@ -135,8 +135,8 @@ def _message_only(handler: logging.Handler) -> logging.Handler:
 
 
 async def _serve(config: ServerConfig, worker: bool) -> int:
-    from .app import STATE, create_app, describe_models
-    from .front import listen, make_runner
+    from .app import STATE, create_app, describe_models, make_runner
+    from .front import listen
 
     check_repository(config)
     _raise_descriptor_limit(config.max_connections)

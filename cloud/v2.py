@@ -14,19 +14,18 @@ from typing import Any
 from aiohttp import web
 
 from tandem.shared import __version__, v2
-from tandem.shared import protocol as p
-from tandem.shared.errors import InvalidInput, TandemError, Unavailable
+from tandem.shared.errors import InvalidInput, Unavailable
 
 from .body import read_body
 from .control import ModelControl
-from .inference import Call, Inference, Outcome, deadline_seconds, header_dict, header_lines
+from .inference import Inference, Outcome, deadline_seconds, header_dict, header_lines
 from .metrics import Metrics, model_statistics
 from .repository import ModelRepository
+from .wire import Decoded, respond
 
-__all__ = ["V2API", "start", "reply", "reply_text"]
+__all__ = ["V2API", "V2", "reply"]
 
 _EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "schedule_policy", "statistics"]
-_COMPRESS_MIN_BYTES = 4096  # below this, compressing costs more time than it saves
 
 
 def _json(doc: Any, status: int = 200) -> web.Response:
@@ -48,36 +47,31 @@ async def _json_body(request: web.Request, timeout_s: float) -> dict[str, Any]:
     return doc
 
 
-def start(
-    inference: Inference, model: str, version: str | None, body: bytes | memoryview,
-    header_length: str | None, deadline_header: str | None,
-) -> tuple[Call, v2.V2Request]:
-    """Decode a v2 infer request (JSON or binary tensors) and queue it; both HTTP stacks call this."""
-    served = inference.resolve(model, version)
-    try:
-        req = inference.v2_decoder.decode(body, header_length)
+class _V2:
+    option_header = v2.HEADER_LENGTH
+    compresses = True
+
+    def decode(self, body: bytes | memoryview, option: str | None, deadline: str | None) -> Decoded:
+        req = v2.parse_infer_request(body, option)
         outputs = [o.name for o in req.outputs] if req.outputs is not None else None
         timeout_us = req.timeout_us()
-        timeout_s = deadline_seconds(deadline_header, timeout_us / 1000 if timeout_us is not None else None)
-        priority = req.priority()
-    except TandemError as e:
-        served.metrics.failure(e.code)
-        raise
-    call = inference.start(served, req.inputs, outputs=outputs, priority=priority, timeout_s=timeout_s)
-    return call, req
+        timeout_s = deadline_seconds(deadline, timeout_us / 1000 if timeout_us is not None else None)
+        return Decoded(req, outputs, req.priority(), timeout_s)
+
+    def reply(self, inference: Inference, outcome: Outcome, request: v2.V2Request, request_id: str) -> tuple[str, bytes]:
+        served = outcome.model
+        body, headers = v2.encode_infer_response(served.name, served.version, outcome.outputs, request=request, id=request.id)
+        return header_lines(headers) + inference.header_text(outcome), body
+
+
+#: Open Inference Protocol v2 (JSON and binary tensors).
+V2 = _V2()
 
 
 def reply(inference: Inference, outcome: Outcome, req: v2.V2Request) -> tuple[bytes, dict[str, str]]:
-    """(body, headers) of a successful v2 response (uncompressed)."""
-    body, head = reply_text(inference, outcome, req)
+    """(body, headers) of a successful v2 answer, uncompressed (the job runner's)."""
+    head, body = V2.reply(inference, outcome, req, "")
     return body, header_dict(head)
-
-
-def reply_text(inference: Inference, outcome: Outcome, req: v2.V2Request) -> tuple[bytes, str]:
-    """:func:`reply` with the headers as HTTP header lines (the front door writes them as they are)."""
-    served = outcome.model
-    body, headers = inference.v2_encoder.encode(served.name, served.version, outcome.outputs, req)
-    return body, header_lines(headers) + inference.header_text(outcome)
 
 
 class V2API:
@@ -148,18 +142,7 @@ class V2API:
         return _json({"model_stats": [model_statistics(values, m.name, m.version, caches) for m in served]})
 
     async def infer(self, request: web.Request) -> web.Response:
-        inference, model, version = self._inference, request.match_info["model"], request.match_info.get("version")
-        outcome, req = await inference.serve(
-            request,
-            lambda body: start(inference, model, version, body, request.headers.get(v2.HEADER_LENGTH), request.headers.get(p.HEADER_DEADLINE_MS)),
-            self._max_body,
-            self._read_timeout,
-        )
-        body, headers = reply(inference, outcome, req)
-        response = web.Response(body=body, headers=headers)
-        if len(body) >= _COMPRESS_MIN_BYTES and request.headers.get("Accept-Encoding"):
-            response.enable_compression()
-        return response
+        return await respond(V2, self._inference, request, self._max_body, self._read_timeout)
 
     async def repository_index(self, request: web.Request) -> web.Response:
         doc = await _json_body(request, self._read_timeout)

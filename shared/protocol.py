@@ -16,12 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 import numpy as np
 
-from .errors import InvalidInput, TandemError, error_from_body
-from .tensors import decode_tensors, encode_tensors, packb, unpackb
+from .errors import InvalidInput, TandemError, TensorCodecError, error_from_body
+from .tensors import encode_tensor, packb, tensor_from, unpackb
+
+_T = TypeVar("_T")
 
 CONTENT_TYPE = "application/msgpack"
 NATIVE_PREFIX = "/v1"
@@ -46,7 +49,59 @@ def infer_path(model: str, version: str | None = None) -> str:
     return f"{NATIVE_PREFIX}/models/{model}/infer"
 
 
-_REQUEST_FIELDS = frozenset({"id", "inputs", "outputs", "deadline_ms", "priority", "parameters"})
+class _Tensor(msgspec.Struct):
+    datatype: str
+    shape: list[int]
+    data: memoryview | list[bytes]  # numeric: a view of the body's bytes; BYTES: its elements
+
+
+class _Request(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """The request map: the fields' types are checked by msgspec as it decodes."""
+
+    inputs: dict[str, _Tensor]
+    id: str | None = None
+    outputs: list[str] | None = None
+    deadline_ms: float | None = None
+    priority: int = 0
+    parameters: dict[str, Any] | None = None
+
+
+class _Response(msgspec.Struct, omit_defaults=True):
+    model_name: str
+    model_version: str
+    outputs: dict[str, _Tensor]
+    id: str | None = None
+
+
+def _decode(body: bytes | bytearray | memoryview, kind: type[_T], max_bytes: int | None = None) -> _T:
+    """``body`` as a ``kind`` map; any malformation becomes an InvalidInput (or TensorCodecError) naming it."""
+    if max_bytes is not None and len(body) > max_bytes:
+        raise TensorCodecError(f"payload of {len(body)} bytes exceeds the limit of {max_bytes}")
+    try:
+        try:
+            return msgspec.msgpack.decode(body, type=kind)
+        except msgspec.ValidationError as e:
+            msgspec.msgpack.decode(body)  # malformed msgpack (a truncated array, say) is told as such
+            text = str(e)
+    except (msgspec.DecodeError, RecursionError) as e:
+        raise TensorCodecError(f"malformed msgpack payload: {e}") from None
+    top = " - at " not in text
+    if top and text.startswith("Expected `object`"):
+        raise InvalidInput(f"{'request' if kind is _Request else 'response'} body must be a msgpack map")
+    if top and text.startswith("Object contains unknown field"):
+        raise InvalidInput(f"unknown request field(s): {text.split('`')[1]}")
+    if top and text.startswith("Object missing required field"):
+        raise InvalidInput(f"{'request' if kind is _Request else 'response'} has no {text.split('`')[1]!r}")
+    raise (TensorCodecError if "$.inputs" in text else InvalidInput)(text)
+
+
+def _arrays(tensors: dict[str, _Tensor], what: str) -> dict[str, np.ndarray]:
+    """numpy arrays of decoded tensors (views over the body for numeric ones), each checked."""
+    return {name: tensor_from(t.datatype, t.shape, t.data, f"{what}[{name!r}]") for name, t in tensors.items()}
+
+
+def _tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, _Tensor]:
+    return {name: _Tensor(**encode_tensor(arr)) for name, arr in arrays.items()}
 
 
 @dataclass(slots=True)
@@ -59,48 +114,15 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
 
     def to_wire(self) -> bytes:
-        msg: dict[str, Any] = {"inputs": encode_tensors(self.inputs)}
-        if self.id is not None:
-            msg["id"] = self.id
-        if self.outputs is not None:
-            msg["outputs"] = list(self.outputs)
-        if self.deadline_ms is not None:
-            msg["deadline_ms"] = float(self.deadline_ms)
-        if self.priority:
-            msg["priority"] = int(self.priority)
-        if self.parameters:
-            msg["parameters"] = self.parameters
-        return packb(msg)
+        deadline = float(self.deadline_ms) if self.deadline_ms is not None else None
+        outputs = list(self.outputs) if self.outputs is not None else None
+        msg = _Request(_tensors(self.inputs), self.id, outputs, deadline, int(self.priority), self.parameters or None)
+        return msgspec.msgpack.encode(msg)
 
     @classmethod
     def from_wire(cls, body: bytes | bytearray | memoryview, max_bytes: int | None = None) -> InferRequest:
-        msg = unpackb(body, max_bytes)
-        if type(msg) is not dict:  # unpackb gives dicts for msgpack maps
-            raise InvalidInput("request body must be a msgpack map")
-        if not msg.keys() <= _REQUEST_FIELDS:
-            unknown = msg.keys() - _REQUEST_FIELDS
-            raise InvalidInput(f"unknown request field(s): {', '.join(sorted(map(str, unknown)))}")
-        if "inputs" not in msg:
-            raise InvalidInput("request has no 'inputs'")
-        rid = msg.get("id")
-        if rid is not None and not isinstance(rid, str):
-            raise InvalidInput("'id' must be a string")
-        outputs = msg.get("outputs")
-        if outputs is not None and (
-            not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs)
-        ):
-            raise InvalidInput("'outputs' must be a list of output names")
-        deadline = msg.get("deadline_ms")
-        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))):
-            raise InvalidInput("'deadline_ms' must be a number of milliseconds")
-        priority = msg.get("priority", 0)
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidInput("'priority' must be an integer")
-        params = msg.get("parameters") or {}
-        if type(params) is not dict:
-            raise InvalidInput("'parameters' must be a map")
-        # params is a fresh dict from unpackb: kept as it is, not copied.
-        return cls(decode_tensors(msg["inputs"]), rid, outputs, float(deadline) if deadline is not None else None, priority, params)
+        msg = _decode(body, _Request, max_bytes)
+        return cls(_arrays(msg.inputs, "inputs"), msg.id, msg.outputs, msg.deadline_ms, msg.priority, msg.parameters or {})
 
 
 @dataclass(slots=True)
@@ -111,26 +133,12 @@ class InferResponse:
     id: str | None = None
 
     def to_wire(self) -> bytes:
-        msg: dict[str, Any] = {
-            "model_name": self.model_name,
-            "model_version": self.model_version,
-            "outputs": encode_tensors(self.outputs),
-        }
-        if self.id is not None:
-            msg["id"] = self.id
-        return packb(msg)
+        return msgspec.msgpack.encode(_Response(self.model_name, self.model_version, _tensors(self.outputs), self.id))
 
     @classmethod
     def from_wire(cls, body: bytes | bytearray | memoryview) -> InferResponse:
-        msg = unpackb(body)
-        if not isinstance(msg, Mapping) or "outputs" not in msg:
-            raise InvalidInput("response body must be a msgpack map with 'outputs'")
-        return cls(
-            outputs=decode_tensors(msg["outputs"], "outputs"),
-            model_name=str(msg.get("model_name", "")),
-            model_version=str(msg.get("model_version", "")),
-            id=msg.get("id"),
-        )
+        msg = _decode(body, _Response)
+        return cls(_arrays(msg.outputs, "outputs"), msg.model_name, msg.model_version, msg.id)
 
 
 @dataclass(slots=True, frozen=True)

@@ -145,6 +145,11 @@ def decode_tensor(obj: Any, what: str = "tensor") -> np.ndarray:
     except KeyError:
         missing = [k for k in ("datatype", "shape", "data") if k not in obj]
         raise TensorCodecError(f"{what}: missing field(s) {', '.join(missing)}") from None
+    return tensor_from(datatype, shape, data, what)
+
+
+def tensor_from(datatype: Any, shape: Any, data: Any, what: str = "tensor") -> np.ndarray:
+    """A wire tensor's three fields -> numpy array, each checked (:func:`decode_tensor`'s core)."""
     dtype = dtype_of(datatype)
     shape = check_shape(shape, what)
     count = math.prod(shape)

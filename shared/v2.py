@@ -34,8 +34,9 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import numpy as np
 
 from .errors import InvalidInput, TensorCodecError
@@ -104,26 +105,46 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _parameters(obj: Any, what: str) -> dict[str, Any]:
-    if obj is None:
-        return {}
-    if not isinstance(obj, dict):
-        raise InvalidInput(f"{what}: 'parameters' must be a JSON object")
-    return obj
+class _InputParameters(msgspec.Struct):
+    binary_data_size: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
-def _json_header(raw: bytes | memoryview) -> dict[str, Any]:
+class _Input(msgspec.Struct):
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    shape: list[int]
+    datatype: str
+    data: Any = msgspec.UNSET
+    parameters: _InputParameters | None = None
+
+
+class _OutputParameters(msgspec.Struct):
+    binary_data: bool | None = None
+    classification: Any = None
+
+
+class _Output(msgspec.Struct):
+    name: str
+    parameters: _OutputParameters | None = None
+
+
+class _Header(msgspec.Struct):
+    """The JSON header of a request: the fields' types are checked by msgspec as it decodes."""
+
+    inputs: list[_Input] = []
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[_Output] | None = None
+
+
+def _json_header(raw: bytes | memoryview) -> _Header:
     try:
-        doc = json.loads(bytes(raw).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        # ValueError: JSONDecodeError, and an integer of more digits than Python converts
-        # (sys.get_int_max_str_digits, 4300 by default).
+        return msgspec.json.decode(raw, type=_Header)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        raise InvalidInput("request must be a JSON object" if text.startswith("Expected `object`") and " - at " not in text
+                           else f"invalid request header JSON: {text}") from None
+    except (msgspec.DecodeError, RecursionError) as e:
         raise InvalidInput(f"request header is not valid JSON: {e}") from None
-    except RecursionError:
-        raise InvalidInput("request header is nested too deeply") from None
-    if not isinstance(doc, dict):
-        raise InvalidInput("request must be a JSON object")
-    return doc
 
 
 def parse_infer_request(
@@ -142,39 +163,24 @@ def parse_infer_request(
             raise InvalidInput(f"{HEADER_LENGTH} is {hl} but the body has {len(view)} bytes")
         header, binary = view[:hl], view[hl:]
     doc = _json_header(header)
-
-    rid = doc.get("id")
-    if rid is not None and not isinstance(rid, str):
-        raise InvalidInput("'id' must be a string")
-    params = _parameters(doc.get("parameters"), "request")
-    raw_inputs = doc.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
+    if not doc.inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors")
 
     inputs: dict[str, np.ndarray] = {}
     offset = 0
-    for i, t in enumerate(raw_inputs):
-        if not isinstance(t, dict):
-            raise InvalidInput(f"inputs[{i}] must be an object with name, shape, datatype")
-        name = t.get("name")
-        if not isinstance(name, str) or not name:
-            raise InvalidInput(f"inputs[{i}]: 'name' must be a non-empty string")
+    for t in doc.inputs:
+        name = t.name
         what = f"input {name!r}"
         if name in inputs:
             raise InvalidInput(f"{what} is given twice")
-        if "shape" not in t or "datatype" not in t:
-            raise InvalidInput(f"{what}: 'shape' and 'datatype' are required")
-        shape = check_shape(t["shape"], what)
-        dtype = dtype_of(t["datatype"])
+        shape = check_shape(t.shape, what)
+        dtype = dtype_of(t.datatype)
         count = math.prod(shape)
         if count > max_elements:
             raise TensorCodecError(f"{what}: shape {list(shape)} has more than {max_elements} elements")
-        tparams = _parameters(t.get("parameters"), what)
-        size = tparams.get("binary_data_size")
+        size = t.parameters.binary_data_size if t.parameters is not None else None
         if size is not None:
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise InvalidInput(f"{what}: binary_data_size must be a non-negative integer")
-            if "data" in t:
+            if t.data is not msgspec.UNSET:
                 raise InvalidInput(f"{what}: has both 'data' and binary_data_size")
             if offset + size > len(binary):
                 raise InvalidInput(
@@ -183,34 +189,27 @@ def parse_infer_request(
                 )
             chunk = binary[offset : offset + size]
             offset += size
-            inputs[name] = _from_binary(chunk, dtype, t["datatype"], shape, count, what)
+            inputs[name] = _from_binary(chunk, dtype, t.datatype, shape, count, what)
         else:
-            if "data" not in t:
+            if t.data is msgspec.UNSET:
                 raise InvalidInput(f"{what}: no 'data' and no binary_data_size")
-            inputs[name] = _from_json(t["data"], dtype, t["datatype"], shape, count, what)
+            inputs[name] = _from_json(t.data, dtype, t.datatype, shape, count, what)
     if offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} binary bytes after the last tensor are not claimed by any input")
 
-    outputs = None
+    params = doc.parameters or {}
     bin_out = params.get("binary_data_output", False)
     if not isinstance(bin_out, bool):
         raise InvalidInput("parameter 'binary_data_output' must be a boolean")
-    raw_outputs = doc.get("outputs")
-    if raw_outputs is not None:
-        if not isinstance(raw_outputs, list):
-            raise InvalidInput("'outputs' must be a list")
+    outputs = None
+    if doc.outputs is not None:
         outputs = []
-        for i, o in enumerate(raw_outputs):
-            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise InvalidInput(f"outputs[{i}] must be an object with a 'name'")
-            oparams = _parameters(o.get("parameters"), f"output {o['name']!r}")
-            if oparams.get("classification"):
-                raise InvalidInput(f"output {o['name']!r}: the classification extension is not supported")
-            b = oparams.get("binary_data")
-            if b is not None and not isinstance(b, bool):
-                raise InvalidInput(f"output {o['name']!r}: binary_data must be a boolean")
-            outputs.append(V2Output(o["name"], b))
-    return V2Request(inputs=inputs, id=rid, parameters=params, outputs=outputs, binary_output=bin_out)
+        for o in doc.outputs:
+            oparams = o.parameters or _OutputParameters()
+            if oparams.classification:
+                raise InvalidInput(f"output {o.name!r}: the classification extension is not supported")
+            outputs.append(V2Output(o.name, oparams.binary_data))
+    return V2Request(inputs=inputs, id=doc.id, parameters=params, outputs=outputs, binary_output=bin_out)
 
 
 def _from_binary(
@@ -356,7 +355,7 @@ def encode_infer_response(
             entry["data"] = _to_json_data(arr)
         entries.append(entry)
     doc["outputs"] = entries
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = msgspec.json.encode(doc)
     if not blobs:
         return header, {"Content-Type": JSON_CONTENT_TYPE}
     body = b"".join([header, *blobs])

@@ -169,7 +169,8 @@ class ServerThread:
 
     def start(self) -> ServerThread:
 
-        from tandem.cloud.front import listen, make_runner
+        from tandem.cloud.app import make_runner
+        from tandem.cloud.front import listen
 
         self._thread.start()
 
