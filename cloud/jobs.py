@@ -48,6 +48,7 @@ from tandem.shared.jobs import (
 )
 from tandem.shared.tensors import packb
 
+from . import native, v2
 from .config import JobsConfig, ServerConfig
 from .inference import Inference, Outcome
 from .job_queue import Completion, JobQueue, JobRecord, SqliteJobQueue, consume, request_hash
@@ -177,7 +178,10 @@ class JobRunner:
             sig = tuple((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items())
             groups[(id(served), sig)].append(_Decoded(job, served, req, inputs, outputs, rows))
         back: list[JobRecord] = []
-        results = await asyncio.gather(*(self._run_group(items, started) for items in groups.values()))
+        if len(groups) == 1:  # the usual claim: one model, one input layout (no task to gather)
+            results = [await self._run_group(next(iter(groups.values())), started)]
+        else:
+            results = await asyncio.gather(*(self._run_group(items, started) for items in groups.values()))
         for completions, refused in results:
             done.extend(completions)
             back.extend(refused)
@@ -196,7 +200,14 @@ class JobRunner:
             rows += item.rows
         done: list[Completion] = []
         if not self.below_online:
-            outcomes = await asyncio.gather(*(self._run_chunk(c, started) for c in chunks), return_exceptions=True)
+            outcomes: list[Any]
+            if len(chunks) == 1:
+                try:
+                    outcomes = [await self._run_chunk(chunks[0], started)]
+                except (Overloaded, Unavailable) as e:
+                    outcomes = [e]
+            else:
+                outcomes = await asyncio.gather(*(self._run_chunk(c, started) for c in chunks), return_exceptions=True)
             back: list[JobRecord] = []
             for chunk, outcome in zip(chunks, outcomes):
                 if isinstance(outcome, (Overloaded, Unavailable)):
@@ -254,8 +265,6 @@ class JobRunner:
         return completions
 
     def _success(self, d: _Decoded, outcome: Outcome, started: float) -> Completion:
-        from . import native, v2
-
         job = d.job
         try:
             if job.protocol == "v1":

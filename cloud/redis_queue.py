@@ -43,52 +43,112 @@ _META = ("model", "version", "protocol", "header_length", "rows", "priority", "c
 #: Seconds a blocking read waits at most at once (then the caller's loop looks at its stop flag).
 _MAX_BLOCK_S = 1.0
 
-# Mark claimed jobs running and return each one's (meta, body, served_version), or false for a
-# job deleted or already finished. KEYS: the jobs; ARGV: now.
-_CLAIM = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  local s = redis.call('HGET', key, 'status')
-  if not s or s == 'succeeded' or s == 'failed' then
-    out[i] = false
-  else
-    redis.call('HSET', key, 'status', 'running', 'started', ARGV[1])
-    out[i] = redis.call('HMGET', key, 'meta', 'body', 'served_version')
+# Lua shared by the two claim scripts: take one stream entry. A job still to run is marked running
+# and appended to ``out`` as (stream, entry id, job id, meta, body, served_version); an entry
+# whose job was deleted, expired or already answered is acknowledged and dropped on the spot.
+_TAKE = """
+local function take(out, stream, group, eid, jid, key, now)
+  local h = jid and redis.call('HMGET', key, 'status', 'meta', 'body', 'served_version')
+  if not h or not h[1] or not h[2] or h[1] == 'succeeded' or h[1] == 'failed' then
+    redis.call('XACK', stream, group, eid)
+    redis.call('XDEL', stream, eid)
+    return 0
+  end
+  redis.call('HSET', key, 'status', 'running', 'started', now)
+  local n = #out
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] = stream, eid, jid, h[2], h[3], h[4]
+  return 1
+end
+local function job_id(fields)
+  for i = 1, #fields, 2 do
+    if fields[i] == 'id' then return fields[i + 1] end
+  end
+  return nil
+end
+"""
+# Read up to ``limit`` new entries for this consumer, best priority first, and take them: one round
+# trip for what took an XLEN per stream, an XREADGROUP per priority and a script. KEYS: the
+# streams, best first. ARGV: group, consumer, limit, now, the job keys' prefix.
+_CLAIM_NEW = _TAKE + """
+local group, consumer, limit, now, prefix = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local out, taken = {}, 0
+for s = 1, #KEYS do
+  if taken >= limit then break end
+  if redis.call('XLEN', KEYS[s]) > 0 then
+    local got = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', limit - taken, 'STREAMS', KEYS[s], '>')
+    if got then
+      for _, entry in ipairs(got[1][2]) do
+        local jid = job_id(entry[2])
+        taken = taken + take(out, KEYS[s], group, entry[1], jid, prefix .. (jid or ''), now)
+      end
+    end
   end
 end
 return out
 """
-# Store results, each only while its job is unfinished; returns 1 (stored) or 0 per job.
-# KEYS: stats, then per job: its key and its idempotency key (or its key again). ARGV: now, ttl
-# ms, and one msgpack array with per job [status, error, result_status, result_headers,
-# result_body, served_version ('' = keep), started] (one argument: packing thousands of small
-# ones costs the client more than the work; the old msgpack format, which Redis's Lua reads). The stats hash counts results stored ("results"),
-# results of jobs that had one already ("repeats": a job run again after its worker was presumed
-# dead) and of jobs deleted meanwhile ("forgotten").
-_COMPLETE = """
-local stats, now, ttl = KEYS[1], ARGV[1], ARGV[2]
-local expires = tostring(tonumber(now) + tonumber(ttl) / 1000)
-local rows = cmsgpack.unpack(ARGV[3])
+# Take entries already delivered to this consumer (reclaimed with XAUTOCLAIM, or read by a
+# blocking XREADGROUP). ARGV: group, now, the job keys' prefix, then (stream, entry id, job id)
+# per entry.
+_CLAIM_READ = _TAKE + """
+local group, now, prefix = ARGV[1], ARGV[2], ARGV[3]
 local out = {}
-for i = 1, (#KEYS - 1) / 2 do
-  local key, idem, r = KEYS[2 * i], KEYS[2 * i + 1], rows[i]
+for i = 4, #ARGV, 3 do
+  take(out, ARGV[i], group, ARGV[i + 1], ARGV[i + 2], prefix .. ARGV[i + 2], now)
+end
+return out
+"""
+# Store results, each only while its job is unfinished, then acknowledge (XACK + XDEL) their
+# stream entries: both in one script, so an entry is never acknowledged before its result is
+# stored, and it all takes one round trip. Returns 1 (stored) or 0 per job. KEYS: stats. ARGV:
+# now, ttl ms, the job keys' prefix, the group, and one msgpack array with per job [job id,
+# status, error, result_status, result_headers, result_body, served_version ('' = keep), started,
+# idempotency key ('' = none), stream ('' = no entry), entry id] (one argument: packing
+# thousands of small ones costs the client more than the work; the old msgpack format, which
+# Redis's Lua reads). The stats hash counts results stored ("results"), results of jobs that had
+# one already ("repeats": a job run again after its worker was presumed dead) and of jobs
+# deleted meanwhile ("forgotten").
+_COMPLETE = """
+local stats, now, ttl, prefix, group = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local expires = tostring(tonumber(now) + tonumber(ttl) / 1000)
+local rows = cmsgpack.unpack(ARGV[5])
+local out, counts, acks = {}, {results = 0, repeats = 0, forgotten = 0}, {}
+for i, r in ipairs(rows) do
+  local key = prefix .. r[1]
   local s = redis.call('HGET', key, 'status')
   if not s then
-    redis.call('HINCRBY', stats, 'forgotten', 1)
+    counts.forgotten = counts.forgotten + 1
     out[i] = 0
   elseif s == 'succeeded' or s == 'failed' then
-    redis.call('HINCRBY', stats, 'repeats', 1)
+    counts.repeats = counts.repeats + 1
     out[i] = 0
   else
-    redis.call('HINCRBY', stats, 'results', 1)
-    redis.call('HSET', key, 'status', r[1], 'finished', now, 'expires', expires, 'error', r[2],
-      'result_status', tostring(r[3]), 'result_headers', r[4], 'result_body', r[5])
-    if r[6] ~= '' then redis.call('HSET', key, 'served_version', r[6]) end
-    if redis.call('HEXISTS', key, 'started') == 0 then redis.call('HSET', key, 'started', r[7]) end
+    counts.results = counts.results + 1
+    redis.call('HSET', key, 'status', r[2], 'finished', now, 'expires', expires, 'error', r[3],
+      'result_status', tostring(r[4]), 'result_headers', r[5], 'result_body', r[6])
+    if r[7] ~= '' then redis.call('HSET', key, 'served_version', r[7]) end
+    redis.call('HSETNX', key, 'started', r[8])
     redis.call('HDEL', key, 'body')
     redis.call('PEXPIRE', key, ttl)
-    if idem ~= key then redis.call('PEXPIRE', idem, ttl) end
+    if r[9] ~= '' then redis.call('PEXPIRE', r[9], ttl) end
     out[i] = 1
+  end
+  if r[10] ~= '' then
+    local ids = acks[r[10]]
+    if not ids then
+      ids = {}
+      acks[r[10]] = ids
+    end
+    ids[#ids + 1] = r[11]
+  end
+end
+for name, n in pairs(counts) do
+  if n > 0 then redis.call('HINCRBY', stats, name, n) end
+end
+for stream, ids in pairs(acks) do
+  for i = 1, #ids, 500 do
+    local part = {unpack(ids, i, math.min(i + 499, #ids))}
+    redis.call('XACK', stream, group, unpack(part))
+    redis.call('XDEL', stream, unpack(part))
   end
 end
 return out
@@ -148,13 +208,15 @@ class RedisJobQueue:
         self._streams = [self._stream(p) for p in range(MAX_PRIORITY, MIN_PRIORITY - 1, -1)]  # best first
         self._groups_ready = False
         self._reclaimed_at = 0.0
-        self._claim = self._redis.register_script(_CLAIM)
+        self._job_prefix = f"{prefix}:job:"
+        self._claim_new = self._redis.register_script(_CLAIM_NEW)
+        self._claim_read = self._redis.register_script(_CLAIM_READ)
         self._complete = self._redis.register_script(_COMPLETE)
 
     # --- keys -----------------------------------------------------------------------------------
 
     def _job(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}"
+        return self._job_prefix + job_id
 
     def _stream(self, priority: int) -> str:
         return f"{self.prefix}:stream:{priority}"
@@ -261,58 +323,54 @@ class RedisJobQueue:
         """Reclaimed entries of dead workers first, then new ones, best priority first."""
         await self._ensure_groups()
         r = self._redis
-        entries: list[tuple[str, bytes, bytes]] = []  # (stream, entry id, job id)
+        started = repr(time.time())
+        jobs: list[JobRecord] = []
         now = time.monotonic()
         if now - self._reclaimed_at >= max(0.2, self.claim_timeout_s / 4):
             self._reclaimed_at = now
             for s in self._streams:
-                got = await self._call(r.xautoclaim(s, self.group, self.consumer, int(self.claim_timeout_s * 1000), "0-0", count=limit))
-                for eid, fields in got[1]:
-                    if fields and b"id" in fields:
-                        entries.append((s, eid, fields[b"id"]))
-                    else:  # trimmed away meanwhile
-                        await self._call(r.xack(s, self.group, eid))
-                if len(entries) >= limit:
-                    break
-        if len(entries) < limit:
-            # One round trip says which priorities have entries; then read those, best first.
-            async with r.pipeline(transaction=False) as pipe:
-                for s in self._streams:
-                    pipe.xlen(s)
-                lengths = await self._call(pipe.execute())
-            for s, n in zip(self._streams, lengths):
-                if len(entries) >= limit:
-                    break
-                if not n:
-                    continue
-                got = await self._call(r.xreadgroup(self.group, self.consumer, {s: ">"}, count=limit - len(entries)))
-                for _, items in got or []:
-                    entries.extend((s, eid, fields[b"id"]) for eid, fields in items)
-        if not entries and wait_s > 0:
-            got = await self._call(r.xreadgroup(
-                self.group, self.consumer, {s: ">" for s in self._streams}, count=limit,
-                block=max(1, int(min(wait_s, _MAX_BLOCK_S) * 1000)),
-            ))
-            for stream, items in got or []:
-                entries.extend((_str(stream), eid, fields[b"id"]) for eid, fields in items)
-        if not entries:
-            return []
-        # One script marks the jobs running (unless deleted or answered) and returns them.
-        started = time.time()
-        flat = await self._call(self._claim(keys=[self._job(_str(jid)) for _, _, jid in entries], args=[repr(started)]))
-        jobs: list[JobRecord] = []
-        stale: list[tuple[Any, ...]] = []
-        for (stream, eid, jid), h in zip(entries, flat):
-            job = self._record(_str(jid), {b"meta": h[0], b"body": h[1], b"served_version": h[2], b"status": b"running",
-                                            b"started": repr(started).encode()} if h else {})
-            if job is None:
-                stale.append((stream, eid))  # deleted, expired or already answered: nothing to run
-                continue
-            idem = self._idem(job.model, job.idempotency_key) if job.idempotency_key else None
-            job.receipt = (stream, eid, idem, bool(job.callback))
+                got = await self._call(r.xautoclaim(s, self.group, self.consumer, int(self.claim_timeout_s * 1000), "0-0", count=limit - len(jobs)))
+                entries = [(s, eid, fields.get(b"id", b"") if fields else b"") for eid, fields in got[1]]
+                if entries:  # an entry trimmed away meanwhile has no fields: the script drops it
+                    jobs += await self._read(entries, started)
+                if len(jobs) >= limit:
+                    return jobs
+        # One script reads new entries, best priority first, and marks their jobs running.
+        flat = await self._call(self._claim_new(
+            keys=self._streams, args=[self.group, self.consumer, limit - len(jobs), started, self._job_prefix],
+        ))
+        jobs += self._jobs(flat, started)
+        if jobs or wait_s <= 0:
+            return jobs
+        got = await self._call(r.xreadgroup(
+            self.group, self.consumer, {s: ">" for s in self._streams}, count=limit,
+            block=max(1, int(min(wait_s, _MAX_BLOCK_S) * 1000)),
+        ))
+        entries = [(_str(stream), eid, fields.get(b"id", b"") if fields else b"") for stream, items in got or [] for eid, fields in items]
+        return await self._read(entries, started) if entries else []
+
+    async def _read(self, entries: list[tuple[str, bytes, bytes]], started: str) -> list[JobRecord]:
+        """Take entries already delivered to this consumer (see _CLAIM_READ)."""
+        args: list[Any] = [self.group, started, self._job_prefix]
+        for entry in entries:
+            args += entry
+        return self._jobs(await self._call(self._claim_read(args=args)), started)
+
+    def _jobs(self, flat: list[Any], started: str) -> list[JobRecord]:
+        """The jobs a claim script took: (stream, entry id, job id, meta, body, served_version) each."""
+        jobs = []
+        at = float(started)
+        for i in range(0, len(flat), 6):
+            stream, eid, jid, meta, body, served = flat[i:i + 6]
+            m = json.loads(meta)
+            model, key, callback = m["model"], m["idempotency_key"], m["callback"]
+            job = JobRecord(
+                jid.decode(), model, m["version"], m["protocol"], body or b"", m["header_length"], m["rows"],
+                m["priority"], m["created"], m["body_hash"], key, callback, "running", at,
+                served_version=served.decode() if served else None,
+            )
+            job.receipt = (stream.decode(), eid, self._idem(model, key) if key else None, bool(callback))
             jobs.append(job)
-        if stale:
-            await self._ack(stale)
         return jobs
 
     async def _ack(self, receipts: list[tuple[Any, ...]]) -> None:
@@ -326,14 +384,13 @@ class RedisJobQueue:
             await self._call(pipe.execute())
 
     async def complete(self, completions: list[Completion], ttl_s: float) -> list[JobRecord]:
-        """Store each result (once per job id), then acknowledge the stream entries."""
+        """Store each result (once per job id) and acknowledge the stream entries, in one script."""
         if not completions:
             return []
         now = time.time()
         ttl_ms = max(1, int(ttl_s * 1000))
-        # A claimed job's receipt names its idempotency key and whether it has a callback; a
-        # completion without one (not claimed here) has them read from the job.
-        info: list[tuple[str | None, bool]] = []
+        # A claimed job's receipt names its stream entry, its idempotency key and whether it has
+        # a callback; a completion without one (not claimed here) has the last two read from the job.
         unknown = [c for c in completions if c.receipt is None]
         metas: dict[str, Any] = {}
         if unknown:
@@ -341,27 +398,24 @@ class RedisJobQueue:
                 for c in unknown:
                     pipe.hget(self._job(c.job_id), "meta")
                 metas = {c.job_id: json.loads(m) if m else {} for c, m in zip(unknown, await self._call(pipe.execute()))}
+        rows: list[list[Any]] = []
+        callbacks: list[bool] = []
         for c in completions:
             if c.receipt is not None:
-                info.append((c.receipt[2], c.receipt[3]))
+                stream, eid, idem, callback = c.receipt
             else:
                 meta = metas.get(c.job_id) or {}
                 key = meta.get("idempotency_key")
-                info.append((self._idem(meta["model"], key) if key else None, bool(meta.get("callback"))))
-        keys: list[str] = [self.stats_key]
-        rows: list[list[Any]] = []
-        for c, (idem, _) in zip(completions, info):
-            key = self._job(c.job_id)
-            keys += [key, idem or key]
-            rows.append([c.status, json.dumps(c.error) if c.error else "", c.result_status, json.dumps(c.result_headers),
-                         bytes(c.result_body), c.served_version or "", repr(c.started or now)])
-        # Stored first; acknowledged only once Redis answered that the results are stored.
-        stored = await self._call(self._complete(keys=keys, args=[repr(now), ttl_ms, msgpack.packb(rows, use_bin_type=False)]))
-        receipts = [c.receipt for c in completions if c.receipt is not None]
-        if receipts:
-            await self._ack(receipts)
+                stream, eid, idem, callback = "", "", self._idem(meta["model"], key) if key else None, bool(meta.get("callback"))
+            callbacks.append(callback)
+            rows.append([c.job_id, c.status, json.dumps(c.error) if c.error else "", c.result_status,
+                         json.dumps(c.result_headers), c.result_body, c.served_version or "", repr(c.started or now),
+                         idem or "", stream, eid])
+        stored = await self._call(self._complete(
+            keys=[self.stats_key], args=[repr(now), ttl_ms, self._job_prefix, self.group, msgpack.packb(rows, use_bin_type=False)],
+        ))
         # Only jobs with a callback are read back (for their final status document).
-        notify = [c.job_id for c, ok, (_, callback) in zip(completions, stored, info) if ok and callback]
+        notify = [c.job_id for c, ok, callback in zip(completions, stored, callbacks) if ok and callback]
         return [j for j in [await self.get(i) for i in notify] if j is not None]
 
     async def release(self, jobs: list[JobRecord]) -> None:
