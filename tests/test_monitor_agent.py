@@ -96,6 +96,9 @@ async def test_agent_profiles_compares_escalations_and_uploads_its_drift(agent: 
         async with s.post(f"{agent.url}/v1/feedback", json={"records": records}) as r:
             assert r.status == 200, await r.text()
     assert m.quality()["labelled"] == 16 and m.quality()["accuracy"] == pytest.approx(float(np.mean(predicted == y)))
+    # The labelled call's escalations are compared in the background: let them land first, or one
+    # finishing after the upload below is news to the "nothing new" check at the end.
+    await wait_for(lambda: not agent.monitor._comparing, 30, "escalations compared with the edge")
 
     # The drift report travels through the outbox to the cloud, which shows it beside its own.
     await agent.monitor.upload()
