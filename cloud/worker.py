@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from typing import Any
@@ -66,6 +67,9 @@ class Worker:
         await self.repository.start()
         if not self.repository.loaded():
             raise InvalidInput(f"no model can be served from {self.config.repository}: nothing for the worker to run")
+        # What is loaded now lives as long as the worker: kept out of the collector's sight, a full
+        # collection no longer walks it (~25 ms each, about once per thousand jobs).
+        gc.freeze()
 
     async def run(self) -> None:
         """Claim and run jobs until :attr:`stop` is set; then finish what is in hand."""
