@@ -40,7 +40,7 @@ from tandem.shared.profile import ReferenceProfile
 
 from . import report
 from .calibration import calibrate, calibrate_task
-from .distill import TrainResult, fit, predict, predict_hidden, predict_logits, train, truncate
+from .distill import TrainResult, bf16_supported, fit, predict, predict_hidden, predict_logits, train, truncate
 from .errors import BudgetError, BuildError, SpecError
 from .evaluate import Padding, evaluate_variants, hardware_info, make_session, n_rows, run_batched, tool_versions
 from .export import export_onnx, verify_export
@@ -243,9 +243,14 @@ def _make_models(
         train_x = {k: _concat_padded(v, data.unlabelled[k], data.pads().get(k)) for k, v in train_x.items()}
     hidden: list[np.ndarray] | None = None
     targets: np.ndarray | None = None
+    precision = training.precision
+    if precision == "bf16" and not bf16_supported():
+        echo("training.precision bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX); training in fp32")
+        precision = "fp32"
     wants = _factory_wants(spec.student) if late_student else set()
     if (training.hidden_weight > 0 or "teacher_hidden" in wants) and hasattr(teacher, "hidden_states"):
-        hidden, targets = predict_hidden(teacher, train_x, names, padding=pad, output_index=out_index)
+        hidden, targets = predict_hidden(teacher, train_x, names, padding=pad, output_index=out_index,
+                                         precision=precision)
     if late_student:
         # The factory builds the student from the trained teacher (and its states on the training
         # inputs); its export is checked now, still before the student's training.
@@ -254,7 +259,7 @@ def _make_models(
         export(student, edge_target)
     if student is not None:
         if targets is None:
-            targets = predict(teacher, train_x, names, output_index=out_index, padding=pad)
+            targets = predict(teacher, train_x, names, output_index=out_index, padding=pad, precision=precision)
         val_ref = predict(teacher, data.val.x, names, output_index=out_index, padding=pad)
         labels = data.train.y if task.kind == "classification" and not data.unlabelled else None
         loss = {"classification": "kd", "embedding": "cosine"}.get(task.kind, "mse")
@@ -265,7 +270,8 @@ def _make_models(
             temperature=training.temperature, alpha=training.alpha if labels is not None else 1.0, padding=pad,
             output_index=out_index, threads=training.threads, desc="edge", progress=progress,
             hidden=hidden if training.hidden_weight > 0 and hasattr(student, "hidden_states") else None,
-            hidden_weight=training.hidden_weight)
+            hidden_weight=training.hidden_weight, relation_weight=training.relation_weight,
+            relation_temperature=training.relation_temperature, precision=precision)
         test_ref = predict(teacher, data.test.x, names, output_index=out_index, padding=pad)
         test_labels = data.test.y if task.kind == "classification" else None
         for what, model in (("teacher (torch)", teacher), (f"edge {spec.edge.kind} (torch)", student)):

@@ -152,3 +152,27 @@ def test_cli_arguments_and_defaults() -> None:
     args = build_parser().parse_args(["build", "examples/digits", "--version", "7", "--quick", "--seed", "3"])
     assert (args.bundle_version, args.quick, args.seed) == ("7", True, 3)
     assert str(args.repository) == "artifacts/repository" and str(args.key) == "artifacts/keys/tandem.key"
+
+
+@pytest.mark.parametrize(
+    ("training", "message"),
+    [
+        ("relation_weight = 1.0", r"training.relation_weight: the relational term distils an embedding .*"
+                                  r"task is 'classification'.* set it to 0"),
+        ("relation_weight = -1.0", r"training.relation_weight: Input should be greater than or equal to 0"),
+        ("relation_temperature = 0", r"training.relation_temperature: Input should be greater than 0"),
+        ('precision = "fp8"', r"training.precision: Input should be 'fp32' or 'bf16'"),
+    ],
+)
+def test_bad_relation_settings_are_named(tmp_path: Path, training: str, message: str) -> None:
+    path = write_tiny_spec(tmp_path)
+    path.write_text(path.read_text().replace("[training]\n", f"[training]\n{training}\n"))
+    with pytest.raises(SpecError, match=message):
+        load_spec(path)
+
+
+def test_relation_settings_load_on_an_embedding_spec(tmp_path: Path) -> None:
+    path = write_tiny_spec(tmp_path, task='{ kind = "embedding" }')
+    path.write_text(path.read_text().replace("[training]\n", "[training]\nrelation_weight = 0.5\nrelation_temperature = 0.1\n"))
+    training = load_spec(path).training
+    assert (training.relation_weight, training.relation_temperature) == (0.5, 0.1)
