@@ -253,6 +253,8 @@ class JobRunner:
             return [_failure(chunk[0].job, e, served, started)]
         completions = []
         at = 0
+        # Every native answer of one batch carries the same headers: built once, shared.
+        native_headers: dict[str, str] | None = None
         for d in chunk:
             outputs = result.outputs
             if len(chunk) > 1:
@@ -261,8 +263,24 @@ class JobRunner:
             if d.outputs is not None:
                 outputs = {k: outputs[k] for k in d.outputs}
             outcome = Outcome(served, outputs, result.queue_us, result.compute_us, result.batch_size)
-            completions.append(self._success(d, outcome, started))
+            if native_headers is not None and d.job.protocol == "v1":
+                completions.append(self._native_success(d, outcome, native_headers, started))
+                continue
+            done = self._success(d, outcome, started)
+            if d.job.protocol == "v1" and done.status == "succeeded":
+                native_headers = done.result_headers
+            completions.append(done)
         return completions
+
+    def _native_success(self, d: _Decoded, outcome: Outcome, headers: dict[str, str], started: float) -> Completion:
+        """A native answer after the batch's first: the same headers (timing, batch, version: the
+        batch's), the body as :func:`.native.reply` encodes it."""
+        job, served = d.job, d.served
+        try:
+            body = p.InferResponse(outcome.outputs, served.name, served.version, d.request.id or job.id).to_wire()
+        except TandemError as e:
+            return _failure(job, e, served, started)
+        return Completion(job.id, "succeeded", 200, headers, bytes(body), None, served.version, started, job.receipt)
 
     def _success(self, d: _Decoded, outcome: Outcome, started: float) -> Completion:
         job = d.job

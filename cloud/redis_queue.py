@@ -413,6 +413,8 @@ class RedisJobQueue:
                 metas = {c.job_id: json.loads(m) if m else {} for c, m in zip(unknown, await self._call(pipe.execute()))}
         rows: list[list[Any]] = []
         callbacks: list[bool] = []
+        # The jobs of one batch share their headers' dict (see JobRunner): one JSON text for them.
+        texts: dict[int, str] = {}
         for c in completions:
             if c.receipt is not None:
                 stream, eid, idem, callback = c.receipt
@@ -421,8 +423,11 @@ class RedisJobQueue:
                 key = meta.get("idempotency_key")
                 stream, eid, idem, callback = "", "", self._idem(meta["model"], key) if key else None, bool(meta.get("callback"))
             callbacks.append(callback)
+            headers = texts.get(id(c.result_headers))
+            if headers is None:
+                headers = texts[id(c.result_headers)] = json.dumps(c.result_headers)
             rows.append([c.job_id, c.status, json.dumps(c.error) if c.error else "", c.result_status,
-                         json.dumps(c.result_headers), c.result_body, c.served_version or "", repr(c.started or now),
+                         headers, c.result_body, c.served_version or "", repr(c.started or now),
                          idem or "", stream, eid])
         stored = await self._call(self._complete(
             keys=[self.stats_key], args=[repr(now), ttl_ms, self._job_prefix, self.group, msgpack.packb(rows, use_bin_type=False)],

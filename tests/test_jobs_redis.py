@@ -136,6 +136,38 @@ def test_round_trips_in_both_protocols_through_a_worker(server: ServerThread, wo
     )
 
 
+def test_a_worker_runs_its_claimed_jobs_as_one_batch_and_answers_each_as_the_sync_call(
+    server: ServerThread, workers: Workers
+) -> None:
+    """Jobs queued before the worker starts are claimed as one group and coalesced into one batch
+    (4 + 3 + 5 + 2 + 4 rows): each answer is still the job's own, as its synchronous call gives it."""
+    sizes = [4, 3, 5, 2, 4]
+    bodies = [p.InferRequest({"input": digits_body(n, seed=20 + i)[0]}, id="mine" if i == 1 else None).to_wire()
+              for i, n in enumerate(sizes)]
+    ids = [submit(server.url, p.infer_path("digits"), body)[2]["id"] for body in bodies[:-1]]
+    x, _ = digits_body(sizes[-1], seed=20 + len(sizes) - 1)
+    v2_body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}).encode()
+    ids.append(submit(server.url, "/v2/models/digits/versions/1/infer", v2_body)[2]["id"])
+    workers.start("w1")
+    for i, job_id in enumerate(ids):
+        assert wait_done(server.url, job_id)["status"] == "succeeded"
+        status, headers, raw = request(server.url, "GET", f"/v1/jobs/{job_id}/result")
+        assert status == 200 and headers[p.HEADER_BATCH_SIZE] == str(sum(sizes)), headers
+        assert headers[p.HEADER_MODEL_VERSION] == "1"
+        sync = p.InferResponse.from_wire(request(server.url, "POST", p.infer_path("digits"), bodies[i] if i < len(bodies) - 1 else
+                                                 p.InferRequest({"input": x}).to_wire())[2])
+        if i < len(sizes) - 1:
+            assert headers["Content-Type"] == p.CONTENT_TYPE
+            answer = p.InferResponse.from_wire(raw)
+            assert answer.id == ("mine" if i == 1 else job_id) and answer.model_name == "digits"
+            got = answer.outputs["logits"]
+        else:
+            assert headers["Content-Type"].startswith("application/json")
+            got = np.array(json.loads(raw)["outputs"][0]["data"], np.float32).reshape(sizes[-1], 10)
+        assert got.shape == (sizes[i], 10)
+        np.testing.assert_allclose(got, sync.outputs["logits"], rtol=1e-5, atol=1e-6)
+
+
 def test_idempotency_key_on_redis(server: ServerThread, workers: Workers, redis_server: RedisServer) -> None:
     _, body = digits_body(1, seed=3)
     key = {"Idempotency-Key": "batch-9"}
