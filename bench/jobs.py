@@ -116,8 +116,9 @@ def _direct(model_file: Path, rows: int, jobs: int, workers: int, threads: int) 
     return time.perf_counter() - t0, cpu
 
 
-async def _fill(url: str, prefix: str, model: str, rows: int, jobs: int, seed: int) -> None:
-    """Store ``jobs`` native jobs as a ``tandem serve`` submit does (hash + stream entry, MULTI/EXEC)."""
+async def _fill(url: str, prefix: str, model: str, rows: int, jobs: int, seed: int) -> list[str]:
+    """Store ``jobs`` native jobs as a ``tandem serve`` submit does (hash + stream entry, MULTI/EXEC);
+    returns their ids."""
     from tandem.cloud.job_queue import JobRecord, request_hash
     from tandem.cloud.redis_queue import RedisJobQueue
     from tandem.shared import protocol as p
@@ -126,6 +127,7 @@ async def _fill(url: str, prefix: str, model: str, rows: int, jobs: int, seed: i
     q = RedisJobQueue(url, prefix=prefix)
     rng = np.random.default_rng(seed)
     bodies = [p.InferRequest({"input": rng.standard_normal((rows, 64)).astype(np.float32)}).to_wire() for _ in range(64)]
+    ids = []
     try:
         for i in range(jobs):
             body = bodies[i % len(bodies)]
@@ -134,8 +136,10 @@ async def _fill(url: str, prefix: str, model: str, rows: int, jobs: int, seed: i
                 priority=0, created=time.time(), body_hash=request_hash("v1", model, None, None, body),
             )
             await q.put(job, 1 << 30)
+            ids.append(job.id)
     finally:
         await q.close()
+    return ids
 
 
 def _results(r: object, prefix: str) -> int:
@@ -148,7 +152,17 @@ def _wait_results(r: object, prefix: str, n: int, timeout: float = 900.0) -> Non
     while _results(r, prefix) < n:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {_results(r, prefix)} of {n} results after {timeout} s")
-        time.sleep(0.002)
+        # Every look is redis-server CPU counted as the queue's: 50 a second cost < 1 us per row.
+        time.sleep(0.02)
+
+
+def _batch_rows(r: object, prefix: str, ids: list[str]) -> float:
+    """The mean batch (rows) the workers ran the jobs in, per row: from each result's X-Tandem-Batch-Size."""
+    pipe = r.pipeline(transaction=False)  # type: ignore[attr-defined]
+    for i in ids:
+        pipe.hget(f"{prefix}:job:{i}", "result_headers")
+    sizes = [int(json.loads(h)["X-Tandem-Batch-Size"]) for h in pipe.execute() if h]
+    return statistics.fmean(sizes) if sizes else 0.0
 
 
 _RUNS: list[None] = []
@@ -157,9 +171,9 @@ _RUNS: list[None] = []
 def _queue(
     args: argparse.Namespace, server: RedisServer, tmp: Path, rows: int, batch: int, workers: int, threads: int,
     trust: list[str],
-) -> tuple[float, float, float]:
-    """(wall seconds, CPU seconds of the workers, of redis-server) N workers take to run
-    ``args.jobs`` jobs of ``rows`` rows from a filled queue."""
+) -> tuple[float, float, float, float]:
+    """(wall seconds, CPU seconds of the workers, of redis-server, mean rows per batch the workers
+    ran) N workers take to run ``args.jobs`` jobs of ``rows`` rows from a filled queue."""
     redis_url = server.url
     import redis
 
@@ -193,7 +207,7 @@ def _queue(
         _wait_results(r, prefix, warm)
         for proc in procs:
             proc.send_signal(signal.SIGSTOP)
-        asyncio.run(_fill(redis_url, prefix, args.model, rows, args.jobs, 0))
+        ids = asyncio.run(_fill(redis_url, prefix, args.model, rows, args.jobs, 0))
         early = _results(r, prefix) - warm
         if early:
             raise RuntimeError(f"{early} jobs ran while the workers were paused")
@@ -206,7 +220,8 @@ def _queue(
         _wait_results(r, prefix, warm + args.jobs)
         wall = time.perf_counter() - t0
         time.sleep(0.3)  # the last acknowledgements (idle workers use no CPU)
-        return wall, sum(_cpu_seconds(pid) for pid in pids) - c0, _cpu_seconds(server.proc.pid) - r0
+        w_cpu, r_cpu = sum(_cpu_seconds(pid) for pid in pids) - c0, _cpu_seconds(server.proc.pid) - r0
+        return wall, w_cpu, r_cpu, _batch_rows(r, prefix, ids)
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGCONT)
@@ -217,6 +232,131 @@ def _queue(
             except subprocess.TimeoutExpired:
                 proc.kill()
         r.close()
+
+
+async def _submit_and_wait(url: str, model: str, rows: int, jobs: int, concurrency: int = 16) -> tuple[list[str], float]:
+    """Submit ``jobs`` native jobs over HTTP (``Prefer: respond-async``, ``concurrency`` at a time),
+    then wait until every one has finished: (job ids, wall seconds from the first submit)."""
+    import aiohttp
+
+    from tandem.shared import protocol as p
+
+    rng = np.random.default_rng(0)
+    bodies = [p.InferRequest({"input": rng.standard_normal((rows, 64)).astype(np.float32)}).to_wire() for _ in range(64)]
+    ids: list[str] = [""] * jobs
+    slots = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession() as session:
+
+        async def submit(i: int) -> None:
+            async with slots, session.post(
+                f"{url}{p.infer_path(model)}", data=bodies[i % len(bodies)],
+                headers={"Prefer": "respond-async", "Content-Type": p.CONTENT_TYPE},
+            ) as r:
+                if r.status != 202:
+                    raise RuntimeError(f"submit answered {r.status}: {(await r.read())[:300]!r}")
+                ids[i] = (await r.json())["id"]
+
+        async def finished(job_id: str) -> bool:
+            async with session.get(f"{url}/v1/jobs/{job_id}") as r:
+                doc = await r.json()
+            if doc["status"] == "failed":
+                raise RuntimeError(f"job {job_id} failed: {doc['error']}")
+            return bool(doc["status"] == "succeeded")
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(submit(i) for i in range(jobs)))
+        # Jobs run oldest first: wait for the last, then make sure of the others.
+        pending = ids[::-1]
+        deadline = time.monotonic() + 900
+        while pending:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(pending)} of {jobs} jobs unfinished after 900 s")
+            if await finished(pending[0]):
+                pending.pop(0)
+            else:
+                await asyncio.sleep(0.02)  # every look is server CPU counted as the queue's
+        wall = time.perf_counter() - t0
+    return ids, wall
+
+
+async def _result_batches(url: str, ids: list[str]) -> float:
+    """The mean batch (rows) the jobs ran in, per job: each result's X-Tandem-Batch-Size."""
+    import aiohttp
+
+    sizes = []
+    async with aiohttp.ClientSession() as session:
+        for job_id in ids:
+            async with session.get(f"{url}/v1/jobs/{job_id}/result") as r:
+                await r.read()
+                sizes.append(int(r.headers["X-Tandem-Batch-Size"]))
+    return statistics.fmean(sizes)
+
+
+def _embedded(args: argparse.Namespace, tmp: Path, rows: int, batch: int, threads: int, trust: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of the server, mean rows per batch it ran) a ``tandem serve`` with
+    the embedded queue takes to accept ``args.jobs`` jobs of ``rows`` rows over HTTP and run them."""
+    _RUNS.append(None)
+    name = f"embedded{rows}r{len(_RUNS)}"
+    config = tmp / f"{name}.json"
+    config.write_text(json.dumps({
+        "batching": {"max_batch_size": batch}, "warmup_batch_sizes": [batch], "intra_op_threads": threads, "instances": 1,
+        "access_log": False, "jobs": {"store_path": str(tmp / f"{name}.sqlite3")},
+    }))
+    log = tmp / f"{name}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tandem.shared.cli", "serve", "--repository", str(args.repository), *trust,
+         "--port", "0", "--config", str(config)],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115 - closed with the process
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (ready := [line for line in log.read_text().splitlines() if line.startswith("ready ")]):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"tandem serve did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        url = ready[0].split()[1]
+        asyncio.run(_submit_and_wait(url, args.model, rows, 8))  # warm: the job path, the client
+        c0 = _cpu_seconds(proc.pid)
+        ids, wall = asyncio.run(_submit_and_wait(url, args.model, rows, args.jobs))
+        cpu = _cpu_seconds(proc.pid) - c0
+        return wall, cpu, asyncio.run(_result_batches(url, ids))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _embedded_rows(args: argparse.Namespace, tmp: Path, model_file: Path, cores: int, trust: list[str]) -> None:
+    """The embedded queue's rows: one ``tandem serve`` (1 instance, every core's intra-op threads)
+    against one direct process with the same threads."""
+    print(f"\nembedded queue (tandem serve, SQLite WAL synchronous=FULL; {args.jobs} jobs submitted over HTTP, 16 at a time, "
+          f"timed from the first submit until all finished), load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"{'rows/job':>8} {'max batch':>9} {'ran':>6} {'threads':>7} | {'direct rows/s':>13} {'serve rows/s':>12} {'ratio':>6} | "
+          f"{'CPU us/row: direct (a)':>22} {'direct (b)':>10} {'serve':>7} | {'overhead (a)':>12} {'(b)':>7}")
+    summary = []
+    for rows in [int(x) for x in args.rows.split(",")]:
+        total = rows * args.jobs
+        batch = args.batch or rows * 64  # the embedded dispatcher claims 64 jobs at a time
+        walls, over_a, over_b, ran = [], [], [], []
+        for _ in range(args.repeat):
+            a_wall, a_cpu = _direct(model_file, rows, args.jobs, 1, cores)
+            e_wall, e_cpu, e_batch = _embedded(args, tmp, rows, batch, cores, trust)
+            b_rows = max(rows, round(e_batch))
+            b_batches = max(1, total // b_rows)
+            b_cpu = a_cpu if b_rows == rows else _direct(model_file, b_rows, b_batches, 1, cores)[1] * total / (b_batches * b_rows)
+            walls.append(a_wall / e_wall)
+            over_a.append(e_cpu / a_cpu - 1)
+            over_b.append(e_cpu / b_cpu - 1)
+            ran.append(e_batch)
+            print(f"{rows:>8} {batch:>9} {e_batch:>6.0f} {cores:>7} | {total / a_wall:>13,.0f} {total / e_wall:>12,.0f} {a_wall / e_wall:>6.2f} | "
+                  f"{a_cpu / total * 1e6:>22.1f} {b_cpu / total * 1e6:>10.1f} {e_cpu / total * 1e6:>7.1f} | {over_a[-1]:>12.1%} {over_b[-1]:>7.1%}",
+                  flush=True)
+        summary.append((rows, statistics.median(ran), statistics.median(walls), statistics.median(over_a), statistics.median(over_b)))
+    print("\nmedians over the repeats (embedded queue): rows/s ratio (serve / direct), CPU per row over direct's (a), (b):")
+    for rows, ran_rows, wall, a, b in summary:
+        print(f"  {rows} rows/job, batches of {ran_rows:.0f} rows: rows/s ratio {wall:.2f}, CPU overhead per row (a) {a:+.1%}, (b) {b:+.1%}")
 
 
 def _model_file(repository: Path, model: str) -> tuple[Path, str]:
@@ -239,10 +379,12 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=800)
     ap.add_argument("--claim", type=int, default=16, help="jobs a worker claims at once")
     ap.add_argument("--batch", type=int, default=0,
-                    help="the workers' max_batch_size: jobs of fewer rows are coalesced up to it (default: rows per job); "
-                    "direct runs batches of the same size")
+                    help="the workers' max_batch_size: the jobs a worker claimed are coalesced into batches of up to "
+                    "this many rows (default: rows per job x --claim, a claimed group in one batch)")
     ap.add_argument("--repeat", type=int, default=3, help="direct/queue pairs per configuration (alternated)")
     ap.add_argument("--appendfsync", default="everysec", choices=["always", "everysec", "no"])
+    ap.add_argument("--queues", default="redis,embedded",
+                    help="which queues to measure: redis (tandem worker processes), embedded (tandem serve's SQLite queue)")
     ap.add_argument("--direct", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batches", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -269,33 +411,51 @@ def main() -> int:
         else:
             ap.error("with --repository, give --trusted-key PUB.pem or --insecure-skip-signature")
         model_file, version = _model_file(args.repository, args.model)
+        queues = set(args.queues.split(","))
+        if "redis" not in queues:
+            print(f"model {args.model}:{version} ({model_file.name}), {cores} cores")
+            _embedded_rows(args, tmp, model_file, cores, trust)
+            return 0
         redis = RedisServer(tmp / "redis", appendfsync=args.appendfsync).start()
         try:
             print(f"model {args.model}:{version} ({model_file.name}), {cores} cores, {args.jobs} jobs per run, "
-                  f"claim {args.claim}, redis appendonly yes appendfsync {args.appendfsync}")
-            print(f"{'rows/job':>8} {'batch':>5} {'workers':>7} {'threads':>7} | {'direct rows/s':>13} {'queue rows/s':>12} {'ratio':>6} | "
-                  f"{'direct CPU us/row':>17} {'queue CPU us/row':>16} {'(of which redis)':>16} {'CPU overhead/row':>16}")
+                  f"claim {args.claim}, redis appendonly yes appendfsync {args.appendfsync}, load average "
+                  f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+            print(f"{'rows/job':>8} {'max batch':>9} {'ran':>6} {'workers':>7} {'threads':>7} | {'direct rows/s':>13} {'queue rows/s':>12} "
+                  f"{'ratio':>6} | {'CPU us/row: direct (a)':>22} {'direct (b)':>10} {'queue':>7} {'(redis)':>7} | "
+                  f"{'overhead (a)':>12} {'(b)':>7}")
             summary = []
             for rows in [int(x) for x in args.rows.split(",")]:
                 for n in [int(x) for x in args.workers.split(",")]:
                     threads = max(1, cores // n)
                     total = rows * args.jobs
-                    batch = max(rows, args.batch)  # a worker coalesces jobs into batches of this many rows
-                    walls, cpus = [], []
-                    for _ in range(args.repeat):  # alternated, so both see the same machine
-                        d_wall, d_cpu = _direct(model_file, batch, total // batch, n, threads)
-                        q_wall, w_cpu, r_cpu = _queue(args, redis, tmp, rows, batch, n, threads, trust)
+                    # A worker coalesces the jobs it claimed into batches of up to this many rows.
+                    batch = args.batch or rows * args.claim
+                    walls, over_a, over_b, ran = [], [], [], []
+                    for _ in range(args.repeat):  # alternated, so all see the same machine
+                        a_wall, a_cpu = _direct(model_file, rows, args.jobs, n, threads)
+                        q_wall, w_cpu, r_cpu, q_batch = _queue(args, redis, tmp, rows, batch, n, threads, trust)
+                        b_rows = max(rows, round(q_batch))
+                        b_cpu = a_cpu if b_rows == rows else _direct(model_file, b_rows, max(n, total // b_rows), n, threads)[1] * (
+                            total / (max(n, total // b_rows) * b_rows))
                         q_cpu = w_cpu + r_cpu
-                        walls.append(d_wall / q_wall)
-                        cpus.append(q_cpu / d_cpu - 1)
-                        print(f"{rows:>8} {batch:>5} {n:>7} {threads:>7} | {total / d_wall:>13,.0f} {total / q_wall:>12,.0f} {d_wall / q_wall:>6.2f} | "
-                              f"{d_cpu / total * 1e6:>17.1f} {q_cpu / total * 1e6:>16.1f} {r_cpu / total * 1e6:>16.1f} {q_cpu / d_cpu - 1:>16.1%}", flush=True)
-                    summary.append((rows, batch, n, statistics.median(walls), statistics.median(cpus)))
-            print("\nmedian over the repeats: wall-clock rows/s ratio (queue / direct), and the queue's CPU per row over direct's:")
-            for rows, batch, n, wall, cpu in summary:
-                print(f"  {rows} rows/job in batches of {batch}, {n} worker(s): rows/s ratio {wall:.2f}, CPU overhead per row {cpu:+.1%}")
+                        walls.append(a_wall / q_wall)
+                        over_a.append(q_cpu / a_cpu - 1)
+                        over_b.append(q_cpu / b_cpu - 1)
+                        ran.append(q_batch)
+                        print(f"{rows:>8} {batch:>9} {q_batch:>6.0f} {n:>7} {threads:>7} | {total / a_wall:>13,.0f} {total / q_wall:>12,.0f} "
+                              f"{a_wall / q_wall:>6.2f} | {a_cpu / total * 1e6:>22.1f} {b_cpu / total * 1e6:>10.1f} {q_cpu / total * 1e6:>7.1f} "
+                              f"{r_cpu / total * 1e6:>7.1f} | {over_a[-1]:>12.1%} {over_b[-1]:>7.1%}", flush=True)
+                    summary.append((rows, statistics.median(ran), n, statistics.median(walls), statistics.median(over_a), statistics.median(over_b)))
+            print("\nmedians over the repeats: wall-clock rows/s ratio (queue / direct), and the queue's CPU per row over direct's,\n"
+                  "(a) direct running each job's rows as one batch, (b) direct running the batches the workers ran:")
+            for rows, ran_rows, n, wall, a, b in summary:
+                print(f"  {rows} rows/job, {n} worker(s), batches of {ran_rows:.0f} rows: rows/s ratio {wall:.2f}, "
+                      f"CPU overhead per row (a) {a:+.1%}, (b) {b:+.1%}")
         finally:
             redis.stop()
+        if "embedded" in queues:
+            _embedded_rows(args, tmp, model_file, cores, trust)
     return 0
 
 
