@@ -33,7 +33,7 @@ class _Native:
                 priority = int(option)
             except ValueError:
                 raise InvalidInput(f"{p.HEADER_PRIORITY} must be an integer, got {option!r}") from None
-        return Decoded(req, req.outputs, priority, deadline_seconds(deadline, req.deadline_ms))
+        return req, req.outputs, priority, deadline_seconds(deadline, req.deadline_ms)
 
     def reply(self, inference: Inference, outcome: Outcome, request: p.InferRequest, request_id: str) -> tuple[str, bytes]:
         served = outcome.model

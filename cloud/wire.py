@@ -8,7 +8,7 @@ nothing else, so neither has a branch per protocol: :func:`start` decodes the bo
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -24,13 +24,10 @@ __all__ = ["Decoded", "Wire", "start", "respond"]
 _COMPRESS_MIN_BYTES = 4096
 
 
-class Decoded(NamedTuple):
-    """What a protocol's request asks for."""
-
-    request: Any  # the protocol's request, with ``inputs`` ({name: ndarray}); :meth:`Wire.reply` takes it
-    outputs: list[str] | None  # None: every output
-    priority: int
-    timeout_s: float | None
+#: What a protocol's request asks for: (the request, with ``inputs`` ({name: ndarray}), which
+#: :meth:`Wire.reply` takes; the outputs asked for, None for all; priority; timeout in seconds or
+#: None). A plain tuple: a NamedTuple's constructor costs a request ~0.3 us.
+Decoded = tuple[Any, "list[str] | None", int, "float | None"]
 
 
 class Wire(Protocol):
@@ -56,14 +53,11 @@ def start(
     :meth:`Wire.reply`). Both HTTP stacks call this; a refused request counts as the model's failure."""
     served = inference.resolve(model, version)
     try:
-        decoded = wire.decode(body, option, deadline)
+        request, outputs, priority, timeout_s = wire.decode(body, option, deadline)
     except TandemError as e:
         served.metrics.failure(e.code)
         raise
-    call = inference.start(
-        served, decoded.request.inputs, outputs=decoded.outputs, priority=decoded.priority, timeout_s=decoded.timeout_s
-    )
-    return call, decoded.request
+    return inference.start(served, request.inputs, outputs=outputs, priority=priority, timeout_s=timeout_s), request
 
 
 async def respond(wire: Wire, inference: Inference, request: web.Request, max_body: int, read_timeout_s: float) -> web.Response:

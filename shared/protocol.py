@@ -22,7 +22,7 @@ import msgspec
 import numpy as np
 
 from .errors import InvalidInput, TandemError, TensorCodecError, error_from_body
-from .tensors import encode_tensor, packb, tensor_from, unpackb
+from .tensors import packb, tensor_from, tensor_parts, unpackb
 
 _T = TypeVar("_T")
 
@@ -49,13 +49,13 @@ def infer_path(model: str, version: str | None = None) -> str:
     return f"{NATIVE_PREFIX}/models/{model}/infer"
 
 
-class _Tensor(msgspec.Struct):
+class _Tensor(msgspec.Struct, gc=False):
     datatype: str
     shape: list[int]
     data: memoryview | list[bytes]  # numeric: a view of the body's bytes; BYTES: its elements
 
 
-class _Request(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+class _Request(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
     """The request map: the fields' types are checked by msgspec as it decodes."""
 
     inputs: dict[str, _Tensor]
@@ -66,20 +66,24 @@ class _Request(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     parameters: dict[str, Any] | None = None
 
 
-class _Response(msgspec.Struct, omit_defaults=True):
+class _Response(msgspec.Struct, omit_defaults=True, gc=False):
     model_name: str
     model_version: str
     outputs: dict[str, _Tensor]
     id: str | None = None
 
 
-def _decode(body: bytes | bytearray | memoryview, kind: type[_T], max_bytes: int | None = None) -> _T:
-    """``body`` as a ``kind`` map; any malformation becomes an InvalidInput (or TensorCodecError) naming it."""
+_REQUESTS, _RESPONSES = msgspec.msgpack.Decoder(_Request), msgspec.msgpack.Decoder(_Response)
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+def _decode(body: bytes | bytearray | memoryview, decoder: msgspec.msgpack.Decoder[_T], max_bytes: int | None = None) -> _T:
+    """``body`` decoded by ``decoder``; any malformation becomes an InvalidInput (or TensorCodecError) naming it."""
     if max_bytes is not None and len(body) > max_bytes:
         raise TensorCodecError(f"payload of {len(body)} bytes exceeds the limit of {max_bytes}")
     try:
         try:
-            return msgspec.msgpack.decode(body, type=kind)
+            return decoder.decode(body)
         except msgspec.ValidationError as e:
             msgspec.msgpack.decode(body)  # malformed msgpack (a truncated array, say) is told as such
             text = str(e)
@@ -87,11 +91,11 @@ def _decode(body: bytes | bytearray | memoryview, kind: type[_T], max_bytes: int
         raise TensorCodecError(f"malformed msgpack payload: {e}") from None
     top = " - at " not in text
     if top and text.startswith("Expected `object`"):
-        raise InvalidInput(f"{'request' if kind is _Request else 'response'} body must be a msgpack map")
+        raise InvalidInput(f"{'request' if decoder is _REQUESTS else 'response'} body must be a msgpack map")
     if top and text.startswith("Object contains unknown field"):
         raise InvalidInput(f"unknown request field(s): {text.split('`')[1]}")
     if top and text.startswith("Object missing required field"):
-        raise InvalidInput(f"{'request' if kind is _Request else 'response'} has no {text.split('`')[1]!r}")
+        raise InvalidInput(f"{'request' if decoder is _REQUESTS else 'response'} has no {text.split('`')[1]!r}")
     raise (TensorCodecError if "$.inputs" in text else InvalidInput)(text)
 
 
@@ -101,7 +105,7 @@ def _arrays(tensors: dict[str, _Tensor], what: str) -> dict[str, np.ndarray]:
 
 
 def _tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, _Tensor]:
-    return {name: _Tensor(**encode_tensor(arr)) for name, arr in arrays.items()}
+    return {name: _Tensor(*tensor_parts(arr)) for name, arr in arrays.items()}
 
 
 @dataclass(slots=True)
@@ -117,11 +121,11 @@ class InferRequest:
         deadline = float(self.deadline_ms) if self.deadline_ms is not None else None
         outputs = list(self.outputs) if self.outputs is not None else None
         msg = _Request(_tensors(self.inputs), self.id, outputs, deadline, int(self.priority), self.parameters or None)
-        return msgspec.msgpack.encode(msg)
+        return _ENCODER.encode(msg)
 
     @classmethod
     def from_wire(cls, body: bytes | bytearray | memoryview, max_bytes: int | None = None) -> InferRequest:
-        msg = _decode(body, _Request, max_bytes)
+        msg = _decode(body, _REQUESTS, max_bytes)
         return cls(_arrays(msg.inputs, "inputs"), msg.id, msg.outputs, msg.deadline_ms, msg.priority, msg.parameters or {})
 
 
@@ -133,11 +137,11 @@ class InferResponse:
     id: str | None = None
 
     def to_wire(self) -> bytes:
-        return msgspec.msgpack.encode(_Response(self.model_name, self.model_version, _tensors(self.outputs), self.id))
+        return _ENCODER.encode(_Response(self.model_name, self.model_version, _tensors(self.outputs), self.id))
 
     @classmethod
     def from_wire(cls, body: bytes | bytearray | memoryview) -> InferResponse:
-        msg = _decode(body, _Response)
+        msg = _decode(body, _RESPONSES)
         return cls(_arrays(msg.outputs, "outputs"), msg.model_name, msg.model_version, msg.id)
 
 

@@ -124,6 +124,12 @@ def to_bytes_array(values: Any, shape: tuple[int, ...]) -> np.ndarray:
 
 def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     """numpy array -> wire map. Numeric data is passed as a buffer, not copied into a list."""
+    datatype, shape, data = tensor_parts(array)
+    return {"datatype": datatype, "shape": shape, "data": data}
+
+
+def tensor_parts(array: np.ndarray) -> tuple[str, list[int], Any]:
+    """(datatype, shape, data) of a numpy array on the wire (:func:`encode_tensor`'s fields)."""
     arr = np.asarray(array)
     datatype = datatype_of(arr.dtype)
     if datatype == "BYTES":
@@ -133,7 +139,7 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
         if arr.dtype != want or not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr, dtype=want)
         data = arr.data.cast("B") if arr.size else b""
-    return {"datatype": datatype, "shape": list(arr.shape), "data": data}
+    return datatype, list(arr.shape), data
 
 
 def decode_tensor(obj: Any, what: str = "tensor") -> np.ndarray:
@@ -166,7 +172,7 @@ def tensor_from(datatype: Any, shape: Any, data: Any, what: str = "tensor") -> n
         raise TensorCodecError(
             f"{what}: shape {list(shape)} of {datatype} needs {expected} bytes, got {len(data)}"
         )
-    return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+    return np.frombuffer(data, dtype, count).reshape(shape)
 
 
 def encode_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:

@@ -105,11 +105,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-class _InputParameters(msgspec.Struct):
+class _InputParameters(msgspec.Struct, gc=False):
     binary_data_size: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
-class _Input(msgspec.Struct):
+class _Input(msgspec.Struct, gc=False):
     name: Annotated[str, msgspec.Meta(min_length=1)]
     shape: list[int]
     datatype: str
@@ -117,17 +117,17 @@ class _Input(msgspec.Struct):
     parameters: _InputParameters | None = None
 
 
-class _OutputParameters(msgspec.Struct):
+class _OutputParameters(msgspec.Struct, gc=False):
     binary_data: bool | None = None
     classification: Any = None
 
 
-class _Output(msgspec.Struct):
+class _Output(msgspec.Struct, gc=False):
     name: str
     parameters: _OutputParameters | None = None
 
 
-class _Header(msgspec.Struct):
+class _Header(msgspec.Struct, gc=False):
     """The JSON header of a request: the fields' types are checked by msgspec as it decodes."""
 
     inputs: list[_Input] = []
