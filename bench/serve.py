@@ -29,9 +29,16 @@ padding per batch against every request padded to the longest length, and agains
 on length-sorted batches (``bench/padding.py``, run after the table; its targets: >= 1.5x and >= 75%).
 
     apt-get install -y wrk                      # Debian/Ubuntu
+Old against new (``--against DIR``, a checkout of another commit, e.g. ``git worktree add --detach
+/tmp/old <commit>``): each ``tandem serve`` row runs twice, this checkout's server and DIR's
+("old ..." rows) up side by side, their wrk runs interleaved at every concurrency; the report adds
+new/old per row. A ``--repository`` holding ``digits-fp32/`` serves that bundle as it is (unsigned
+checks), so that a bundle both versions read can be given.
+
+    apt-get install -y wrk                      # Debian/Ubuntu
     python bench/serve.py [--repository artifacts/repository] [--models digits,mlp,wide]
                           [--concurrency 1,16,64] [--duration 10] [--repeat 3] [--with-litserve]
-                          [--text-bundle artifacts/repository/minilm/1]
+                          [--text-bundle artifacts/repository/minilm/1] [--against DIR]
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # support.py: real ONNX models and signed bundles
 
+from checkout import checkout_env  # noqa: E402
 from tandem.shared.bundle import load_bundle, version_key  # noqa: E402
 from tandem.shared.protocol import CONTENT_TYPE, InferRequest, InferResponse, infer_path  # noqa: E402
 
@@ -124,6 +132,7 @@ class ModelCase:
     batch1_worker_p50_ms: float = 0.0
     results: dict[str, dict[int, Run]] = field(default_factory=dict)
     floor: Run | None = None  # the no-op responder at concurrency 1
+    unsigned: bool = False  # served with --insecure-skip-signature (a bundle given as it is)
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -168,6 +177,9 @@ def build_cases(args: argparse.Namespace, tmp: Path, public_key_out: list[Path])
                 print(f"skip digits: no {repo}/digits (run `tandem build examples/digits --repository {repo}`)")
                 continue
             cases.append(_case(repo, "digits", "digits"))
+        elif model == "digits-fp32" and (Path(args.repository) / "digits-fp32").is_dir():
+            cases.append(_case(Path(args.repository), "digits-fp32", "digits-fp32"))
+            cases[-1].unsigned = True
         elif model == "digits-fp32":
             repo = Path(args.repository)
             if not (repo / "digits").is_dir():
@@ -454,14 +466,27 @@ def process_cpu(pid: int) -> tuple[float, float] | None:
 
 
 def load_server(label: str, kind: str, server: Server, load: Load, case: ModelCase, args: argparse.Namespace, tmp: Path) -> None:
-    check_answer(kind, server, load, case)
-    wrk(server.base, load, 16, min(2.0, args.duration), tmp)  # warm-up, discarded
-    case.results[label] = {}
+    load_servers([(label, server)], kind, load, case, args, tmp)
+
+
+def load_servers(
+    servers: list[tuple[str, Server]], kind: str, load: Load, case: ModelCase, args: argparse.Namespace, tmp: Path
+) -> None:
+    """Load every server at each concurrency, their runs interleaved (A B A B ...: a change in the
+    machine's load falls on both alike); each row is the median of its ``--repeat`` runs."""
+    for label, server in servers:
+        check_answer(kind, server, load, case)
+        wrk(server.base, load, 16, min(2.0, args.duration), tmp)  # warm-up, discarded
+        case.results[label] = {}
     for c in args.concurrency:
-        runs = [_measured_run(label, server, load, case, c, args, tmp) for _ in range(args.repeat)]
-        median = sorted(runs, key=lambda r: r.rps)[(len(runs) - 1) // 2]  # a run that happened, not a mix
-        median.all_rps = [r.rps for r in runs]
-        case.results[label][c] = median
+        runs: dict[str, list[Run]] = {label: [] for label, _ in servers}
+        for _ in range(args.repeat):
+            for label, server in servers:
+                runs[label].append(_measured_run(label, server, load, case, c, args, tmp))
+        for label, done in runs.items():
+            median = sorted(done, key=lambda r: r.rps)[(len(done) - 1) // 2]  # a run that happened, not a mix
+            median.all_rps = [r.rps for r in done]
+            case.results[label][c] = median
 
 
 def _measured_run(label: str, server: Server, load: Load, case: ModelCase, c: int, args: argparse.Namespace, tmp: Path) -> Run:
@@ -499,41 +524,66 @@ def _raw_batch_us(case: ModelCase, batch: float) -> float | None:
     return t * 1e6
 
 
+_SERVE_OTHER = (
+    "import argparse, sys; from tandem.cloud.cli import serve; p = argparse.ArgumentParser(); serve(p); "
+    "a = p.parse_args(); sys.exit(a.run(a))"
+)
+
+
+def _tandem_servers(
+    name: str, case: ModelCase, args: argparse.Namespace, tmp: Path, trust: list[str], flags: list[str], env: dict[str, str]
+) -> list[tuple[str, Server]]:
+    """``tandem serve`` of this checkout, labelled ``tandem<name>``, and with ``--against`` DIR's
+    (``old<name>``), both up at once so that their runs can be interleaved."""
+    checkouts: list[tuple[str, dict[str, str]]] = [("tandem", {})]
+    if args.against is not None:
+        checkouts.append(("old", checkout_env(args.against, tmp / "against")))
+    servers: list[tuple[str, Server]] = []
+    try:
+        for prefix, checkout in checkouts:
+            port, label = _free_port(), prefix + name
+            # The other checkout's serve subcommand directly: the `tandem` dispatcher loads the
+            # subcommands this checkout's install declares, which another commit may not have.
+            serve = ["tandem", "serve"] if not checkout else [sys.executable, "-c", _SERVE_OTHER]
+            cmd = [*serve, "--repository", str(case.repository), "--port", str(port), *trust, *args.serve_args, *flags]
+            server_env = {**checkout, "TANDEM_ACCESS_LOG": "false", **env, **dict(kv.split("=", 1) for kv in args.serve_env)}
+            log = tmp / f"{label.replace(' ', '-')}-{case.name}.log"
+            servers.append((label, Server(label, cmd, port, "/v2/health/ready", log, server_env)))
+    except BaseException:
+        for _, server in servers:
+            server.stop()
+        raise
+    return servers
+
+
 def bench_case(case: ModelCase, args: argparse.Namespace, public_key: Path, tmp: Path) -> None:
     print(f"\n== {case.describe}", flush=True)
     measure_limit(case, args.threads)
     _print_limit(case, args)
 
-    port = _free_port()
     # The bench signs its own models; the digits bundle was signed by `tandem build`'s key.
-    trust = ["--insecure-skip-signature"] if case.name == "digits" else ["--trusted-key", str(public_key)]
-    tandem = Server("tandem", ["tandem", "serve", "--repository", str(case.repository), "--port", str(port), *trust,
-                               *args.serve_args], port, "/v2/health/ready", tmp / f"tandem-{case.name}.log",
-                    {"TANDEM_ACCESS_LOG": "false", **dict(kv.split("=", 1) for kv in args.serve_env)})
+    trust = ["--insecure-skip-signature"] if case.name == "digits" or case.unsigned else ["--trusted-key", str(public_key)]
+    servers = _tandem_servers("", case, args, tmp, trust, [], {})
     try:
-        load_server("tandem native", "native", tandem, native_load(case), case, args, tmp)
-        load_server("tandem v2", "v2", tandem, v2_load(case), case, args, tmp)
+        load_servers([(f"{label} native", server) for label, server in servers], "native", native_load(case), case, args, tmp)
+        load_servers([(f"{label} v2", server) for label, server in servers], "v2", v2_load(case), case, args, tmp)
     finally:
-        tandem.stop()
+        for _, server in servers:
+            server.stop()
 
     # The throughput setting for CPU boxes: one process (event loop) and one single-thread session
     # per core, waiting under load for fuller batches. Its batch-1 compute is slower (one thread),
     # and models bound by memory traffic lose with it, so the default is still one process.
     if args.workers_row > 1 and _workers(args) == 1:
         measure_worker_batch1(case, max(1, args.threads // args.workers_row))
-        port = _free_port()
-        label = f"tandem w{args.workers_row}"
-        multi = Server(label, ["tandem", "serve", "--repository", str(case.repository), "--port", str(port), *trust,
-                               *args.serve_args, f"--workers={args.workers_row}"], port, "/v2/health/ready",
-                       tmp / f"tandem-w-{case.name}.log",
-                       {"TANDEM_ACCESS_LOG": "false",
-                        **({} if args.workers_fill_wait_us is None else {"TANDEM_BATCHING__FILL_WAIT_US": str(args.workers_fill_wait_us)}),
-                        **dict(kv.split("=", 1) for kv in args.serve_env)})
+        fill = {} if args.workers_fill_wait_us is None else {"TANDEM_BATCHING__FILL_WAIT_US": str(args.workers_fill_wait_us)}
+        servers = _tandem_servers(f" w{args.workers_row}", case, args, tmp, trust, [f"--workers={args.workers_row}"], fill)
         try:
-            load_server(label, "native", multi, native_load(case), case, args, tmp)
-            load_server(f"{label} v2", "v2", multi, v2_load(case), case, args, tmp)
+            load_servers(servers, "native", native_load(case), case, args, tmp)
+            load_servers([(f"{label} v2", server) for label, server in servers], "v2", v2_load(case), case, args, tmp)
         finally:
-            multi.stop()
+            for _, server in servers:
+                server.stop()
 
     # The same server without its front door (cloud/front.py): aiohttp serves every request.
     port = _free_port()
@@ -610,6 +660,16 @@ def report(cases: list[ModelCase], args: argparse.Namespace) -> None:
             print(f"{case.name:<13}limit {case.limit:,.0f} samples/s at batch {case.limit_batch}; overhead at concurrency 1: "
                   f"p50 {t1.p50_ms:.3f} ms - floor {floor:.3f} ms - raw batch-1 {case.batch1_p50_ms:.3f} ms "
                   f"= {t1.p50_ms - floor - case.batch1_p50_ms:.3f} ms")
+        o1 = case.results.get("old native", {}).get(1)
+        if o1:
+            floor = case.floor.p50_ms if case.floor else 0.0
+            print(f"{case.name:<13}old native overhead at concurrency 1: p50 {o1.p50_ms:.3f} ms - floor {floor:.3f} ms - raw batch-1 "
+                  f"{case.batch1_p50_ms:.3f} ms = {o1.p50_ms - floor - case.batch1_p50_ms:.3f} ms")
+        for label, runs in case.results.items():
+            old = case.results.get("old" + label.removeprefix("tandem"), {}) if label.startswith("tandem") else {}
+            if old:
+                ratios = ", ".join(f"c={c} {r.rps / old[c].rps:.3f}" for c, r in runs.items() if c in old)
+                print(f"{case.name:<13}{label} new/old req/s: {ratios}")
         for label, runs in case.results.items():
             w1 = runs.get(1) if label.startswith("tandem w") else None
             if w1 and case.batch1_worker_p50_ms:
@@ -656,6 +716,8 @@ def main() -> int:
                    help="batching.fill_wait_us of the --workers-row server (default: the server's, 1000 with workers; 0: off)")
     p.add_argument("--text-bundle", type=Path, default=None, metavar="DIR",
                    help="also run the mixed-length text row (bench/padding.py) on this bundle")
+    p.add_argument("--against", type=Path, default=None, metavar="DIR",
+                   help="another checkout of Tandem (an older commit): its tandem serve rows run beside this one's")
     args = p.parse_args()
 
     if shutil.which("wrk") is None:
