@@ -1,28 +1,41 @@
-"""What does the Redis job queue cost per row, against running the same batches directly?
+"""What do the job queues cost per row, against running the same batches directly?
 
-In one run, for each job size (rows per job; the batch the worker runs is ``--batch`` rows, its
-max_batch_size, into which it coalesces jobs; by default one job per batch) and each number of
+**Redis** (``--queues redis``). In one run, for each job size (rows per job) and each number of
 ``tandem worker`` processes on this machine (1, 2, 4):
 
 * **queue**: a real redis-server (AOF on, ``--appendfsync`` as given), N ``tandem worker``
-  processes (each session with cores // N intra-op threads). The workers are started and warmed
-  up, then paused (SIGSTOP) while ``--jobs`` native msgpack jobs are stored in the queue (the same
-  MULTI/EXEC a ``tandem serve`` submit does); the clock runs from resuming them (SIGCONT) until
-  every result is stored (the queue's result counter). What is measured: claiming, decoding,
-  batching, computing, encoding, storing and acknowledging.
-* **direct**: N processes, each an onnxruntime session of the same variant with the same thread
-  settings as a worker's, running its share of the same batches with ``session.run`` (inputs
-  already in memory), started together; the clock runs until the last one finishes.
+  processes (each session with cores // N intra-op threads, claiming ``--claim`` jobs at a time and
+  coalescing them into batches of up to ``--batch`` rows: by default a claimed group is one batch).
+  The workers are started and warmed up, then paused (SIGSTOP) while ``--jobs`` native msgpack jobs
+  are stored in the queue (the same MULTI/EXEC a ``tandem serve`` submit does); the clock runs from
+  resuming them (SIGCONT) until every result is stored (the queue's result counter, read 50 times a
+  second). What is measured: claiming, decoding, batching, computing, encoding, storing and
+  acknowledging.
+* **direct (a)**: N processes, each an onnxruntime session of the same variant with the same
+  thread settings as a worker's, running its share of the jobs' batches (each job's rows as one
+  batch) with ``session.run`` (inputs already in memory), started together; the clock runs until
+  the last one finishes.
+* **direct (b)**: the same, with batches of the size the workers actually ran (the mean of each
+  result's ``X-Tandem-Batch-Size``): what coalescing alone would give.
 
-Prints, for ``--repeat`` direct/queue pairs run alternately, then as medians per configuration:
-the rows/s of both and their ratio (wall clock), and the CPU time per row of both (the queue's:
-every worker process and redis-server, all threads, from /proc) with the queue's overhead per row
-(queue CPU / direct CPU - 1). On a machine shared with other work the wall-clock ratio follows the
-other work as much as the queue; the CPU time per row does not.
+Prints, for ``--repeat`` rounds (direct (a), queue, direct (b), alternated), then as medians per
+configuration: the rows/s of direct (a) and the queue and their ratio (wall clock), and the CPU
+time per row of all three (the queue's: every worker process and redis-server, all threads, from
+/proc) with the queue's overhead per row (queue CPU / direct CPU - 1) against (a) and (b). On a
+machine shared with other work the wall-clock ratio follows the other work as much as the queue;
+the CPU time per row much less.
+
+**Embedded** (``--queues embedded``): one ``tandem serve`` with its SQLite queue (1 instance, every
+core's intra-op threads, batches of up to ``--batch`` rows, by default 64 jobs' worth: the
+dispatcher claims 64 at a time); ``--jobs`` native jobs are submitted over HTTP (``Prefer:
+respond-async``, 16 at a time) and the clock runs from the first submit until every job has
+finished. Against one direct process with the same threads, (a) and (b) as above. The server's CPU
+includes accepting the submits (HTTP, validation, one synced SQLite transaction each).
 
     python bench/jobs.py [--repository REPO --trusted-key PUB.pem | --insecure-skip-signature]
                           [--model digits] [--rows 32,64] [--workers 1,2,4] [--jobs 800]
-                          [--batch 64] [--repeat 3] [--appendfsync everysec]
+                          [--claim 16] [--batch ROWS] [--repeat 3] [--appendfsync everysec]
+                          [--queues redis,embedded]
 
 Without ``--repository`` the model is tests/support's MLP bundle (64-128-128-10): nearly no
 compute, so the figures are then the queue's overhead against almost nothing.

@@ -4,7 +4,8 @@ Layout (``P`` is the configured key prefix, default ``tandem``):
 
 - ``P:job:{id}``: a hash per job: the request as received (``meta`` JSON, ``body``), its state
   (``status``, ``started``, ``finished``, ``expires``, ``served_version``) and, once finished, its
-  result (``error``, ``result_status``, ``result_headers``, ``result_body``). It gets a TTL of
+  result (``error``, ``result_status``, ``result_headers``, ``result_body``; ``body`` is then
+  emptied). It gets a TTL of
   ``jobs.result_ttl_s`` when the job finishes; Redis forgets it then.
 - ``P:stream:{n}``: one stream per job priority ``n`` (0..9), each entry ``{"id": job id}``, read
   by the consumer group ``P-workers``. Workers read the highest priority first.
@@ -13,11 +14,14 @@ Layout (``P`` is the configured key prefix, default ``tandem``):
 
 A submit writes the hash and the stream entry in one MULTI/EXEC, and is answered 202 only after
 Redis took both (with ``appendonly yes`` they survive a Redis restart; ``appendfsync always``
-makes that true of a power cut too). A worker reads entries with XREADGROUP, runs them, stores each
-result with a script that writes only while the job is unfinished (a job run twice keeps its
-first result), and only then XACKs (and XDELs) the entry. Entries a worker claimed and did not
-acknowledge within ``claim_timeout_s`` (it died, or hangs) are taken over by another worker with
-XAUTOCLAIM: delivery is at-least-once, results are once per job id.
+makes that true of a power cut too). A worker claims a group of jobs with one script (XREADGROUP
+per priority, best first; the jobs marked running) and one pipeline of HGETs (their bodies), runs
+them, then one script stores each result only while its job is unfinished (a job run twice keeps
+its first result) and, after that, XACKs and XDELs the entries: three round trips per group.
+Entries a worker claimed and did not acknowledge within ``claim_timeout_s`` (it died, or hangs) are
+taken over by another worker with XAUTOCLAIM: delivery is at-least-once, results are once per job
+id. The scripts derive job keys from the prefix (not only from KEYS): like the submit's
+transaction over two keys, that rules out Redis Cluster.
 """
 
 from __future__ import annotations
@@ -103,8 +107,8 @@ return out
 # stream entries: both in one script, so an entry is never acknowledged before its result is
 # stored, and it all takes one round trip. Returns 1 (stored) or 0 per job. KEYS: stats. ARGV:
 # now, ttl ms, the job keys' prefix, the group, and one msgpack array with per job [job id,
-# status, error, result_status, result_headers, result_body, served_version ('' = keep), started,
-# idempotency key ('' = none), stream ('' = no entry), entry id] (one argument: packing
+# status, error, result_status, result_headers, result_body, served_version ('' = keep), started
+# ('' = the claim set it), idempotency key ('' = none), stream ('' = no entry), entry id] (one argument: packing
 # thousands of small ones costs the client more than the work; the old msgpack format, which
 # Redis's Lua reads). The stats hash counts results stored ("results"), results of jobs that had
 # one already ("repeats": a job run again after its worker was presumed dead) and of jobs
@@ -125,11 +129,11 @@ for i, r in ipairs(rows) do
     out[i] = 0
   else
     counts.results = counts.results + 1
+    -- The request body is dropped (emptied in the same HSET: one command less per job).
     redis.call('HSET', key, 'status', r[2], 'finished', now, 'expires', expires, 'error', r[3],
-      'result_status', tostring(r[4]), 'result_headers', r[5], 'result_body', r[6])
+      'result_status', tostring(r[4]), 'result_headers', r[5], 'result_body', r[6], 'body', '')
     if r[7] ~= '' then redis.call('HSET', key, 'served_version', r[7]) end
-    redis.call('HSETNX', key, 'started', r[8])
-    redis.call('HDEL', key, 'body')
+    if r[8] ~= '' then redis.call('HSETNX', key, 'started', r[8]) end
     redis.call('PEXPIRE', key, ttl)
     if r[9] ~= '' then redis.call('PEXPIRE', r[9], ttl) end
     out[i] = 1
@@ -427,7 +431,7 @@ class RedisJobQueue:
             if headers is None:
                 headers = texts[id(c.result_headers)] = json.dumps(c.result_headers)
             rows.append([c.job_id, c.status, json.dumps(c.error) if c.error else "", c.result_status,
-                         headers, c.result_body, c.served_version or "", repr(c.started or now),
+                         headers, c.result_body, c.served_version or "", "" if stream else repr(c.started or now),
                          idem or "", stream, eid])
         stored = await self._call(self._complete(
             keys=[self.stats_key], args=[repr(now), ttl_ms, self._job_prefix, self.group, msgpack.packb(rows, use_bin_type=False)],
