@@ -2,11 +2,13 @@
 
 Layout (``P`` is the configured key prefix, default ``tandem``):
 
-- ``P:job:{id}``: a hash per job: the request as received (``meta`` JSON, ``body``), its state
-  (``status``, ``started``, ``finished``, ``expires``, ``served_version``) and, once finished, its
-  result (``error``, ``result_status``, ``result_headers``, ``result_body``; ``body`` is then
-  emptied). It gets a TTL of
+- ``P:job:{id}``: a hash per job: the request's metadata (``meta`` JSON), its state (``status``,
+  ``started``, ``finished``, ``expires``, ``served_version``) and, once finished, its result
+  (``error``, ``result_status``, ``result_headers``, ``result_body``). It gets a TTL of
   ``jobs.result_ttl_s`` when the job finishes; Redis forgets it then.
+- ``P:body:{id}``: the request body as received, until the job finishes or is deleted (a string
+  of its own, so that a worker reads a group's bodies with one MGET). Jobs stored by an older
+  producer kept theirs in the hash (``body``): they are read from there.
 - ``P:stream:{n}``: one stream per job priority ``n`` (0..9), each entry ``{"id": job id}``, read
   by the consumer group ``P-workers``. Workers read the highest priority first.
 - ``P:idem:{model}:{key}``: an Idempotency-Key's job id (the same TTL as its job once finished).
@@ -108,7 +110,8 @@ return out
 # stored, and it all takes one round trip. Returns 1 (stored) or 0 per job. KEYS: stats. ARGV:
 # now, ttl ms, the job keys' prefix, the group, and one msgpack array with per job [job id,
 # status, error, result_status, result_headers, result_body, served_version ('' = keep), started
-# ('' = the claim set it), idempotency key ('' = none), stream ('' = no entry), entry id] (one argument: packing
+# ('' = the claim set it), idempotency key ('' = none), stream ('' = no entry), entry id]. ARGV[6]:
+# the body keys' prefix. (one argument: packing
 # thousands of small ones costs the client more than the work; the old msgpack format, which
 # Redis's Lua reads). The stats hash counts results stored ("results"), results of jobs that had
 # one already ("repeats": a job run again after its worker was presumed dead) and of jobs
@@ -129,9 +132,10 @@ for i, r in ipairs(rows) do
     out[i] = 0
   else
     counts.results = counts.results + 1
-    -- The request body is dropped (emptied in the same HSET: one command less per job).
+    -- The request body is dropped (an older producer's, in the hash, emptied in the same HSET).
     redis.call('HSET', key, 'status', r[2], 'finished', now, 'expires', expires, 'error', r[3],
       'result_status', tostring(r[4]), 'result_headers', r[5], 'result_body', r[6], 'body', '')
+    redis.call('DEL', ARGV[6] .. r[1])
     if r[7] ~= '' then redis.call('HSET', key, 'served_version', r[7]) end
     if r[8] ~= '' then redis.call('HSETNX', key, 'started', r[8]) end
     redis.call('PEXPIRE', key, ttl)
@@ -215,6 +219,7 @@ class RedisJobQueue:
         self._groups_ready = False
         self._reclaimed_at = 0.0
         self._job_prefix = f"{prefix}:job:"
+        self._body_prefix = f"{prefix}:body:"
         self._claim_new = self._redis.register_script(_CLAIM_NEW)
         self._claim_read = self._redis.register_script(_CLAIM_READ)
         self._complete = self._redis.register_script(_COMPLETE)
@@ -312,9 +317,9 @@ class RedisJobQueue:
             meta = {k: getattr(job, k) for k in _META}
             async with r.pipeline(transaction=True) as pipe:
                 pipe.hset(self._job(job.id), mapping={
-                    "meta": json.dumps(meta), "body": job.body, "status": "queued",
-                    "served_version": job.served_version or "",
+                    "meta": json.dumps(meta), "status": "queued", "served_version": job.served_version or "",
                 })
+                pipe.set(self._body_prefix + job.id, job.body)
                 pipe.xadd(self._stream(job.priority), {"id": job.id})
                 await self._call(pipe.execute())
         except BaseException:
@@ -382,12 +387,16 @@ class RedisJobQueue:
             )
             job.receipt = (stream.decode(), eid, self._idem(model, key) if key else None, bool(callback))
             jobs.append(job)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                pipe.hget(self._job_prefix + job.id, "body")
-            bodies = await self._call(pipe.execute())
+        bodies = await self._call(self._redis.mget([self._body_prefix + job.id for job in jobs]))
+        older = [job for job, body in zip(jobs, bodies) if body is None]
+        bodies_in_hash: dict[str, bytes | None] = {}
+        if older:  # stored by an older producer (in the hash), or gone
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for job in older:
+                    pipe.hget(self._job_prefix + job.id, "body")
+                bodies_in_hash = dict(zip((job.id for job in older), await self._call(pipe.execute())))
         for job, body in zip(jobs, bodies):
-            job.body = body or b""
+            job.body = body if body is not None else bodies_in_hash.get(job.id) or b""
         return jobs
 
     async def _ack(self, receipts: list[tuple[Any, ...]]) -> None:
@@ -434,7 +443,8 @@ class RedisJobQueue:
                          headers, c.result_body, c.served_version or "", "" if stream else repr(c.started or now),
                          idem or "", stream, eid])
         stored = await self._call(self._complete(
-            keys=[self.stats_key], args=[repr(now), ttl_ms, self._job_prefix, self.group, msgpack.packb(rows, use_bin_type=False)],
+            keys=[self.stats_key],
+            args=[repr(now), ttl_ms, self._job_prefix, self.group, msgpack.packb(rows, use_bin_type=False), self._body_prefix],
         ))
         # Only jobs with a callback are read back (for their final status document).
         notify = [c.job_id for c, ok, callback in zip(completions, stored, callbacks) if ok and callback]
@@ -460,7 +470,7 @@ class RedisJobQueue:
         job = await self.get(job_id)
         if job is None:
             return False
-        keys = [self._job(job_id)]
+        keys = [self._job(job_id), self._body_prefix + job_id]
         if job.idempotency_key:
             idem = self._idem(job.model, job.idempotency_key)
             if _text(await self._call(self._redis.get(idem))) == job_id:

@@ -168,6 +168,37 @@ def test_a_worker_runs_its_claimed_jobs_as_one_batch_and_answers_each_as_the_syn
         np.testing.assert_allclose(got, sync.outputs["logits"], rtol=1e-5, atol=1e-6)
 
 
+def test_request_bodies_leave_redis_with_their_jobs_and_jobs_stored_the_older_way_still_run(
+    server: ServerThread, workers: Workers, redis_server: RedisServer
+) -> None:
+    """A body lives in its own key until its job finishes or is deleted; a job an older producer
+    stored with its body in the job's hash is run all the same."""
+    r = _redis(redis_server)
+    try:
+        _, body = digits_body(3, seed=31)
+        kept = submit(server.url, p.infer_path("digits"), body)[2]["id"]
+        dropped = submit(server.url, p.infer_path("digits"), body)[2]["id"]
+        assert r.get(f"tandem:body:{kept}") == body and r.exists(f"tandem:body:{dropped}") == 1
+        assert request(server.url, "DELETE", f"/v1/jobs/{dropped}")[0] == 204
+        assert r.exists(f"tandem:body:{dropped}") == 0
+        older = "0123456789abcdef0123456789abcdef"
+        meta = {"model": "digits", "version": None, "protocol": "v1", "header_length": None, "rows": 3, "priority": 0,
+                "created": 1.0, "body_hash": "x", "idempotency_key": None, "callback": None}
+        r.hset(f"tandem:job:{older}", mapping={"meta": json.dumps(meta), "body": body, "status": "queued", "served_version": "1"})
+        r.xadd("tandem:stream:0", {"id": older})
+        workers.start("w1")
+        sync = p.InferResponse.from_wire(request(server.url, "POST", p.infer_path("digits"), body)[2]).outputs["logits"]
+        for job_id in (kept, older):
+            assert wait_done(server.url, job_id)["status"] == "succeeded"
+            status, _, raw = request(server.url, "GET", f"/v1/jobs/{job_id}/result")
+            assert status == 200
+            np.testing.assert_allclose(p.InferResponse.from_wire(raw).outputs["logits"], sync, rtol=1e-5, atol=1e-6)
+        assert r.keys("tandem:body:*") == [] and r.hget(f"tandem:job:{older}", "body") == b""
+        assert _stream_backlog(redis_server) == (0, 0)
+    finally:
+        r.close()
+
+
 def test_idempotency_key_on_redis(server: ServerThread, workers: Workers, redis_server: RedisServer) -> None:
     _, body = digits_body(1, seed=3)
     key = {"Idempotency-Key": "batch-9"}
