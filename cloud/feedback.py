@@ -39,6 +39,7 @@ from tandem.shared.protocol import CONTENT_TYPE as MSGPACK
 from tandem.shared.tensors import packb, unpackb
 
 from .body import read_raw
+from .sqlite_wal import open_wal
 
 __all__ = ["FeedbackStore", "KINDS"]
 
@@ -176,12 +177,7 @@ class FeedbackStore:
 
     def _open(self) -> None:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.db_path, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA busy_timeout=5000")
-        db.executescript(_SCHEMA)
-        self._db = db
+        self._db = open_wal(self.db_path, _SCHEMA)
 
     def _close_db(self) -> None:
         if self._db is not None:

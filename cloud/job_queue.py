@@ -31,6 +31,8 @@ from typing import Any, Protocol, TypeVar
 from tandem.shared.errors import InvalidInput, Overloaded, Unavailable
 from tandem.shared.jobs import TERMINAL_STATUSES, JobConflict, JobStatus, result_path
 
+from .sqlite_wal import open_wal
+
 _log = logging.getLogger("tandem.cloud.jobs")
 
 __all__ = ["Completion", "JobQueue", "JobRecord", "SqliteJobQueue", "consume", "request_hash"]
@@ -329,12 +331,7 @@ class SqliteJobQueue:
     # --- database thread ------------------------------------------------------------------------
 
     def _open(self) -> None:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA busy_timeout=5000")
-        db.executescript(_SCHEMA)
-        self._db = db
+        self._db = open_wal(self.path, _SCHEMA, check_same_thread=False)
         self._purge(time.time())
 
     def _close_db(self) -> None:
