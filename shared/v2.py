@@ -5,7 +5,7 @@ local API both use them.
 
 Public API::
 
-    parse_infer_request(body, header_length=None, max_elements=MAX_ELEMENTS) -> V2Request
+    parse_infer_request(body, header_length=None) -> V2Request
         body: the (already decompressed) request body. header_length: the value of the
         ``Inference-Header-Content-Length`` header (None when absent: the body is all JSON). Binary
         inputs carry ``parameters.binary_data_size`` and are sliced, in JSON order, from the bytes
@@ -19,9 +19,6 @@ Public API::
         request-level ``parameters.binary_data_output``). Returns the body and the headers to send
         (``Content-Type``, and ``Inference-Header-Content-Length`` when any output is binary).
 
-    error_body(message) -> bytes                     ``{"error": message}`` as JSON
-    tensor_metadata(name, datatype, shape) -> dict   one entry of model metadata (-1 = variable)
-
 Wire facts: binary data is little-endian, row-major; BOOL is one byte per element; BYTES elements
 are a 4-byte little-endian length followed by the bytes. A request that names no outputs gets all
 of them.
@@ -29,10 +26,9 @@ of them.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -40,7 +36,7 @@ import msgspec
 import numpy as np
 
 from .errors import InvalidInput, TensorCodecError
-from .tensors import DATATYPE_TO_DTYPE, MAX_ELEMENTS, check_shape, datatype_of, dtype_of, to_bytes_array
+from .tensors import check_shape, datatype_of, dtype_of, tensor_parts, to_bytes_array
 
 __all__ = [
     "HEADER_LENGTH",
@@ -52,8 +48,6 @@ __all__ = [
     "encode_infer_response",
     "encode_bytes_tensor",
     "decode_bytes_tensor",
-    "error_body",
-    "tensor_metadata",
 ]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -62,6 +56,7 @@ BINARY_CONTENT_TYPE = "application/octet-stream"
 
 # numpy kinds a JSON array may hold for each datatype family (ints are fine for floats, not back).
 _JSON_KINDS: dict[str, str] = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+_KIND_WORDS: dict[str, str] = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
 
 
 @dataclass(slots=True, frozen=True)
@@ -147,9 +142,7 @@ def _json_header(raw: bytes | memoryview) -> _Header:
         raise InvalidInput(f"request header is not valid JSON: {e}") from None
 
 
-def parse_infer_request(
-    body: bytes | bytearray | memoryview, header_length: int | str | None = None, max_elements: int = MAX_ELEMENTS
-) -> V2Request:
+def parse_infer_request(body: bytes | bytearray | memoryview, header_length: int | str | None = None) -> V2Request:
     """Decode a v2 infer request (JSON, or JSON header + binary tensors). See the module docstring."""
     view = memoryview(body)
     if header_length is None:
@@ -175,9 +168,7 @@ def parse_infer_request(
             raise InvalidInput(f"{what} is given twice")
         shape = check_shape(t.shape, what)
         dtype = dtype_of(t.datatype)
-        count = math.prod(shape)
-        if count > max_elements:
-            raise TensorCodecError(f"{what}: shape {list(shape)} has more than {max_elements} elements")
+        count = math.prod(shape)  # at most MAX_ELEMENTS: check_shape saw to that
         size = t.parameters.binary_data_size if t.parameters is not None else None
         if size is not None:
             if t.data is not msgspec.UNSET:
@@ -244,7 +235,7 @@ def _from_json(data: Any, dtype: np.dtype, datatype: str, shape: tuple[int, ...]
         raise TensorCodecError(f"{what}: shape {list(shape)} needs {count} elements, got {arr.size}")
     allowed = _JSON_KINDS[dtype.kind]
     if count and arr.dtype.kind not in allowed:
-        raise TensorCodecError(f"{what}: {datatype} data must hold {_kind_words(dtype.kind)}, got {arr.dtype.kind!r} values")
+        raise TensorCodecError(f"{what}: {datatype} data must hold {_KIND_WORDS[dtype.kind]}, got {arr.dtype.kind!r} values")
     try:
         with np.errstate(over="raise", invalid="raise"):
             out = arr.astype(dtype) if count else np.zeros(0, dtype)
@@ -253,10 +244,6 @@ def _from_json(data: Any, dtype: np.dtype, datatype: str, shape: tuple[int, ...]
     if dtype.kind in "iu" and count and not np.array_equal(out, arr):
         raise TensorCodecError(f"{what}: values do not fit {datatype}")
     return out.reshape(shape)
-
-
-def _kind_words(kind: str) -> str:
-    return {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}[kind]
 
 
 def _flatten(data: list[Any], what: str, depth: int = 0) -> list[Any]:
@@ -303,17 +290,9 @@ def decode_bytes_tensor(chunk: bytes | memoryview, shape: tuple[int, ...], count
 
 
 def _to_json_data(arr: np.ndarray) -> list[Any]:
-    if arr.dtype.kind == "O" or arr.dtype.kind in "SU":
+    if arr.dtype.kind in "OSU":
         return [v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v) for v in arr.reshape(-1)]
     return arr.reshape(-1).tolist()
-
-
-def chosen_outputs(request: V2Request | None, outputs: Mapping[str, np.ndarray]) -> list[tuple[str, bool]]:
-    """(name, binary) of each output the response carries, in order."""
-    if request is not None and request.outputs is not None:
-        return [(o.name, request.binary_output if o.binary is None else o.binary) for o in request.outputs]
-    default = request.binary_output if request is not None else False
-    return [(name, default) for name in outputs]
 
 
 def encode_infer_response(
@@ -326,7 +305,11 @@ def encode_infer_response(
     parameters: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """Encode a v2 infer response; see the module docstring."""
-    chosen = chosen_outputs(request, outputs)
+    default = request.binary_output if request is not None else False
+    if request is not None and request.outputs is not None:
+        chosen = [(o.name, default if o.binary is None else o.binary) for o in request.outputs]
+    else:
+        chosen = [(name, default) for name in outputs]
     doc: dict[str, Any] = {"model_name": model_name}
     if model_version is not None:
         doc["model_version"] = model_version
@@ -342,13 +325,7 @@ def encode_infer_response(
         datatype = datatype_of(arr.dtype)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
         if binary:
-            if datatype == "BYTES":
-                blob: bytes | memoryview = encode_bytes_tensor(arr)
-            else:
-                want = DATATYPE_TO_DTYPE[datatype]
-                if arr.dtype != want or not arr.flags.c_contiguous:
-                    arr = np.ascontiguousarray(arr, dtype=want)
-                blob = arr.data.cast("B") if arr.size else b""
+            blob = encode_bytes_tensor(arr) if datatype == "BYTES" else tensor_parts(arr)[2]
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -360,19 +337,3 @@ def encode_infer_response(
         return header, {"Content-Type": JSON_CONTENT_TYPE}
     body = b"".join([header, *blobs])
     return body, {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(header))}
-
-
-def error_body(message: str, code: str | None = None) -> bytes:
-    doc = {"error": message}
-    if code is not None:
-        doc["code"] = code
-    return json.dumps(doc).encode()
-
-
-def tensor_metadata(name: str, datatype: str, shape: Sequence[int | str | None]) -> dict[str, Any]:
-    """``{"name", "datatype", "shape"}`` with symbolic/unknown dims as -1."""
-    return {
-        "name": name,
-        "datatype": datatype,
-        "shape": [d if isinstance(d, int) and d >= 0 else -1 for d in shape],
-    }
