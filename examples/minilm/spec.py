@@ -18,12 +18,16 @@ SPEC = {
     "student": student,
     "load_data": load_data,
     "training": {
-        "student_epochs": 6,
+        "student_epochs": 9,
         "student_lr": 2e-3,
         "batch_size": 64,
         # Token-level distillation (student token states vs the teacher's last layer) beside the
         # sentence embedding: validation cosine after one epoch 0.75 with it, 0.67 without.
         "hidden_weight": 1.0,
+        # bfloat16 autocast for the teacher's targets and the student's steps (this CPU has
+        # AVX512-BF16): the same validation cosine per epoch as fp32, at 2.5x less CPU per epoch
+        # and a 5x cheaper teacher pass, which buys the extra text and the epochs.
+        "precision": "bf16",
         # One thread: on a busy 2-core machine two training threads wait on each other (an epoch
         # took several times longer with 2 than with 1 while other work ran).
         "threads": 1,
