@@ -615,10 +615,6 @@ class _Watch:
         self.head_at = self.body_at = None
         self.messages += 1
 
-    @property
-    def mid_message(self) -> bool:
-        return self.head_at is not None
-
 
 class _AiohttpConnection(asyncio.Protocol):
     """aiohttp's protocol for one connection, with the limits of every connection, and an answer
