@@ -135,7 +135,7 @@ class AgentProcess:
                                      stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
         self.url: str | None = None
 
-    async def wait_ready(self, timeout: float = 30.0) -> str:
+    async def wait_ready(self, timeout: float = 120.0) -> str:
         deadline = time.monotonic() + timeout
         runtime = self.data_dir / "agent.json"
         while time.monotonic() < deadline:
@@ -151,7 +151,7 @@ class AgentProcess:
             await asyncio.sleep(0.05)
         raise AssertionError(f"agent not ready after {timeout}s:\n{self.log()}")
 
-    async def wait_serving(self, timeout: float = 30.0) -> str:
+    async def wait_serving(self, timeout: float = 120.0) -> str:
         """Ready and every tracked model has an active version (``/v2/health/ready`` is 200)."""
         url = await self.wait_ready(timeout)
 
@@ -163,7 +163,7 @@ class AgentProcess:
         await wait_for(ready, timeout, "the agent to have an active version")
         return url
 
-    async def wait_exit(self, timeout: float = 30.0) -> int:
+    async def wait_exit(self, timeout: float = 120.0) -> int:
         deadline = time.monotonic() + timeout
         while self.proc.poll() is None:
             if time.monotonic() > deadline:

@@ -34,7 +34,7 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = directory / "redis.log"
 
-    def start(self, timeout: float = 30.0) -> RedisServer:
+    def start(self, timeout: float = 120.0) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [

@@ -62,7 +62,7 @@ async def test_cascade_scores_a_custom_confidence_bundle_with_the_configured_fun
                        models=[{"name": "reg", "confidence": "reg_confidence:score"}])
     agent = AgentProcess(cfg, data, env=confidence_module(tmp_path / "app"))
     try:
-        url = await agent.wait_serving(60)
+        url = await agent.wait_serving(120)
         status, body = await infer(url)
         assert status == 200, body
         route = body["route"]
@@ -81,7 +81,7 @@ async def test_a_per_model_policy_overrides_the_agents(tmp_path: Path, keys: tup
                        models=[{"name": "reg", "policy": "edge-only"}])
     agent = AgentProcess(cfg, data)
     try:
-        url = await agent.wait_serving(60)
+        url = await agent.wait_serving(120)
         status, body = await infer(url)
         assert status == 200, body
         assert (body["route"]["policy"], body["route"]["tier"]) == ("edge-only", "edge")
@@ -104,7 +104,7 @@ async def test_a_bundle_the_cascade_cannot_score_is_refused_with_the_reason(
     cfg = write_config(tmp_path / "agent.json", cloud.url, keys[1], data, policy="cascade", models=[model])
     agent = AgentProcess(cfg, data, env=confidence_module(tmp_path / "app"))
     try:
-        await agent.wait_ready(60)
+        await agent.wait_ready(120)
         await wait_for(lambda: says in agent.log(), 60, f"the agent to log {says!r}")
         status, body = await infer(agent.url or "")
         assert status in (404, 503), body  # nothing active: the version was refused, not half-served
