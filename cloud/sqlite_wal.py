@@ -28,10 +28,10 @@ def open_wal(path: Path, schema: str, *, check_same_thread: bool = True) -> sqli
     deadline = time.monotonic() + _OPEN_WINDOW_S
     pause = 0.005
     while True:
+        # connect's timeout is SQLite's busy_timeout for every later statement.
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=check_same_thread,
                              timeout=_BUSY_MS / 1000)
         try:
-            db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(schema)
