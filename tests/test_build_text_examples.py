@@ -150,6 +150,30 @@ def test_minilm_student_output_from_its_token_states_equals_forward() -> None:
         torch.testing.assert_close(via_states, student(ids, mask), atol=1e-5, rtol=1e-5)
 
 
+def test_minilm_teacher_slice_is_the_teacher_when_nothing_is_cut() -> None:
+    """The edge model's construction (layers chosen, feed-forward pruned, token table factorised)
+    keeps the teacher's weights where it keeps anything: with all six layers, all 1536 units and a
+    full-rank table it is the teacher. Its one-pass training output equals its forward."""
+    import torch
+
+    models = _module(ROOT / "examples" / "minilm" / "models.py", "minilm_models_teacher_slice")
+    teacher = models.load_minilm()
+    whole = models.TeacherSlice(layers=tuple(range(6)), ffn=1536, rank=384).eval()
+    edge = models.student().eval()
+    texts = ["The file is opened for reading.", "Return the number of items in a container.", "Hi"]
+    enc = models.tokenize(texts)
+    ids, mask = torch.from_numpy(enc["input_ids"]), torch.from_numpy(enc["attention_mask"])
+    with torch.no_grad():
+        reference = teacher(ids, mask)
+        torch.testing.assert_close(whole(ids, mask), reference, atol=2e-5, rtol=1e-4)
+        # The real edge model (two layers, 512 units, rank 128) is a different function...
+        assert float(torch.nn.functional.cosine_similarity(edge(ids, mask), reference).min()) < 0.99
+        # ...whose training pass computes what its exported forward does.
+        via_states = edge.output_from_hidden(edge.hidden_states(ids, mask), ids, mask)
+        torch.testing.assert_close(via_states, edge(ids, mask), atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in edge.parameters() if p.requires_grad) < 3_000_000
+
+
 def test_relation_loss_sees_neighbours_that_cosine_does_not() -> None:
     import torch
 

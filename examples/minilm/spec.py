@@ -6,7 +6,7 @@ from models import student, teacher  # noqa: E402 - siblings of this file (the s
 
 SPEC = {
     "name": "minilm",
-    "description": "Sentence embeddings: all-MiniLM-L6-v2 in the cloud, a distilled 3-layer encoder on the edge.",
+    "description": "Sentence embeddings: all-MiniLM-L6-v2 in the cloud, two of its layers, pruned and distilled, on the edge.",
     "inputs": [
         {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"], "pad": 0},
         {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "sequence"], "pad": 0},
@@ -19,10 +19,11 @@ SPEC = {
     "load_data": load_data,
     "training": {
         "student_epochs": 9,
-        "student_lr": 2e-3,
+        # The student starts as the teacher's own weights: a gentler rate than a fresh model's.
+        "student_lr": 1e-3,
         "batch_size": 64,
         # Token-level distillation (student token states vs the teacher's last layer) beside the
-        # sentence embedding: validation cosine after one epoch 0.75 with it, 0.67 without.
+        # sentence embedding: every token is a target, not only the pooled sentence.
         "hidden_weight": 1.0,
         # bfloat16 autocast for the teacher's targets and the student's steps (this CPU has
         # AVX512-BF16): the same validation cosine per epoch as fp32, at 2.5x less CPU per epoch
