@@ -158,7 +158,7 @@ def test_minilm_teacher_slice_is_the_teacher_when_nothing_is_cut() -> None:
 
     models = _module(ROOT / "examples" / "minilm" / "models.py", "minilm_models_teacher_slice")
     teacher = models.load_minilm()
-    whole = models.TeacherSlice(layers=tuple(range(6)), ffn=1536, rank=384).eval()
+    whole = models.teacher_slice(layers=tuple(range(6)), ffn=1536, rank=384).eval()
     edge = models.student().eval()
     texts = ["The file is opened for reading.", "Return the number of items in a container.", "Hi"]
     enc = models.tokenize(texts)

@@ -123,12 +123,16 @@ def _attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 
 class MiniLM(nn.Module):
-    """all-MiniLM-L6-v2: BERT (6 layers, 384 wide, 12 heads) + masked mean pooling + L2 normalise."""
+    """all-MiniLM-L6-v2: BERT (6 layers, 384 wide, 12 heads) + masked mean pooling + L2 normalise.
+
+    With ``rank``, the word table is factorised: a frozen vocab x rank table, then a learned
+    rank -> hidden map (the edge model's form, see :func:`teacher_slice`)."""
 
     def __init__(self, vocab: int = 30522, hidden: int = HIDDEN, layers: int = 6, heads: int = 12,
-                 ffn: int = 1536, positions: int = 512) -> None:
+                 ffn: int = 1536, positions: int = 512, rank: int | None = None) -> None:
         super().__init__()
-        self.word = nn.Parameter(torch.zeros(vocab, hidden))
+        self.word = nn.Parameter(torch.zeros(vocab, rank or hidden), requires_grad=rank is None)
+        self.word_up = nn.Linear(rank, hidden, bias=False) if rank else None
         self.position = nn.Parameter(torch.zeros(positions, hidden))
         # Token type 0 only (single sentences): its row is folded into the position table on load.
         self.emb_norm = nn.LayerNorm(hidden, eps=1e-12)
@@ -137,7 +141,10 @@ class MiniLM(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token states [batch, sequence, hidden] after the last layer."""
         s = input_ids.shape[1]
-        x = self.emb_norm(_lookup(self.word, input_ids) + self.position[:s])
+        words = _lookup(self.word, input_ids)
+        if self.word_up is not None:
+            words = self.word_up(words)
+        x = self.emb_norm(words + self.position[:s])
         bias = _attention_bias(attention_mask, x.dtype)
         for layer in self.layers:
             x = layer(x, bias)
@@ -165,13 +172,18 @@ def _layer_state(sd: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]
     return {f"{ours}.{w}": sd[f"{p}{theirs}.{w}"] for ours, theirs in names.items() for w in ("weight", "bias")}
 
 
+def _load_positions(model: MiniLM, sd: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        model.position.copy_(sd["embeddings.position_embeddings.weight"] + sd["embeddings.token_type_embeddings.weight"][0])
+        model.emb_norm.load_state_dict({"weight": sd["embeddings.LayerNorm.weight"], "bias": sd["embeddings.LayerNorm.bias"]})
+
+
 def load_minilm() -> MiniLM:
     """The real all-MiniLM-L6-v2 weights in :class:`MiniLM` (eval mode)."""
     sd = _teacher_state()
     model = MiniLM()
     model.word.data.copy_(sd["embeddings.word_embeddings.weight"])
-    model.position.data.copy_(sd["embeddings.position_embeddings.weight"] + sd["embeddings.token_type_embeddings.weight"][0])
-    model.emb_norm.load_state_dict({"weight": sd["embeddings.LayerNorm.weight"], "bias": sd["embeddings.LayerNorm.bias"]})
+    _load_positions(model, sd)
     for i, layer in enumerate(model.layers):
         layer.load_state_dict(_layer_state(sd, i))
     return model.eval()
@@ -280,59 +292,35 @@ def init_from_teacher(model: StudentEncoder, token_table: torch.Tensor | None = 
     return model
 
 
-class TeacherSlice(nn.Module):
-    """The edge model: two of the teacher's six layers, pruned, over a factorised token table.
+def teacher_slice(layers: tuple[int, ...] = (0, 5), ffn: int = 512, rank: int = 128) -> MiniLM:
+    """The edge model: some of the teacher's six layers, pruned, over a factorised token table.
 
     Every weight starts as the teacher's: the token table is the best rank-``rank`` factorisation
     (SVD) of the teacher's word embeddings (frozen, as in :class:`StudentEncoder`, so unseen
     tokens move with seen ones), the positions and embedding LayerNorm are the teacher's, and each
     kept layer is the teacher's with its feed-forward cut to the ``ffn`` of 1536 units whose input
-    and output weights have the largest norms. The first layer reads embeddings as it was trained
-    to; the last writes the space the teacher pools. Distillation then teaches the pair to do the
-    work of the six. Same outputs as the teacher: masked mean pooling, L2-normalised, 384-d."""
-
-    def __init__(self, layers: tuple[int, ...] = (0, 5), ffn: int = 512, rank: int = 128) -> None:
-        super().__init__()
-        sd = _teacher_state()
-        u, s, vh = torch.linalg.svd(sd["embeddings.word_embeddings.weight"].float(), full_matrices=False)
-        self.word = nn.Parameter((u[:, :rank] * s[:rank]).contiguous(), requires_grad=False)
-        self.word_up = nn.Linear(rank, HIDDEN, bias=False)
-        self.position = nn.Parameter(sd["embeddings.position_embeddings.weight"] + sd["embeddings.token_type_embeddings.weight"][0])
-        self.emb_norm = nn.LayerNorm(HIDDEN, eps=1e-12)
-        self.layers = nn.ModuleList(Layer(HIDDEN, 12, ffn) for _ in layers)
-        with torch.no_grad():
-            self.word_up.weight.copy_(vh[:rank].T)
-            self.emb_norm.load_state_dict({"weight": sd["embeddings.LayerNorm.weight"], "bias": sd["embeddings.LayerNorm.bias"]})
-            for layer, i in zip(self.layers, layers):
-                state = _layer_state(sd, i)
-                w_in, w_out = state["ffn_in.weight"], state["ffn_out.weight"]
-                keep = (w_in.norm(dim=1) * w_out.norm(dim=0)).topk(ffn).indices.sort().values
-                state["ffn_in.weight"], state["ffn_in.bias"] = w_in[keep], state["ffn_in.bias"][keep]
-                state["ffn_out.weight"] = w_out[:, keep]
-                layer.load_state_dict(state)
-
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Token states [batch, sequence, 384] after the last layer."""
-        s = input_ids.shape[1]
-        x = self.emb_norm(self.word_up(_lookup(self.word, input_ids)) + self.position[:s])
-        bias = _attention_bias(attention_mask, x.dtype)
-        for layer in self.layers:
-            x = layer(x, bias)
-        return x
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return _mean_pool(self.encode(input_ids, attention_mask), attention_mask)
-
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """What the build distils token by token against the teacher's last layer."""
-        return self.encode(input_ids, attention_mask)
-
-    def output_from_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``forward`` from :meth:`hidden_states`: a training step runs the model once."""
-        return _mean_pool(hidden, attention_mask)
+    and output weights have the largest norms. With the first and the last layer, the first reads
+    embeddings as it was trained to and the last writes the space the teacher pools; distillation
+    then teaches the pair to do the work of the six. Same outputs as the teacher."""
+    sd = _teacher_state()
+    model = MiniLM(layers=len(layers), ffn=ffn, rank=rank)
+    assert model.word_up is not None
+    u, s, vh = torch.linalg.svd(sd["embeddings.word_embeddings.weight"].float(), full_matrices=False)
+    with torch.no_grad():
+        model.word.copy_(u[:, :rank] * s[:rank])
+        model.word_up.weight.copy_(vh[:rank].T)
+        _load_positions(model, sd)
+        for layer, i in zip(model.layers, layers):
+            state = _layer_state(sd, i)
+            w_in, w_out = state["ffn_in.weight"], state["ffn_out.weight"]
+            keep = (w_in.norm(dim=1) * w_out.norm(dim=0)).topk(ffn).indices.sort().values
+            state["ffn_in.weight"], state["ffn_in.bias"] = w_in[keep], state["ffn_in.bias"][keep]
+            state["ffn_out.weight"] = w_out[:, keep]
+            layer.load_state_dict(state)
+    return model
 
 
 def student() -> nn.Module:
     """The edge model: the teacher's first and last layers, feed-forward cut to 512 of 1536 units,
-    over a rank-128 token table (see :class:`TeacherSlice`)."""
-    return TeacherSlice()
+    over a rank-128 token table (see :func:`teacher_slice`)."""
+    return teacher_slice()
