@@ -63,7 +63,10 @@ def test_minilm_bundle_has_two_int64_inputs_with_dynamic_batch_and_sequence(mini
     cloud, edge = bundle.variant("cloud"), bundle.variant("edge")
     assert cloud.metrics.quality >= 0.99, "the int8 cloud variant keeps cosine >= 0.99 to the fp32 teacher"  # type: ignore[union-attr]
     assert edge.size_bytes * 3 <= cloud.size_bytes
-    assert cloud.metrics.latency_p50_ms >= 4 * edge.metrics.latency_p50_ms  # type: ignore[union-attr]
+    # A quick build times each variant with few runs on a machine CI shares: it asks for the
+    # quick budget's clearly faster edge (spec.py, quick_budgets), not the full build's 4x, which
+    # docs/benchmarks.md measures.
+    assert cloud.metrics.latency_p50_ms >= 2.5 * edge.metrics.latency_p50_ms  # type: ignore[union-attr]
     assert m.calibration is not None and m.calibration.confidence == "head"
     assert "top10_overlap" in describe(bundle)
 
