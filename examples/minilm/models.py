@@ -172,7 +172,7 @@ def _layer_state(sd: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]
     return {f"{ours}.{w}": sd[f"{p}{theirs}.{w}"] for ours, theirs in names.items() for w in ("weight", "bias")}
 
 
-def _load_positions(model: MiniLM, sd: dict[str, torch.Tensor]) -> None:
+def _load_positions_and_norm(model: MiniLM, sd: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         model.position.copy_(sd["embeddings.position_embeddings.weight"] + sd["embeddings.token_type_embeddings.weight"][0])
         model.emb_norm.load_state_dict({"weight": sd["embeddings.LayerNorm.weight"], "bias": sd["embeddings.LayerNorm.bias"]})
@@ -183,7 +183,7 @@ def load_minilm() -> MiniLM:
     sd = _teacher_state()
     model = MiniLM()
     model.word.data.copy_(sd["embeddings.word_embeddings.weight"])
-    _load_positions(model, sd)
+    _load_positions_and_norm(model, sd)
     for i, layer in enumerate(model.layers):
         layer.load_state_dict(_layer_state(sd, i))
     return model.eval()
@@ -309,7 +309,7 @@ def teacher_slice(layers: tuple[int, ...] = (0, 5), ffn: int = 512, rank: int = 
     with torch.no_grad():
         model.word.copy_(u[:, :rank] * s[:rank])
         model.word_up.weight.copy_(vh[:rank].T)
-        _load_positions(model, sd)
+        _load_positions_and_norm(model, sd)
         for layer, i in zip(model.layers, layers):
             state = _layer_state(sd, i)
             w_in, w_out = state["ffn_in.weight"], state["ffn_out.weight"]
