@@ -169,7 +169,7 @@ def test_minilm_teacher_slice_is_the_teacher_when_nothing_is_cut() -> None:
     with torch.no_grad():
         reference = teacher(ids, mask)
         torch.testing.assert_close(whole(ids, mask), reference, atol=2e-5, rtol=1e-4)
-        # The real edge model (two layers, 512 units, rank 128) is a different function...
+        # The real edge model (two layers, 768 units, rank 128) is a different function...
         assert float(torch.nn.functional.cosine_similarity(edge(ids, mask), reference).min()) < 0.99
         # ...whose training pass computes what its exported forward does.
         via_states = edge.output_from_hidden(edge.hidden_states(ids, mask), ids, mask)

@@ -292,7 +292,7 @@ def init_from_teacher(model: StudentEncoder, token_table: torch.Tensor | None = 
     return model
 
 
-def teacher_slice(layers: tuple[int, ...] = (0, 5), ffn: int = 512, rank: int = 128) -> MiniLM:
+def teacher_slice(layers: tuple[int, ...] = (0, 5), ffn: int = 768, rank: int = 128) -> MiniLM:
     """The edge model: some of the teacher's six layers, pruned, over a factorised token table.
 
     Every weight starts as the teacher's: the token table is the best rank-``rank`` factorisation
@@ -321,6 +321,6 @@ def teacher_slice(layers: tuple[int, ...] = (0, 5), ffn: int = 512, rank: int = 
 
 
 def student() -> nn.Module:
-    """The edge model: the teacher's first and last layers, feed-forward cut to 512 of 1536 units,
+    """The edge model: the teacher's first and last layers, feed-forward cut to 768 of 1536 units,
     over a rank-128 token table (see :func:`teacher_slice`)."""
     return teacher_slice()
