@@ -10,8 +10,9 @@ Two parts, each a side-by-side comparison in one run:
   the int8 file size.
 * ``--train``: one slice is distilled exactly as ``tandem build examples/minilm`` does (the same
   data, teacher targets, losses, bf16, one thread, learning rate) for ``--epochs`` epochs; after
-  each, the fp32 slice's mean cosine and top-10 retrieval overlap with the teacher on the
-  validation and the held-out test sentences. Fewer epochs than the build's 9 compare candidates
+  each, the fp32 slice's mean cosine and top-10 retrieval overlaps with the teacher on the
+  validation and the held-out test sentences (an index of its own; its queries in the teacher's
+  index, see ``quantize/quality.py``). Fewer epochs than the build's 9 compare candidates
   at a fraction of a build's time; the test figures at 9 epochs are the build's.
 
     HF_HUB_OFFLINE=1 python bench/minilm_edge.py --speed --bundle REPO/minilm/1 \\
@@ -93,7 +94,7 @@ def train(text: str, epochs: int) -> None:
     from tandem.quantize.distill import fit, predict, predict_hidden
     from tandem.quantize.evaluate import Padding
     from tandem.quantize.pipeline import _concat_padded
-    from tandem.quantize.quality import retrieval_overlap, row_cosine
+    from tandem.quantize.quality import query_overlap, retrieval_overlap, row_cosine
     from tandem.quantize.spec import load_dataset
 
     t0 = time.perf_counter()
@@ -120,7 +121,8 @@ def train(text: str, epochs: int) -> None:
             out = predict(model, getattr(data, s).x, names, padding=pad)
             cos = float(row_cosine(out, ref).mean())
             val = cos if s == "val" else val
-            line.append(f"{s} cosine {cos:.4f} top-10 {retrieval_overlap(out, ref, 10):.3f}")
+            line.append(f"{s} cosine {cos:.4f} top-10 {retrieval_overlap(out, ref, 10):.3f} "
+                        f"(queries {query_overlap(out, ref, 10):.3f})")
         print(f"[{time.perf_counter() - t0:5.0f}s] {text} epoch {epoch[0]}: " + " | ".join(line), flush=True)
         return val
 

@@ -3,8 +3,10 @@ measures for the report, and a per-row verdict (is this row's answer good enough
 the edge confidence.
 
 - classification: accuracy on labels; without labels, agreement with the reference's argmax.
-- embedding: mean cosine to the reference; top-k retrieval overlap beside it; a row is good when
-  its cosine reaches the tolerance.
+- embedding: mean cosine to the reference; beside it two top-k retrieval overlaps (an index of this
+  variant's embeddings against one of the reference's, and this variant's queries against the
+  reference's in one index of the reference's embeddings); a row is good when its cosine reaches
+  the tolerance.
 - regression: 1 - mean relative error to the reference (clipped at 0); a row is good when its
   relative error is within the tolerance.
 - custom: the spec's ``metric(outputs, reference, labels)``, one score per row.
@@ -42,23 +44,42 @@ def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
+def _unit(m: np.ndarray) -> np.ndarray:
+    return m / (np.linalg.norm(m, axis=1, keepdims=True) + 1e-12)
+
+
+def _neighbours(queries: np.ndarray, index: np.ndarray, k: int) -> np.ndarray:
+    """The k rows of ``index`` nearest (by cosine) to each row of ``queries``, row i of the index
+    excluded for query i (the same sentence is not its own neighbour)."""
+    sim = _unit(queries) @ _unit(index).T
+    np.fill_diagonal(sim, -np.inf)
+    return np.argpartition(-sim, k - 1, axis=1)[:, :k]
+
+
+def _agreement(na: np.ndarray, nb: np.ndarray, k: int) -> float:
+    return float(np.mean([len(np.intersect1d(x, y, assume_unique=True)) / k for x, y in zip(na, nb)]))
+
+
 def retrieval_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
     """Mean share of each row's k nearest neighbours (by cosine, itself excluded) that ``a`` and
     ``b`` agree on: how much a search index built on ``a`` returns what one built on ``b`` would."""
     a, b = _rows(a)[:MAX_RETRIEVAL_ROWS], _rows(b)[:MAX_RETRIEVAL_ROWS]
-    n = len(a)
-    k = min(k, n - 1)
+    k = min(k, len(a) - 1)
     if k < 1:
         return float("nan")
+    return _agreement(_neighbours(a, a, k), _neighbours(b, b, k), k)
 
-    def neighbours(m: np.ndarray) -> np.ndarray:
-        m = m / (np.linalg.norm(m, axis=1, keepdims=True) + 1e-12)
-        sim = m @ m.T
-        np.fill_diagonal(sim, -np.inf)
-        return np.argpartition(-sim, k - 1, axis=1)[:, :k]
 
-    na, nb = neighbours(a), neighbours(b)
-    return float(np.mean([len(np.intersect1d(x, y, assume_unique=True)) / k for x, y in zip(na, nb)]))
+def query_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Mean share of the k results that ``a``'s embedding of each row, as a query, finds in an index
+    of ``b``'s embeddings, which ``b``'s own embedding of the row would find too (the row itself
+    excluded): what a search whose index was built with the reference model returns for queries
+    embedded by this one, e.g. an index built in the cloud searched from the device."""
+    a, b = _rows(a)[:MAX_RETRIEVAL_ROWS], _rows(b)[:MAX_RETRIEVAL_ROWS]
+    k = min(k, len(a) - 1)
+    if k < 1:
+        return float("nan")
+    return _agreement(_neighbours(a, b, k), _neighbours(b, b, k), k)
 
 
 def measure(task: Any, out: np.ndarray, reference: np.ndarray | None, labels: np.ndarray | None) -> Quality:
@@ -82,6 +103,7 @@ def measure(task: Any, out: np.ndarray, reference: np.ndarray | None, labels: np
         cos_rows = row_cosine(out, reference)
         cos = float(cos_rows.mean())
         extra = {f"top{task.top_k}_overlap": retrieval_overlap(out, reference, task.top_k),
+                 f"top{task.top_k}_query_overlap": query_overlap(out, reference, task.top_k),
                  "cosine_p10": float(np.percentile(cos_rows, 10))}
         return Quality(cos, cos_rows >= tol, extra, cosine=cos)
     if kind == "regression":

@@ -100,7 +100,7 @@ class TaskSpec(_Model):
     metric: Callable[..., Any] | None = None
     metric_name: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]{0,31}$")
     output_is_logits: bool = True
-    #: k of the top-k retrieval overlap reported for embeddings.
+    #: k of the top-k retrieval overlaps reported for embeddings.
     top_k: int = Field(10, ge=1)
 
     @field_validator("metric", mode="before")

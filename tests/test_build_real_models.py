@@ -51,6 +51,7 @@ def test_embedding_model_with_two_int64_inputs_and_dynamic_sequence(tmp_path: Pa
     assert all("quant_pre_process" not in (v.notes or "") for v in m.variants)
     edge, cloud = bundle.variant("edge"), bundle.variant("cloud")
     assert edge.metrics.quality is not None and "top10_overlap" in edge.metrics.metrics  # type: ignore[union-attr]
+    assert 0.0 <= edge.metrics.metrics["top10_query_overlap"] <= 1.0  # type: ignore[union-attr]
     assert cloud.metrics.quality > 0.99  # type: ignore[union-attr]
     # No confidence exists for an embedding: the build trained a head and calibrated it by the task's verdict.
     cal = m.calibration
@@ -221,6 +222,24 @@ def test_a_built_two_input_bundle_serves_and_routes_end_to_end(tmp_path: Path, k
                 assert r.outputs["embedding"].shape == (2, 16)
     finally:
         proc.stop()
+
+
+def test_retrieval_overlaps_tell_an_index_of_its_own_from_queries_into_the_reference_index() -> None:
+    """Both overlaps are 1 for the reference itself. An embedding that moves every row the same way
+    (a rotation) keeps its own neighbours (index overlap 1) but, as a query into the reference's
+    index, finds other rows; noise lowers both."""
+    from tandem.quantize.quality import query_overlap, retrieval_overlap
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((200, 8))
+    assert retrieval_overlap(ref, ref, 5) == 1.0 and query_overlap(ref, ref, 5) == 1.0
+    rotation = np.linalg.qr(rng.standard_normal((8, 8)))[0]
+    rotated = ref @ rotation
+    assert retrieval_overlap(rotated, ref, 5) == pytest.approx(1.0)
+    assert query_overlap(rotated, ref, 5) < 0.5
+    noisy = ref + 0.3 * rng.standard_normal(ref.shape)
+    assert 0.2 < query_overlap(noisy, ref, 5) < 1.0 and 0.2 < retrieval_overlap(noisy, ref, 5) < 1.0
+    assert np.isnan(query_overlap(ref[:1], ref[:1], 5))
 
 
 def test_an_fp16_variant_is_judged_on_quality_not_cpu_speed() -> None:
