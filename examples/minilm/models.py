@@ -262,19 +262,16 @@ class StudentEncoder(nn.Module):
         return F.normalize(y, p=2.0, dim=1) if self.normalize else y
 
 
-def init_from_teacher(model: StudentEncoder, token_table: torch.Tensor | None = None) -> StudentEncoder:
+def init_from_teacher(model: StudentEncoder) -> StudentEncoder:
     """Start the student where the teacher is.
 
-    ``token_table`` (vocab x 384) says what each token means in the teacher's output space: by
-    default the teacher's input word embeddings; better, :func:`contextual_token_table` (each
-    token's mean last-layer state over real text). Its best rank-r factorisation (SVD) becomes the
-    frozen table and the static branch's map back to 384, so the untrained student already returns
-    the table's bag-of-words embedding; the contextual branch reads the same table through the
-    table's top principal directions and starts silent (zero projection), so training only adds
-    what context changes."""
+    The best rank-r factorisation (SVD) of the teacher's word embeddings becomes the frozen table
+    and, for an embedding student, the static branch's map back to 384, so the untrained student
+    already returns the table's bag-of-words embedding; the contextual branch reads the same table
+    through its top principal directions and starts silent (zero projection), so training only
+    adds what context changes."""
     sd = _teacher_state()
-    if token_table is None:
-        token_table = sd["embeddings.word_embeddings.weight"]
+    token_table = sd["embeddings.word_embeddings.weight"]
     pos = sd["embeddings.position_embeddings.weight"] + sd["embeddings.token_type_embeddings.weight"][0]
     rank, hidden = model.word.shape[1], model.word_up.out_features
     with torch.no_grad():
