@@ -63,11 +63,7 @@ def _agreement(na: np.ndarray, nb: np.ndarray, k: int) -> float:
 def retrieval_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
     """Mean share of each row's k nearest neighbours (by cosine, itself excluded) that ``a`` and
     ``b`` agree on: how much a search index built on ``a`` returns what one built on ``b`` would."""
-    a, b = _rows(a)[:MAX_RETRIEVAL_ROWS], _rows(b)[:MAX_RETRIEVAL_ROWS]
-    k = min(k, len(a) - 1)
-    if k < 1:
-        return float("nan")
-    return _agreement(_neighbours(a, a, k), _neighbours(b, b, k), k)
+    return _overlaps(a, b, k)[0]
 
 
 def query_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
@@ -75,11 +71,17 @@ def query_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
     of ``b``'s embeddings, which ``b``'s own embedding of the row would find too (the row itself
     excluded): what a search whose index was built with the reference model returns for queries
     embedded by this one, e.g. an index built in the cloud searched from the device."""
+    return _overlaps(a, b, k)[1]
+
+
+def _overlaps(a: np.ndarray, b: np.ndarray, k: int) -> tuple[float, float]:
+    """(:func:`retrieval_overlap`, :func:`query_overlap`), finding ``b``'s own neighbours once."""
     a, b = _rows(a)[:MAX_RETRIEVAL_ROWS], _rows(b)[:MAX_RETRIEVAL_ROWS]
     k = min(k, len(a) - 1)
     if k < 1:
-        return float("nan")
-    return _agreement(_neighbours(a, b, k), _neighbours(b, b, k), k)
+        return float("nan"), float("nan")
+    reference = _neighbours(b, b, k)
+    return _agreement(_neighbours(a, a, k), reference, k), _agreement(_neighbours(a, b, k), reference, k)
 
 
 def measure(task: Any, out: np.ndarray, reference: np.ndarray | None, labels: np.ndarray | None) -> Quality:
@@ -102,8 +104,8 @@ def measure(task: Any, out: np.ndarray, reference: np.ndarray | None, labels: np
     if kind == "embedding":
         cos_rows = row_cosine(out, reference)
         cos = float(cos_rows.mean())
-        extra = {f"top{task.top_k}_overlap": retrieval_overlap(out, reference, task.top_k),
-                 f"top{task.top_k}_query_overlap": query_overlap(out, reference, task.top_k),
+        own, query = _overlaps(out, reference, task.top_k)
+        extra = {f"top{task.top_k}_overlap": own, f"top{task.top_k}_query_overlap": query,
                  "cosine_p10": float(np.percentile(cos_rows, 10))}
         return Quality(cos, cos_rows >= tol, extra, cosine=cos)
     if kind == "regression":
