@@ -59,7 +59,8 @@ def speed(bundle: Path, slices: list[str], runs: int) -> None:
     from tandem.quantize.quantize import preprocess, quantize_dynamic_int8
     from tandem.quantize.spec import QuantConfig
 
-    teacher_slice = _spec().student.__globals__["teacher_slice"]
+    spec = _spec()
+    teacher_slice = spec.student.__globals__["teacher_slice"]
     cfg = QuantConfig(name="int8-dyn-emb", format="dynamic", op_types=["MatMul", "Gemm", "Gather"])
     rng = np.random.default_rng(0)
     decls = [SimpleNamespace(name=n, shape=["batch", "sequence"]) for n in ("input_ids", "attention_mask")]
@@ -80,7 +81,7 @@ def speed(bundle: Path, slices: list[str], runs: int) -> None:
         from tandem.quantize.evaluate import Padding, measure_timings
         from tandem.quantize.spec import load_dataset
 
-        data = load_dataset(_spec(), 0)
+        data = load_dataset(spec, 0)
         timings = measure_timings(paths, data.test.x, runs=runs, warmup=20, throughput_runs=1,
                                   padding=Padding(data.inputs))
         base = float(np.median(timings["cloud-int8-dyn-emb"].latencies_ms))
@@ -94,7 +95,7 @@ def train(text: str, epochs: int) -> None:
     from tandem.quantize.distill import fit, predict, predict_hidden
     from tandem.quantize.evaluate import Padding
     from tandem.quantize.pipeline import _concat_padded
-    from tandem.quantize.quality import query_overlap, retrieval_overlap, row_cosine
+    from tandem.quantize.quality import measure
     from tandem.quantize.spec import load_dataset
 
     t0 = time.perf_counter()
@@ -118,11 +119,12 @@ def train(text: str, epochs: int) -> None:
         epoch[0] += 1
         line, val = [], 0.0
         for s, ref in refs.items():
-            out = predict(model, getattr(data, s).x, names, padding=pad)
-            cos = float(row_cosine(out, ref).mean())
-            val = cos if s == "val" else val
-            line.append(f"{s} cosine {cos:.4f} top-10 {retrieval_overlap(out, ref, 10):.3f} "
-                        f"(queries {query_overlap(out, ref, 10):.3f})")
+            # The build's own measure: cosine and both top-k overlaps, as its report shows them.
+            q = measure(spec.task, predict(model, getattr(data, s).x, names, padding=pad), ref, None)
+            k = spec.task.top_k
+            val = q.value if s == "val" else val
+            line.append(f"{s} cosine {q.value:.4f} top-{k} {q.extra[f'top{k}_overlap']:.3f} "
+                        f"(queries {q.extra[f'top{k}_query_overlap']:.3f})")
         print(f"[{time.perf_counter() - t0:5.0f}s] {text} epoch {epoch[0]}: " + " | ".join(line), flush=True)
         return val
 
