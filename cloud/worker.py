@@ -35,7 +35,7 @@ _IN_FLIGHT = 2
 class Worker:
     """One consumer of a Redis job queue (see the module docstring)."""
 
-    def __init__(self, config: ServerConfig, queue_url: str, *, name: str | None = None, claim: int = 16) -> None:
+    def __init__(self, config: ServerConfig, queue_url: str, *, name: str | None = None, claim: int = 64) -> None:
         from .inference import Inference
         from .jobs import Callbacks, JobRunner
         from .metrics import Metrics
@@ -133,7 +133,7 @@ async def _main(config: ServerConfig, queue_url: str, name: str | None, claim: i
     return 0
 
 
-def run_worker(config: ServerConfig, queue_url: str, *, name: str | None = None, claim: int = 16) -> int:
+def run_worker(config: ServerConfig, queue_url: str, *, name: str | None = None, claim: int = 64) -> int:
     """Run a worker until SIGTERM/SIGINT; 0 on a clean stop."""
     from .server import check_repository
 
