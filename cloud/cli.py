@@ -135,6 +135,7 @@ def worker(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="consumer name in the queue's group (default: host-pid); unique per live worker")
     parser.add_argument("--config", default=None, help="config file (.toml, .yaml, .json): batching, instances, jobs.* (claim timeout, result TTL)")
     parser.add_argument("--instances", type=int, default=None, help="onnxruntime sessions per model version")
+    # 64: worker._CLAIM (not imported here: this module stays cheap to import; a test ties the two)
     parser.add_argument("--claim", type=int, default=64, help="jobs claimed from the queue at once (default 64); they run in batches of the model's max_batch_size")
     parser.set_defaults(run=_worker)
 

@@ -30,12 +30,15 @@ _log = logging.getLogger("tandem.cloud.worker")
 
 #: Claimed groups in flight at once: one computing, one being read, decoded and answered.
 _IN_FLIGHT = 2
+#: Jobs claimed at once by default: three round trips per group, so a large group spends little
+#: on Redis per job; its jobs still run in batches of the model's max_batch_size.
+_CLAIM = 64
 
 
 class Worker:
     """One consumer of a Redis job queue (see the module docstring)."""
 
-    def __init__(self, config: ServerConfig, queue_url: str, *, name: str | None = None, claim: int = 64) -> None:
+    def __init__(self, config: ServerConfig, queue_url: str, *, name: str | None = None, claim: int = _CLAIM) -> None:
         from .inference import Inference
         from .jobs import Callbacks, JobRunner
         from .metrics import Metrics
@@ -133,7 +136,7 @@ async def _main(config: ServerConfig, queue_url: str, name: str | None, claim: i
     return 0
 
 
-def run_worker(config: ServerConfig, queue_url: str, *, name: str | None = None, claim: int = 64) -> int:
+def run_worker(config: ServerConfig, queue_url: str, *, name: str | None = None, claim: int = _CLAIM) -> int:
     """Run a worker until SIGTERM/SIGINT; 0 on a clean stop."""
     from .server import check_repository
 

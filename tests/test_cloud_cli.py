@@ -281,3 +281,12 @@ def test_entries_that_are_not_bundles_are_named_with_the_fix(tmp_path: Path, key
     assert f"not served: {repo / 'notes'} is not a model" in text
     assert f"not served: {repo / 'loose.onnx'} is a file, not a model directory" in text
     assert "Traceback" not in text
+
+
+def test_the_worker_command_claims_as_many_jobs_as_the_worker_does_by_default() -> None:
+    # The CLI stays cheap to import, so it repeats the worker's default rather than importing it.
+    from tandem.cloud import worker
+    from tandem.shared.cli import build_parser
+
+    args = build_parser().parse_args(["worker", "--queue", "redis://127.0.0.1:6379/0"])
+    assert args.claim == worker._CLAIM == 64
