@@ -5,6 +5,7 @@ drains every worker and exits 0."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -33,6 +34,7 @@ def _serve(repo: Path, public_key: Path, port: int, log: Path, tmp: Path) -> sub
         # Draining 16 slow requests takes a few seconds here, but on a loaded machine more than the
         # default 30 s; past it the drain closes what is left, which these tests would take for a loss.
         "TANDEM_SHUTDOWN_TIMEOUT_S": "180",
+        "PYTHONFAULTHANDLER": "1",  # SIGABRT writes every thread's stack to the log (see _exit_code)
     }
     # The log goes to a file: an undrained pipe would stall the workers (see test_cloud_cli.py).
     return subprocess.Popen(
@@ -84,6 +86,21 @@ def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def _exit_code(proc: subprocess.Popen[str], log: Path, timeout: float) -> int:
+    """The supervisor's exit code; if it is still running after ``timeout``, the failure shows the
+    stacks of the processes left (SIGABRT under PYTHONFAULTHANDLER) and the end of the log."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        left = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        for pid in [*map(int, left), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        time.sleep(2)
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-200:])
+        raise AssertionError(f"the server still ran {timeout:g} s after its last answer (workers left: {left}); log:\n{tail}") from None
 
 
 def _serve_dirs(tmp: Path) -> list[str]:
@@ -184,7 +201,7 @@ def test_sigterm_drains_every_worker_then_exits_0(tmp_path: Path, keys: tuple[Pa
         assert {int(h[WORKER]) for _, h, _ in results} == set(pids)  # both workers had some to drain
         for _, _, raw in results:
             np.testing.assert_array_equal(p.InferResponse.from_wire(raw).outputs["y"], np.full((1, 8), 2, np.float32))
-        assert proc.wait(60) == 0
+        assert _exit_code(proc, log, 60) == 0
         text = log.read_text()
         assert text.count("draining") == 2 and "workers exited: 0, 0" in text
         assert not _serve_dirs(tmp)  # ... removed at exit
