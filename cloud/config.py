@@ -20,7 +20,12 @@ from tandem.shared.profile import DriftSettings
 
 from .cores import available_cores
 
-__all__ = ["BatchingConfig", "MonitoringConfig", "JobsConfig", "ServerConfig", "load_config"]
+__all__ = ["BatchingConfig", "MonitoringConfig", "JobsConfig", "ServerConfig", "load_config", "EXIT_GRACE_S"]
+
+#: Seconds a server process may take to release everything and exit once its drain has ended (or
+#: ran out of ``shutdown_timeout_s``); past it the process is ended with its threads' stacks on
+#: stderr (server.py), and a ``--workers`` supervisor kills a worker that is still there (workers.py).
+EXIT_GRACE_S = 10.0
 
 
 class BatchingConfig(BaseModel):

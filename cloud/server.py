@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import faulthandler
 import json
 import logging
 import logging.handlers
@@ -30,7 +31,7 @@ from typing import Any
 
 from tandem.shared.errors import InvalidInput, TandemError
 
-from .config import ServerConfig
+from .config import EXIT_GRACE_S, ServerConfig
 from .workers import SERVING, follow_supervisor, supervise
 
 __all__ = ["main", "run", "serve", "check_repository"]
@@ -46,8 +47,13 @@ def main(config: ServerConfig) -> int:
 
 
 def run(config: ServerConfig, *, worker: bool = False) -> int:
-    """Serve ``config`` on the event loop it asks for (uvloop when "auto" finds it) until a signal."""
-    return run_loop(config, serve(config, worker=worker))
+    """Serve ``config`` on the event loop it asks for (uvloop when "auto" finds it) until a signal.
+
+    This is a process's main: once it has served and returns, the process has
+    :data:`~tandem.cloud.config.EXIT_GRACE_S` to exit."""
+    code = run_loop(config, serve(config, worker=worker))
+    _bound_exit(EXIT_GRACE_S)
+    return code
 
 
 def run_loop(config: ServerConfig, main: Coroutine[Any, Any, int]) -> int:
@@ -183,7 +189,8 @@ async def _serve(config: ServerConfig, worker: bool) -> int:
             signal.signal(sig, signal.SIG_IGN)
     if config.shutdown_delay_s > 0:
         await _shutdown_delay(state, config.shutdown_delay_s, stop)
-    _log.info("draining: no new connections; answering accepted requests")
+    _bound_exit(config.shutdown_timeout_s + EXIT_GRACE_S)
+    _log.info("draining: no new connections; answering accepted requests (exit within %g s)", config.shutdown_timeout_s + EXIT_GRACE_S)
     # Stop listening and answer what the front door accepted (and what sat in the sockets'
     # buffers); then cleanup() waits for aiohttp's in-flight handlers (shutdown_timeout), and
     # on_cleanup drains every batcher and releases the sessions.
@@ -195,6 +202,18 @@ async def _serve(config: ServerConfig, worker: bool) -> int:
         await control.close()
     _log.info("stopped")
     return 0
+
+
+def _bound_exit(seconds: float) -> None:
+    """From now on, end the process (exit code 1, every thread's stack on stderr) if it still
+    runs ``seconds`` later, whatever it waits on: a drain, a finalizer, a thread, a lock.
+
+    A shutdown must end within what the deployment allows it (Kubernetes' grace period): a
+    process that hangs there is killed without a word, and its requests' fate is unknown. The
+    watchdog is faulthandler's C thread, so it fires even while a thread holds the GIL; a later
+    call replaces the bound.
+    """
+    faulthandler.dump_traceback_later(seconds, exit=True)
 
 
 def _follow_supervisor(state: Any, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Any:

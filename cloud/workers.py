@@ -18,7 +18,9 @@ the worker's stdio:
   ``kill -9`` of the supervisor).
 
 The supervisor prints the usual ``ready`` line when every worker answered ``serving``, forwards SIGTERM/SIGINT
-(each worker drains as a single server does) and exits 0 when all exited 0. A worker that dies
+(each worker drains as a single server does) and exits 0 when all exited 0; a worker still
+running past its own bounds (shutdown delay, drain, exit grace) and ``_KILL_MARGIN_S`` more is
+killed, and the supervisor exits 1. A worker that dies
 otherwise is logged and restarted, at most ``MAX_RESTARTS`` times in ``RESTART_WINDOW_S``; beyond
 that the supervisor stops the others and exits 1. Metrics use prometheus_client's multiprocess mode
 in a fresh temporary directory (see metrics.py), removed at exit.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import queue
@@ -42,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ServerConfig
+from .config import EXIT_GRACE_S, ServerConfig
 from .control import APPLIED, CONTROL, Broadcasts
 
 __all__ = ["supervise", "follow_supervisor", "MAX_RESTARTS", "RESTART_WINDOW_S", "SERVING"]
@@ -53,6 +56,9 @@ _GO = "go"
 #: A worker's answer to ``go``: it now says ready.
 SERVING = "serving"
 _POLL_S = 0.1
+#: Past a worker's own exit bound (server.py), before the supervisor kills it: a worker whose
+#: watchdog cannot run (stopped, or stuck in the kernel) must not hold the server up for ever.
+_KILL_MARGIN_S = 5.0
 _log = logging.getLogger("tandem.cloud.workers")
 
 
@@ -107,6 +113,8 @@ class _Supervisor:
     failed: bool = False
     restarts: collections.deque[float] = field(default_factory=collections.deque)
     signalled: list[int] = field(default_factory=list)
+    #: Once stopping: when workers still running are killed (None: not stopping, or done)
+    kill_at: float | None = None
     broadcasts: Broadcasts = field(init=False)
 
     def __post_init__(self) -> None:
@@ -221,8 +229,34 @@ class _Supervisor:
             self.workers[i] = self.start(i)
 
     def fail(self) -> None:
-        self.failed = self.stopping = True
+        self.failed = True
+        self.stop()
         self.signal_all(signal.SIGTERM)
+
+    def stop(self) -> None:
+        """Restart no worker from now on; those still running past every bound they have
+        (shutdown delay, drain, exit) are killed, see :meth:`kill_late`."""
+        if not self.stopping:
+            self.stopping = True
+            self.kill_at = time.monotonic() + self._bound_s()
+
+    def _bound_s(self) -> float:
+        c = self.config
+        return c.shutdown_delay_s + c.shutdown_timeout_s + EXIT_GRACE_S + _KILL_MARGIN_S
+
+    def kill_late(self) -> None:
+        if self.kill_at is None or time.monotonic() < self.kill_at:
+            return
+        self.kill_at = None
+        for i, w in enumerate(self.workers):
+            if w.proc.poll() is None:
+                _log.error(
+                    "worker %d/%d (pid %d) still runs %.0f s after it was told to stop: killing it",
+                    i + 1, self.config.workers, w.proc.pid, self._bound_s(),
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.kill()
+                self.failed = True
 
     def run(self) -> int:
         def on_signal(signum: int, frame: object) -> None:
@@ -236,7 +270,7 @@ class _Supervisor:
         announced = gone = False
         while True:
             if self.signalled and not self.stopping:
-                self.stopping = True
+                self.stop()
                 _log.info("stopping: forwarding the signal to %d workers", len(self.workers))
             if self.signalled:
                 got = self.signalled.pop()
@@ -246,6 +280,7 @@ class _Supervisor:
             if self.stopping:
                 if all(w.proc.poll() is not None for w in self.workers):
                     break
+                self.kill_late()
                 continue
             if len(self.workers) < self.config.workers and self.port:
                 self.workers.extend(self.start(i) for i in range(len(self.workers), self.config.workers))

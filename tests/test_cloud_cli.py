@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import os
 import signal
 import subprocess
@@ -98,6 +99,35 @@ def test_sigterm_drains_accepted_requests_then_exits_0(tmp_path: Path, keys: tup
             proc.kill()
             proc.wait(10)
 
+
+def test_a_server_whose_exit_hangs_after_its_drain_ends_itself_with_every_stack(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    from tandem.cloud.config import EXIT_GRACE_S
+
+    repo = make_repository(tmp_path / "repo", keys[0], toy_versions=("1",), slow=False, varlen=False)
+    port, log = free_port(), tmp_path / "serve.log"
+    # The real server, with something at interpreter exit that never returns (as a stuck finalizer
+    # or a thread joined at exit would).
+    hang = "import atexit, threading; atexit.register(threading.Event().wait)"
+    code = f"{hang}; import sys; from tandem.shared.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "serve", "--repository", str(repo), "--trusted-key", str(keys[1]), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,  # noqa: SIM115 - closed with the process
+    )
+    try:
+        _wait_ready(proc)
+        assert request(f"http://127.0.0.1:{port}", "GET", "/v2/health/ready")[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert proc.wait(EXIT_GRACE_S + 60) == 1
+        assert time.monotonic() - started >= EXIT_GRACE_S - 1
+        text = log.read_text()
+        assert "stopped" in text  # the drain itself ended ...
+        assert f"Timeout ({datetime.timedelta(seconds=EXIT_GRACE_S)})!" in text and "most recent call first" in text  # ... and the stacks show where it hung
+        assert "in wait" in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 def test_cli_errors_are_clear(tmp_path: Path) -> None:
     proc = _serve(["--repository", str(tmp_path)])

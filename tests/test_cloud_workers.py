@@ -24,7 +24,7 @@ from tandem.shared import protocol as p
 WORKER = "X-Tandem-Worker"
 
 
-def _serve(repo: Path, public_key: Path, port: int, log: Path, tmp: Path) -> subprocess.Popen[str]:
+def _serve(repo: Path, public_key: Path, port: int, log: Path, tmp: Path, **more: str) -> subprocess.Popen[str]:
     env = {
         **os.environ,
         "TANDEM_WORKERS": "2",  # the env source, as a deployment would set it
@@ -35,6 +35,7 @@ def _serve(repo: Path, public_key: Path, port: int, log: Path, tmp: Path) -> sub
         # default 30 s; past it the drain closes what is left, which these tests would take for a loss.
         "TANDEM_SHUTDOWN_TIMEOUT_S": "180",
         "PYTHONFAULTHANDLER": "1",  # SIGABRT writes every thread's stack to the log (see _exit_code)
+        **more,
     }
     # The log goes to a file: an undrained pipe would stall the workers (see test_cloud_cli.py).
     return subprocess.Popen(
@@ -284,3 +285,37 @@ async def test_a_model_change_waiting_on_the_workers_ends_when_the_server_drains
         assert len(sent) == 1  # the refused change never reached the supervisor
     finally:
         await control.close()
+
+
+def test_a_worker_still_running_past_its_shutdown_bounds_is_killed_and_the_server_exits_1(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    from tandem.cloud.config import EXIT_GRACE_S
+
+    repo = make_repository(tmp_path / "repo", keys[0], toy_versions=("1",), slow=False, varlen=False)
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = _serve(repo, keys[1], port, log, tmp_path, TANDEM_SHUTDOWN_TIMEOUT_S="1")
+    try:
+        frozen, other = _wait_ready(proc)
+        # A stopped process cannot run its own exit watchdog (server.py): only the supervisor can end it.
+        os.kill(frozen, signal.SIGSTOP)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        # Its bound: shutdown_timeout_s (1) + EXIT_GRACE_S + the supervisor's margin (5 s).
+        assert proc.wait(EXIT_GRACE_S + 60) == 1
+        assert time.monotonic() - started >= 1 + EXIT_GRACE_S
+        text = log.read_text()
+        assert re.search(rf"\(pid {frozen}\) still runs \d+ s after it was told to stop: killing it", text)
+        assert "draining" in text  # the other worker drained and exited on its own
+        for pid in (frozen, other):  # and no process is left behind
+            _wait_for(lambda pid=pid: not _alive(pid), 10, f"pid {pid} gone")
+    finally:
+        _stop(proc)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

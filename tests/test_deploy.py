@@ -393,7 +393,7 @@ def test_inferenceservice_pod_validates_and_has_kserves_required_structure() -> 
     assert doc["apiVersion"] == "serving.kserve.io/v1beta1"
     assert doc["metadata"]["name"] and doc["metadata"]["namespace"]
     predictor = doc["spec"]["predictor"]
-    pod_fields = {k: v for k, v in predictor.items() if k in ("containers", "volumes")}
+    pod_fields = {k: v for k, v in predictor.items() if k in ("containers", "volumes", "terminationGracePeriodSeconds")}
     _validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"}, "spec": pod_fields})
     (container,) = predictor["containers"]
     assert container["name"] == "kserve-container"  # what KServe's custom predictors are named
@@ -571,21 +571,23 @@ def test_image_and_manifest_flags_are_real_serve_flags() -> None:
                     assert known(e["name"]), f"{doc['kind']} sets unknown {e['name']}"
 
 
-def test_the_grace_period_outlasts_the_drain() -> None:
+def test_the_grace_period_outlasts_the_drain_and_the_exit_bound() -> None:
     """The kubelet's SIGKILL comes terminationGracePeriodSeconds after SIGTERM: the server's delay
-    plus its drain must fit in it, or a rolling update cuts accepted requests."""
-    from tandem.cloud.config import ServerConfig
+    plus its drain must fit in it, or a rolling update cuts accepted requests; and so must the
+    bound past which a process that hangs ends itself, or its stacks never reach the log."""
+    from tandem.cloud.config import EXIT_GRACE_S, ServerConfig
+    from tandem.cloud.workers import _KILL_MARGIN_S
 
-    deployments = [doc for _, doc in k8s_objects() if doc["kind"] == "Deployment"]
-    assert deployments
-    for doc in deployments:
-        pod = doc["spec"]["template"]["spec"]
-        for c in containers(doc):
+    pods = [doc["spec"]["template"]["spec"] for _, doc in k8s_objects() if doc["kind"] == "Deployment"]
+    pods += [doc["spec"]["predictor"] for _, doc in k8s_objects() if doc["kind"] == "InferenceService"]
+    assert len(pods) >= 2
+    for pod in pods:
+        for c in pod["containers"]:
             env = {e["name"]: e.get("value") for e in c.get("env", [])}
             delay = float(env.get("TANDEM_SHUTDOWN_DELAY_S") or ServerConfig.model_fields["shutdown_delay_s"].default)
             drain = float(env.get("TANDEM_SHUTDOWN_TIMEOUT_S") or ServerConfig.model_fields["shutdown_timeout_s"].default)
             assert delay > 0, "without a shutdown delay, connections sent while the endpoints update are refused"
-            assert pod.get("terminationGracePeriodSeconds", 30) >= delay + drain
+            assert pod.get("terminationGracePeriodSeconds", 30) >= delay + drain + EXIT_GRACE_S + _KILL_MARGIN_S
 
 
 @needs_server
