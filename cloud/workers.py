@@ -17,12 +17,12 @@ the worker's stdio:
   supervisor is gone, and the worker drains and exits (no orphans serving a port after a
   ``kill -9`` of the supervisor).
 
-The supervisor prints the usual ``ready`` line when every worker answered ``serving``, forwards SIGTERM/SIGINT
-(each worker drains as a single server does) and exits 0 when all exited 0; a worker still
-running past its own bounds (shutdown delay, drain, exit grace) and ``_KILL_MARGIN_S`` more is
-killed, and the supervisor exits 1. A worker that dies
-otherwise is logged and restarted, at most ``MAX_RESTARTS`` times in ``RESTART_WINDOW_S``; beyond
-that the supervisor stops the others and exits 1. Metrics use prometheus_client's multiprocess mode
+The supervisor prints the usual ``ready`` line when every worker answered ``serving``, forwards
+SIGTERM/SIGINT (each worker drains as a single server does) and exits 0 when all exited 0. A worker
+still running ``_KILL_MARGIN_S`` past its own bounds (shutdown delay, drain, exit grace) is killed,
+and the supervisor exits 1. A worker that dies otherwise is logged and restarted, at most
+``MAX_RESTARTS`` times in ``RESTART_WINDOW_S``; beyond that the supervisor stops the others and
+exits 1. Metrics use prometheus_client's multiprocess mode
 in a fresh temporary directory (see metrics.py), removed at exit.
 """
 
