@@ -52,6 +52,7 @@ __all__ = ["create_app", "make_runner", "aiohttp_protocols", "ServerState", "STA
 
 #: How often a worker copies its pending counts into the shared metric files (multiprocess mode).
 _PENDING_REFRESH_S = 0.05
+_MIN_WAIT_S = 0.01
 
 _log = logging.getLogger("tandem.cloud")
 _VERSIONS = ((1, 0), (1, 1))
@@ -70,6 +71,8 @@ class ServerState(Core):
     extras: list[Any] = field(default_factory=list)  # registry, feedback store
     #: Model load/unload: the repository itself, or with --workers N a WorkerControl (control.py).
     control: ModelControl = field(init=False)
+    #: When the drain must end (time.monotonic()); set as it begins (server.py).
+    drain_by: float | None = None
 
     def __post_init__(self) -> None:
         self.control = self.repository
@@ -77,6 +80,14 @@ class ServerState(Core):
     def is_ready(self) -> bool:
         """What /v2/health/ready says: started, and every model found at start-up loaded."""
         return self.ready and all(self.repository.versions(name) for name in self.expected)
+
+    def drain_left(self) -> float:
+        """Seconds the drain's next step may wait: what is left of ``shutdown_timeout_s``, so that
+        its steps (front door, aiohttp's handlers, job runs, batchers) share the one bound."""
+        if self.drain_by is None:
+            return self.config.shutdown_timeout_s
+        # Never 0: aiohttp reads a timeout of 0 as none at all.
+        return max(self.drain_by - time.monotonic(), _MIN_WAIT_S)
 
     def not_served(self) -> list[str]:
         """Why each model found at start-up (and each entry that is not a bundle) is not served."""
@@ -181,7 +192,7 @@ def _attach_extras(app: web.Application, state: ServerState) -> None:
     store.add_routes(app)
     state.extras.append(store)
     # Asynchronous jobs (Prefer: respond-async, /v1/jobs): see job_routes.py.
-    attach_jobs(app, config, state.inference, state.is_ready)
+    attach_jobs(app, config, state.inference, state.is_ready, state.drain_left)
 
 
 def create_app(config: ServerConfig) -> web.Application:
@@ -236,7 +247,7 @@ def create_app(config: ServerConfig) -> web.Application:
     async def on_cleanup(app: web.Application) -> None:
         state.ready = False
         await monitoring.close()
-        await repository.close(config.shutdown_timeout_s)
+        await repository.close(state.drain_left())
         state.gate.close()
         for task in refresher:
             task.cancel()

@@ -46,6 +46,7 @@ import asyncio
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -66,9 +67,21 @@ from tandem.shared.errors import (
 from .config import BatchingConfig
 from .engine import ModelEngine, lower_thread_priority
 
-__all__ = ["BatchResult", "Batcher", "BatchObserver"]
+__all__ = ["BatchResult", "Batcher", "BatchObserver", "threads_computing"]
 
 _log = logging.getLogger(__name__)
+
+#: Every instance thread of the process's batchers (they end once their batcher is closed).
+_instance_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+def threads_computing(wait_s: float) -> int:
+    """Instance threads still running after ``wait_s`` seconds at most. Once every batcher is
+    closed, each of these is inside a batch that outlived the drain (see server.run)."""
+    deadline = time.monotonic() + wait_s
+    for t in list(_instance_threads):
+        t.join(max(deadline - time.monotonic(), 0.0))
+    return sum(t.is_alive() for t in list(_instance_threads))
 
 #: The share of the load a free instance waits for with ``fill_wait_us`` (see Batcher._fill_target).
 _FILL_SHARE = 0.75
@@ -207,6 +220,7 @@ class Batcher:
         ]
         for t in self._threads:
             t.start()
+            _instance_threads.add(t)
 
     # --- public -----------------------------------------------------------------------------------
 

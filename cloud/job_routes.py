@@ -84,9 +84,10 @@ class _JobRoutes:
         return web.Response(status=204)
 
 
-def attach_jobs(app: web.Application, config: Any, inference: Any, is_ready: Any) -> JobService:
+def attach_jobs(app: web.Application, config: Any, inference: Any, is_ready: Any, drain_left: Any = None) -> JobService:
     """Open the configured queue, add the job routes and the submit middleware to ``app``, and
-    start/stop the service with it (jobs run once ``is_ready()``: every model loaded)."""
+    start/stop the service with it (jobs run once ``is_ready()``: every model loaded; at the stop,
+    runs in hand get ``drain_left()`` seconds, by default ``shutdown_timeout_s``)."""
     queue = open_queue(config)
     service = JobService(config.jobs, queue, inference, run_jobs=config.jobs.queue == "embedded", ready=is_ready)
     app[JOBS_KEY] = service
@@ -100,7 +101,7 @@ def attach_jobs(app: web.Application, config: Any, inference: Any, is_ready: Any
         await service.start()
 
     async def stop(app: web.Application) -> None:
-        await service.close(config.shutdown_timeout_s)
+        await service.close(drain_left() if drain_left is not None else config.shutdown_timeout_s)
 
     app.on_startup.append(start)
     app.on_shutdown.append(stop)

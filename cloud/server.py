@@ -21,10 +21,12 @@ import faulthandler
 import json
 import logging
 import logging.handlers
+import os
 import queue
 import resource
 import signal
 import sys
+import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -52,8 +54,27 @@ def run(config: ServerConfig, *, worker: bool = False) -> int:
     This is a process's main: once it has served and returns, the process has
     :data:`~tandem.cloud.config.EXIT_GRACE_S` to exit."""
     code = run_loop(config, serve(config, worker=worker))
+    exit_now_if_computing(code)
     _bound_exit(EXIT_GRACE_S)
     return code
+
+
+def exit_now_if_computing(code: int) -> None:
+    """End the process at once with ``code`` if a batch is still computing after the drain.
+
+    A drain that ran out of time answered that batch's requests already; the interpreter's exit
+    would tear onnxruntime down under the running batch, which aborts the process ("terminate
+    called without an active exception"). Logs are flushed first; the databases were closed by the
+    drain."""
+    from .batcher import threads_computing
+
+    left = threads_computing(_JOIN_S)
+    if not left:
+        return
+    _log.warning("%d batch(es) still computing after the drain: exiting without waiting for them", left)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def run_loop(config: ServerConfig, main: Coroutine[Any, Any, int]) -> int:
@@ -189,19 +210,28 @@ async def _serve(config: ServerConfig, worker: bool) -> int:
             signal.signal(sig, signal.SIG_IGN)
     if config.shutdown_delay_s > 0:
         await _shutdown_delay(state, config.shutdown_delay_s, stop)
+    state.drain_by = time.monotonic() + config.shutdown_timeout_s
     _bound_exit(config.shutdown_timeout_s + EXIT_GRACE_S)
     _log.info("draining: no new connections; answering accepted requests (exit within %g s)", config.shutdown_timeout_s + EXIT_GRACE_S)
     # Stop listening and answer what the front door accepted (and what sat in the sockets'
-    # buffers); then cleanup() waits for aiohttp's in-flight handlers (shutdown_timeout), and
-    # on_cleanup drains every batcher and releases the sessions.
+    # buffers); then cleanup() waits for aiohttp's in-flight handlers and the job runs, and
+    # on_cleanup drains every batcher and releases the sessions: all within what is left of
+    # shutdown_timeout_s (state.drain_left()).
     if control is not None:
         control.drain()  # a model change waiting on the other workers would hold up cleanup()
-    await door.close(config.shutdown_timeout_s)
+    await door.close(state.drain_left())
+    # aiohttp reads its handlers' bound from the runner (set when it was made, not settable).
+    runner._shutdown_timeout = state.drain_left()
     await runner.cleanup()
     if control is not None:
         await control.close()
     _log.info("stopped")
     return 0
+
+
+#: How long the instance threads of closed batchers get to end before the exit (see
+#: exit_now_if_computing): one that is not inside a batch ends at once.
+_JOIN_S = 0.5
 
 
 def _bound_exit(seconds: float) -> None:

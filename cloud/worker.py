@@ -138,7 +138,9 @@ async def _main(config: ServerConfig, queue_url: str, name: str | None, claim: i
 
 def run_worker(config: ServerConfig, queue_url: str, *, name: str | None = None, claim: int = _CLAIM) -> int:
     """Run a worker until SIGTERM/SIGINT; 0 on a clean stop."""
-    from .server import check_repository
+    from .server import check_repository, exit_now_if_computing
 
     check_repository(config)
-    return asyncio.run(_main(config, queue_url, name, claim))
+    code = asyncio.run(_main(config, queue_url, name, claim))
+    exit_now_if_computing(code)
+    return code

@@ -100,6 +100,46 @@ def test_sigterm_drains_accepted_requests_then_exits_0(tmp_path: Path, keys: tup
             proc.wait(10)
 
 
+def test_a_drain_that_runs_out_of_time_ends_within_shutdown_timeout_and_exits_0(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """The drain's steps (front door, aiohttp, batchers) share one shutdown_timeout_s: one after
+    the other with a full timeout each, they would take twice as long, past the exit watchdog."""
+    from tandem.cloud.config import EXIT_GRACE_S
+
+    repo = make_repository(tmp_path / "repo", keys[0], toy_versions=(), varlen=False)
+    cfg = tmp_path / "serve.toml"
+    timeout = 12
+    cfg.write_text(f'warmup_batch_sizes = [1]\nshutdown_timeout_s = {timeout}\n[model_batching.slow]\nmax_batch_size = 1\n')
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = _serve(["--repository", str(repo), "--trusted-key", str(keys[1]), "--port", str(port), "--config", str(cfg)], stderr=log)
+    try:
+        _wait_ready(proc)
+        url = f"http://127.0.0.1:{port}"
+        # ~0.5 s each, one at a time (more on a loaded machine): ~32 s of work, more than two timeouts.
+        body = p.InferRequest(slow_inputs(2500)).to_wire()
+        n = 64
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            futures = [pool.submit(request, url, "POST", p.infer_path("slow"), body, None, 120) for _ in range(n)]
+            deadline = time.monotonic() + 60
+            while sum(_slow_counts(url)) < n and time.monotonic() < deadline:
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            code = proc.wait(timeout + EXIT_GRACE_S + 30)
+            elapsed = time.monotonic() - started
+            answered = [f.result()[0] for f in futures if f.exception(timeout=5) is None]  # every one ended
+        text = log.read_text()
+        assert code == 0, text[-5000:]
+        assert "Timeout (" not in text  # the exit watchdog did not have to fire
+        # The batch computing at the end is abandoned: tearing onnxruntime down under it aborted the process.
+        assert "still computing after the drain: exiting without waiting" in text
+        assert timeout - 1 < elapsed < timeout + EXIT_GRACE_S, elapsed
+        # Those the time allowed (on a loaded machine, maybe none); the others' connections closed.
+        assert set(answered) <= {200, 503}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
 def test_a_server_whose_exit_hangs_after_its_drain_ends_itself_with_every_stack(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     from tandem.cloud.config import EXIT_GRACE_S
 
