@@ -114,9 +114,10 @@ def test_a_drain_that_runs_out_of_time_ends_within_shutdown_timeout_and_exits_0(
     try:
         _wait_ready(proc)
         url = f"http://127.0.0.1:{port}"
-        # ~0.5 s each, one at a time (more on a loaded machine): ~32 s of work, more than two timeouts.
-        body = p.InferRequest(slow_inputs(2500)).to_wire()
-        n = 64
+        # ~60 s each (more on a loaded machine), one at a time: the first still computes when the
+        # time is up, past two timeouts; the second still waits.
+        body = p.InferRequest(slow_inputs(300_000)).to_wire()
+        n = 2
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
             futures = [pool.submit(request, url, "POST", p.infer_path("slow"), body, None, 120) for _ in range(n)]
             deadline = time.monotonic() + 60
@@ -133,12 +134,12 @@ def test_a_drain_that_runs_out_of_time_ends_within_shutdown_timeout_and_exits_0(
         # The batch computing at the end is abandoned: tearing onnxruntime down under it aborted the process.
         assert "still computing after the drain: exiting without waiting" in text
         assert timeout - 1 < elapsed < timeout + EXIT_GRACE_S, elapsed
-        # Those the time allowed (on a loaded machine, maybe none); the others' connections closed.
-        assert set(answered) <= {200, 503}
+        assert answered == []  # neither had its answer in time: their connections were closed
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
 
 def test_a_server_whose_exit_hangs_after_its_drain_ends_itself_with_every_stack(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     from tandem.cloud.config import EXIT_GRACE_S
