@@ -71,18 +71,6 @@ __all__ = ["BatchResult", "Batcher", "BatchObserver", "threads_computing"]
 
 _log = logging.getLogger(__name__)
 
-#: Every instance thread of the process's batchers (they end once their batcher is closed).
-_instance_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-
-
-def threads_computing(wait_s: float) -> int:
-    """Instance threads still running after ``wait_s`` seconds at most. Once every batcher is
-    closed, each of these is inside a batch that outlived the drain (see server.run)."""
-    deadline = time.monotonic() + wait_s
-    for t in list(_instance_threads):
-        t.join(max(deadline - time.monotonic(), 0.0))
-    return sum(t.is_alive() for t in list(_instance_threads))
-
 #: The share of the load a free instance waits for with ``fill_wait_us`` (see Batcher._fill_target).
 _FILL_SHARE = 0.75
 
@@ -104,6 +92,19 @@ _MIN_TOMBSTONES = 64
 _QUEUED = 0
 _TAKEN = 1  # taken off the queue by a thread (into a batch, or dropped)
 _TIMED_OUT = 2  # answered by its timer while queued: a tombstone in its deque
+
+
+#: Every instance thread of the process's batchers (they end once their batcher is closed).
+_instance_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+def threads_computing(wait_s: float) -> int:
+    """Instance threads still running after ``wait_s`` seconds at most. Once every batcher is
+    closed, each of these is inside a batch that outlived the drain (see server.run)."""
+    deadline = time.monotonic() + wait_s
+    for t in list(_instance_threads):
+        t.join(max(deadline - time.monotonic(), 0.0))
+    return sum(t.is_alive() for t in list(_instance_threads))
 
 
 @dataclass(slots=True)

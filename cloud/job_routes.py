@@ -13,6 +13,7 @@ See :mod:`tandem.shared.jobs` for the contract.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -84,7 +85,9 @@ class _JobRoutes:
         return web.Response(status=204)
 
 
-def attach_jobs(app: web.Application, config: Any, inference: Any, is_ready: Any, drain_left: Any = None) -> JobService:
+def attach_jobs(
+    app: web.Application, config: Any, inference: Any, is_ready: Any, drain_left: Callable[[], float] | None = None
+) -> JobService:
     """Open the configured queue, add the job routes and the submit middleware to ``app``, and
     start/stop the service with it (jobs run once ``is_ready()``: every model loaded; at the stop,
     runs in hand get ``drain_left()`` seconds, by default ``shutdown_timeout_s``)."""
